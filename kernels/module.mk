@@ -2,5 +2,5 @@
 # time), and the CUDA path when nvcc is present.
 CORE_SRCS += kernels/distattn.c kernels/distattn_portable.c kernels/distattn_avx2.c
 
-$(BUILD)/kernels/distattn_avx2.o: CFLAGS += -mavx2 -mfma -mf16c
+$(BUILD)/kernels/distattn_avx2.o: CFLAGS += -O3 -mavx2 -mfma -mf16c
 -include kernels/cuda.mk

@@ -14,7 +14,7 @@ for bin in "$dir"/test_*; do
   name=$(basename "$bin")
   tap="$tap_dir/$name.tap"
   start=$(date +%s)
-  "$bin" --ascii --tap="$tap" "$@" >"$tap_dir/$name.log" 2>&1
+  "$bin" --tap="$tap" "$@" >"$tap_dir/$name.log" 2>&1
   rc=$?
   p=$(grep -cE '^ok ' "$tap" 2>/dev/null) || true
   s=$(grep -cE '^ok .*# SKIP' "$tap" 2>/dev/null) || true

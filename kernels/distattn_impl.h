@@ -1,0 +1,69 @@
+/* Internal to kernels/: the per-instruction-set inner loops of the CPU path.
+ * distattn.c drives them (work items, online softmax bookkeeping, threads);
+ * each ISA file fills one table. Not a public header. */
+#ifndef KVMESH_KERNELS_DISTATTN_IMPL_H
+#define KVMESH_KERNELS_DISTATTN_IMPL_H
+
+#include "kernels/distattn.h"
+
+/* Dimensions of one call, derived once from da_shape. */
+typedef struct da_dims {
+	uint32_t hq, hkv, group, d, bt; /* group = hq / hkv */
+	da_dtype dtype;
+} da_dims;
+
+typedef struct da_isa {
+	const char *name;
+	/* S[hq * bt + t] = q[hq] . K[t][hq / group] for t < ntok and every query
+	 * head. K is one layer's K of one block ([token][kv_head][d]), q holds
+	 * hq rows of d floats, already multiplied by the softmax scale. */
+	void (*score)(const void *K, const float *q, const da_dims *dm, uint32_t ntok, float *S);
+	/* o[hq][0..d) += sum_t P[hq * bt + t] * V[t][hq / group] for t < ntok. */
+	void (*accum)(const void *V, const float *P, const da_dims *dm, uint32_t ntok, float *o);
+	/* x[i] = exp(x[i] - m) for i < n; returns the sum of the new x[i]. */
+	float (*exp_sum)(float *x, uint32_t n, float m);
+} da_isa;
+
+extern const da_isa da_isa_portable;
+/* Defined only on x86-64; use it only where the CPU has AVX2, FMA and F16C. */
+extern const da_isa da_isa_avx2;
+
+/* fp16 and bf16 to fp32, exactly (the portable path and the tests use them). */
+static inline float da_f16_to_f32(uint16_t h)
+{
+	uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+	uint32_t exp = (h >> 10) & 0x1fu;
+	uint32_t man = h & 0x3ffu;
+	uint32_t bits;
+	if (exp == 0x1f) {
+		bits = sign | 0x7f800000u | (man << 13); /* inf or nan */
+	} else if (exp != 0) {
+		bits = sign | ((exp + 112u) << 23) | (man << 13);
+	} else if (man == 0) {
+		bits = sign; /* signed zero */
+	} else {
+		/* Subnormal: normalise the mantissa. */
+		exp = 113;
+		while (!(man & 0x400u)) {
+			man <<= 1;
+			exp--;
+		}
+		bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+	}
+	union {
+		uint32_t u;
+		float f;
+	} v = {.u = bits};
+	return v.f;
+}
+
+static inline float da_bf16_to_f32(uint16_t b)
+{
+	union {
+		uint32_t u;
+		float f;
+	} v = {.u = (uint32_t)b << 16};
+	return v.f;
+}
+
+#endif
