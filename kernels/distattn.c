@@ -71,31 +71,37 @@ size_t da_block_bytes(const da_shape *s, uint32_t layers)
 
 /* ---- ISA choice ------------------------------------------------------------ */
 
-static bool cpu_has_avx2(void)
+/* The fastest instruction sets this CPU has, best first, ending with the
+ * portable loops. KVMESH_DA_ISA=avx2 or =portable caps the choice, so tests
+ * and benchmarks can compare paths on one machine. */
+static int usable_isas(const da_isa *out[3])
 {
+	const char *cap = getenv("KVMESH_DA_ISA");
+	int n = 0;
 #if defined(__x86_64__)
 	__builtin_cpu_init();
-	return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-	       __builtin_cpu_supports("f16c");
-#else
-	return false;
+	bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+		    __builtin_cpu_supports("f16c");
+	bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+	if (cap && strcmp(cap, "portable") == 0)
+		avx2 = avx512 = false;
+	if (cap && strcmp(cap, "avx2") == 0)
+		avx512 = false;
+	if (avx512)
+		out[n++] = &da_isa_avx512;
+	if (avx2)
+		out[n++] = &da_isa_avx2;
 #endif
-}
-
-static const da_isa *isa_for_machine(void)
-{
-	const char *force = getenv("KVMESH_DA_ISA");
-#if defined(__x86_64__)
-	if (!(force && strcmp(force, "portable") == 0) && cpu_has_avx2())
-		return &da_isa_avx2;
-#endif
-	(void)force;
-	return &da_isa_portable;
+	(void)cap;
+	out[n++] = &da_isa_portable;
+	return n;
 }
 
 const char *da_cpu_isa(void)
 {
-	return isa_for_machine()->name;
+	const da_isa *isas[3];
+	usable_isas(isas);
+	return isas[0]->name;
 }
 
 /* ---- Context and thread pool ---------------------------------------------- */
@@ -120,7 +126,8 @@ typedef struct da_job {
 
 struct da_ctx {
 	unsigned n_threads;
-	const da_isa *isa;
+	const da_isa *isas[3]; /* usable, best first; the last is portable */
+	int n_isas;
 	pthread_t *workers; /* n_threads - 1 of them; the caller is thread 0 */
 
 	pthread_mutex_t mu;
@@ -196,7 +203,7 @@ int da_ctx_create(unsigned n_threads, da_ctx **out)
 	if (!ctx)
 		return -ENOMEM;
 	ctx->n_threads = n_threads;
-	ctx->isa = isa_for_machine();
+	ctx->n_isas = usable_isas(ctx->isas);
 	atomic_init(&ctx->next_item, 0);
 	int rc = -ENOMEM;
 	if (pthread_mutex_init(&ctx->mu, NULL) != 0)
@@ -313,7 +320,9 @@ static void run_item(const da_job *job, const da_item *it, float *scratch)
 	for (uint32_t bi = 0; bi < it->count; bi++) {
 		const uint8_t *base = blocks[bi];
 		uint32_t ntok = bi + 1 == it->count ? it->last_tokens : dm->bt;
-		job->isa->score(base + job->k_offset, q, dm, ntok, S);
+		/* The distance to the next block, for prefetching it meanwhile. */
+		ptrdiff_t next = bi + 1 < it->count ? (const uint8_t *)blocks[bi + 1] - base : 0;
+		job->isa->score(base + job->k_offset, q, dm, ntok, S, next);
 		for (uint32_t h = 0; h < dm->hq; h++) {
 			float *Sh = S + (size_t)h * dm->bt;
 			float mx = Sh[0];
@@ -330,7 +339,7 @@ static void run_item(const da_job *job, const da_item *it, float *scratch)
 			}
 			m[h] = m_new;
 		}
-		job->isa->accum(base + job->v_offset, S, dm, ntok, o);
+		job->isa->accum(base + job->v_offset, S, dm, ntok, o, next);
 	}
 
 	for (uint32_t h = 0; h < dm->hq; h++) {
@@ -419,8 +428,12 @@ int da_partial_cpu(da_ctx *ctx, const da_shape *s, const da_batch *b, float *o, 
 			     .group = s->q_heads / s->kv_heads,
 			     .d = s->head_dim,
 			     .bt = s->block_tokens,
-			     .dtype = s->kv_dtype};
-	job.isa = (s->head_dim % 8 == 0) ? ctx->isa : &da_isa_portable;
+			     .dtype = s->kv_dtype,
+			     .v_minus_k = half_layer_bytes(s)};
+	job.isa = &da_isa_portable;
+	for (int i = ctx->n_isas - 1; i >= 0; i--)
+		if (s->head_dim % ctx->isas[i]->lanes == 0)
+			job.isa = ctx->isas[i];
 	job.k_offset = 2 * half_layer_bytes(s) * s->layer;
 	job.v_offset = job.k_offset + half_layer_bytes(s);
 

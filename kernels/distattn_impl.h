@@ -4,29 +4,40 @@
 #ifndef KVMESH_KERNELS_DISTATTN_IMPL_H
 #define KVMESH_KERNELS_DISTATTN_IMPL_H
 
+#include <stddef.h>
+
 #include "kernels/distattn.h"
 
 /* Dimensions of one call, derived once from da_shape. */
 typedef struct da_dims {
 	uint32_t hq, hkv, group, d, bt; /* group = hq / hkv */
 	da_dtype dtype;
+	size_t v_minus_k; /* bytes from a layer's K to its V in a block */
 } da_dims;
 
 typedef struct da_isa {
 	const char *name;
+	uint32_t lanes; /* head_dim must be a multiple of this (1: any) */
 	/* S[hq * bt + t] = q[hq] . K[t][hq / group] for t < ntok and every query
 	 * head. K is one layer's K of one block ([token][kv_head][d]), q holds
-	 * hq rows of d floats, already multiplied by the softmax scale. */
-	void (*score)(const void *K, const float *q, const da_dims *dm, uint32_t ntok, float *S);
-	/* o[hq][0..d) += sum_t P[hq * bt + t] * V[t][hq / group] for t < ntok. */
-	void (*accum)(const void *V, const float *P, const da_dims *dm, uint32_t ntok, float *o);
+	 * hq rows of d floats, already multiplied by the softmax scale.
+	 * `next` (bytes from K to the next block's K, or 0) says what to
+	 * prefetch while computing. */
+	void (*score)(const void *K, const float *q, const da_dims *dm, uint32_t ntok, float *S,
+		      ptrdiff_t next);
+	/* o[hq][0..d) += sum_t P[hq * bt + t] * V[t][hq / group] for t < ntok;
+	 * `next` as for score. */
+	void (*accum)(const void *V, const float *P, const da_dims *dm, uint32_t ntok, float *o,
+		      ptrdiff_t next);
 	/* x[i] = exp(x[i] - m) for i < n; returns the sum of the new x[i]. */
 	float (*exp_sum)(float *x, uint32_t n, float m);
 } da_isa;
 
 extern const da_isa da_isa_portable;
-/* Defined only on x86-64; use it only where the CPU has AVX2, FMA and F16C. */
+/* Defined only on x86-64; use each only where the CPU has the instructions:
+ * AVX2, FMA and F16C; AVX-512F. */
 extern const da_isa da_isa_avx2;
+extern const da_isa da_isa_avx512;
 
 /* fp16 and bf16 to fp32, exactly (the portable path and the tests use them). */
 static inline float da_f16_to_f32(uint16_t h)

@@ -17,8 +17,9 @@ static inline float load_elem(const void *base, size_t i, da_dtype t)
 }
 
 static void score_portable(const void *K, const float *q, const da_dims *dm, uint32_t ntok,
-			   float *S)
+			   float *S, ptrdiff_t next)
 {
+	(void)next; /* no prefetching here */
 	for (uint32_t t = 0; t < ntok; t++) {
 		for (uint32_t h = 0; h < dm->hkv; h++) {
 			size_t row = ((size_t)t * dm->hkv + h) * dm->d;
@@ -35,8 +36,9 @@ static void score_portable(const void *K, const float *q, const da_dims *dm, uin
 }
 
 static void accum_portable(const void *V, const float *P, const da_dims *dm, uint32_t ntok,
-			   float *o)
+			   float *o, ptrdiff_t next)
 {
+	(void)next;
 	for (uint32_t t = 0; t < ntok; t++) {
 		for (uint32_t h = 0; h < dm->hkv; h++) {
 			size_t row = ((size_t)t * dm->hkv + h) * dm->d;
@@ -63,6 +65,7 @@ static float exp_sum_portable(float *x, uint32_t n, float m)
 
 const da_isa da_isa_portable = {
 	.name = "portable",
+	.lanes = 1,
 	.score = score_portable,
 	.accum = accum_portable,
 	.exp_sum = exp_sum_portable,

@@ -1,0 +1,237 @@
+/* make bench-kernel: how close the CPU DistAttention kernel comes to this
+ * machine's memory read bandwidth, measured in the same run.
+ *
+ * 1. A STREAM-like read (sum of a 1 GiB buffer, far larger than any cache),
+ *    on one thread and on all threads: the physical limit.
+ * 2. One decode query over 32K tokens of fp16 KV, head_dim 128, Hq = 32, for
+ *    MHA (Hkv 32) and GQA (Hkv 8 and 4), on one thread and all threads. The
+ *    KV is spread over enough copies (>= 1 GiB in all) that every query reads
+ *    it from memory, and its blocks sit in shuffled arena slots as a store
+ *    would place them. Effective bandwidth = KV bytes read / time.
+ *
+ * Final lines: name=value, ratios kernel/STREAM with all threads as
+ * kernel_bw_ratio_{mha,gqa8,gqa4}, and with one thread as ..._1t. */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kernels/distattn.h"
+
+#define GIB (1024.0 * 1024.0 * 1024.0)
+#define TOKENS 32768u
+#define HEAD_DIM 128u
+#define Q_HEADS 32u
+#define BLOCK_TOKENS 16u
+#define REPS 7 /* timed repetitions; the median is reported */
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+	qsort(v, n, sizeof(double), cmp_double);
+	return v[n / 2];
+}
+
+/* ---- STREAM-like read -------------------------------------------------------- */
+
+typedef struct {
+	const uint64_t *p;
+	size_t n;
+	uint64_t sum;
+} read_arg;
+
+static void *read_part(void *arg)
+{
+	read_arg *a = arg;
+	/* Four independent sums so the loop is bound by loads, not by adds. */
+	uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+	for (size_t i = 0; i + 4 <= a->n; i += 4) {
+		s0 += a->p[i];
+		s1 += a->p[i + 1];
+		s2 += a->p[i + 2];
+		s3 += a->p[i + 3];
+	}
+	a->sum = s0 + s1 + s2 + s3;
+	return NULL;
+}
+
+/* GB/s of reading buf (n words) with `threads` threads; median of REPS. */
+static double stream_read(const uint64_t *buf, size_t n, unsigned threads)
+{
+	double t[REPS];
+	pthread_t tid[64];
+	read_arg args[64];
+	uint64_t sink = 0;
+	for (int r = 0; r < REPS; r++) {
+		double t0 = now();
+		for (unsigned i = 0; i < threads; i++) {
+			args[i] = (read_arg){.p = buf + n / threads * i, .n = n / threads};
+			if (i > 0)
+				pthread_create(&tid[i], NULL, read_part, &args[i]);
+		}
+		read_part(&args[0]);
+		for (unsigned i = 1; i < threads; i++)
+			pthread_join(tid[i], NULL);
+		t[r] = now() - t0;
+		for (unsigned i = 0; i < threads; i++)
+			sink += args[i].sum;
+	}
+	if (sink == 42)
+		fprintf(stderr, "(unlikely checksum)\n");
+	return n * 8.0 / median(t, REPS) / 1e9;
+}
+
+/* ---- The kernel ------------------------------------------------------------- */
+
+typedef struct {
+	const char *name;
+	uint32_t kv_heads;
+} config;
+
+/* GB/s of KV read by da_partial_cpu for one query over TOKENS tokens. */
+static double kernel_read(uint32_t kv_heads, unsigned threads, double *kv_gb_out)
+{
+	da_shape s = {.q_heads = Q_HEADS,
+		      .kv_heads = kv_heads,
+		      .head_dim = HEAD_DIM,
+		      .block_tokens = BLOCK_TOKENS,
+		      .layer = 0,
+		      .kv_dtype = DA_F16,
+		      .scale = 1.0f / sqrtf((float)HEAD_DIM)};
+	size_t block_bytes = da_block_bytes(&s, 1);
+	uint32_t nb = TOKENS / BLOCK_TOKENS;
+	size_t kv_bytes = block_bytes * nb;
+	/* Enough copies of the sequence that the working set is >= 1 GiB. */
+	uint32_t copies = (uint32_t)ceil(GIB / kv_bytes);
+	if (copies < 2)
+		copies = 2;
+	size_t slots = (size_t)nb * copies;
+	uint8_t *arena = aligned_alloc(2 * 1024 * 1024, slots * block_bytes);
+	if (!arena) {
+		fprintf(stderr, "bench: cannot allocate %.1f GiB\n", slots * block_bytes / GIB);
+		exit(1);
+	}
+	/* Fill with small fp16 values (0x3c00 is 1.0; vary the low bits). */
+	for (size_t i = 0; i < slots * block_bytes / 2; i++)
+		((uint16_t *)arena)[i] = (uint16_t)(0x3800 + (i * 2654435761u >> 22) % 1024);
+
+	/* Shuffled slot order, as an arena hands out slots. */
+	uint32_t *perm = malloc(slots * sizeof(uint32_t));
+	for (size_t i = 0; i < slots; i++)
+		perm[i] = (uint32_t)i;
+	uint64_t rng = 88172645463325252ull;
+	for (size_t i = slots - 1; i > 0; i--) {
+		rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+		size_t j = rng % (i + 1);
+		uint32_t t = perm[i];
+		perm[i] = perm[j], perm[j] = t;
+	}
+	const void **blocks = malloc(slots * sizeof(void *));
+	for (size_t i = 0; i < slots; i++)
+		blocks[i] = arena + (size_t)perm[i] * block_bytes;
+
+	float *q = malloc(Q_HEADS * HEAD_DIM * sizeof(float));
+	for (uint32_t i = 0; i < Q_HEADS * HEAD_DIM; i++)
+		q[i] = (float)((i * 37) % 17) / 17.0f - 0.5f;
+	float *o = malloc(Q_HEADS * HEAD_DIM * sizeof(float)), lse[Q_HEADS];
+
+	da_ctx *ctx;
+	if (da_ctx_create(threads, &ctx) != 0) {
+		fprintf(stderr, "bench: da_ctx_create failed\n");
+		exit(1);
+	}
+	uint32_t start[2] = {0, nb}, ntok = TOKENS;
+	double t[REPS * 4];
+	int nt = 0;
+	/* Warm-up: one pass over every copy (page faults, scratch growth). */
+	for (uint32_t c = 0; c < copies; c++) {
+		da_batch b = {1, q, blocks + (size_t)c * nb, start, &ntok, nb};
+		da_partial_cpu(ctx, &s, &b, o, lse);
+	}
+	for (int r = 0; r < REPS * 4; r++) {
+		uint32_t c = (uint32_t)(r % copies);
+		da_batch b = {1, q, blocks + (size_t)c * nb, start, &ntok, nb};
+		double t0 = now();
+		int rc = da_partial_cpu(ctx, &s, &b, o, lse);
+		t[nt++] = now() - t0;
+		if (rc != 0) {
+			fprintf(stderr, "bench: da_partial_cpu: %d\n", rc);
+			exit(1);
+		}
+	}
+	da_ctx_destroy(ctx);
+	free(o);
+	free(q);
+	free(blocks);
+	free(perm);
+	free(arena);
+	*kv_gb_out = kv_bytes / 1e9;
+	/* Per-query KV bytes: one layer's K and V of every block. */
+	return kv_bytes / median(t, nt) / 1e9;
+}
+
+int main(void)
+{
+	unsigned all = (unsigned)sysconf(_SC_NPROCESSORS_ONLN);
+	if (all < 1)
+		all = 1;
+	if (all > 64)
+		all = 64;
+	printf("bench-kernel: cpu isa=%s threads=%u, fp16 KV, %u tokens, head_dim %u, Hq %u, "
+	       "block_tokens %u, median of %d runs\n",
+	       da_cpu_isa(), all, TOKENS, HEAD_DIM, Q_HEADS, BLOCK_TOKENS, REPS * 4);
+
+	size_t words = (size_t)(GIB / 8);
+	uint64_t *buf = aligned_alloc(2 * 1024 * 1024, words * 8);
+	if (!buf) {
+		fprintf(stderr, "bench: cannot allocate 1 GiB\n");
+		return 1;
+	}
+	for (size_t i = 0; i < words; i++)
+		buf[i] = i;
+	double stream1 = stream_read(buf, words, 1);
+	double streamN = stream_read(buf, words, all);
+	free(buf);
+	printf("  STREAM-like read of 1 GiB: %.2f GB/s (1 thread), %.2f GB/s (%u threads)\n",
+	       stream1, streamN, all);
+
+	static const config cfgs[] = {{"mha", 32}, {"gqa8", 8}, {"gqa4", 4}};
+	double bw1[3], bwN[3];
+	for (int c = 0; c < 3; c++) {
+		double kv_gb;
+		bw1[c] = kernel_read(cfgs[c].kv_heads, 1, &kv_gb);
+		bwN[c] = kernel_read(cfgs[c].kv_heads, all, &kv_gb);
+		printf("  %-4s (Hkv %2u, %.3f GB of KV a query): %.2f GB/s (1 thread, %.2f of STREAM), "
+		       "%.2f GB/s (%u threads, %.2f of STREAM)\n",
+		       cfgs[c].name, cfgs[c].kv_heads, kv_gb, bw1[c], bw1[c] / stream1, bwN[c], all,
+		       bwN[c] / streamN);
+	}
+
+	printf("stream_read_gbs_1t=%.2f\n", stream1);
+	printf("stream_read_gbs=%.2f\n", streamN);
+	for (int c = 0; c < 3; c++) {
+		printf("kernel_bw_gbs_%s_1t=%.2f\n", cfgs[c].name, bw1[c]);
+		printf("kernel_bw_gbs_%s=%.2f\n", cfgs[c].name, bwN[c]);
+	}
+	for (int c = 0; c < 3; c++)
+		printf("kernel_bw_ratio_%s_1t=%.2f\n", cfgs[c].name, bw1[c] / stream1);
+	for (int c = 0; c < 3; c++)
+		printf("kernel_bw_ratio_%s=%.2f\n", cfgs[c].name, bwN[c] / streamN);
+	return 0;
+}
