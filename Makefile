@@ -72,7 +72,10 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(CORE_LIB)
 bench-%: $(BUILD)/bench/%
 	$(BUILD)/bench/$*
 
-test: all
+# Installs missing packages first, so that a fresh machine needs only this.
+test:
+	@deploy/deps.sh build
+	@$(MAKE) --no-print-directory all
 	@tests/run-unit.sh $(BUILD)/tests/unit
 
 deps:
