@@ -323,22 +323,7 @@ static void run_item(const da_job *job, const da_item *it, float *scratch)
 		/* The distance to the next block, for prefetching it meanwhile. */
 		ptrdiff_t next = bi + 1 < it->count ? (const uint8_t *)blocks[bi + 1] - base : 0;
 		job->isa->score(base + job->k_offset, q, dm, ntok, S, next);
-		for (uint32_t h = 0; h < dm->hq; h++) {
-			float *Sh = S + (size_t)h * dm->bt;
-			float mx = Sh[0];
-			for (uint32_t t = 1; t < ntok; t++)
-				mx = Sh[t] > mx ? Sh[t] : mx;
-			float m_new = mx > m[h] ? mx : m[h];
-			/* exp(-inf) is 0 on the first block: nothing to rescale. */
-			float alpha = expf(m[h] - m_new);
-			l[h] = l[h] * alpha + job->isa->exp_sum(Sh, ntok, m_new);
-			if (alpha != 1.0f) {
-				float *oh = o + (size_t)h * dm->d;
-				for (uint32_t i = 0; i < dm->d; i++)
-					oh[i] *= alpha;
-			}
-			m[h] = m_new;
-		}
+		job->isa->softmax_block(S, ntok, dm, m, l, o);
 		job->isa->accum(base + job->v_offset, S, dm, ntok, o, next);
 	}
 

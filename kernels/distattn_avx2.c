@@ -67,6 +67,17 @@ static inline __m128 reduce4_avx2(__m256 a, __m256 b, __m256 c, __m256 d)
 #define VREDUCE4(a, b, c, d) reduce4_avx2(a, b, c, d)
 #define TT 2
 
+#define VMAX(a, b) _mm256_max_ps(a, b)
+#define VHMAX(v) hmax8(v)
+
+static inline float hmax8(__m256 v)
+{
+	__m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+	s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+	s = _mm_max_ss(s, _mm_movehdup_ps(s));
+	return _mm_cvtss_f32(s);
+}
+
 #include "kernels/distattn_simd.inc"
 
 const da_isa da_isa_avx2 = {
@@ -74,6 +85,6 @@ const da_isa da_isa_avx2 = {
 	.lanes = 8,
 	.score = score_avx2,
 	.accum = accum_avx2,
-	.exp_sum = exp_sum_avx2,
+	.softmax_block = softmax_block_avx2,
 };
 #endif

@@ -59,6 +59,9 @@ static inline __m128 reduce4_avx512(__m512 a, __m512 b, __m512 c, __m512 d)
 #define VREDUCE4(a, b, c, d) reduce4_avx512(a, b, c, d)
 #define TT 4
 
+#define VMAX(a, b) _mm512_max_ps(a, b)
+#define VHMAX(v) _mm512_reduce_max_ps(v)
+
 #include "kernels/distattn_simd.inc"
 
 const da_isa da_isa_avx512 = {
@@ -66,6 +69,6 @@ const da_isa da_isa_avx512 = {
 	.lanes = 16,
 	.score = score_avx512,
 	.accum = accum_avx512,
-	.exp_sum = exp_sum_avx512,
+	.softmax_block = softmax_block_avx512,
 };
 #endif

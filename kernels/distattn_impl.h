@@ -29,8 +29,12 @@ typedef struct da_isa {
 	 * `next` as for score. */
 	void (*accum)(const void *V, const float *P, const da_dims *dm, uint32_t ntok, float *o,
 		      ptrdiff_t next);
-	/* x[i] = exp(x[i] - m) for i < n; returns the sum of the new x[i]. */
-	float (*exp_sum)(float *x, uint32_t n, float m);
+	/* The online-softmax step after `score`, for every query head h: with
+	 * mx the max of S[h * bt + 0..ntok) and m' = max(m[h], mx), set
+	 * S[h * bt + t] = exp(S - m'), l[h] = l[h] * exp(m[h] - m') + sum of
+	 * them, scale o[h][0..d) by exp(m[h] - m'), and m[h] = m'. */
+	void (*softmax_block)(float *S, uint32_t ntok, const da_dims *dm, float *m, float *l,
+			      float *o);
 } da_isa;
 
 extern const da_isa da_isa_portable;

@@ -53,14 +53,29 @@ static void accum_portable(const void *V, const float *P, const da_dims *dm, uin
 	}
 }
 
-static float exp_sum_portable(float *x, uint32_t n, float m)
+static void softmax_block_portable(float *S, uint32_t ntok, const da_dims *dm, float *m, float *l,
+				   float *o)
 {
-	float sum = 0.0f;
-	for (uint32_t i = 0; i < n; i++) {
-		x[i] = expf(x[i] - m);
-		sum += x[i];
+	for (uint32_t h = 0; h < dm->hq; h++) {
+		float *Sh = S + (size_t)h * dm->bt;
+		float mx = -INFINITY;
+		for (uint32_t t = 0; t < ntok; t++)
+			mx = Sh[t] > mx ? Sh[t] : mx;
+		float m_new = mx > m[h] ? mx : m[h];
+		float alpha = expf(m[h] - m_new); /* 0 on the first block: m = -inf */
+		float sum = 0.0f;
+		for (uint32_t t = 0; t < ntok; t++) {
+			Sh[t] = expf(Sh[t] - m_new);
+			sum += Sh[t];
+		}
+		l[h] = l[h] * alpha + sum;
+		if (alpha != 1.0f) {
+			float *oh = o + (size_t)h * dm->d;
+			for (uint32_t i = 0; i < dm->d; i++)
+				oh[i] *= alpha;
+		}
+		m[h] = m_new;
 	}
-	return sum;
 }
 
 const da_isa da_isa_portable = {
@@ -68,5 +83,5 @@ const da_isa da_isa_portable = {
 	.lanes = 1,
 	.score = score_portable,
 	.accum = accum_portable,
-	.exp_sum = exp_sum_portable,
+	.softmax_block = softmax_block_portable,
 };

@@ -1,37 +1,54 @@
 #!/usr/bin/env bash
-# Runs every Criterion suite in DIR, each in its own process, and ends with one
-# line "N passed, N failed, N skipped". Exits non-zero if anything failed.
-#   tests/run-unit.sh DIR [criterion options...]
+# Runs every test program in the given folders, each in its own process, and
+# ends with one line "N passed, N failed, N skipped"; exits non-zero if
+# anything failed or nothing ran.
+#   test_*    Criterion suites: counted from their TAP report
+#   stress_*  plain programs: counted from their own "N passed, N failed" line
+# Extra arguments after "--" go to the Criterion suites.
 set -u
-dir=${1:?usage: run-unit.sh DIR [criterion options]}
-shift
-tap_dir=$(mktemp -d)
-trap 'rm -rf "$tap_dir"' EXIT
+dirs=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do dirs+=("$1"); shift; done
+[ $# -gt 0 ] && shift
+[ ${#dirs[@]} -gt 0 ] || { echo "usage: run-unit.sh DIR... [-- criterion options]" >&2; exit 2; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 
 passed=0 failed=0 skipped=0 broken=()
-for bin in "$dir"/test_*; do
-  [ -x "$bin" ] && [ "${bin##*.}" != "d" ] && [ "${bin##*.}" != "o" ] || continue
-  name=$(basename "$bin")
-  tap="$tap_dir/$name.tap"
-  start=$(date +%s)
-  "$bin" --tap="$tap" "$@" >"$tap_dir/$name.log" 2>&1
-  rc=$?
-  p=$(grep -cE '^ok ' "$tap" 2>/dev/null) || true
-  s=$(grep -cE '^ok .*# SKIP' "$tap" 2>/dev/null) || true
-  f=$(grep -cE '^not ok ' "$tap" 2>/dev/null) || true
-  p=$((p - s))
-  if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
-    f=1   # the suite died or failed outside any test: count it once
-  fi
-  passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
-  printf '%-28s %4d passed %4d failed %4d skipped  (%ss)\n' "$name" "$p" "$f" "$s" $(( $(date +%s) - start ))
-  grep -E '^ok .*# SKIP' "$tap" 2>/dev/null | sed 's/^ok - /    skipped: /'
-  if [ "$f" -ne 0 ]; then
-    broken+=("$name")
-    sed 's/^/    | /' "$tap_dir/$name.log"
-  fi
+count() { grep -cE "$1" "$2" 2>/dev/null || true; }
+for dir in "${dirs[@]}"; do
+  for bin in "$dir"/test_* "$dir"/stress_*; do
+    case "$bin" in *.o|*.d) continue ;; esac
+    [ -f "$bin" ] && [ -x "$bin" ] || continue
+    name=$(basename "$bin")
+    log="$work/$name.log"
+    start=$(date +%s)
+    if [[ $name == test_* ]]; then
+      tap="$work/$name.tap"
+      "$bin" --tap="$tap" "$@" >"$log" 2>&1
+      rc=$?
+      p=$(count '^ok ' "$tap"); s=$(count '^ok .*# SKIP' "$tap"); f=$(count '^not ok ' "$tap")
+      p=$((p - s))
+    else
+      "$bin" >"$log" 2>&1
+      rc=$?
+      line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+      p=$(echo "$line" | sed -nE 's/^([0-9]+) passed.*/\1/p'); p=${p:-0}
+      f=$(echo "$line" | sed -nE 's/^[0-9]+ passed, ([0-9]+) failed.*/\1/p'); f=${f:-0}
+      s=0
+    fi
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+      f=1   # died, or failed outside any test: count it once
+    fi
+    passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
+    printf '%-28s %4d passed %4d failed %4d skipped  (%ss)\n' "$name" "$p" "$f" "$s" $(( $(date +%s) - start ))
+    [[ $name == test_* ]] && grep -E '^ok .*# SKIP' "$tap" 2>/dev/null | sed 's/^ok - /    skipped: /'
+    if [ "$f" -ne 0 ]; then
+      broken+=("$name")
+      sed 's/^/    | /' "$log"
+    fi
+  done
 done
 
-[ ${#broken[@]} -eq 0 ] || echo "failing suites: ${broken[*]}"
+[ ${#broken[@]} -eq 0 ] || echo "failing: ${broken[*]}"
 echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ] && [ $((passed + skipped)) -gt 0 ]
