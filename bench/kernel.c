@@ -9,8 +9,15 @@
  *    it from memory, and its blocks sit in shuffled arena slots as a store
  *    would place them. Effective bandwidth = KV bytes read / time.
  *
+ * 3. The FMA peak of one core (independent fused multiply-adds in registers,
+ *    widest vectors the CPU has): the compute limit. Decode attention does
+ *    one fp32 multiply-add per KV element per query head of its group, so
+ *    the compute-bound ceiling in KV bytes/s is peak_lanes * 2 / group for
+ *    fp16; for GQA it falls below memory bandwidth.
+ *
  * Final lines: name=value, ratios kernel/STREAM with all threads as
- * kernel_bw_ratio_{mha,gqa8,gqa4}, and with one thread as ..._1t. */
+ * kernel_bw_ratio_{mha,gqa8,gqa4}, with one thread as ..._1t, and the kernel
+ * against the lower of the two limits as kernel_bound_ratio_... */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -18,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "kernels/distattn.h"
@@ -97,6 +105,77 @@ static double stream_read(const uint64_t *buf, size_t n, unsigned threads)
 	return n * 8.0 / median(t, REPS) / 1e9;
 }
 
+/* ---- FMA peak ------------------------------------------------------------- */
+
+#define FMA_CHAINS 16
+#define FMA_ITERS 20000000L
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+__attribute__((target("avx512f"))) static double fma_avx512(void)
+{
+	__m512 a[FMA_CHAINS], x = _mm512_set1_ps(0.9999f), y = _mm512_set1_ps(1e-4f);
+	for (int i = 0; i < FMA_CHAINS; i++)
+		a[i] = _mm512_set1_ps(i * 1e-3f);
+	double t0 = now();
+	for (long n = 0; n < FMA_ITERS / FMA_CHAINS; n++) {
+		for (int i = 0; i < FMA_CHAINS; i++)
+			a[i] = _mm512_fmadd_ps(a[i], x, y);
+		__asm__ volatile("" : "+v"(a[0]), "+v"(a[5]), "+v"(a[10]), "+v"(a[15]));
+	}
+	double dt = now() - t0;
+	float s = 0;
+	for (int i = 0; i < FMA_CHAINS; i++)
+		s += _mm512_reduce_add_ps(a[i]);
+	if (s == 42.0f)
+		fprintf(stderr, "(unlikely)\n");
+	return (double)(FMA_ITERS / FMA_CHAINS) * FMA_CHAINS * 16 / dt / 1e9;
+}
+
+__attribute__((target("avx2,fma"))) static double fma_avx2(void)
+{
+	__m256 a[FMA_CHAINS], x = _mm256_set1_ps(0.9999f), y = _mm256_set1_ps(1e-4f);
+	for (int i = 0; i < FMA_CHAINS; i++)
+		a[i] = _mm256_set1_ps(i * 1e-3f);
+	double t0 = now();
+	for (long n = 0; n < FMA_ITERS / FMA_CHAINS; n++) {
+		for (int i = 0; i < FMA_CHAINS; i++)
+			a[i] = _mm256_fmadd_ps(a[i], x, y);
+		__asm__ volatile("" : "+v"(a[0]), "+v"(a[5]), "+v"(a[10]), "+v"(a[15]));
+	}
+	double dt = now() - t0;
+	float s = 0;
+	for (int i = 0; i < FMA_CHAINS; i++) {
+		float v[8];
+		_mm256_storeu_ps(v, a[i]);
+		for (int j = 0; j < 8; j++)
+			s += v[j];
+	}
+	if (s == 42.0f)
+		fprintf(stderr, "(unlikely)\n");
+	return (double)(FMA_ITERS / FMA_CHAINS) * FMA_CHAINS * 8 / dt / 1e9;
+}
+#endif
+
+/* fp32 multiply-adds per nanosecond on one core (lanes, not instructions),
+ * with the vectors the kernels use here; best of three runs. */
+static double fma_peak(void)
+{
+	double best = 0;
+	for (int r = 0; r < 3; r++) {
+		double g = 0;
+#if defined(__x86_64__)
+		if (strcmp(da_cpu_isa(), "avx512") == 0)
+			g = fma_avx512();
+		else if (strcmp(da_cpu_isa(), "avx2+f16c") == 0)
+			g = fma_avx2();
+#endif
+		if (g > best)
+			best = g;
+	}
+	return best;
+}
+
 /* ---- The kernel ------------------------------------------------------------- */
 
 typedef struct {
@@ -127,6 +206,7 @@ static double kernel_read(uint32_t kv_heads, unsigned threads, double *kv_gb_out
 		fprintf(stderr, "bench: cannot allocate %.1f GiB\n", slots * block_bytes / GIB);
 		exit(1);
 	}
+	madvise(arena, slots * block_bytes, MADV_HUGEPAGE); /* as a kvstore arena is */
 	/* Fill with small fp16 values (0x3c00 is 1.0; vary the low bits). */
 	for (size_t i = 0; i < slots * block_bytes / 2; i++)
 		((uint16_t *)arena)[i] = (uint16_t)(0x3800 + (i * 2654435761u >> 22) % 1024);
@@ -203,6 +283,7 @@ int main(void)
 		fprintf(stderr, "bench: cannot allocate 1 GiB\n");
 		return 1;
 	}
+	madvise(buf, words * 8, MADV_HUGEPAGE);
 	for (size_t i = 0; i < words; i++)
 		buf[i] = i;
 	double stream1 = stream_read(buf, words, 1);
@@ -211,18 +292,28 @@ int main(void)
 	printf("  STREAM-like read of 1 GiB: %.2f GB/s (1 thread), %.2f GB/s (%u threads)\n",
 	       stream1, streamN, all);
 
+	double fma = fma_peak();
+	printf("  FMA peak of one core: %.1f fp32 multiply-adds/ns\n", fma);
+
 	static const config cfgs[] = {{"mha", 32}, {"gqa8", 8}, {"gqa4", 4}};
+	double bound1[3], boundN[3];
 	double bw1[3], bwN[3];
 	for (int c = 0; c < 3; c++) {
 		double kv_gb;
 		bw1[c] = kernel_read(cfgs[c].kv_heads, 1, &kv_gb);
 		bwN[c] = kernel_read(cfgs[c].kv_heads, all, &kv_gb);
+		/* fp16: 2 bytes per element, Q_HEADS / kv_heads multiply-adds each. */
+		double group = (double)Q_HEADS / cfgs[c].kv_heads;
+		double compute1 = fma > 0 ? fma * 2.0 / group : 1e30;
+		bound1[c] = stream1 < compute1 ? stream1 : compute1;
+		boundN[c] = streamN < compute1 * all ? streamN : compute1 * all;
 		printf("  %-4s (Hkv %2u, %.3f GB of KV a query): %.2f GB/s (1 thread, %.2f of STREAM), "
-		       "%.2f GB/s (%u threads, %.2f of STREAM)\n",
+		       "%.2f GB/s (%u threads, %.2f of STREAM); compute ceiling %.1f GB/s a core\n",
 		       cfgs[c].name, cfgs[c].kv_heads, kv_gb, bw1[c], bw1[c] / stream1, bwN[c], all,
-		       bwN[c] / streamN);
+		       bwN[c] / streamN, compute1);
 	}
 
+	printf("fma_peak_per_ns_1t=%.1f\n", fma);
 	printf("stream_read_gbs_1t=%.2f\n", stream1);
 	printf("stream_read_gbs=%.2f\n", streamN);
 	for (int c = 0; c < 3; c++) {
@@ -231,6 +322,10 @@ int main(void)
 	}
 	for (int c = 0; c < 3; c++)
 		printf("kernel_bw_ratio_%s_1t=%.2f\n", cfgs[c].name, bw1[c] / stream1);
+	for (int c = 0; c < 3; c++)
+		printf("kernel_bound_ratio_%s_1t=%.2f\n", cfgs[c].name, bw1[c] / bound1[c]);
+	for (int c = 0; c < 3; c++)
+		printf("kernel_bound_ratio_%s=%.2f\n", cfgs[c].name, bwN[c] / boundN[c]);
 	for (int c = 0; c < 3; c++)
 		printf("kernel_bw_ratio_%s=%.2f\n", cfgs[c].name, bwN[c] / streamN);
 	return 0;
