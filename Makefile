@@ -33,7 +33,8 @@ BINS      :=          # daemons and tools under $(BUILD)/bin
 CUDA_SRCS :=          # .cu files, built only when nvcc is present
 
 include kernels/module.mk
--include common/module.mk
+include proto/module.mk
+include common/module.mk
 -include kvstore/module.mk
 -include transport/module.mk
 -include coordinator/module.mk
@@ -41,7 +42,7 @@ include kernels/module.mk
 -include client/module.mk
 -include ctl/module.mk
 
-CORE_OBJS := $(CORE_SRCS:%.c=$(BUILD)/%.o)
+CORE_OBJS := $(CORE_SRCS:%.c=$(BUILD)/%.o) $(GEN_OBJS)
 CORE_LIB  := $(BUILD)/libkvmesh-core.a
 
 # Unit tests: every tests/unit/test_*.c is one Criterion suite, linked to the core.
@@ -60,7 +61,7 @@ BENCH_BINS := $(BENCH_SRCS:%.c=$(BUILD)/%)
 .PHONY: all test clean format deps cuda test-gpu
 all: $(CORE_LIB) $(BINS) $(UNIT_BINS) $(STRESS_BINS) $(BENCH_BINS) cuda
 
-$(BUILD)/%.o: %.c
+$(BUILD)/%.o: %.c | $(GEN_HDRS)
 	@mkdir -p $(@D)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
 

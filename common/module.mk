@@ -1,1 +1,3 @@
-CORE_SRCS += common/kvm_error.c
+# Shared code: error strings, the gRPC C-core wrapper.
+CORE_SRCS += common/kvm_error.c common/rpc.c
+LDLIBS += $(shell pkg-config --libs grpc gpr libprotobuf-c 2>/dev/null)

@@ -1,0 +1,119 @@
+/* A small wrapper around gRPC's C core: servers with registered unary and
+ * server-streaming methods, and client channels. Every gRPC call of the
+ * project goes through here, since the C core's API changes between minor
+ * releases (pinned to Debian 12's 1.51). Messages are opaque bytes: callers
+ * pack and unpack them with protobuf-c.
+ *
+ * Functions return 0 or a negative errno code unless said otherwise; gRPC
+ * status codes (GRPC_STATUS_*, 0 = OK) are reported separately, in
+ * kvm_rpc_status or as a handler's return value. */
+#ifndef KVMESH_COMMON_RPC_H
+#define KVMESH_COMMON_RPC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* gRPC status codes used by handlers (the same numbers as grpc_status_code). */
+enum {
+	KVM_RPC_OK = 0,
+	KVM_RPC_CANCELLED = 1,
+	KVM_RPC_UNKNOWN = 2,
+	KVM_RPC_INVALID_ARGUMENT = 3,
+	KVM_RPC_DEADLINE_EXCEEDED = 4,
+	KVM_RPC_NOT_FOUND = 5,
+	KVM_RPC_ALREADY_EXISTS = 6,
+	KVM_RPC_PERMISSION_DENIED = 7,
+	KVM_RPC_RESOURCE_EXHAUSTED = 8,
+	KVM_RPC_FAILED_PRECONDITION = 9,
+	KVM_RPC_ABORTED = 10,
+	KVM_RPC_OUT_OF_RANGE = 11,
+	KVM_RPC_UNIMPLEMENTED = 12,
+	KVM_RPC_INTERNAL = 13,
+	KVM_RPC_UNAVAILABLE = 14,
+	KVM_RPC_UNAUTHENTICATED = 16,
+};
+
+#define KVM_RPC_MAX_MESSAGE (64 * 1024 * 1024)
+
+typedef struct kvm_rpc_status {
+	int code;          /* KVM_RPC_* */
+	char message[512]; /* the peer's status message, NUL-terminated */
+} kvm_rpc_status;
+
+/* ---- Server ------------------------------------------------------------------ */
+
+typedef struct kvm_rpc_server kvm_rpc_server;
+/* One incoming call, valid while its handler runs. */
+typedef struct kvm_rpc_call kvm_rpc_call;
+
+/* Runs on a thread of its own for each call, with the request message (not
+ * owned; valid during the call; a NUL byte follows it, not counted in len). A unary handler answers with kvm_rpc_reply
+ * once; a streaming one sends with kvm_rpc_send any number of times. Returns
+ * the call's status code (KVM_RPC_OK, or e.g. the value of kvm_rpc_fail). */
+typedef int (*kvm_rpc_handler)(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
+
+/* Creates a server listening on addr ("127.0.0.1:0" picks a port, returned in
+ * *port when port is not NULL). A port already in use fails with -EADDRINUSE
+ * (SO_REUSEPORT is off). *out is owned by the caller: kvm_rpc_server_destroy. */
+int kvm_rpc_server_create(const char *addr, int *port, kvm_rpc_server **out);
+
+/* Registers a method ("/package.Service/Method") before start. The server
+ * keeps pointers to neither string after the call. */
+int kvm_rpc_server_add_method(kvm_rpc_server *srv, const char *method, bool streaming,
+			      kvm_rpc_handler fn, void *arg);
+
+int kvm_rpc_server_start(kvm_rpc_server *srv);
+
+/* Stops accepting calls, lets running calls finish for up to grace_ms, then
+ * cancels the rest and waits for their handlers to return; frees the server. */
+void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms);
+
+/* Sets the unary response (copied). Returns -EALREADY on a second call. */
+int kvm_rpc_reply(kvm_rpc_call *call, const void *msg, size_t len);
+
+/* Sends one message of a server stream (copied), waiting until gRPC took it.
+ * Returns -ECANCELED when the client went away or the server is stopping. */
+int kvm_rpc_send(kvm_rpc_call *call, const void *msg, size_t len);
+
+/* Sets the status message and returns `code`, so that a handler can end with
+ * `return kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "no node %s", id);` */
+int kvm_rpc_fail(kvm_rpc_call *call, int code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* True once the client cancelled, its deadline passed, or the server stops:
+ * long-running handlers check it while they wait. */
+bool kvm_rpc_cancelled(kvm_rpc_call *call);
+
+/* The value of request metadata `key` (e.g. "authorization"), copied into
+ * buf (NUL-terminated, truncated to cap); NULL when absent. */
+const char *kvm_rpc_metadata(kvm_rpc_call *call, const char *key, char *buf, size_t cap);
+
+/* ---- Client ------------------------------------------------------------------ */
+
+typedef struct kvm_rpc_channel kvm_rpc_channel;
+
+/* Opens an insecure channel to target ("host:port"); connection happens
+ * lazily. *out is owned by the caller: kvm_rpc_channel_close. */
+int kvm_rpc_channel_open(const char *target, kvm_rpc_channel **out);
+void kvm_rpc_channel_close(kvm_rpc_channel *ch);
+
+/* A unary call with a deadline of timeout_ms. Returns 0 once the call ended,
+ * with st->code the gRPC status; on KVM_RPC_OK, *resp (malloc'd, caller
+ * frees, NUL-terminated beyond *resp_len) and *resp_len hold the response. Negative errno for local failures. */
+int kvm_rpc_unary(kvm_rpc_channel *ch, const char *method, const void *req, size_t len,
+		  int timeout_ms, void **resp, size_t *resp_len, kvm_rpc_status *st);
+
+typedef struct kvm_rpc_stream kvm_rpc_stream;
+
+/* Starts a server-streaming call; timeout_ms <= 0 means no deadline. */
+int kvm_rpc_stream_open(kvm_rpc_channel *ch, const char *method, const void *req, size_t len,
+			int timeout_ms, kvm_rpc_stream **out);
+/* Waits for the next message: returns 1 with *msg (malloc'd, caller frees),
+ * 0 when the stream ended (see kvm_rpc_stream_status), or a negative errno. */
+int kvm_rpc_stream_next(kvm_rpc_stream *s, void **msg, size_t *len);
+const kvm_rpc_status *kvm_rpc_stream_status(const kvm_rpc_stream *s);
+/* Cancels the call if still running, and frees the stream. */
+void kvm_rpc_stream_close(kvm_rpc_stream *s);
+
+#endif
