@@ -11,11 +11,12 @@ build_pkgs=(
   libibverbs-dev librdmacm-dev ibverbs-providers
   libhwloc-dev libxxhash-dev libsystemd-dev libcriterion-dev
   libmicrohttpd-dev libyaml-dev
+  python3 python3-grpcio python3-grpc-tools
 )
 extra_pkgs=(
   clang
   etcd-server etcd-client
-  python3 python3-grpcio python3-grpc-tools python3-numpy
+  python3-numpy
   redis-server libhiredis-dev prometheus systemd
   iproute2 qemu-system-x86 cpio
 )
