@@ -18,11 +18,13 @@
 /* Port 1: rxe and every RoCE NIC expose one port per device; IB HCAs with two ports
  * show up as two ports of one device, and the transport uses the first. */
 #define XRDMA_PORT 1
-/* Local ACK timeout 4.096 us * 2^16 = 268 ms, 7 retries: a vanished peer is detected
+/* Local ACK timeout 4.096 us * 2^16 = 268 ms, 6 retries: a vanished peer is detected
  * in about 2 s. Lower values misfire under emulation (rxe in a TCG guest can take
- * tens of ms to answer); higher ones make a dead peer hang requests for minutes. */
+ * tens of ms to answer); higher ones make a dead peer hang requests for minutes.
+ * Not 7: the IB spec makes 7 mean seven retries, but rxe treats retry_cnt 7 as
+ * "retry forever", and a dead peer then hangs every request (seen on 6.1). */
 #define XRDMA_TIMEOUT 16
-#define XRDMA_RETRY 7
+#define XRDMA_RETRY 6
 /* Receiver-not-ready retries: finite (7 would mean forever), so a SEND to a peer that
  * never posts a receive fails with -ECONNREFUSED instead of hanging. */
 #define XRDMA_RNR_RETRY 6

@@ -85,9 +85,10 @@ void *xrdma_mr_addr(const struct xrdma_mr *mr);
 size_t xrdma_mr_len(const struct xrdma_mr *mr);
 uint32_t xrdma_mr_rkey(const struct xrdma_mr *mr);
 
-/* Creates an RC queue pair (in state INIT after xrdma_conn_connect is called, RESET
- * until then) whose work requests address the region mr, with room for `depth`
- * outstanding sends and as many receives. The caller owns *out. */
+/* Creates an RC queue pair (in state RESET until xrdma_conn_connect) whose work
+ * requests address the region mr, with room for `depth` outstanding sends (READ,
+ * WRITE, SEND) and as many receives, and its completion queues and channel. The
+ * caller owns *out. Receives may be posted before connecting. */
 int xrdma_conn_create(struct xrdma_dev *dev, struct xrdma_mr *mr, unsigned depth,
 		      struct xrdma_conn **out);
 /* Destroys conn; outstanding work requests are dropped. NULL is a no-op. */
@@ -133,8 +134,8 @@ struct xrdma_wc {
 };
 
 /* Waits up to timeout_ms (0: do not wait, -1: forever) for completions and stores up
- * to max of them in wcs. Returns how many (>= 1), -ETIMEDOUT if none came in time, or
- * another negative code if polling itself failed. A failed completion is returned
+ * to max of them in wcs. Returns how many (>= 1; 0 only when timeout_ms is 0),
+ * -ETIMEDOUT if none came in time, or another negative code if polling failed. A failed completion is returned
  * with its status set (and the reason kept in xrdma_conn_error); it is not an error
  * of the call. The wait sleeps on the completion channel; it does not spin. */
 int xrdma_poll(struct xrdma_conn *conn, struct xrdma_wc *wcs, int max, int timeout_ms);

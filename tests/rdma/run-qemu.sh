@@ -12,7 +12,6 @@
 #                    stay in $RDMA_VM_DIR/debs and are re-used, so only the first run
 #                    needs the network
 #   RDMA_VM_TIMEOUT  seconds before the guest is killed (default 300)
-#   RDMA_VM_KEEP=1   keep the unpacked root folder (for debugging)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -66,30 +65,51 @@ if [ -z "$bb_deb" ]; then
 	bb_deb=$(ls "$vm"/debs/busybox-static_*.deb | head -n1)
 fi
 
-# --- 2. unpacked once per package version -----------------------------------------
-unpack() { # DEB DIR
-	if [ ! -f "$2/.from" ] || [ "$(cat "$2/.from")" != "$(basename "$1")" ]; then
-		rm -rf "$2" && mkdir -p "$2"
-		dpkg-deb -x "$1" "$2"
-		basename "$1" >"$2/.from"
-	fi
-}
-unpack "$kernel_deb" "$vm/kernel"
-unpack "$bb_deb" "$vm/busybox"
-vmlinuz=$(ls "$vm"/kernel/boot/vmlinuz-* | head -n1)
-moddir=$(ls -d "$vm"/kernel/lib/modules/* | head -n1)
-log "kernel $(basename "$vmlinuz"), busybox $(basename "$bb_deb")"
+# --- 2. what the guest needs from them, extracted once per package version --------
+# Only vmlinuz, the modules and busybox are kept: the top-level Makefile includes
+# every *.d under build/ as a dependency file, and unpacked packages are full of
+# folders named like that (etc/libibverbs.d, conf-hooks.d). For the same reason the
+# initramfs root is assembled in a temporary folder outside build/.
+mods="crc32_generic udp_tunnel ip6_udp_tunnel ib_core ib_uverbs rdma_rxe veth"
+boot="$vm/boot"
+stamp="$(basename "$kernel_deb") $(basename "$bb_deb") $mods"
+if [ ! -f "$boot/stamp" ] || [ "$(cat "$boot/stamp")" != "$stamp" ]; then
+	rm -rf "$boot" && mkdir -p "$boot/modules"
+	tmp=$(mktemp -d)
+	dpkg-deb -x "$kernel_deb" "$tmp/k"
+	dpkg-deb -x "$bb_deb" "$tmp/b"
+	cp "$tmp"/k/boot/vmlinuz-* "$boot/vmlinuz"
+	cp "$tmp/b/bin/busybox" "$boot/busybox"
+	# The guest's busybox insmod cannot decompress: decompress here.
+	for m in $mods; do
+		f=$(find "$tmp"/k/lib/modules -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n1)
+		[ -n "$f" ] || { log "module $m not found in $(basename "$kernel_deb")"; rm -rf "$tmp"; exit 2; }
+		case "$f" in
+		*.xz) xz -dc "$f" >"$boot/modules/$m.ko" ;;
+		*.zst) zstd -qdc "$f" >"$boot/modules/$m.ko" ;;
+		*.gz) gzip -dc "$f" >"$boot/modules/$m.ko" ;;
+		*) cp "$f" "$boot/modules/$m.ko" ;;
+		esac
+	done
+	rm -rf "$tmp"
+	echo "$stamp" >"$boot/stamp"
+fi
+log "kernel $(basename "$kernel_deb"), $(basename "$bb_deb")"
 
 # --- 3. the initramfs ---------------------------------------------------------------
-root="$vm/root"
-rm -rf "$root"
-mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/lib,usr/lib64,etc/libibverbs.d,lib/modules,proc,sys,dev,tmp,run,var/run/netns,tests}
+root=$(mktemp -d "${TMPDIR:-/tmp}/kvmesh-rdma-root.XXXXXX")
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/lib/x86_64-linux-gnu,usr/lib64,etc/libibverbs.d,lib/modules,proc,sys,dev,tmp,run,var/run/netns,tests}
 # Debian 12 is /usr-merged: ldd names /lib/x86_64-linux-gnu/..., the ELF interpreter is
 # /lib64/ld-linux-x86-64.so.2, and the rxe provider is looked up under /usr/lib.
-cp "$vm/busybox/bin/busybox" "$root/bin/busybox"
+ln -s usr/lib64 "$root/lib64"
+ln -s ../usr/lib/x86_64-linux-gnu "$root/lib/x86_64-linux-gnu"
+cp "$boot/busybox" "$root/bin/busybox"
 for applet in $("$root/bin/busybox" --list); do
 	[ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done
+cp "$boot"/modules/*.ko "$root/lib/modules/"
+echo "$mods" >"$root/lib/modules/order"
 
 # Copies FILE (following links) into the root under its own path, /lib and /lib64
 # mapped into /usr as on the host.
@@ -108,9 +128,6 @@ put_with_libs() {
 		[ -e "$root/usr$lib" ] || [ -e "$root$lib" ] || put "$lib"
 	done
 }
-mkdir -p "$root/usr/lib/x86_64-linux-gnu"
-ln -s usr/lib64 "$root/lib64"
-ln -s ../usr/lib/x86_64-linux-gnu "$root/lib/x86_64-linux-gnu"
 
 put_with_libs /usr/bin/rdma
 put_with_libs /usr/sbin/ip
@@ -125,24 +142,8 @@ done
 cp "$here/init.sh" "$root/init"
 chmod 755 "$root/init"
 
-# Kernel modules, in load order. The guest's busybox insmod cannot decompress, so
-# compressed modules are decompressed here.
-mods="crc32_generic udp_tunnel ip6_udp_tunnel ib_core ib_uverbs rdma_rxe veth"
-for m in $mods; do
-	f=$(find "$moddir" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n1)
-	[ -n "$f" ] || { log "module $m not found under $moddir"; exit 2; }
-	case "$f" in
-	*.xz) xz -dc "$f" >"$root/lib/modules/$m.ko" ;;
-	*.zst) zstd -qdc "$f" >"$root/lib/modules/$m.ko" ;;
-	*.gz) gzip -dc "$f" >"$root/lib/modules/$m.ko" ;;
-	*) cp "$f" "$root/lib/modules/$m.ko" ;;
-	esac
-done
-echo "$mods" >"$root/lib/modules/order"
-
 initrd="$vm/initrd.gz"
 (cd "$root" && find . | cpio -o -H newc -R +0:+0 --quiet | gzip -1) >"$initrd"
-[ "${RDMA_VM_KEEP:-0}" = 1 ] || rm -rf "$root"
 log "initramfs $(du -h "$initrd" | cut -f1) built in $(($(date +%s) - t_start)) s; booting (timeout ${timeout_s} s)"
 
 # --- 4. boot and read the serial console ------------------------------------------
@@ -152,7 +153,7 @@ set +e
 timeout --foreground -k 5 "$timeout_s" \
 	qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1024 -smp 2 \
 	-nographic -no-reboot -nic none -monitor none \
-	-kernel "$vmlinuz" -initrd "$initrd" \
+	-kernel "$boot/vmlinuz" -initrd "$initrd" \
 	-append "console=ttyS0 panic=-1 quiet" </dev/null 2>&1 |
 	tr -d '\r' | tee "$console" | sed -u 's/^/guest| /'
 qemu_rc=${PIPESTATUS[0]}

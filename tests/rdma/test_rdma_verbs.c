@@ -542,11 +542,13 @@ static void t_peer_killed(struct ctx *t)
 	if (rc == 0)
 		rc = xrdma_wait(t->s.conn, 91, DEATH_DEADLINE_MS);
 	int64_t dt = now_ms() - t0;
+	char why[XRDMA_ERRLEN];
+	snprintf(why, sizeof(why), "%s", xrdma_conn_error(t->s.conn));
 	int st = xrdma_conn_check(t->s.conn);
 	/* A failed completion (not merely no completion) puts the QP in the error state. */
 	bool ok = rc != 0 && st == -ECONNRESET && dt < DEATH_DEADLINE_MS;
-	result(ok, "peer_killed_fails_within_deadline", "rc=%d (%s) after %lld ms: \"%s\"", rc,
-	       kvm_strerror(rc), (long long)dt, xrdma_conn_error(t->s.conn));
+	result(ok, "peer_killed_fails_within_deadline", "rc=%d (%s) after %lld ms: \"%s\"; then %d",
+	       rc, kvm_strerror(rc), (long long)dt, why, st);
 }
 
 static int run_client(int fd, const char *devname, pid_t child)
