@@ -24,6 +24,8 @@ all: $(RDMA_TEST_BIN)
 # Boots Debian's stock kernel under QEMU (pure emulation) with rdma_rxe and runs
 # the verbs tests there, one node and two nodes. Downloads are cached under
 # $(BUILD)/rdma-vm. Last line: the guest's "N passed, N failed".
+# The downloads are shared by every build flavour (SAN=...), so not under $(BUILD).
+RDMA_VM_DIR ?= build/rdma-vm
 .PHONY: test-rdma
 test-rdma: $(RDMA_TEST_BIN)
-	RDMA_VM_DIR=$(BUILD)/rdma-vm tests/rdma/run-qemu.sh $(RDMA_TEST_BIN)
+	RDMA_VM_DIR=$(RDMA_VM_DIR) tests/rdma/run-qemu.sh $(RDMA_TEST_BIN)

@@ -119,16 +119,20 @@ put() {
 	/lib/* | /lib64/*) dst=/usr$dst ;;
 	esac
 	mkdir -p "$root$(dirname "$dst")"
+	rm -f "$root$dst" # never write through a busybox applet link
 	cp -L "$src" "$root$dst"
 }
-# FILE and every shared library it needs, as ldd resolves them on the host.
-put_with_libs() {
-	put "$1"
+# Every shared library FILE needs, as ldd resolves them on the host.
+put_libs() {
 	ldd "$1" 2>/dev/null | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
 		[ -e "$root/usr$lib" ] || [ -e "$root$lib" ] || put "$lib"
 	done
 }
 
+put_with_libs() {
+	put "$1"
+	put_libs "$1"
+}
 put_with_libs /usr/bin/rdma
 put_with_libs /usr/sbin/ip
 provider=$(ls /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav*.so | head -n1) || {
@@ -136,7 +140,7 @@ provider=$(ls /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav*.so | head -n1) 
 put_with_libs "$provider"
 cp /etc/libibverbs.d/rxe.driver "$root/etc/libibverbs.d/"
 for b in "$@"; do
-	put_with_libs "$b"
+	put_libs "$b"
 	cp -L "$b" "$root/tests/"
 done
 cp "$here/init.sh" "$root/init"
