@@ -24,7 +24,7 @@
  * Not 7: the IB spec makes 7 mean seven retries, but rxe treats retry_cnt 7 as
  * "retry forever", and a dead peer then hangs every request (seen on 6.1). */
 #define XRDMA_TIMEOUT 16
-#define XRDMA_RETRY 6
+#define XRDMA_RETRY   6
 /* Receiver-not-ready retries: finite (7 would mean forever), so a SEND to a peer that
  * never posts a receive fails with -ECONNREFUSED instead of hanging. */
 #define XRDMA_RNR_RETRY 6
@@ -74,7 +74,7 @@ struct xrdma_conn {
 };
 
 static void set_err(char *buf, size_t len, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+        __attribute__((format(printf, 3, 4)));
 
 static void set_err(char *buf, size_t len, const char *fmt, ...)
 {
@@ -162,8 +162,7 @@ static bool gid_is_ipv4_mapped(const union ibv_gid *g)
 /* Finds the RoCEv2 GID mapped from an IPv4 address, optionally of netdev ifindex
  * (0: any). Its index is not fixed: IPv6 link-local GIDs come first when the
  * interface has them, and the table changes when addresses do. */
-static int find_roce_gid(struct ibv_context *ctx, int tbl_len, unsigned ifindex,
-			 union ibv_gid *gid)
+static int find_roce_gid(struct ibv_context *ctx, int tbl_len, unsigned ifindex, union ibv_gid *gid)
 {
 	for (int i = 0; i < tbl_len; i++) {
 		struct ibv_gid_entry e;
@@ -205,15 +204,15 @@ int xrdma_dev_open(const char *name, struct xrdma_dev **out, char *msg, size_t m
 		 * is the normal case on a machine without RDMA, not a failure. */
 		rc = e == ENOSYS ? -ENODEV : -e;
 		set_err(msg, msg_len,
-			"no RDMA device present (cannot list devices: %s; no RDMA NIC, or "
-			"ib_uverbs/rdma_rxe not loaded)",
-			strerror(e));
+		        "no RDMA device present (cannot list devices: %s; no RDMA NIC, or "
+		        "ib_uverbs/rdma_rxe not loaded)",
+		        strerror(e));
 		return rc;
 	}
 	if (n == 0) {
 		set_err(msg, msg_len,
-			"no RDMA device present (no InfiniBand/RoCE NIC, no rdma_rxe link; "
-			"see /sys/class/infiniband)");
+		        "no RDMA device present (no InfiniBand/RoCE NIC, no rdma_rxe link; "
+		        "see /sys/class/infiniband)");
 		rc = -ENODEV;
 		goto clean_list;
 	}
@@ -244,22 +243,22 @@ int xrdma_dev_open(const char *name, struct xrdma_dev **out, char *msg, size_t m
 	if (!dev->ctx) {
 		rc = -ENODEV;
 		set_err(msg, msg_len, "no RDMA device %s%s (%d device%s present)",
-			name ? "named or on interface " : "could be opened",
-			name ? name : "", n, n == 1 ? "" : "s");
+		        name ? "named or on interface " : "could be opened", name ? name : "", n,
+		        n == 1 ? "" : "s");
 		goto clean_dev;
 	}
 
 	if (ibv_query_port(dev->ctx, XRDMA_PORT, &dev->port) != 0) {
 		rc = errno ? -errno : -EIO;
 		set_err(msg, msg_len, "%s: cannot query port %d: %s",
-			ibv_get_device_name(dev->ctx->device), XRDMA_PORT, strerror(-rc));
+		        ibv_get_device_name(dev->ctx->device), XRDMA_PORT, strerror(-rc));
 		goto clean_ctx;
 	}
 	if (dev->port.state != IBV_PORT_ACTIVE) {
 		rc = -ENETDOWN;
 		set_err(msg, msg_len, "%s: port %d is %s, not active (is the interface up?)",
-			ibv_get_device_name(dev->ctx->device), XRDMA_PORT,
-			ibv_port_state_str(dev->port.state));
+		        ibv_get_device_name(dev->ctx->device), XRDMA_PORT,
+		        ibv_port_state_str(dev->port.state));
 		goto clean_ctx;
 	}
 
@@ -267,7 +266,7 @@ int xrdma_dev_open(const char *name, struct xrdma_dev **out, char *msg, size_t m
 	if (ibv_query_device(dev->ctx, &dattr) != 0) {
 		rc = errno ? -errno : -EIO;
 		set_err(msg, msg_len, "%s: cannot query device: %s",
-			ibv_get_device_name(dev->ctx->device), strerror(-rc));
+		        ibv_get_device_name(dev->ctx->device), strerror(-rc));
 		goto clean_ctx;
 	}
 	dev->max_rd_atomic = dattr.max_qp_rd_atom < 16 ? dattr.max_qp_rd_atom : 16;
@@ -280,9 +279,9 @@ int xrdma_dev_open(const char *name, struct xrdma_dev **out, char *msg, size_t m
 		if (dev->gid_index < 0) {
 			rc = -EADDRNOTAVAIL;
 			set_err(msg, msg_len,
-				"%s: no RoCEv2 GID from an IPv4 address on port %d "
-				"(give the interface an IPv4 address)",
-				ibv_get_device_name(dev->ctx->device), XRDMA_PORT);
+			        "%s: no RoCEv2 GID from an IPv4 address on port %d "
+			        "(give the interface an IPv4 address)",
+			        ibv_get_device_name(dev->ctx->device), XRDMA_PORT);
 			goto clean_ctx;
 		}
 	} else {
@@ -295,7 +294,7 @@ int xrdma_dev_open(const char *name, struct xrdma_dev **out, char *msg, size_t m
 	if (!dev->pd) {
 		rc = errno ? -errno : -ENOMEM;
 		set_err(msg, msg_len, "%s: cannot allocate a protection domain: %s",
-			ibv_get_device_name(dev->ctx->device), strerror(-rc));
+		        ibv_get_device_name(dev->ctx->device), strerror(-rc));
 		goto clean_ctx;
 	}
 
@@ -349,14 +348,13 @@ int xrdma_mr_reg(struct xrdma_dev *dev, void *buf, size_t len, struct xrdma_mr *
 		return -ENOMEM;
 	m->dev = dev;
 	m->mr = ibv_reg_mr(dev->pd, buf, len,
-			   IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ |
-				   IBV_ACCESS_REMOTE_WRITE);
+	                   IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ |
+	                           IBV_ACCESS_REMOTE_WRITE);
 	if (!m->mr) {
 		int rc = errno ? -errno : -ENOMEM;
-		set_err(dev->err, sizeof(dev->err),
-			"%s: cannot register %zu bytes: %s%s", xrdma_dev_name(dev), len,
-			strerror(-rc),
-			rc == -ENOMEM || rc == -EPERM ? " (check ulimit -l, memlock)" : "");
+		set_err(dev->err, sizeof(dev->err), "%s: cannot register %zu bytes: %s%s",
+		        xrdma_dev_name(dev), len, strerror(-rc),
+		        rc == -ENOMEM || rc == -EPERM ? " (check ulimit -l, memlock)" : "");
 		free(m);
 		return rc;
 	}
@@ -414,7 +412,7 @@ static enum xrdma_op ring_pop(struct xrdma_ring *r, uint64_t wr_id)
 }
 
 int xrdma_conn_create(struct xrdma_dev *dev, struct xrdma_mr *mr, unsigned depth,
-		      struct xrdma_conn **out)
+                      struct xrdma_conn **out)
 {
 	int rc;
 	if (depth == 0 || depth > 4096 || !mr || mr->dev != dev) {
@@ -432,8 +430,7 @@ int xrdma_conn_create(struct xrdma_dev *dev, struct xrdma_mr *mr, unsigned depth
 	c->chan = ibv_create_comp_channel(dev->ctx);
 	if (!c->chan) {
 		rc = errno ? -errno : -ENOMEM;
-		set_err(dev->err, sizeof(dev->err), "create completion channel: %s",
-			strerror(-rc));
+		set_err(dev->err, sizeof(dev->err), "create completion channel: %s", strerror(-rc));
 		goto clean_rings;
 	}
 	/* Non-blocking, so that a spurious wake-up cannot block in ibv_get_cq_event. */
@@ -457,22 +454,22 @@ int xrdma_conn_create(struct xrdma_dev *dev, struct xrdma_mr *mr, unsigned depth
 	}
 
 	struct ibv_qp_init_attr qa = {
-		.send_cq = c->send_cq,
-		.recv_cq = c->recv_cq,
-		.cap = {.max_send_wr = depth,
-			.max_recv_wr = depth,
-			.max_send_sge = 1,
-			.max_recv_sge = 1},
-		.qp_type = IBV_QPT_RC,
-		/* Every send is signalled: the completion is how the caller learns that
-		 * a READ's data has landed or a WRITE may be reused. */
-		.sq_sig_all = 1,
+	        .send_cq = c->send_cq,
+	        .recv_cq = c->recv_cq,
+	        .cap = {.max_send_wr = depth,
+	                .max_recv_wr = depth,
+	                .max_send_sge = 1,
+	                .max_recv_sge = 1},
+	        .qp_type = IBV_QPT_RC,
+	        /* Every send is signalled: the completion is how the caller learns that
+	         * a READ's data has landed or a WRITE may be reused. */
+	        .sq_sig_all = 1,
 	};
 	c->qp = ibv_create_qp(dev->pd, &qa);
 	if (!c->qp) {
 		rc = errno ? -errno : -ENOMEM;
 		set_err(dev->err, sizeof(dev->err), "create RC QP (depth %u): %s", depth,
-			strerror(-rc));
+		        strerror(-rc));
 		goto clean_recv_cq;
 	}
 
@@ -535,28 +532,27 @@ int xrdma_conn_connect(struct xrdma_conn *c, const struct xrdma_peer *peer)
 	if (peer->qpn == 0 || peer->qpn > 0xffffff || peer->psn > 0xffffff ||
 	    peer->mtu < IBV_MTU_256 || peer->mtu > IBV_MTU_4096) {
 		set_err(c->err, sizeof(c->err), "connect: bad peer description (qpn %u psn %u)",
-			peer->qpn, peer->psn);
+		        peer->qpn, peer->psn);
 		return -EINVAL;
 	}
 	c->peer = *peer;
 
 	struct ibv_qp_attr a = {
-		.qp_state = IBV_QPS_INIT,
-		.pkey_index = 0,
-		.port_num = XRDMA_PORT,
-		.qp_access_flags =
-			IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE,
+	        .qp_state = IBV_QPS_INIT,
+	        .pkey_index = 0,
+	        .port_num = XRDMA_PORT,
+	        .qp_access_flags =
+	                IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE,
 	};
 	if (ibv_modify_qp(c->qp, &a,
-			  IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS)) {
+	                  IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS)) {
 		int rc = errno ? -errno : -EIO;
 		set_err(c->err, sizeof(c->err), "QP %u to INIT: %s", c->qp->qp_num, strerror(-rc));
 		return rc;
 	}
 
-	enum ibv_mtu mtu = dev->port.active_mtu < (enum ibv_mtu)peer->mtu
-				   ? dev->port.active_mtu
-				   : (enum ibv_mtu)peer->mtu;
+	enum ibv_mtu mtu = dev->port.active_mtu < (enum ibv_mtu)peer->mtu ? dev->port.active_mtu
+	                                                                  : (enum ibv_mtu)peer->mtu;
 	memset(&a, 0, sizeof(a));
 	a.qp_state = IBV_QPS_RTR;
 	a.path_mtu = mtu;
@@ -576,14 +572,13 @@ int xrdma_conn_connect(struct xrdma_conn *c, const struct xrdma_peer *peer)
 		a.ah_attr.grh.hop_limit = 64;
 	}
 	if (ibv_modify_qp(c->qp, &a,
-			  IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN |
-				  IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC |
-				  IBV_QP_MIN_RNR_TIMER)) {
+	                  IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN |
+	                          IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC |
+	                          IBV_QP_MIN_RNR_TIMER)) {
 		int rc = errno ? -errno : -EIO;
-		set_err(c->err, sizeof(c->err),
-			"QP %u to RTR (peer QP %u, gid index %d): %s%s", c->qp->qp_num, peer->qpn,
-			dev->gid_index, strerror(-rc),
-			dev->roce ? " (is the peer's GID reachable from this interface?)" : "");
+		set_err(c->err, sizeof(c->err), "QP %u to RTR (peer QP %u, gid index %d): %s%s",
+		        c->qp->qp_num, peer->qpn, dev->gid_index, strerror(-rc),
+		        dev->roce ? " (is the peer's GID reachable from this interface?)" : "");
 		return rc;
 	}
 
@@ -595,8 +590,8 @@ int xrdma_conn_connect(struct xrdma_conn *c, const struct xrdma_peer *peer)
 	a.rnr_retry = XRDMA_RNR_RETRY;
 	a.max_rd_atomic = (uint8_t)dev->max_rd_atomic;
 	if (ibv_modify_qp(c->qp, &a,
-			  IBV_QP_STATE | IBV_QP_SQ_PSN | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT |
-				  IBV_QP_RNR_RETRY | IBV_QP_MAX_QP_RD_ATOMIC)) {
+	                  IBV_QP_STATE | IBV_QP_SQ_PSN | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT |
+	                          IBV_QP_RNR_RETRY | IBV_QP_MAX_QP_RD_ATOMIC)) {
 		int rc = errno ? -errno : -EIO;
 		set_err(c->err, sizeof(c->err), "QP %u to RTS: %s", c->qp->qp_num, strerror(-rc));
 		return rc;
@@ -616,14 +611,14 @@ int xrdma_conn_check(struct xrdma_conn *c)
 	if (ibv_query_qp(c->qp, &a, IBV_QP_STATE, &ia) != 0) {
 		int rc = errno ? -errno : -EIO;
 		set_err(c->err, sizeof(c->err), "QP %u: cannot query state: %s", c->qp->qp_num,
-			strerror(-rc));
+		        strerror(-rc));
 		return rc;
 	}
 	if (a.qp_state == IBV_QPS_ERR || a.qp_state == IBV_QPS_SQE) {
 		c->failed = true;
 		set_err(c->err, sizeof(c->err),
-			"QP %u is in the error state: the connection must be rebuilt",
-			c->qp->qp_num);
+		        "QP %u is in the error state: the connection must be rebuilt",
+		        c->qp->qp_num);
 		return -ECONNRESET;
 	}
 	return a.qp_state == IBV_QPS_RTS ? 0 : -ENOTCONN;
@@ -648,7 +643,7 @@ static const char *op_name(enum xrdma_op op)
 }
 
 static int check_post(struct xrdma_conn *c, enum xrdma_op op, size_t off, size_t len,
-		      struct xrdma_ring *ring)
+                      struct xrdma_ring *ring)
 {
 	if (!c->connected) {
 		set_err(c->err, sizeof(c->err), "%s: QP not connected", op_name(op));
@@ -656,54 +651,54 @@ static int check_post(struct xrdma_conn *c, enum xrdma_op op, size_t off, size_t
 	}
 	if (c->failed) {
 		set_err(c->err, sizeof(c->err),
-			"%s: QP %u is in the error state after an earlier failure", op_name(op),
-			c->qp->qp_num);
+		        "%s: QP %u is in the error state after an earlier failure", op_name(op),
+		        c->qp->qp_num);
 		return -ECONNRESET;
 	}
 	if (off > c->mr->mr->length || len > c->mr->mr->length - off || len > UINT32_MAX) {
 		set_err(c->err, sizeof(c->err),
-			"%s: local range [%zu, +%zu) outside the %zu-byte region", op_name(op), off,
-			len, c->mr->mr->length);
+		        "%s: local range [%zu, +%zu) outside the %zu-byte region", op_name(op), off,
+		        len, c->mr->mr->length);
 		return -ERANGE;
 	}
 	if (ring->count == ring->cap) {
-		set_err(c->err, sizeof(c->err), "%s: %u requests already outstanding",
-			op_name(op), ring->cap);
+		set_err(c->err, sizeof(c->err), "%s: %u requests already outstanding", op_name(op),
+		        ring->cap);
 		return -EAGAIN;
 	}
 	return 0;
 }
 
 static int post_one_sided(struct xrdma_conn *c, enum xrdma_op op, uint64_t wr_id, size_t off,
-			  uint64_t remote_off, size_t len)
+                          uint64_t remote_off, size_t len)
 {
 	int rc = check_post(c, op, off, len, &c->sq);
 	if (rc)
 		return rc;
 	if (remote_off > c->peer.len || len > c->peer.len - remote_off) {
 		set_err(c->err, sizeof(c->err),
-			"%s: remote range [%llu, +%zu) outside the peer's %llu-byte region",
-			op_name(op), (unsigned long long)remote_off, len,
-			(unsigned long long)c->peer.len);
+		        "%s: remote range [%llu, +%zu) outside the peer's %llu-byte region",
+		        op_name(op), (unsigned long long)remote_off, len,
+		        (unsigned long long)c->peer.len);
 		return -ERANGE;
 	}
 	struct ibv_sge sge = {
-		.addr = (uint64_t)(uintptr_t)c->mr->mr->addr + off,
-		.length = (uint32_t)len,
-		.lkey = c->mr->mr->lkey,
+	        .addr = (uint64_t)(uintptr_t)c->mr->mr->addr + off,
+	        .length = (uint32_t)len,
+	        .lkey = c->mr->mr->lkey,
 	};
 	struct ibv_send_wr wr = {
-		.wr_id = wr_id,
-		.sg_list = &sge,
-		.num_sge = 1,
-		.opcode = op == XRDMA_OP_READ ? IBV_WR_RDMA_READ : IBV_WR_RDMA_WRITE,
-		.wr.rdma = {.remote_addr = c->peer.addr + remote_off, .rkey = c->peer.rkey},
+	        .wr_id = wr_id,
+	        .sg_list = &sge,
+	        .num_sge = 1,
+	        .opcode = op == XRDMA_OP_READ ? IBV_WR_RDMA_READ : IBV_WR_RDMA_WRITE,
+	        .wr.rdma = {.remote_addr = c->peer.addr + remote_off, .rkey = c->peer.rkey},
 	};
 	struct ibv_send_wr *bad;
 	rc = ibv_post_send(c->qp, &wr, &bad);
 	if (rc) {
 		set_err(c->err, sizeof(c->err), "%s wr_id=%llu: post failed: %s", op_name(op),
-			(unsigned long long)wr_id, strerror(rc));
+		        (unsigned long long)wr_id, strerror(rc));
 		return -rc;
 	}
 	ring_push(&c->sq, wr_id, op);
@@ -711,13 +706,13 @@ static int post_one_sided(struct xrdma_conn *c, enum xrdma_op op, uint64_t wr_id
 }
 
 int xrdma_post_read(struct xrdma_conn *c, uint64_t wr_id, size_t off, uint64_t remote_off,
-		    size_t len)
+                    size_t len)
 {
 	return post_one_sided(c, XRDMA_OP_READ, wr_id, off, remote_off, len);
 }
 
 int xrdma_post_write(struct xrdma_conn *c, uint64_t wr_id, size_t off, uint64_t remote_off,
-		     size_t len)
+                     size_t len)
 {
 	return post_one_sided(c, XRDMA_OP_WRITE, wr_id, off, remote_off, len);
 }
@@ -728,17 +723,17 @@ int xrdma_post_send(struct xrdma_conn *c, uint64_t wr_id, size_t off, size_t len
 	if (rc)
 		return rc;
 	struct ibv_sge sge = {
-		.addr = (uint64_t)(uintptr_t)c->mr->mr->addr + off,
-		.length = (uint32_t)len,
-		.lkey = c->mr->mr->lkey,
+	        .addr = (uint64_t)(uintptr_t)c->mr->mr->addr + off,
+	        .length = (uint32_t)len,
+	        .lkey = c->mr->mr->lkey,
 	};
 	struct ibv_send_wr wr = {
-		.wr_id = wr_id, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND};
+	        .wr_id = wr_id, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND};
 	struct ibv_send_wr *bad;
 	rc = ibv_post_send(c->qp, &wr, &bad);
 	if (rc) {
 		set_err(c->err, sizeof(c->err), "SEND wr_id=%llu: post failed: %s",
-			(unsigned long long)wr_id, strerror(rc));
+		        (unsigned long long)wr_id, strerror(rc));
 		return -rc;
 	}
 	ring_push(&c->sq, wr_id, XRDMA_OP_SEND);
@@ -750,13 +745,12 @@ int xrdma_post_recv(struct xrdma_conn *c, uint64_t wr_id, size_t off, size_t len
 	/* A receive may be posted before connect (it must be, to be ready for the
 	 * peer's first SEND), so only the bounds and the error state are checked. */
 	if (c->failed) {
-		set_err(c->err, sizeof(c->err), "RECV: QP %u is in the error state",
-			c->qp->qp_num);
+		set_err(c->err, sizeof(c->err), "RECV: QP %u is in the error state", c->qp->qp_num);
 		return -ECONNRESET;
 	}
 	if (off > c->mr->mr->length || len > c->mr->mr->length - off || len > UINT32_MAX) {
 		set_err(c->err, sizeof(c->err), "RECV: local range [%zu, +%zu) outside the region",
-			off, len);
+		        off, len);
 		return -ERANGE;
 	}
 	if (c->rq.count == c->rq.cap) {
@@ -764,16 +758,16 @@ int xrdma_post_recv(struct xrdma_conn *c, uint64_t wr_id, size_t off, size_t len
 		return -EAGAIN;
 	}
 	struct ibv_sge sge = {
-		.addr = (uint64_t)(uintptr_t)c->mr->mr->addr + off,
-		.length = (uint32_t)len,
-		.lkey = c->mr->mr->lkey,
+	        .addr = (uint64_t)(uintptr_t)c->mr->mr->addr + off,
+	        .length = (uint32_t)len,
+	        .lkey = c->mr->mr->lkey,
 	};
 	struct ibv_recv_wr wr = {.wr_id = wr_id, .sg_list = &sge, .num_sge = 1};
 	struct ibv_recv_wr *bad;
 	int rc = ibv_post_recv(c->qp, &wr, &bad);
 	if (rc) {
 		set_err(c->err, sizeof(c->err), "RECV wr_id=%llu: post failed: %s",
-			(unsigned long long)wr_id, strerror(rc));
+		        (unsigned long long)wr_id, strerror(rc));
 		return -rc;
 	}
 	ring_push(&c->rq, wr_id, XRDMA_OP_RECV);
@@ -816,7 +810,7 @@ static int wc_errno(enum ibv_wc_status s, const char **why)
 }
 
 static int poll_cq(struct xrdma_conn *c, struct ibv_cq *cq, struct xrdma_ring *ring,
-		   struct xrdma_wc *out, int max)
+                   struct xrdma_wc *out, int max)
 {
 	struct ibv_wc wc[16];
 	int got = 0;
@@ -841,9 +835,9 @@ static int poll_cq(struct xrdma_conn *c, struct ibv_cq *cq, struct xrdma_ring *r
 				/* Keep the first reason: later ones are flushes it caused. */
 				if (w->status != -ECANCELED || !c->err[0])
 					set_err(c->err, sizeof(c->err),
-						"%s wr_id=%llu on QP %u: %s [%s]", op_name(w->op),
-						(unsigned long long)w->wr_id, c->qp->qp_num, why,
-						ibv_wc_status_str(wc[i].status));
+					        "%s wr_id=%llu on QP %u: %s [%s]", op_name(w->op),
+					        (unsigned long long)w->wr_id, c->qp->qp_num, why,
+					        ibv_wc_status_str(wc[i].status));
 			}
 		}
 		if (n < want)
@@ -891,8 +885,8 @@ int xrdma_poll(struct xrdma_conn *c, struct xrdma_wc *wcs, int max, int timeout_
 			int64_t left = deadline - now_ms();
 			if (left <= 0) {
 				set_err(c->err, sizeof(c->err),
-					"no completion on QP %u within %d ms", c->qp->qp_num,
-					timeout_ms);
+				        "no completion on QP %u within %d ms", c->qp->qp_num,
+				        timeout_ms);
 				return -ETIMEDOUT;
 			}
 			wait = (int)left;
@@ -925,7 +919,7 @@ int xrdma_wait(struct xrdma_conn *c, uint64_t wr_id, int timeout_ms)
 			return n;
 		if (n == 0) {
 			set_err(c->err, sizeof(c->err), "wr_id=%llu: no completion within %d ms",
-				(unsigned long long)wr_id, timeout_ms);
+			        (unsigned long long)wr_id, timeout_ms);
 			return -ETIMEDOUT;
 		}
 		if (wc.wr_id == wr_id)

@@ -38,9 +38,9 @@ struct xrdma_peer {
 	uint16_t lid;    /* InfiniBand local id; 0 on RoCE */
 	uint8_t mtu;     /* enum ibv_mtu of the port (path MTU = min of both) */
 	uint8_t pad;
-	uint32_t rkey;  /* of the peer's registered region */
-	uint64_t addr;  /* its start address in the peer's address space */
-	uint64_t len;   /* its length */
+	uint32_t rkey; /* of the peer's registered region */
+	uint64_t addr; /* its start address in the peer's address space */
+	uint64_t len;  /* its length */
 };
 
 /* Size of a packed struct xrdma_peer on the wire (little-endian, fixed layout). */
@@ -90,7 +90,7 @@ uint32_t xrdma_mr_rkey(const struct xrdma_mr *mr);
  * WRITE, SEND) and as many receives, and its completion queues and channel. The
  * caller owns *out. Receives may be posted before connecting. */
 int xrdma_conn_create(struct xrdma_dev *dev, struct xrdma_mr *mr, unsigned depth,
-		      struct xrdma_conn **out);
+                      struct xrdma_conn **out);
 /* Destroys conn; outstanding work requests are dropped. NULL is a no-op. */
 void xrdma_conn_destroy(struct xrdma_conn *conn);
 /* Fills *me with what the peer needs: this QP's number, PSN, GID, and the region. */
@@ -111,9 +111,9 @@ int xrdma_conn_check(struct xrdma_conn *conn);
  * involved and it gets no completion. Bounds are checked here against both regions
  * (-ERANGE) so that a bad offset is a clear local error, not a QP teardown. */
 int xrdma_post_read(struct xrdma_conn *conn, uint64_t wr_id, size_t off, uint64_t remote_off,
-		    size_t len);
+                    size_t len);
 int xrdma_post_write(struct xrdma_conn *conn, uint64_t wr_id, size_t off, uint64_t remote_off,
-		     size_t len);
+                     size_t len);
 /* Two-sided: SEND of local [off, off + len) into a RECV the peer posted; RECV posts
  * local [off, off + len) as the buffer of the next incoming SEND. */
 int xrdma_post_send(struct xrdma_conn *conn, uint64_t wr_id, size_t off, size_t len);
@@ -135,9 +135,9 @@ struct xrdma_wc {
 
 /* Waits up to timeout_ms (0: do not wait, -1: forever) for completions and stores up
  * to max of them in wcs. Returns how many (>= 1; 0 only when timeout_ms is 0),
- * -ETIMEDOUT if none came in time, or another negative code if polling failed. A failed completion is returned
- * with its status set (and the reason kept in xrdma_conn_error); it is not an error
- * of the call. The wait sleeps on the completion channel; it does not spin. */
+ * -ETIMEDOUT if none came in time, or another negative code if polling failed. A failed completion
+ * is returned with its status set (and the reason kept in xrdma_conn_error); it is not an error of
+ * the call. The wait sleeps on the completion channel; it does not spin. */
 int xrdma_poll(struct xrdma_conn *conn, struct xrdma_wc *wcs, int max, int timeout_ms);
 
 /* Posts nothing; waits for the completion of wr_id, discarding others that come

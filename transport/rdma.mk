@@ -22,9 +22,9 @@ $(RDMA_TEST_BIN): $(BUILD)/tests/rdma/test_rdma_verbs.o $(BUILD)/transport/rdma.
 all: $(RDMA_TEST_BIN)
 
 # Boots Debian's stock kernel under QEMU (pure emulation) with rdma_rxe and runs
-# the verbs tests there, one node and two nodes. Downloads are cached under
-# $(BUILD)/rdma-vm. Last line: the guest's "N passed, N failed".
-# The downloads are shared by every build flavour (SAN=...), so not under $(BUILD).
+# the verbs tests there, one node and two nodes. Last line: the guest's
+# "N passed, N failed". The downloads are cached in build/rdma-vm, shared by every
+# build flavour (SAN=...), so not under $(BUILD).
 RDMA_VM_DIR ?= build/rdma-vm
 .PHONY: test-rdma
 test-rdma: $(RDMA_TEST_BIN)

@@ -34,11 +34,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#define ARENA_LEN (17u << 20) /* 8 MB blocks at two offsets, plus room for slack */
-#define DEPTH 64
-#define OP_TIMEOUT_MS 30000   /* one completion, in emulation: generous */
+#define ARENA_LEN         (17u << 20) /* 8 MB blocks at two offsets, plus room for slack */
+#define DEPTH             64
+#define OP_TIMEOUT_MS     30000 /* one completion, in emulation: generous */
 #define DEATH_DEADLINE_MS 20000 /* a dead peer must be noticed within this */
-#define EXIT_SKIP 77
+#define EXIT_SKIP         77
 
 static const char *g_tag = "one-node";
 static int g_passed, g_failed;
@@ -161,8 +161,8 @@ static int side_open(struct side *s, const char *devname)
 		return rc;
 	}
 	/* One region for the whole arena, registered once, as the transport does. */
-	s->arena = mmap(NULL, ARENA_LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-			-1, 0);
+	s->arena =
+	        mmap(NULL, ARENA_LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (s->arena == MAP_FAILED) {
 		xrdma_dev_close(s->dev);
 		return -ENOMEM;
@@ -243,7 +243,8 @@ static int serve(int fd, const char *devname)
 			break;
 		}
 		case CMD_RECV_POST:
-			r.status = s.conn ? xrdma_post_recv(s.conn, c.seed, c.off, c.len) : -ENOTCONN;
+			r.status =
+			        s.conn ? xrdma_post_recv(s.conn, c.seed, c.off, c.len) : -ENOTCONN;
 			break;
 		case CMD_RECV_WAIT: {
 			struct xrdma_wc wc;
@@ -253,7 +254,8 @@ static int serve(int fd, const char *devname)
 			break;
 		}
 		case CMD_SEND:
-			r.status = s.conn ? xrdma_post_send(s.conn, c.seed, c.off, c.len) : -ENOTCONN;
+			r.status =
+			        s.conn ? xrdma_post_send(s.conn, c.seed, c.off, c.len) : -ENOTCONN;
 			if (r.status == 0)
 				r.status = xrdma_wait(s.conn, c.seed, OP_TIMEOUT_MS);
 			break;
@@ -282,8 +284,7 @@ struct ctx {
 	pid_t child; /* one-node: the forked peer, else 0 */
 };
 
-static int rpc(struct ctx *t, uint32_t op, uint64_t off, uint64_t len, uint64_t seed,
-	       uint64_t *val)
+static int rpc(struct ctx *t, uint32_t op, uint64_t off, uint64_t len, uint64_t seed, uint64_t *val)
 {
 	struct cmd c = {.op = op, .off = off, .len = len, .seed = seed};
 	struct reply r;
@@ -307,7 +308,7 @@ static int64_t now_ms(void)
 }
 
 static void result(bool ok, const char *name, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
+        __attribute__((format(printf, 3, 4)));
 
 static void result(bool ok, const char *name, const char *fmt, ...)
 {
@@ -343,7 +344,8 @@ static void t_write(struct ctx *t)
 			rc = xrdma_wait(t->s.conn, 100 + i, OP_TIMEOUT_MS);
 		int64_t dt = now_ms() - t0;
 		if (rc) {
-			result(false, name, "%s (%s)", kvm_strerror(rc), xrdma_conn_error(t->s.conn));
+			result(false, name, "%s (%s)", kvm_strerror(rc),
+			       xrdma_conn_error(t->s.conn));
 			continue;
 		}
 		rc = rpc(t, CMD_CHECK, roff, len, seed, &at);
@@ -375,7 +377,8 @@ static void t_read(struct ctx *t)
 			rc = xrdma_wait(t->s.conn, 200 + i, OP_TIMEOUT_MS);
 		int64_t dt = now_ms() - t0;
 		if (rc) {
-			result(false, name, "%s (%s)", kvm_strerror(rc), xrdma_conn_error(t->s.conn));
+			result(false, name, "%s (%s)", kvm_strerror(rc),
+			       xrdma_conn_error(t->s.conn));
 			continue;
 		}
 		long at = check(t->s.arena + loff, len, seed);
@@ -396,11 +399,11 @@ static void t_pipelined(struct ctx *t)
 	for (int i = 0; i < N && rc == 0; i++) {
 		fill(t->s.arena + (8u << 20) + (size_t)i * LEN, LEN, 4000 + (uint64_t)i);
 		rc = xrdma_post_read(t->s.conn, 300 + (uint64_t)i, (size_t)i * LEN,
-				     (uint64_t)i * LEN, LEN);
+		                     (uint64_t)i * LEN, LEN);
 		if (rc == 0)
 			rc = xrdma_post_write(t->s.conn, 400 + (uint64_t)i,
-					      (8u << 20) + (size_t)i * LEN,
-					      (8u << 20) + (uint64_t)i * LEN, LEN);
+			                      (8u << 20) + (size_t)i * LEN,
+			                      (8u << 20) + (uint64_t)i * LEN, LEN);
 	}
 	int done = 0;
 	while (rc == 0 && done < 2 * N) {
@@ -416,7 +419,7 @@ static void t_pipelined(struct ctx *t)
 			rc = -EBADMSG;
 		else
 			rc = rpc(t, CMD_CHECK, (8u << 20) + (uint64_t)i * LEN, LEN,
-				 4000 + (uint64_t)i, NULL);
+			         4000 + (uint64_t)i, NULL);
 	}
 	if (rc)
 		result(false, "pipelined_16_reads_16_writes", "%s (%s)", kvm_strerror(rc),
@@ -463,7 +466,8 @@ static void t_send_recv(struct ctx *t)
 		if (rc == 0 && check(t->s.arena + (4u << 20), lens[i], seed + 50) >= 0)
 			rc = -EBADMSG;
 		if (rc)
-			result(false, name, "%s (%s)", kvm_strerror(rc), xrdma_conn_error(t->s.conn));
+			result(false, name, "%s (%s)", kvm_strerror(rc),
+			       xrdma_conn_error(t->s.conn));
 		else
 			result(true, name, "both ways, %zu bytes checked", lens[i]);
 	}
@@ -506,9 +510,9 @@ static void t_bad_rkey(struct ctx *t)
 	int st = xrdma_conn_check(t->s.conn);
 	int again = xrdma_post_read(t->s.conn, 78, 0, 0, 4096);
 	bool ok = rc == -EACCES && strstr(why, "remote access") && st == -ECONNRESET &&
-		  again == -ECONNRESET;
-	result(ok, "bad_rkey_remote_access_error", "rc=%d (%s) in %lld ms; \"%s\"; then %d, %d",
-	       rc, kvm_strerror(rc), (long long)dt, why, st, again);
+	          again == -ECONNRESET;
+	result(ok, "bad_rkey_remote_access_error", "rc=%d (%s) in %lld ms; \"%s\"; then %d, %d", rc,
+	       kvm_strerror(rc), (long long)dt, why, st, again);
 }
 
 /* The peer process dies: our next WRITE fails with a clear error within a deadline
@@ -653,8 +657,9 @@ int main(int argc, char **argv)
 			g_tag = argv[++i];
 		else {
 			fprintf(stderr,
-				"usage: %s [--dev NAME] [--tag T] [--serve PORT | --connect IP:PORT]\n",
-				argv[0]);
+			        "usage: %s [--dev NAME] [--tag T] [--serve PORT | --connect "
+			        "IP:PORT]\n",
+			        argv[0]);
 			return 2;
 		}
 	}

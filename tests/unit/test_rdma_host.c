@@ -28,7 +28,8 @@ static bool host_has_rdma(void)
 Test(rdma_host, open_without_device_is_enodev_with_message)
 {
 	if (host_has_rdma())
-		cr_skip_test("this machine has an RDMA device; the no-device path is not reachable");
+		cr_skip_test(
+		        "this machine has an RDMA device; the no-device path is not reachable");
 	struct xrdma_dev *dev = (struct xrdma_dev *)0x1;
 	char msg[XRDMA_ERRLEN] = "";
 	int rc = xrdma_dev_open(NULL, &dev, msg, sizeof(msg));
@@ -59,12 +60,12 @@ Test(rdma_host, open_tolerates_null_message_buffer)
 Test(rdma_host, peer_description_round_trips_little_endian)
 {
 	struct xrdma_peer p = {.qpn = 0x123456,
-			       .psn = 0xabcdef,
-			       .lid = 0x0102,
-			       .mtu = 3,
-			       .rkey = 0xdeadbeef,
-			       .addr = 0x00007f0011223344ull,
-			       .len = 17u << 20};
+	                       .psn = 0xabcdef,
+	                       .lid = 0x0102,
+	                       .mtu = 3,
+	                       .rkey = 0xdeadbeef,
+	                       .addr = 0x00007f0011223344ull,
+	                       .len = 17u << 20};
 	for (int i = 0; i < 16; i++)
 		p.gid[i] = (uint8_t)(0xa0 + i);
 	uint8_t buf[XRDMA_PEER_WIRE_SIZE];
