@@ -101,7 +101,7 @@ count() { # LOGFILE RC
 for t in /tests/*; do
 	name=$(basename "$t")
 	echo "guest: === $name, one node (two processes on rxe0)"
-	timeout 150 "$t" --dev rxe0 --tag one-node >/tmp/$name-one.log 2>&1
+	timeout 150 "$t" --dev rxe0 --netdev veth0 --tag one-node >/tmp/$name-one.log 2>&1
 	rc=$?
 	cat /tmp/$name-one.log
 	count /tmp/$name-one.log $rc
@@ -109,7 +109,7 @@ for t in /tests/*; do
 	echo "guest: === $name, two nodes (rxe0 on veth0 here, rxe1 on veth1 for a peer in namespace node2)"
 	$IP netns exec node2 timeout 150 "$t" --serve 7471 --dev rxe1 >/tmp/$name-peer.log 2>&1 &
 	peer=$!
-	timeout 150 "$t" --connect 10.1.0.2:7471 --dev rxe0 --tag two-node >/tmp/$name-two.log 2>&1
+	timeout 150 "$t" --connect 10.1.0.2:7471 --dev rxe0 --netdev veth0 --tag two-node >/tmp/$name-two.log 2>&1
 	rc=$?
 	cat /tmp/$name-two.log
 	count /tmp/$name-two.log $rc

@@ -8,6 +8,7 @@
  *   test_rdma_verbs [--dev NAME]                  one node: forks a peer on the same device
  *   test_rdma_verbs --serve PORT [--dev NAME]     the peer, serving one client over TCP
  *   test_rdma_verbs --connect IP:PORT [--dev NAME] two nodes: tests against that peer
+ *   --netdev IFACE: the interface under --dev, also checked to find the device by
  *
  * The client drives: it posts the one-sided READs and WRITEs and asks the peer, over
  * the control stream (a socketpair, or TCP between namespaces), to fill or check its
@@ -41,6 +42,7 @@
 #define EXIT_SKIP         77
 
 static const char *g_tag = "one-node";
+static const char *g_netdev; /* --netdev: the interface under --dev, to find it by */
 static int g_passed, g_failed;
 
 /* --- control stream -------------------------------------------------------------- */
@@ -566,6 +568,26 @@ static void t_peer_killed(struct ctx *t)
 	       kvm_strerror(rc), (long long)dt, landed, why, st);
 }
 
+/* The device is found by its network interface too, and an unknown name is a clear
+ * -ENODEV that names it, even where devices exist. */
+static void t_open_by_name(struct ctx *t)
+{
+	char msg[XRDMA_ERRLEN] = "";
+	struct xrdma_dev *d = NULL;
+	if (g_netdev) {
+		int rc = xrdma_dev_open(g_netdev, &d, msg, sizeof(msg));
+		bool ok = rc == 0 && strcmp(xrdma_dev_name(d), xrdma_dev_name(t->s.dev)) == 0 &&
+		          xrdma_dev_gid_index(d) == xrdma_dev_gid_index(t->s.dev);
+		result(ok, "open_by_interface", "%s -> %s (%s)", g_netdev,
+		       rc ? "-" : xrdma_dev_name(d), rc ? msg : kvm_strerror(rc));
+		xrdma_dev_close(d);
+		d = NULL;
+	}
+	int rc = xrdma_dev_open("kvmesh-no-such-dev9", &d, msg, sizeof(msg));
+	result(rc == -ENODEV && !d && strstr(msg, "kvmesh-no-such-dev9"),
+	       "open_unknown_name_enodev", "rc=%d: %s", rc, msg);
+}
+
 static int run_client(int fd, const char *devname, pid_t child)
 {
 	struct ctx t = {.fd = fd, .child = child};
@@ -575,6 +597,7 @@ static int run_client(int fd, const char *devname, pid_t child)
 	}
 	result(true, "open_device", "%s, RoCEv2 GID index %d, arena %u MB registered once",
 	       xrdma_dev_name(t.s.dev), xrdma_dev_gid_index(t.s.dev), ARENA_LEN >> 20);
+	t_open_by_name(&t);
 	int rc = rpc(&t, CMD_CONNECT, 0, 0, 0, NULL);
 	result(rc == 0, "connect_rc_qp", rc ? "%s (%s)" : NULL, kvm_strerror(rc),
 	       t.s.conn ? xrdma_conn_error(t.s.conn) : "");
@@ -655,9 +678,12 @@ int main(int argc, char **argv)
 			connect_to = argv[++i];
 		else if (!strcmp(argv[i], "--tag") && i + 1 < argc)
 			g_tag = argv[++i];
+		else if (!strcmp(argv[i], "--netdev") && i + 1 < argc)
+			g_netdev = argv[++i];
 		else {
 			fprintf(stderr,
-			        "usage: %s [--dev NAME] [--tag T] [--serve PORT | --connect "
+			        "usage: %s [--dev NAME] [--netdev IFACE] [--tag T] [--serve PORT | "
+			        "--connect "
 			        "IP:PORT]\n",
 			        argv[0]);
 			return 2;
