@@ -682,9 +682,8 @@ int main(int argc, char **argv)
 			g_netdev = argv[++i];
 		else {
 			fprintf(stderr,
-			        "usage: %s [--dev NAME] [--netdev IFACE] [--tag T] [--serve PORT | "
-			        "--connect "
-			        "IP:PORT]\n",
+			        "usage: %s [--dev NAME] [--netdev IFACE] [--tag T]\n"
+			        "          [--serve PORT | --connect IP:PORT]\n",
 			        argv[0]);
 			return 2;
 		}
