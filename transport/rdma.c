@@ -862,6 +862,16 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* Consumes the channel's pending events; each must be acknowledged, or destroying
+ * the CQ blocks forever. The fd is non-blocking, so this never sleeps. */
+static void drain_events(struct xrdma_conn *c)
+{
+	struct ibv_cq *ev_cq;
+	void *ev_ctx;
+	while (ibv_get_cq_event(c->chan, &ev_cq, &ev_ctx) == 0)
+		ibv_ack_cq_events(ev_cq, 1);
+}
+
 int xrdma_poll(struct xrdma_conn *c, struct xrdma_wc *wcs, int max, int timeout_ms)
 {
 	if (max <= 0)
@@ -869,16 +879,17 @@ int xrdma_poll(struct xrdma_conn *c, struct xrdma_wc *wcs, int max, int timeout_
 	int64_t deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
 	for (;;) {
 		int n = poll_both(c, wcs, max);
-		if (n != 0 || timeout_ms == 0)
+		if (n != 0)
 			return n;
 		/* Arm both CQs, then poll again: a completion that arrived between the
 		 * first poll and the arming raises no event. */
+		drain_events(c);
 		if (ibv_req_notify_cq(c->send_cq, 0) || ibv_req_notify_cq(c->recv_cq, 0)) {
 			set_err(c->err, sizeof(c->err), "arming CQ notification failed");
 			return -EIO;
 		}
 		n = poll_both(c, wcs, max);
-		if (n != 0)
+		if (n != 0 || timeout_ms == 0)
 			return n;
 		int wait = -1;
 		if (deadline >= 0) {
@@ -892,16 +903,14 @@ int xrdma_poll(struct xrdma_conn *c, struct xrdma_wc *wcs, int max, int timeout_
 			wait = (int)left;
 		}
 		struct pollfd pfd = {.fd = c->chan->fd, .events = POLLIN};
-		int pr = poll(&pfd, 1, wait);
-		if (pr < 0 && errno != EINTR)
+		if (poll(&pfd, 1, wait) < 0 && errno != EINTR)
 			return -errno;
-		struct ibv_cq *ev_cq;
-		void *ev_ctx;
-		/* Drain the channel; each event must be acknowledged or destroying the
-		 * CQ blocks forever. */
-		while (ibv_get_cq_event(c->chan, &ev_cq, &ev_ctx) == 0)
-			ibv_ack_cq_events(ev_cq, 1);
 	}
+}
+
+int xrdma_conn_fd(const struct xrdma_conn *c)
+{
+	return c->chan->fd;
 }
 
 int xrdma_wait(struct xrdma_conn *c, uint64_t wr_id, int timeout_ms)

@@ -134,11 +134,19 @@ struct xrdma_wc {
 };
 
 /* Waits up to timeout_ms (0: do not wait, -1: forever) for completions and stores up
- * to max of them in wcs. Returns how many (>= 1; 0 only when timeout_ms is 0),
- * -ETIMEDOUT if none came in time, or another negative code if polling failed. A failed completion
+ * to max of them in wcs. Returns how many (>= 1; 0 only when timeout_ms is 0, and
+ * then the CQs are armed: see xrdma_conn_fd), -ETIMEDOUT if none came in time, or
+ * another negative code if polling failed. Finding nothing costs two system calls
+ * (consume channel events, arm); finding completions costs none on most NICs. A failed completion
  * is returned with its status set (and the reason kept in xrdma_conn_error); it is not an error of
  * the call. The wait sleeps on the completion channel; it does not spin. */
 int xrdma_poll(struct xrdma_conn *conn, struct xrdma_wc *wcs, int max, int timeout_ms);
+
+/* For an event loop (epoll) instead of blocking in xrdma_poll: the completion
+ * channel's descriptor (non-blocking). xrdma_poll leaves both CQs armed whenever it
+ * returns 0, and the descriptor becomes readable at the next completion after that.
+ * So: when it is readable, call xrdma_poll(conn, wcs, max, 0) until it returns 0. */
+int xrdma_conn_fd(const struct xrdma_conn *conn);
 
 /* Posts nothing; waits for the completion of wr_id, discarding others that come
  * first (convenience for one request in flight). Returns its status, or -ETIMEDOUT. */
