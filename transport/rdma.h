@@ -12,7 +12,8 @@
  *
  * Every function returns 0 (or a count) or a negative errno code; kvm_strerror() gives
  * the generic text, and the handle's xrdma_*_error() the specific reason, e.g.
- * "RDMA READ wr_id=7: remote access error (bad rkey or range)". The objects are not
+ * "RDMA READ wr_id=7 on QP 24: remote access error (bad rkey, or range outside the
+ * peer's region) [remote access error]". The objects are not
  * thread-safe: one thread drives one connection (verbs themselves are thread-safe, the
  * bookkeeping here is not).
  */
@@ -24,7 +25,7 @@
 
 struct xrdma_dev;  /* opened device, its PD, chosen port and GID */
 struct xrdma_mr;   /* one registered region (an arena) */
-struct xrdma_conn; /* one RC queue pair with its completion queue */
+struct xrdma_conn; /* one RC queue pair with its send and receive CQs */
 
 /* Length of the message buffer that xrdma_dev_open fills when it fails. */
 #define XRDMA_ERRLEN 192
@@ -33,7 +34,7 @@ struct xrdma_conn; /* one RC queue pair with its completion queue */
  * the remote side may read or write: [addr, addr + len) under rkey. */
 struct xrdma_peer {
 	uint32_t qpn;    /* queue pair number */
-	uint32_t psn;    /* first packet sequence number the peer sends */
+	uint32_t psn;    /* first packet sequence number this side sends */
 	uint8_t gid[16]; /* port GID (RoCE: IPv4-mapped IPv6 address) */
 	uint16_t lid;    /* InfiniBand local id; 0 on RoCE */
 	uint8_t mtu;     /* enum ibv_mtu of the port (path MTU = min of both) */
@@ -49,7 +50,8 @@ struct xrdma_peer {
 /* Writes p into out as XRDMA_PEER_WIRE_SIZE little-endian bytes. */
 void xrdma_peer_pack(const struct xrdma_peer *p, uint8_t out[XRDMA_PEER_WIRE_SIZE]);
 /* Reads a packed peer; -EMSGSIZE if len != XRDMA_PEER_WIRE_SIZE, -EINVAL if a field
- * is impossible (qpn or psn wider than 24 bits, addr + len overflowing). */
+ * is impossible (qpn or psn wider than 24 bits, mtu not an enum ibv_mtu, addr + len
+ * overflowing). */
 int xrdma_peer_unpack(struct xrdma_peer *p, const uint8_t *in, size_t len);
 
 /* Opens an RDMA device and allocates its protection domain.
