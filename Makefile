@@ -10,6 +10,7 @@
 #   make test-gpu         CUDA tests and the GPU benchmark (needs nvcc and a GPU)
 #   make bench-NAME       run bench/NAME.c (see bench/)
 
+.DEFAULT_GOAL := all
 comma := ,
 SAN   ?=
 BUILD ?= build$(if $(SAN),/san-$(subst $(comma),-,$(SAN)))
@@ -101,4 +102,4 @@ clean:
 # Keep objects of pattern rules so rebuilds stay incremental.
 .SECONDARY:
 
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD) -type f -name '*.d' 2>/dev/null)
