@@ -20,7 +20,7 @@ NVCC    ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v n
 OPT     ?= -O2 -g
 CPPFLAGS += -I. -D_GNU_SOURCE
 CFLAGS  += -std=gnu17 $(OPT) -Wall -Wextra -fno-strict-aliasing -pthread -MMD -MP
-LDFLAGS += -pthread
+LDFLAGS += -pthread -Wl,--as-needed
 LDLIBS  += -lm
 
 ifneq ($(SAN),)
