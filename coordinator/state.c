@@ -1,0 +1,470 @@
+/* The embedded state store: an in-memory sorted table of records, made
+ * durable by an append-only log (fdatasync'd before a write returns) and
+ * compacted into a snapshot once the log grows past a threshold.
+ *
+ * On-disk record (log and snapshot alike), little-endian:
+ *   magic u32 "KVMR" | xxh32 u32 of everything after it | op u8 | pad 3 |
+ *   key length u32 | value length u32 | key | value
+ * Snapshot: records written to snapshot.tmp, fsync'd, renamed over
+ * `snapshot`, directory fsync'd, then the log truncated. A crash between the
+ * rename and the truncation replays the old log over the new snapshot, which
+ * is harmless: puts and deletes applied again in order give the same table. */
+#include "coordinator/state.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#define REC_MAGIC 0x524d564bu /* "KVMR" */
+#define REC_HEADER 20
+enum { OP_PUT = 1, OP_DEL = 2 };
+
+typedef struct record {
+	char *key;
+	void *val;
+	size_t len;
+} record;
+
+struct kvm_state {
+	pthread_mutex_t mu;
+	char *dir;
+	int lock_fd, log_fd;
+	record *recs; /* sorted by key */
+	size_t n, cap;
+	uint64_t snapshot_bytes;
+	kvm_state_stats stats;
+};
+
+/* ---- The sorted table ------------------------------------------------------------ */
+
+/* Index of key, or of where it would go (*found says which). */
+static size_t find(const kvm_state *st, const char *key, bool *found)
+{
+	size_t lo = 0, hi = st->n;
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		int c = strcmp(st->recs[mid].key, key);
+		if (c == 0) {
+			*found = true;
+			return mid;
+		}
+		if (c < 0)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	*found = false;
+	return lo;
+}
+
+static int table_put(kvm_state *st, const char *key, const void *val, size_t len)
+{
+	void *copy = malloc(len ? len : 1);
+	if (!copy)
+		return -ENOMEM;
+	memcpy(copy, val, len);
+	bool found;
+	size_t i = find(st, key, &found);
+	if (found) {
+		free(st->recs[i].val);
+		st->recs[i].val = copy;
+		st->recs[i].len = len;
+		return 0;
+	}
+	if (st->n == st->cap) {
+		size_t cap = st->cap ? st->cap * 2 : 64;
+		record *r = realloc(st->recs, cap * sizeof(record));
+		if (!r) {
+			free(copy);
+			return -ENOMEM;
+		}
+		st->recs = r;
+		st->cap = cap;
+	}
+	char *k = strdup(key);
+	if (!k) {
+		free(copy);
+		return -ENOMEM;
+	}
+	memmove(&st->recs[i + 1], &st->recs[i], (st->n - i) * sizeof(record));
+	st->recs[i] = (record){.key = k, .val = copy, .len = len};
+	st->n++;
+	return 0;
+}
+
+static int table_del(kvm_state *st, const char *key)
+{
+	bool found;
+	size_t i = find(st, key, &found);
+	if (!found)
+		return -ENOENT;
+	free(st->recs[i].key);
+	free(st->recs[i].val);
+	memmove(&st->recs[i], &st->recs[i + 1], (st->n - i - 1) * sizeof(record));
+	st->n--;
+	return 0;
+}
+
+/* ---- Records on disk -------------------------------------------------------------- */
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8), p[2] = (uint8_t)(v >> 16), p[3] = (uint8_t)(v >> 24);
+}
+static uint32_t get_u32(const uint8_t *p)
+{
+	return p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* Encodes one record into a malloc'd buffer. */
+static uint8_t *encode(int op, const char *key, const void *val, size_t len, size_t *out_len)
+{
+	size_t klen = strlen(key), total = REC_HEADER + klen + len;
+	uint8_t *b = malloc(total);
+	if (!b)
+		return NULL;
+	put_u32(b, REC_MAGIC);
+	b[8] = (uint8_t)op, b[9] = b[10] = b[11] = 0;
+	put_u32(b + 12, (uint32_t)klen);
+	put_u32(b + 16, (uint32_t)len);
+	memcpy(b + REC_HEADER, key, klen);
+	if (len)
+		memcpy(b + REC_HEADER + klen, val, len);
+	put_u32(b + 4, XXH32(b + 8, total - 8, 0));
+	*out_len = total;
+	return b;
+}
+
+static int write_all(int fd, const uint8_t *p, size_t n)
+{
+	while (n > 0) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		p += w;
+		n -= (size_t)w;
+	}
+	return 0;
+}
+
+/* Reads a whole file into memory (empty if it does not exist). */
+static int read_file(const char *path, uint8_t **out, size_t *len)
+{
+	*out = NULL;
+	*len = 0;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT ? 0 : -errno;
+	struct stat sb;
+	if (fstat(fd, &sb) != 0) {
+		close(fd);
+		return -errno;
+	}
+	uint8_t *b = malloc((size_t)sb.st_size + 1);
+	if (!b) {
+		close(fd);
+		return -ENOMEM;
+	}
+	size_t got = 0;
+	while (got < (size_t)sb.st_size) {
+		ssize_t r = read(fd, b + got, (size_t)sb.st_size - got);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			break;
+		got += (size_t)r;
+	}
+	close(fd);
+	*out = b;
+	*len = got;
+	return 0;
+}
+
+/* Applies records from buf; returns how many bytes held valid records. */
+static size_t replay(kvm_state *st, const uint8_t *buf, size_t len, int *rc)
+{
+	size_t off = 0;
+	*rc = 0;
+	while (len - off >= REC_HEADER) {
+		const uint8_t *r = buf + off;
+		uint32_t klen = get_u32(r + 12), vlen = get_u32(r + 16);
+		if (get_u32(r) != REC_MAGIC || klen == 0 || klen >= KVM_STATE_MAX_KEY ||
+		    vlen > KVM_STATE_MAX_VALUE || len - off - REC_HEADER < (size_t)klen + vlen)
+			break;
+		size_t total = REC_HEADER + klen + vlen;
+		if (XXH32(r + 8, total - 8, 0) != get_u32(r + 4) || (r[8] != OP_PUT && r[8] != OP_DEL))
+			break;
+		char key[KVM_STATE_MAX_KEY];
+		memcpy(key, r + REC_HEADER, klen);
+		key[klen] = '\0';
+		if (r[8] == OP_PUT)
+			*rc = table_put(st, key, r + REC_HEADER + klen, vlen);
+		else
+			table_del(st, key); /* absent is fine: replays are idempotent */
+		if (*rc != 0)
+			break;
+		st->stats.recovered++;
+		off += total;
+	}
+	return off;
+}
+
+static void path_in(const kvm_state *st, const char *name, char *buf, size_t cap)
+{
+	snprintf(buf, cap, "%s/%s", st->dir, name);
+}
+
+static int fsync_dir(const char *dir)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	int rc = fsync(fd) == 0 ? 0 : -errno;
+	close(fd);
+	return rc;
+}
+
+/* ---- Snapshot --------------------------------------------------------------------- */
+
+static int do_snapshot(kvm_state *st)
+{
+	char tmp[4096], final[4096];
+	path_in(st, "snapshot.tmp", tmp, sizeof(tmp));
+	path_in(st, "snapshot", final, sizeof(final));
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -errno;
+	int rc = 0;
+	for (size_t i = 0; i < st->n && rc == 0; i++) {
+		size_t len;
+		uint8_t *b = encode(OP_PUT, st->recs[i].key, st->recs[i].val, st->recs[i].len, &len);
+		rc = b ? write_all(fd, b, len) : -ENOMEM;
+		free(b);
+	}
+	if (rc == 0 && fsync(fd) != 0)
+		rc = -errno;
+	close(fd);
+	if (rc == 0 && rename(tmp, final) != 0)
+		rc = -errno;
+	if (rc == 0)
+		rc = fsync_dir(st->dir);
+	if (rc == 0 && (ftruncate(st->log_fd, 0) != 0 || fsync(st->log_fd) != 0))
+		rc = -errno;
+	if (rc != 0) {
+		unlink(tmp);
+		return rc;
+	}
+	st->stats.log_bytes = 0;
+	st->stats.snapshots++;
+	return 0;
+}
+
+/* ---- Public ----------------------------------------------------------------------- */
+
+static bool key_ok(const char *key)
+{
+	if (!key || !key[0] || strlen(key) >= KVM_STATE_MAX_KEY)
+		return false;
+	for (const char *p = key; *p; p++)
+		if (*p < 0x21 || *p > 0x7e)
+			return false;
+	return true;
+}
+
+int kvm_state_open_embedded(const char *dir, uint64_t snapshot_bytes, kvm_state **out)
+{
+	if (!dir || !out)
+		return -EINVAL;
+	*out = NULL;
+	if (mkdir(dir, 0700) != 0 && errno != EEXIST)
+		return -errno;
+	kvm_state *st = calloc(1, sizeof(*st));
+	if (!st)
+		return -ENOMEM;
+	st->dir = strdup(dir);
+	st->snapshot_bytes = snapshot_bytes ? snapshot_bytes : 64u << 20;
+	st->lock_fd = st->log_fd = -1;
+	pthread_mutex_init(&st->mu, NULL);
+	int rc = -ENOMEM;
+	char path[4096];
+	if (!st->dir)
+		goto fail;
+
+	/* One process per directory: two coordinators on one log would corrupt it. */
+	path_in(st, "LOCK", path, sizeof(path));
+	st->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (st->lock_fd < 0) {
+		rc = -errno;
+		goto fail;
+	}
+	if (flock(st->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+		rc = errno == EWOULDBLOCK ? -EBUSY : -errno;
+		goto fail;
+	}
+
+	uint8_t *buf;
+	size_t len;
+	path_in(st, "snapshot", path, sizeof(path));
+	if ((rc = read_file(path, &buf, &len)) != 0)
+		goto fail;
+	size_t good = replay(st, buf, len, &rc);
+	free(buf);
+	if (rc == 0 && good != len)
+		rc = -EIO; /* a snapshot is atomic: a bad one is damage */
+	if (rc != 0)
+		goto fail;
+
+	path_in(st, "log", path, sizeof(path));
+	if ((rc = read_file(path, &buf, &len)) != 0)
+		goto fail;
+	good = replay(st, buf, len, &rc);
+	free(buf);
+	if (rc != 0)
+		goto fail;
+	st->log_fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+	if (st->log_fd < 0) {
+		rc = -errno;
+		goto fail;
+	}
+	if (good != len) { /* cut the torn tail so new records follow valid ones */
+		st->stats.torn_bytes = len - good;
+		if (ftruncate(st->log_fd, (off_t)good) != 0 || fsync(st->log_fd) != 0) {
+			rc = -errno;
+			goto fail;
+		}
+	}
+	st->stats.log_bytes = good;
+	*out = st;
+	return 0;
+fail:
+	kvm_state_close(st);
+	return rc;
+}
+
+/* Appends a record to the log and makes it durable, then updates the table. */
+static int log_and_apply(kvm_state *st, int op, const char *key, const void *val, size_t len)
+{
+	size_t n;
+	uint8_t *b = encode(op, key, val, len, &n);
+	if (!b)
+		return -ENOMEM;
+	int rc = write_all(st->log_fd, b, n);
+	free(b);
+	if (rc == 0 && fdatasync(st->log_fd) != 0)
+		rc = -errno;
+	if (rc != 0)
+		return rc;
+	st->stats.log_bytes += n;
+	rc = op == OP_PUT ? table_put(st, key, val, len) : table_del(st, key);
+	if (rc == 0 && st->stats.log_bytes > st->snapshot_bytes)
+		rc = do_snapshot(st);
+	return rc;
+}
+
+int kvm_state_put(kvm_state *st, const char *key, const void *val, size_t len)
+{
+	if (!st || !key_ok(key) || (!val && len) || len > KVM_STATE_MAX_VALUE)
+		return -EINVAL;
+	pthread_mutex_lock(&st->mu);
+	int rc = log_and_apply(st, OP_PUT, key, val ? val : "", len);
+	pthread_mutex_unlock(&st->mu);
+	return rc;
+}
+
+int kvm_state_del(kvm_state *st, const char *key)
+{
+	if (!st || !key_ok(key))
+		return -EINVAL;
+	pthread_mutex_lock(&st->mu);
+	bool found;
+	find(st, key, &found);
+	int rc = found ? log_and_apply(st, OP_DEL, key, NULL, 0) : -ENOENT;
+	pthread_mutex_unlock(&st->mu);
+	return rc;
+}
+
+int kvm_state_get(kvm_state *st, const char *key, void **val, size_t *len)
+{
+	if (!st || !key_ok(key) || !val || !len)
+		return -EINVAL;
+	pthread_mutex_lock(&st->mu);
+	bool found;
+	size_t i = find(st, key, &found);
+	int rc = -ENOENT;
+	if (found) {
+		*val = malloc(st->recs[i].len ? st->recs[i].len : 1);
+		if (*val) {
+			memcpy(*val, st->recs[i].val, st->recs[i].len);
+			*len = st->recs[i].len;
+			rc = 0;
+		} else {
+			rc = -ENOMEM;
+		}
+	}
+	pthread_mutex_unlock(&st->mu);
+	return rc;
+}
+
+int kvm_state_scan(kvm_state *st, const char *prefix, kvm_state_visit fn, void *arg)
+{
+	if (!st || !prefix || !fn)
+		return -EINVAL;
+	size_t plen = strlen(prefix);
+	pthread_mutex_lock(&st->mu);
+	bool found;
+	int rc = 0;
+	for (size_t i = find(st, prefix, &found); i < st->n && rc == 0; i++) {
+		if (strncmp(st->recs[i].key, prefix, plen) != 0)
+			break; /* sorted: past the prefix's range */
+		rc = fn(arg, st->recs[i].key, st->recs[i].val, st->recs[i].len);
+	}
+	pthread_mutex_unlock(&st->mu);
+	return rc;
+}
+
+int kvm_state_snapshot(kvm_state *st)
+{
+	if (!st)
+		return -EINVAL;
+	pthread_mutex_lock(&st->mu);
+	int rc = do_snapshot(st);
+	pthread_mutex_unlock(&st->mu);
+	return rc;
+}
+
+void kvm_state_stats_get(kvm_state *st, kvm_state_stats *out)
+{
+	pthread_mutex_lock(&st->mu);
+	*out = st->stats;
+	out->records = st->n;
+	pthread_mutex_unlock(&st->mu);
+}
+
+void kvm_state_close(kvm_state *st)
+{
+	if (!st)
+		return;
+	for (size_t i = 0; i < st->n; i++) {
+		free(st->recs[i].key);
+		free(st->recs[i].val);
+	}
+	free(st->recs);
+	if (st->log_fd >= 0)
+		close(st->log_fd);
+	if (st->lock_fd >= 0)
+		close(st->lock_fd); /* releases the flock */
+	pthread_mutex_destroy(&st->mu);
+	free(st->dir);
+	free(st);
+}

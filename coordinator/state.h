@@ -1,0 +1,58 @@
+/* The coordinator's durable state: membership, models, sequences and
+ * placements, as key → value records (values are protobuf bytes). Behind
+ * one interface with two backends: the embedded store (the default, for one
+ * machine: an fsync'd append-only log with periodic snapshots under a data
+ * directory) and etcd (when configured). The block index is soft state and
+ * never stored here: it is rebuilt from the agents' block reports.
+ *
+ * Keys are printable strings such as "nodes/n1" or "seqs/s42"; a scan visits
+ * every key with a prefix, in key order. All functions return 0 or a negative
+ * errno code; a store is safe to use from several threads. */
+#ifndef KVMESH_COORDINATOR_STATE_H
+#define KVMESH_COORDINATOR_STATE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define KVM_STATE_MAX_KEY 1024
+#define KVM_STATE_MAX_VALUE (16u << 20)
+
+typedef struct kvm_state kvm_state;
+
+/* Called for each record of a scan; a non-zero return stops the scan and is
+ * returned by it. key and value are valid only during the call. */
+typedef int (*kvm_state_visit)(void *arg, const char *key, const void *val, size_t len);
+
+typedef struct kvm_state_stats {
+	uint64_t records;       /* live keys */
+	uint64_t log_bytes;     /* bytes in the log since the last snapshot */
+	uint64_t snapshots;     /* snapshots written since open */
+	uint64_t recovered;     /* records replayed at open (snapshot + log) */
+	uint64_t torn_bytes;    /* bytes cut from the log's end at open (a torn write) */
+} kvm_state_stats;
+
+/* Opens (creating if needed) an embedded store in dir. Refuses with -EBUSY a
+ * directory another process has open. Records come back from the last
+ * snapshot plus the log after it. The log ends at its first incomplete or
+ * corrupt record (a crash mid-write): the rest is cut off and counted in
+ * torn_bytes, since nothing after it was ever acknowledged. A snapshot that
+ * does not read back whole is -EIO (it is written atomically, so that is
+ * damage, not a crash).
+ * snapshot_bytes: write a snapshot once the log grows past this (0: 64 MiB).
+ * *out is owned by the caller: kvm_state_close. */
+int kvm_state_open_embedded(const char *dir, uint64_t snapshot_bytes, kvm_state **out);
+
+/* Durable once they return (the log is fsync'd). */
+int kvm_state_put(kvm_state *st, const char *key, const void *val, size_t len);
+int kvm_state_del(kvm_state *st, const char *key); /* -ENOENT if absent */
+
+/* *val is malloc'd (caller frees); -ENOENT if absent. */
+int kvm_state_get(kvm_state *st, const char *key, void **val, size_t *len);
+int kvm_state_scan(kvm_state *st, const char *prefix, kvm_state_visit fn, void *arg);
+
+/* Writes a snapshot now and starts a new log. */
+int kvm_state_snapshot(kvm_state *st);
+void kvm_state_stats_get(kvm_state *st, kvm_state_stats *out);
+void kvm_state_close(kvm_state *st);
+
+#endif

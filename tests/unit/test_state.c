@@ -1,0 +1,219 @@
+/* The embedded state store: records survive restarts, snapshots, torn
+ * writes and a writer killed mid-stream; bad input is refused. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "coordinator/state.h"
+
+static char dir[64];
+
+static void make_dir(void)
+{
+	snprintf(dir, sizeof(dir), "/tmp/kvmesh-state-XXXXXX");
+	cr_assert_not_null(mkdtemp(dir));
+}
+
+static void remove_dir(void)
+{
+	char cmd[128];
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	cr_assert_eq(system(cmd), 0);
+}
+
+static char *get_str(kvm_state *st, const char *key)
+{
+	void *v;
+	size_t len;
+	if (kvm_state_get(st, key, &v, &len) != 0)
+		return NULL;
+	char *s = malloc(len + 1);
+	memcpy(s, v, len);
+	s[len] = '\0';
+	free(v);
+	return s;
+}
+
+static int collect(void *arg, const char *key, const void *val, size_t len)
+{
+	(void)val;
+	(void)len;
+	char *out = arg;
+	strcat(out, key);
+	strcat(out, ",");
+	return 0;
+}
+
+Test(state, put_get_del_scan, .init = make_dir, .fini = remove_dir)
+{
+	kvm_state *st;
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	cr_assert_eq(kvm_state_put(st, "nodes/b", "B", 1), 0);
+	cr_assert_eq(kvm_state_put(st, "nodes/a", "A", 1), 0);
+	cr_assert_eq(kvm_state_put(st, "seqs/1", "S", 1), 0);
+	cr_assert_eq(kvm_state_put(st, "nodes/a", "A2", 2), 0); /* overwrite */
+	char *v = get_str(st, "nodes/a");
+	cr_assert_str_eq(v, "A2");
+	free(v);
+	char keys[256] = "";
+	cr_assert_eq(kvm_state_scan(st, "nodes/", collect, keys), 0);
+	cr_assert_str_eq(keys, "nodes/a,nodes/b,");
+	cr_assert_eq(kvm_state_del(st, "nodes/a"), 0);
+	cr_assert_eq(kvm_state_del(st, "nodes/a"), -ENOENT);
+	cr_assert_null(get_str(st, "nodes/a"));
+	/* Bad input. */
+	cr_assert_eq(kvm_state_put(st, "", "x", 1), -EINVAL);
+	cr_assert_eq(kvm_state_put(st, "has space", "x", 1), -EINVAL);
+	cr_assert_eq(kvm_state_put(st, NULL, "x", 1), -EINVAL);
+	cr_assert_eq(kvm_state_put(st, "k", NULL, 3), -EINVAL);
+	cr_assert_eq(kvm_state_put(st, "empty", NULL, 0), 0);
+	v = get_str(st, "empty");
+	cr_assert_str_eq(v, "");
+	free(v);
+	kvm_state_close(st);
+}
+
+Test(state, restart_and_snapshot_recover_everything, .init = make_dir, .fini = remove_dir)
+{
+	kvm_state *st;
+	/* A tiny snapshot threshold: snapshots happen many times. */
+	cr_assert_eq(kvm_state_open_embedded(dir, 4096, &st), 0);
+	char key[32], val[64];
+	for (int i = 0; i < 2000; i++) {
+		snprintf(key, sizeof(key), "seqs/%05d", i % 700);
+		snprintf(val, sizeof(val), "value-%d", i);
+		cr_assert_eq(kvm_state_put(st, key, val, strlen(val)), 0);
+		if (i % 7 == 3) {
+			snprintf(key, sizeof(key), "seqs/%05d", (i * 13) % 700);
+			kvm_state_del(st, key);
+		}
+	}
+	kvm_state_stats s1;
+	kvm_state_stats_get(st, &s1);
+	cr_assert(s1.snapshots > 0);
+	/* Record what is there, reopen, compare. */
+	char *before = calloc(1, 1 << 16), *after = calloc(1, 1 << 16);
+	kvm_state_scan(st, "", collect, before);
+	kvm_state_close(st);
+	cr_assert_eq(kvm_state_open_embedded(dir, 4096, &st), 0);
+	kvm_state_scan(st, "", collect, after);
+	cr_assert_str_eq(before, after);
+	kvm_state_stats s2;
+	kvm_state_stats_get(st, &s2);
+	cr_assert_eq(s2.records, s1.records);
+	cr_assert_eq(s2.torn_bytes, 0);
+	/* Values too. */
+	char *v = get_str(st, "seqs/00699");
+	cr_assert_not_null(v);
+	cr_assert(strncmp(v, "value-", 6) == 0);
+	free(v);
+	free(before);
+	free(after);
+	kvm_state_close(st);
+}
+
+Test(state, second_open_is_refused, .init = make_dir, .fini = remove_dir)
+{
+	kvm_state *a, *b;
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &a), 0);
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &b), -EBUSY);
+	kvm_state_close(a);
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &b), 0);
+	kvm_state_close(b);
+}
+
+Test(state, torn_tail_is_cut_and_writes_continue, .init = make_dir, .fini = remove_dir)
+{
+	kvm_state *st;
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	cr_assert_eq(kvm_state_put(st, "a", "1", 1), 0);
+	cr_assert_eq(kvm_state_put(st, "b", "2", 1), 0);
+	kvm_state_close(st);
+	/* Half a record at the end, as a crash mid-write leaves. */
+	char path[128];
+	snprintf(path, sizeof(path), "%s/log", dir);
+	int fd = open(path, O_WRONLY | O_APPEND);
+	cr_assert(write(fd, "KVMR\x01\x02\x03", 7) == 7);
+	close(fd);
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	kvm_state_stats s;
+	kvm_state_stats_get(st, &s);
+	cr_assert_eq(s.torn_bytes, 7);
+	cr_assert_eq(s.records, 2);
+	cr_assert_eq(kvm_state_put(st, "c", "3", 1), 0);
+	kvm_state_close(st);
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	kvm_state_stats_get(st, &s);
+	cr_assert_eq(s.records, 3);
+	cr_assert_eq(s.torn_bytes, 0);
+	kvm_state_close(st);
+}
+
+Test(state, damaged_snapshot_is_an_error, .init = make_dir, .fini = remove_dir)
+{
+	kvm_state *st;
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	cr_assert_eq(kvm_state_put(st, "a", "1", 1), 0);
+	cr_assert_eq(kvm_state_snapshot(st), 0);
+	kvm_state_close(st);
+	char path[128];
+	snprintf(path, sizeof(path), "%s/snapshot", dir);
+	int fd = open(path, O_WRONLY);
+	cr_assert(pwrite(fd, "X", 1, 21) == 1); /* flip a byte of the key */
+	close(fd);
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), -EIO);
+}
+
+/* A child writes records and reports each one after put() returned; it is
+ * killed at a random moment. Every acknowledged record must be there. */
+Test(state, writer_killed_loses_nothing_acknowledged, .init = make_dir, .fini = remove_dir)
+{
+	for (int round = 0; round < 5; round++) {
+		int p[2];
+		cr_assert_eq(pipe(p), 0);
+		pid_t pid = fork();
+		if (pid == 0) {
+			close(p[0]);
+			kvm_state *st;
+			if (kvm_state_open_embedded(dir, 8192, &st) != 0)
+				_exit(2);
+			for (int i = 0;; i++) {
+				char key[32], val[32];
+				snprintf(key, sizeof(key), "r%d/%06d", round, i);
+				snprintf(val, sizeof(val), "%d", i);
+				if (kvm_state_put(st, key, val, strlen(val)) != 0)
+					_exit(3);
+				if (write(p[1], &i, sizeof(i)) != sizeof(i))
+					_exit(4);
+			}
+		}
+		close(p[1]);
+		usleep(20000 + (unsigned)(rand() % 50000));
+		kill(pid, SIGKILL);
+		int acked = -1, i;
+		while (read(p[0], &i, sizeof(i)) == sizeof(i))
+			acked = i;
+		close(p[0]);
+		waitpid(pid, NULL, 0);
+		cr_assert(acked >= 0, "child acknowledged nothing");
+		kvm_state *st;
+		cr_assert_eq(kvm_state_open_embedded(dir, 8192, &st), 0);
+		for (int j = 0; j <= acked; j++) {
+			char key[32], want[32];
+			snprintf(key, sizeof(key), "r%d/%06d", round, j);
+			snprintf(want, sizeof(want), "%d", j);
+			char *v = get_str(st, key);
+			cr_assert_not_null(v, "round %d: acknowledged record %s lost (acked %d)", round,
+					   key, acked);
+			cr_assert_str_eq(v, want);
+			free(v);
+		}
+		kvm_state_close(st);
+	}
+}
