@@ -1,3 +1,3 @@
-# Coordinator: durable state (embedded store; etcd to come).
-CORE_SRCS += coordinator/state.c
+# Coordinator: durable state (embedded store; etcd to come), the KV ledger.
+CORE_SRCS += coordinator/state.c coordinator/ledger.c
 LDLIBS += -lxxhash
