@@ -28,6 +28,9 @@ CFLAGS  += -fsanitize=$(SAN) -fno-omit-frame-pointer -fno-sanitize-recover=all
 LDFLAGS += -fsanitize=$(SAN)
 endif
 
+# The library every program links; module.mk rules may name it.
+CORE_LIB := $(BUILD)/libkvmesh-core.a
+
 # Filled in by the module.mk files.
 CORE_SRCS :=          # sources of libkvmesh-core.a (every module's library code)
 BINS      :=          # daemons and tools under $(BUILD)/bin
@@ -44,7 +47,6 @@ include common/module.mk
 -include ctl/module.mk
 
 CORE_OBJS := $(CORE_SRCS:%.c=$(BUILD)/%.o) $(GEN_OBJS)
-CORE_LIB  := $(BUILD)/libkvmesh-core.a
 
 # Unit tests: every tests/unit/test_*.c is one Criterion suite, linked to the core.
 CRITERION_LIBS := $(shell pkg-config --libs criterion 2>/dev/null || echo -lcriterion)
@@ -84,11 +86,11 @@ bench-%: $(BUILD)/bench/%
 
 # Installs missing packages first, so that a fresh machine needs only this.
 # Under ThreadSanitizer only the stress programs run (Criterion cannot).
-TEST_DIRS := $(if $(filter thread,$(SAN)),,$(BUILD)/tests/unit) $(BUILD)/tests/stress
+TEST_DIRS := $(if $(filter thread,$(SAN)),,$(BUILD)/tests/unit tests/integration) $(BUILD)/tests/stress
 test:
 	@deploy/deps.sh build
 	@$(MAKE) --no-print-directory all
-	@tests/run-unit.sh $(TEST_DIRS)
+	@KVMESH_BUILD=$(abspath $(BUILD)) tests/run-unit.sh $(TEST_DIRS)
 
 deps:
 	deploy/deps.sh

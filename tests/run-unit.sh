@@ -4,6 +4,7 @@
 # anything failed or nothing ran.
 #   test_*    Criterion suites: counted from their TAP report
 #   stress_*  plain programs: counted from their own "N passed, N failed" line
+#   test_*.py integration tests run by /usr/bin/python3, counted the same way
 # Extra arguments after "--" go to the Criterion suites.
 set -u
 dirs=()
@@ -17,12 +18,19 @@ passed=0 failed=0 skipped=0 broken=()
 count() { grep -cE "$1" "$2" 2>/dev/null || true; }
 for dir in "${dirs[@]}"; do
   for bin in "$dir"/test_* "$dir"/stress_*; do
-    case "$bin" in *.o|*.d) continue ;; esac
+    case "$bin" in *.o|*.d|*.pyc) continue ;; esac
     [ -f "$bin" ] && [ -x "$bin" ] || continue
     name=$(basename "$bin")
     log="$work/$name.log"
     start=$(date +%s)
-    if [[ $name == test_* ]]; then
+    if [[ $name == *.py ]]; then
+      (cd "$(dirname "$bin")" && /usr/bin/python3 "./$name") >"$log" 2>&1
+      rc=$?
+      line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+      p=$(echo "$line" | sed -nE 's/^([0-9]+) passed.*/\1/p'); p=${p:-0}
+      f=$(echo "$line" | sed -nE 's/^[0-9]+ passed, ([0-9]+) failed.*/\1/p'); f=${f:-0}
+      s=0
+    elif [[ $name == test_* ]]; then
       tap="$work/$name.tap"
       "$bin" --tap="$tap" "$@" >"$log" 2>&1
       rc=$?
@@ -41,7 +49,7 @@ for dir in "${dirs[@]}"; do
     fi
     passed=$((passed + p)) failed=$((failed + f)) skipped=$((skipped + s))
     printf '%-28s %4d passed %4d failed %4d skipped  (%ss)\n' "$name" "$p" "$f" "$s" $(( $(date +%s) - start ))
-    [[ $name == test_* ]] && grep -E '^ok .*# SKIP' "$tap" 2>/dev/null | sed 's/^ok - /    skipped: /'
+    [[ $name == test_* && $name != *.py ]] && grep -E '^ok .*# SKIP' "$tap" 2>/dev/null | sed 's/^ok - /    skipped: /'
     if [ "$f" -ne 0 ]; then
       broken+=("$name")
       sed 's/^/    | /' "$log"

@@ -1,0 +1,724 @@
+/* The coordinator service. See coordinator.h.
+ *
+ * Nodes are kept as their registration message (packed bytes, also the
+ * durable record "nodes/ID") plus runtime fields that heartbeats change;
+ * responses are built by unpacking the registration and overlaying them.
+ * One mutex guards everything here; the ledger and store have their own. */
+#include "coordinator/coordinator.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/log.h"
+#include "coordinator/ledger.h"
+#include "proto/kvmesh.pb-c.h"
+
+#define EVENT_RING 1024
+
+typedef struct node_rec {
+	char id[KVM_NODE_ID_MAX];
+	uint8_t *reg; /* packed Kvmesh__V1__Node as registered */
+	size_t reg_len;
+	uint64_t epoch;
+	Kvmesh__V1__NodeState state;
+	uint64_t last_heartbeat_ms;
+	double load;
+	Kvmesh__V1__TierCapacity cap[2]; /* gpu, host */
+	bool drain_pending;              /* a Drain command to send */
+} node_rec;
+
+typedef struct event_rec {
+	uint64_t seq;
+	uint8_t *bytes; /* packed Kvmesh__V1__Event */
+	size_t len;
+} event_rec;
+
+struct kvm_coord {
+	kvm_coord_config cfg;
+	kvm_state *st;
+	kvm_ledger *ledger;
+
+	pthread_mutex_t mu;
+	pthread_cond_t event_cv, stop_cv;
+	node_rec *nodes;
+	size_t n_nodes, cap_nodes;
+	event_rec ring[EVENT_RING];
+	uint64_t next_seq;
+	bool stopping;
+	pthread_t liveness;
+};
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static const char *state_name(Kvmesh__V1__NodeState s)
+{
+	switch (s) {
+	case KVMESH__V1__NODE_STATE__NODE_READY:
+		return "ready";
+	case KVMESH__V1__NODE_STATE__NODE_CORDONED:
+		return "cordoned";
+	case KVMESH__V1__NODE_STATE__NODE_DRAINING:
+		return "draining";
+	case KVMESH__V1__NODE_STATE__NODE_DEAD:
+		return "dead";
+	default:
+		return "unknown";
+	}
+}
+
+/* Packs any message and sets it as the unary reply. */
+static int reply_msg(kvm_rpc_call *call, const ProtobufCMessage *m)
+{
+	size_t n = protobuf_c_message_get_packed_size(m);
+	uint8_t *buf = malloc(n ? n : 1);
+	if (!buf)
+		return kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
+	protobuf_c_message_pack(m, buf);
+	kvm_rpc_reply(call, buf, n);
+	free(buf);
+	return KVM_RPC_OK;
+}
+
+static node_rec *find_node(kvm_coord *c, const char *id)
+{
+	for (size_t i = 0; i < c->n_nodes; i++)
+		if (strcmp(c->nodes[i].id, id) == 0)
+			return &c->nodes[i];
+	return NULL;
+}
+
+/* Appends an event to the ring and wakes watchers; call with mu held. */
+static void emit_node_event(kvm_coord *c, const char *id, Kvmesh__V1__NodeState state,
+			    const char *reason)
+{
+	Kvmesh__V1__NodeEvent ne = KVMESH__V1__NODE_EVENT__INIT;
+	ne.node_id = (char *)id;
+	ne.state = state;
+	ne.reason = (char *)reason;
+	Kvmesh__V1__Event ev = KVMESH__V1__EVENT__INIT;
+	ev.seq = ++c->next_seq;
+	ev.unix_ms = now_ms();
+	ev.kind_case = KVMESH__V1__EVENT__KIND_NODE;
+	ev.node = &ne;
+	event_rec *r = &c->ring[ev.seq % EVENT_RING];
+	free(r->bytes);
+	r->len = kvmesh__v1__event__get_packed_size(&ev);
+	r->bytes = malloc(r->len ? r->len : 1);
+	if (r->bytes)
+		kvmesh__v1__event__pack(&ev, r->bytes);
+	else
+		r->len = 0;
+	r->seq = ev.seq;
+	pthread_cond_broadcast(&c->event_cv);
+	kvm_log(KVM_LOG_INFO, "node_state", "node=%s state=%s reason=\"%s\"", id, state_name(state),
+		reason);
+}
+
+static void sum_capacity(const node_rec *n, uint64_t *total, uint64_t *evictable)
+{
+	*total = n->cap[0].total_blocks + n->cap[1].total_blocks;
+	*evictable = n->cap[0].evictable_blocks + n->cap[1].evictable_blocks;
+}
+
+/* Tells the ledger what a node now has; call with mu held. */
+static void sync_ledger(kvm_coord *c, const node_rec *n)
+{
+	uint64_t total, evictable;
+	sum_capacity(n, &total, &evictable);
+	kvm_ledger_node_set(c->ledger, n->id, total, evictable > total ? total : evictable,
+			    n->state == KVMESH__V1__NODE_STATE__NODE_READY);
+}
+
+static void set_capacity(node_rec *n, size_t count, Kvmesh__V1__TierCapacity **caps)
+{
+	for (int t = 0; t < 2; t++) {
+		kvmesh__v1__tier_capacity__init(&n->cap[t]);
+		n->cap[t].tier = t == 0 ? KVMESH__V1__TIER__TIER_GPU : KVMESH__V1__TIER__TIER_HOST;
+	}
+	for (size_t i = 0; i < count; i++) {
+		int t = caps[i]->tier == KVMESH__V1__TIER__TIER_GPU ? 0 : 1;
+		Kvmesh__V1__TierCapacity *dst = &n->cap[t];
+		dst->total_blocks = caps[i]->total_blocks;
+		dst->free_blocks = caps[i]->free_blocks;
+		dst->used_blocks = caps[i]->used_blocks;
+		dst->evictable_blocks = caps[i]->evictable_blocks;
+	}
+}
+
+/* Adds or replaces a node record from its packed registration; mu held. */
+static node_rec *upsert_node(kvm_coord *c, const Kvmesh__V1__Node *reg)
+{
+	node_rec *n = find_node(c, reg->id);
+	if (!n) {
+		if (c->n_nodes == c->cap_nodes) {
+			size_t cap = c->cap_nodes ? c->cap_nodes * 2 : 8;
+			node_rec *p = realloc(c->nodes, cap * sizeof(*p));
+			if (!p)
+				return NULL;
+			c->nodes = p;
+			c->cap_nodes = cap;
+		}
+		n = &c->nodes[c->n_nodes++];
+		memset(n, 0, sizeof(*n));
+		snprintf(n->id, sizeof(n->id), "%s", reg->id);
+	}
+	free(n->reg);
+	n->reg_len = kvmesh__v1__node__get_packed_size(reg);
+	n->reg = malloc(n->reg_len ? n->reg_len : 1);
+	if (!n->reg)
+		return NULL;
+	kvmesh__v1__node__pack(reg, n->reg);
+	set_capacity(n, reg->n_capacity, reg->capacity);
+	return n;
+}
+
+/* ---- Handlers ----------------------------------------------------------------- */
+
+#define UNPACK_OR_FAIL(type, fn, var)                                                              \
+	type *var = fn##__unpack(NULL, len, req);                                                  \
+	if (!var)                                                                                  \
+		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed " #type);
+
+static bool valid_id(const char *s)
+{
+	size_t n = strlen(s);
+	if (n == 0 || n >= KVM_NODE_ID_MAX)
+		return false;
+	for (const char *p = s; *p; p++)
+		if (!(*p == '-' || *p == '_' || *p == '.' || (*p >= '0' && *p <= '9') ||
+		      (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')))
+			return false;
+	return true;
+}
+
+static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	kvm_coord *c = arg;
+	UNPACK_OR_FAIL(Kvmesh__V1__RegisterNodeRequest, kvmesh__v1__register_node_request, r);
+	int rc = KVM_RPC_OK;
+	if (!r->node || !valid_id(r->node->id)) {
+		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+				  "node.id must be 1-%d characters of [A-Za-z0-9._-]",
+				  KVM_NODE_ID_MAX - 1);
+		goto out;
+	}
+	if (!r->node->grpc_address[0] || !r->node->data_address[0]) {
+		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+				  "node %s: grpc_address and data_address are required", r->node->id);
+		goto out;
+	}
+	/* Durable first: a node the coordinator acknowledged survives a restart. */
+	char key[128];
+	snprintf(key, sizeof(key), "nodes/%s", r->node->id);
+	size_t n = kvmesh__v1__node__get_packed_size(r->node);
+	uint8_t *buf = malloc(n ? n : 1);
+	if (!buf) {
+		rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
+		goto out;
+	}
+	kvmesh__v1__node__pack(r->node, buf);
+	int src = kvm_state_put(c->st, key, buf, n);
+	free(buf);
+	if (src != 0) {
+		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
+		goto out;
+	}
+	pthread_mutex_lock(&c->mu);
+	node_rec *nd = upsert_node(c, r->node);
+	uint64_t epoch = 0;
+	if (nd) {
+		/* Epochs only grow: a heartbeat from before this registration is stale. */
+		uint64_t t = now_ms();
+		nd->epoch = t > nd->epoch ? t : nd->epoch + 1;
+		epoch = nd->epoch;
+		nd->state = KVMESH__V1__NODE_STATE__NODE_READY;
+		nd->last_heartbeat_ms = now_ms();
+		nd->drain_pending = false;
+		sync_ledger(c, nd);
+		emit_node_event(c, nd->id, nd->state, "registered");
+	}
+	pthread_mutex_unlock(&c->mu);
+	if (!nd) {
+		rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
+		goto out;
+	}
+	Kvmesh__V1__RegisterNodeResponse resp = KVMESH__V1__REGISTER_NODE_RESPONSE__INIT;
+	resp.node_id = r->node->id;
+	resp.epoch = epoch;
+	resp.heartbeat_ms = (uint32_t)c->cfg.heartbeat_ms;
+	rc = reply_msg(call, &resp.base);
+out:
+	kvmesh__v1__register_node_request__free_unpacked(r, NULL);
+	return rc;
+}
+
+static int heartbeat(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	kvm_coord *c = arg;
+	UNPACK_OR_FAIL(Kvmesh__V1__HeartbeatRequest, kvmesh__v1__heartbeat_request, r);
+	int rc = KVM_RPC_OK;
+	bool drain = false;
+	pthread_mutex_lock(&c->mu);
+	node_rec *nd = find_node(c, r->node_id);
+	if (!nd) {
+		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown node \"%s\": register first",
+				  r->node_id);
+	} else if (r->epoch != nd->epoch) {
+		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
+				  "node %s: epoch %llu is not the current %llu: register again",
+				  r->node_id, (unsigned long long)r->epoch,
+				  (unsigned long long)nd->epoch);
+	} else if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD) {
+		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
+				  "node %s was declared dead: register again", r->node_id);
+	} else {
+		nd->last_heartbeat_ms = now_ms();
+		nd->load = isfinite(r->load) ? r->load : 0;
+		set_capacity(nd, r->n_capacity, r->capacity);
+		sync_ledger(c, nd);
+		drain = nd->drain_pending;
+		nd->drain_pending = false;
+	}
+	pthread_mutex_unlock(&c->mu);
+	if (rc == KVM_RPC_OK) {
+		Kvmesh__V1__HeartbeatResponse resp = KVMESH__V1__HEARTBEAT_RESPONSE__INIT;
+		Kvmesh__V1__Command cmd = KVMESH__V1__COMMAND__INIT, *cmds[1] = {&cmd};
+		Kvmesh__V1__Command__Drain d = KVMESH__V1__COMMAND__DRAIN__INIT;
+		if (drain) {
+			d.reason = "drain requested";
+			cmd.kind_case = KVMESH__V1__COMMAND__KIND_DRAIN;
+			cmd.drain = &d;
+			resp.n_commands = 1;
+			resp.commands = cmds;
+		}
+		rc = reply_msg(call, &resp.base);
+	}
+	kvmesh__v1__heartbeat_request__free_unpacked(r, NULL);
+	return rc;
+}
+
+/* The node as clients see it: registration plus runtime fields. The result
+ * is from protobuf-c's unpack: free with kvmesh__v1__node__free_unpacked
+ * after restore_node. */
+static Kvmesh__V1__Node *node_view(kvm_coord *c, node_rec *nd, Kvmesh__V1__TierCapacity **caps,
+				   size_t *saved_n, Kvmesh__V1__TierCapacity ***saved)
+{
+	Kvmesh__V1__Node *v = kvmesh__v1__node__unpack(NULL, nd->reg_len, nd->reg);
+	if (!v)
+		return NULL;
+	v->state = nd->state;
+	v->load = nd->load;
+	v->last_heartbeat_unix_ms = nd->last_heartbeat_ms;
+	kvm_ledger_node ln;
+	if (kvm_ledger_node_get(c->ledger, nd->id, &ln) == 0) {
+		v->lent_blocks = ln.lent_blocks;
+		v->borrowed_blocks = ln.borrowed_blocks;
+		v->lend_cap_blocks = ln.lend_cap_blocks;
+	}
+	/* Swap in the live capacity; the unpacked array is put back before free. */
+	*saved_n = v->n_capacity;
+	*saved = v->capacity;
+	caps[0] = &nd->cap[0];
+	caps[1] = &nd->cap[1];
+	v->n_capacity = 2;
+	v->capacity = caps;
+	return v;
+}
+
+static void free_view(Kvmesh__V1__Node *v, size_t saved_n, Kvmesh__V1__TierCapacity **saved)
+{
+	v->n_capacity = saved_n;
+	v->capacity = saved;
+	kvmesh__v1__node__free_unpacked(v, NULL);
+}
+
+static int list_nodes(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	kvm_coord *c = arg;
+	(void)req;
+	(void)len;
+	pthread_mutex_lock(&c->mu);
+	size_t n = c->n_nodes;
+	Kvmesh__V1__Node **views = calloc(n + 1, sizeof(*views));
+	Kvmesh__V1__TierCapacity **caps = calloc(2 * n + 1, sizeof(*caps)), ***saved = calloc(n + 1, sizeof(*saved));
+	size_t *saved_n = calloc(n + 1, sizeof(size_t));
+	int rc = KVM_RPC_OK;
+	if (!views || !caps || !saved || !saved_n) {
+		rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
+		n = 0;
+	}
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		Kvmesh__V1__Node *v = node_view(c, &c->nodes[i], caps + 2 * k, &saved_n[k], &saved[k]);
+		if (v)
+			views[k++] = v;
+	}
+	if (rc == KVM_RPC_OK) {
+		Kvmesh__V1__ListNodesResponse resp = KVMESH__V1__LIST_NODES_RESPONSE__INIT;
+		resp.n_nodes = k;
+		resp.nodes = views;
+		rc = reply_msg(call, &resp.base);
+	}
+	pthread_mutex_unlock(&c->mu);
+	for (size_t i = 0; i < k; i++)
+		free_view(views[i], saved_n[i], saved[i]);
+	free(views);
+	free(caps);
+	free(saved);
+	free(saved_n);
+	return rc;
+}
+
+/* CordonNode and DrainNode: no new blocks on the node; drain also tells the
+ * agent, on its next heartbeat, to release what it can. */
+static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, size_t len,
+			  Kvmesh__V1__NodeState state)
+{
+	UNPACK_OR_FAIL(Kvmesh__V1__NodeRequest, kvmesh__v1__node_request, r);
+	int rc;
+	pthread_mutex_lock(&c->mu);
+	node_rec *nd = find_node(c, r->node_id);
+	if (!nd) {
+		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown node \"%s\"", r->node_id);
+	} else if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD) {
+		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION, "node %s is dead", r->node_id);
+	} else {
+		if (nd->state != state &&
+		    !(state == KVMESH__V1__NODE_STATE__NODE_CORDONED &&
+		      nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING)) {
+			nd->state = state;
+			nd->drain_pending = state == KVMESH__V1__NODE_STATE__NODE_DRAINING;
+			sync_ledger(c, nd);
+			emit_node_event(c, nd->id, nd->state,
+					state == KVMESH__V1__NODE_STATE__NODE_DRAINING ? "drain requested"
+										       : "cordoned");
+		}
+		Kvmesh__V1__TierCapacity *caps[2], **saved;
+		size_t saved_n;
+		Kvmesh__V1__Node *v = node_view(c, nd, caps, &saved_n, &saved);
+		rc = v ? reply_msg(call, &v->base)
+		       : kvm_rpc_fail(call, KVM_RPC_INTERNAL, "node record unreadable");
+		if (v)
+			free_view(v, saved_n, saved);
+	}
+	pthread_mutex_unlock(&c->mu);
+	kvmesh__v1__node_request__free_unpacked(r, NULL);
+	return rc;
+}
+
+static int cordon_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	return set_node_state(arg, call, req, len, KVMESH__V1__NODE_STATE__NODE_CORDONED);
+}
+
+static int drain_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	return set_node_state(arg, call, req, len, KVMESH__V1__NODE_STATE__NODE_DRAINING);
+}
+
+static const char *check_model(const Kvmesh__V1__Model *m)
+{
+	const Kvmesh__V1__BlockGeometry *g = m->geometry;
+	if (!valid_id(m->id))
+		return "id must be 1-63 characters of [A-Za-z0-9._-]";
+	if (!g)
+		return "geometry is required";
+	if (g->layers == 0 || g->layers > 1024)
+		return "geometry.layers must be 1..1024";
+	if (g->kv_heads == 0 || g->kv_heads > 256)
+		return "geometry.kv_heads must be 1..256";
+	if (g->head_dim == 0 || g->head_dim > 512)
+		return "geometry.head_dim must be 1..512";
+	if (g->block_tokens == 0 || g->block_tokens > 4096)
+		return "geometry.block_tokens must be 1..4096";
+	if (g->dtype == KVMESH__V1__KV_DTYPE__KV_DTYPE_UNSPECIFIED || g->dtype > 3)
+		return "geometry.dtype must be F32, F16 or BF16";
+	if (m->q_heads == 0 || m->q_heads % g->kv_heads != 0)
+		return "q_heads must be a positive multiple of geometry.kv_heads";
+	return NULL;
+}
+
+static int register_model(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	kvm_coord *c = arg;
+	UNPACK_OR_FAIL(Kvmesh__V1__Model, kvmesh__v1__model, m);
+	int rc;
+	const char *why = check_model(m);
+	char key[128];
+	snprintf(key, sizeof(key), "models/%s", m->id);
+	void *old;
+	size_t old_len;
+	size_t n = kvmesh__v1__model__get_packed_size(m);
+	uint8_t *buf = malloc(n ? n : 1);
+	if (why) {
+		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "model %s: %s", m->id, why);
+	} else if (!buf) {
+		rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
+	} else {
+		kvmesh__v1__model__pack(m, buf);
+		pthread_mutex_lock(&c->mu); /* check-then-put as one step */
+		if (kvm_state_get(c->st, key, &old, &old_len) == 0) {
+			bool same = old_len == n && memcmp(old, buf, n) == 0;
+			free(old);
+			rc = same ? reply_msg(call, &m->base)
+				  : kvm_rpc_fail(call, KVM_RPC_ALREADY_EXISTS,
+						 "model %s exists with another geometry", m->id);
+		} else {
+			int src = kvm_state_put(c->st, key, buf, n);
+			rc = src == 0 ? reply_msg(call, &m->base)
+				      : kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s",
+						     strerror(-src));
+		}
+		pthread_mutex_unlock(&c->mu);
+	}
+	free(buf);
+	kvmesh__v1__model__free_unpacked(m, NULL);
+	return rc;
+}
+
+typedef struct model_list {
+	Kvmesh__V1__Model **items;
+	size_t n, cap;
+} model_list;
+
+static int collect_model(void *arg, const char *key, const void *val, size_t len)
+{
+	(void)key;
+	model_list *l = arg;
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 16;
+		Kvmesh__V1__Model **p = realloc(l->items, cap * sizeof(*p));
+		if (!p)
+			return -ENOMEM;
+		l->items = p;
+		l->cap = cap;
+	}
+	Kvmesh__V1__Model *m = kvmesh__v1__model__unpack(NULL, len, val);
+	if (m)
+		l->items[l->n++] = m;
+	return 0;
+}
+
+static int list_models(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	kvm_coord *c = arg;
+	(void)req;
+	(void)len;
+	model_list l = {0};
+	int rc = kvm_state_scan(c->st, "models/", collect_model, &l);
+	if (rc == 0) {
+		Kvmesh__V1__ListModelsResponse resp = KVMESH__V1__LIST_MODELS_RESPONSE__INIT;
+		resp.n_models = l.n;
+		resp.models = l.items;
+		rc = reply_msg(call, &resp.base);
+	} else {
+		rc = kvm_rpc_fail(call, KVM_RPC_INTERNAL, "state store: %s", strerror(-rc));
+	}
+	for (size_t i = 0; i < l.n; i++)
+		kvmesh__v1__model__free_unpacked(l.items[i], NULL);
+	free(l.items);
+	return rc;
+}
+
+/* Streams every event from now on until the client leaves or the server stops. */
+static int watch_events(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	kvm_coord *c = arg;
+	(void)req;
+	(void)len;
+	pthread_mutex_lock(&c->mu);
+	uint64_t next = c->next_seq + 1;
+	for (;;) {
+		while (c->next_seq < next && !c->stopping) {
+			struct timespec until;
+			clock_gettime(CLOCK_REALTIME, &until);
+			until.tv_nsec += 200 * 1000 * 1000;
+			if (until.tv_nsec >= 1000000000L)
+				until.tv_sec++, until.tv_nsec -= 1000000000L;
+			pthread_cond_timedwait(&c->event_cv, &c->mu, &until);
+			if (c->next_seq < next) {
+				pthread_mutex_unlock(&c->mu);
+				bool gone = kvm_rpc_cancelled(call);
+				pthread_mutex_lock(&c->mu);
+				if (gone)
+					goto out;
+			}
+		}
+		if (c->stopping)
+			break;
+		if (c->next_seq - next >= EVENT_RING) /* a slow watcher skips what the ring lost */
+			next = c->next_seq - EVENT_RING + 1;
+		event_rec *r = &c->ring[next % EVENT_RING];
+		uint8_t *copy = malloc(r->len ? r->len : 1);
+		size_t n = r->len;
+		if (copy)
+			memcpy(copy, r->bytes, n);
+		next++;
+		pthread_mutex_unlock(&c->mu);
+		int src = copy ? kvm_rpc_send(call, copy, n) : -ENOMEM;
+		free(copy);
+		pthread_mutex_lock(&c->mu);
+		if (src != 0)
+			break;
+	}
+out:
+	pthread_mutex_unlock(&c->mu);
+	return KVM_RPC_OK;
+}
+
+static int not_yet(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	(void)arg;
+	(void)req;
+	(void)len;
+	return kvm_rpc_fail(call, KVM_RPC_UNIMPLEMENTED,
+			    "sequence calls arrive with the cluster block index (issue 5)");
+}
+
+/* ---- Liveness --------------------------------------------------------------------- */
+
+static void *liveness_main(void *arg)
+{
+	kvm_coord *c = arg;
+	pthread_mutex_lock(&c->mu);
+	while (!c->stopping) {
+		struct timespec until;
+		clock_gettime(CLOCK_REALTIME, &until);
+		int64_t step = c->cfg.heartbeat_ms / 2 > 10 ? c->cfg.heartbeat_ms / 2 : 10;
+		until.tv_sec += step / 1000;
+		until.tv_nsec += (step % 1000) * 1000000L;
+		if (until.tv_nsec >= 1000000000L)
+			until.tv_sec++, until.tv_nsec -= 1000000000L;
+		pthread_cond_timedwait(&c->stop_cv, &c->mu, &until);
+		uint64_t t = now_ms();
+		for (size_t i = 0; i < c->n_nodes; i++) {
+			node_rec *nd = &c->nodes[i];
+			if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD ||
+			    t - nd->last_heartbeat_ms < (uint64_t)c->cfg.dead_after_ms)
+				continue;
+			nd->state = KVMESH__V1__NODE_STATE__NODE_DEAD;
+			sync_ledger(c, nd);
+			char why[96];
+			snprintf(why, sizeof(why), "no heartbeat for %llu ms",
+				 (unsigned long long)(t - nd->last_heartbeat_ms));
+			emit_node_event(c, nd->id, nd->state, why);
+		}
+	}
+	pthread_mutex_unlock(&c->mu);
+	return NULL;
+}
+
+/* ---- Set-up ------------------------------------------------------------------------ */
+
+static int recover_node(void *arg, const char *key, const void *val, size_t len)
+{
+	(void)key;
+	kvm_coord *c = arg;
+	Kvmesh__V1__Node *reg = kvmesh__v1__node__unpack(NULL, len, val);
+	if (!reg)
+		return 0; /* an unreadable record is skipped, not fatal */
+	node_rec *nd = upsert_node(c, reg);
+	if (nd) {
+		/* Alive until proven otherwise: a grace period of one dead_after. */
+		nd->state = KVMESH__V1__NODE_STATE__NODE_READY;
+		nd->last_heartbeat_ms = now_ms();
+		nd->epoch = 0; /* its agent must register again */
+		sync_ledger(c, nd);
+	}
+	kvmesh__v1__node__free_unpacked(reg, NULL);
+	return 0;
+}
+
+int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server *srv,
+		     kvm_coord **out)
+{
+	if (!cfg || !st || !srv || !out || cfg->heartbeat_ms <= 0 ||
+	    cfg->dead_after_ms <= cfg->heartbeat_ms)
+		return -EINVAL;
+	kvm_coord *c = calloc(1, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	c->cfg = *cfg;
+	c->st = st;
+	pthread_mutex_init(&c->mu, NULL);
+	pthread_cond_init(&c->event_cv, NULL);
+	pthread_cond_init(&c->stop_cv, NULL);
+	int rc = kvm_ledger_create(cfg->lend_share, &c->ledger);
+	if (rc != 0)
+		goto fail;
+	rc = kvm_state_scan(st, "nodes/", recover_node, c);
+	if (rc != 0)
+		goto fail;
+
+	static const struct {
+		const char *name;
+		bool streaming;
+		kvm_rpc_handler fn;
+	} methods[] = {
+		{"RegisterNode", false, register_node},
+		{"Heartbeat", false, heartbeat},
+		{"ReportBlocks", false, not_yet},
+		{"RegisterModel", false, register_model},
+		{"ListModels", false, list_models},
+		{"CreateSequence", false, not_yet},
+		{"ExtendSequence", false, not_yet},
+		{"GetSequence", false, not_yet},
+		{"MatchPrefix", false, not_yet},
+		{"ReleaseSequence", false, not_yet},
+		{"ListNodes", false, list_nodes},
+		{"CordonNode", false, cordon_node},
+		{"DrainNode", false, drain_node},
+		{"WatchEvents", true, watch_events},
+	};
+	for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
+		char path[128];
+		snprintf(path, sizeof(path), "/kvmesh.v1.Coordinator/%s", methods[i].name);
+		rc = kvm_rpc_server_add_method(srv, path, methods[i].streaming, methods[i].fn, c);
+		if (rc != 0)
+			goto fail;
+	}
+	if (pthread_create(&c->liveness, NULL, liveness_main, c) != 0) {
+		rc = -EAGAIN;
+		goto fail;
+	}
+	*out = c;
+	return 0;
+fail:
+	kvm_ledger_destroy(c->ledger);
+	free(c->nodes);
+	free(c);
+	return rc;
+}
+
+void kvm_coord_destroy(kvm_coord *c)
+{
+	if (!c)
+		return;
+	pthread_mutex_lock(&c->mu);
+	c->stopping = true;
+	pthread_cond_broadcast(&c->stop_cv);
+	pthread_cond_broadcast(&c->event_cv);
+	pthread_mutex_unlock(&c->mu);
+	pthread_join(c->liveness, NULL);
+	for (size_t i = 0; i < c->n_nodes; i++)
+		free(c->nodes[i].reg);
+	for (size_t i = 0; i < EVENT_RING; i++)
+		free(c->ring[i].bytes);
+	free(c->nodes);
+	kvm_ledger_destroy(c->ledger);
+	pthread_cond_destroy(&c->stop_cv);
+	pthread_cond_destroy(&c->event_cv);
+	pthread_mutex_destroy(&c->mu);
+	free(c);
+}
