@@ -1,0 +1,104 @@
+#include "kvstore/index.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline const kvs_key *rec_key(const struct kvs_index *ix, uint32_t rec)
+{
+	return (const kvs_key *)(const void *)(ix->recs + (size_t)rec * ix->stride);
+}
+
+int kvs_index_init(struct kvs_index *ix, uint32_t max, const void *recs, size_t stride)
+{
+	memset(ix, 0, sizeof *ix);
+	if (max == 0 || max > (UINT32_C(1) << 30) || !recs || stride < sizeof(kvs_key))
+		return -EINVAL;
+	uint64_t n = 16;
+	while (n < 2 * (uint64_t)max)
+		n <<= 1;
+	ix->ents = malloc(n * sizeof *ix->ents);
+	if (!ix->ents)
+		return -ENOMEM;
+	/* All bytes 0xff: every rec is KVS_INDEX_NONE. */
+	memset(ix->ents, 0xff, n * sizeof *ix->ents);
+	ix->mask = (uint32_t)(n - 1);
+	ix->max = max;
+	ix->recs = recs;
+	ix->stride = stride;
+	return 0;
+}
+
+void kvs_index_fini(struct kvs_index *ix)
+{
+	free(ix->ents);
+	ix->ents = NULL;
+}
+
+uint32_t kvs_index_find(const struct kvs_index *ix, kvs_key key)
+{
+	uint32_t tag = (uint32_t)key.lo, i = tag & ix->mask;
+	for (;;) {
+		struct kvs_index_ent e = ix->ents[i];
+		if (e.rec == KVS_INDEX_NONE)
+			return KVS_INDEX_NONE;
+		if (e.tag == tag && kvs_key_eq(*rec_key(ix, e.rec), key))
+			return e.rec;
+		i = (i + 1) & ix->mask;
+	}
+}
+
+int kvs_index_insert(struct kvs_index *ix, kvs_key key, uint32_t rec)
+{
+	uint32_t tag = (uint32_t)key.lo, i = tag & ix->mask;
+	if (rec == KVS_INDEX_NONE)
+		return -EINVAL;
+	for (;;) {
+		struct kvs_index_ent e = ix->ents[i];
+		if (e.rec == KVS_INDEX_NONE)
+			break;
+		if (e.tag == tag && kvs_key_eq(*rec_key(ix, e.rec), key))
+			return -EEXIST;
+		i = (i + 1) & ix->mask;
+	}
+	if (ix->count >= ix->max)
+		return -ENOSPC;
+	ix->ents[i] = (struct kvs_index_ent){tag, rec};
+	ix->count++;
+	return 0;
+}
+
+int kvs_index_remove(struct kvs_index *ix, kvs_key key, uint32_t rec)
+{
+	uint32_t tag = (uint32_t)key.lo, i = tag & ix->mask;
+	for (;;) {
+		struct kvs_index_ent e = ix->ents[i];
+		if (e.rec == KVS_INDEX_NONE)
+			return -ENOENT;
+		if (e.rec == rec && e.tag == tag)
+			break;
+		i = (i + 1) & ix->mask;
+	}
+	/* Backward-shift deletion: pull later entries of the run into the hole
+	 * when that keeps them reachable from their home, so no tombstones
+	 * accumulate under churn. */
+	for (uint32_t j = (i + 1) & ix->mask;; j = (j + 1) & ix->mask) {
+		struct kvs_index_ent e = ix->ents[j];
+		if (e.rec == KVS_INDEX_NONE)
+			break;
+		uint32_t home = e.tag & ix->mask;
+		if (((j - home) & ix->mask) >= ((j - i) & ix->mask)) {
+			ix->ents[i] = e;
+			i = j;
+		}
+	}
+	ix->ents[i].rec = KVS_INDEX_NONE;
+	ix->ents[i].tag = UINT32_MAX;
+	ix->count--;
+	return 0;
+}
+
+size_t kvs_index_bytes(const struct kvs_index *ix)
+{
+	return ((size_t)ix->mask + 1) * sizeof *ix->ents;
+}
