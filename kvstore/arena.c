@@ -25,13 +25,9 @@ void kvs__arena_err(const kvs_arena_opts *o, const char *fmt, ...)
 
 int kvs__arena_new(const kvs_arena_opts *o, struct kvs_arena **out)
 {
-	if (!o || !out || o->slot_bytes == 0 || o->n_slots == 0 || o->n_slots >= SLOT_NONE) {
-		kvs__arena_err(o, "arena: slot_bytes and n_slots must be > 0 (n_slots < 2^32-1)");
-		return -EINVAL;
-	}
-	if (o->slot_bytes > SIZE_MAX / o->n_slots) {
-		kvs__arena_err(o, "arena: %u slots of %zu bytes overflow the address space",
-			       o->n_slots, o->slot_bytes);
+	if (!o || !out || o->slot_bytes == 0 || o->n_slots == 0 || o->n_slots >= SLOT_NONE ||
+	    o->slot_bytes > (SIZE_MAX - HUGE_2M) / o->n_slots) {
+		kvs__arena_err(o, "arena: slot_bytes and n_slots must be > 0, n_slots < 2^32-1, and their product fit the address space");
 		return -EINVAL;
 	}
 	struct kvs_arena *a = aligned_alloc(64, sizeof *a);
@@ -264,26 +260,29 @@ static int populate_write(void *p, size_t len)
 
 int kvs_arena_create_host(const kvs_arena_opts *o, kvs_arena **out)
 {
-	struct kvs_arena *a;
-	int rc = kvs__arena_new(o, &a);
-	if (rc)
-		return rc;
-	a->kind = KVS_ARENA_HOST;
-	a->ops = &host_ops;
+	if (!o || o->slot_bytes == 0 || o->n_slots == 0 || o->n_slots >= SLOT_NONE ||
+	    o->slot_bytes > (SIZE_MAX - HUGE_2M) / o->n_slots)
+		return kvs__arena_new(o, NULL); /* says why and returns -EINVAL */
 	size_t bytes = (size_t)o->n_slots * o->slot_bytes;
 	size_t len = (bytes + HUGE_2M - 1) & ~(HUGE_2M - 1);
 
-	/* Refuse up front what cannot fit: with overcommit the mapping would
-	 * succeed and the node would be killed later, under load. */
+	/* Refuse up front what cannot fit, before touching any memory: with
+	 * overcommit the mapping would succeed and the node would be killed
+	 * later, under load. */
 	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
 	if (pages > 0 && psz > 0 && len / (size_t)psz > (size_t)pages) {
 		kvs__arena_err(o,
 			       "host arena of %zu bytes (%u slots x %zu) exceeds physical memory "
 			       "(%zu bytes)",
 			       len, o->n_slots, o->slot_bytes, (size_t)pages * (size_t)psz);
-		kvs__arena_free_struct(a);
 		return -ENOMEM;
 	}
+	struct kvs_arena *a;
+	int rc = kvs__arena_new(o, &a);
+	if (rc)
+		return rc;
+	a->kind = KVS_ARENA_HOST;
+	a->ops = &host_ops;
 	int pop = (o->flags & KVS_ARENA_POPULATE) ? MAP_POPULATE : 0;
 	void *p = MAP_FAILED;
 	if (!(o->flags & KVS_ARENA_NO_HUGETLB)) {
