@@ -173,15 +173,27 @@ static void check_all(struct model *m)
 			cnt[j]++;
 		}
 	}
+	uint32_t referenced[2] = {0, 0}, tails[2] = {0, 0};
 	for (uint32_t j = 0; j < nids; j++) {
 		kvs_block_ref r;
 		MOK(kvs_block_get(m->t.s, ids[j], &r));
 		MC(r.refs == cnt[j], "block %#llx refs %u, model %u", (unsigned long long)ids[j],
 		   r.refs, cnt[j]);
+		if (r.sealed)
+			referenced[r.tier]++;
+		else
+			tails[r.tier]++;
 	}
 	kvs_store_stats st;
 	kvs_store_get_stats(m->t.s, &st);
 	MC(st.n_seqs == live, "live sequences %u, model %u", st.n_seqs, live);
+	/* Everything else the store holds is cached and must be evictable. */
+	for (unsigned t = 0; t < st.n_tiers; t++)
+		MC(st.tier[t].referenced == referenced[t] && st.tier[t].tails == tails[t] &&
+			   st.tier[t].evictable == st.tier[t].used - referenced[t] - tails[t],
+		   "tier %u: referenced %u tails %u evictable %u, model %u %u", t,
+		   st.tier[t].referenced, st.tier[t].tails, st.tier[t].evictable, referenced[t],
+		   tails[t]);
 }
 
 /* Is key held (sealed, local) by some live sequence, hence unevictable? */
