@@ -835,6 +835,10 @@ int kvs_store_match_keys(kvs_store *s, const kvs_key *keys, uint32_t n, uint32_t
 	if (!n_blocks || (n && !keys))
 		return -EINVAL;
 	uint32_t got = 0;
+	/* Start the buckets' cache misses before the lock: they overlap with
+	 * each other and with taking it (the table itself never moves). */
+	for (uint32_t i = 0; i < n && i < 16; i++)
+		kvs_index_prefetch(&s->index, keys[i]);
 	pthread_mutex_lock(&s->mu);
 	for (; got < n; got++) {
 		if (kvs_index_find(&s->index, keys[got]) == NIL) {
