@@ -248,6 +248,18 @@ static void *map_aligned(size_t len, int extra_flags)
 	return q;
 }
 
+/* The cgroup v2 memory limit of this process, or SIZE_MAX if none. */
+static size_t cgroup_memory_max(void)
+{
+	FILE *f = fopen("/sys/fs/cgroup/memory.max", "re");
+	if (!f)
+		return SIZE_MAX;
+	unsigned long long v = 0;
+	int ok = fscanf(f, "%llu", &v) == 1; /* "max" does not parse: no limit */
+	fclose(f);
+	return ok && v > 0 ? (size_t)v : SIZE_MAX;
+}
+
 static int populate_write(void *p, size_t len)
 {
 #ifdef MADV_POPULATE_WRITE
@@ -275,6 +287,15 @@ int kvs_arena_create_host(const kvs_arena_opts *o, kvs_arena **out)
 			       "host arena of %zu bytes (%u slots x %zu) exceeds physical memory "
 			       "(%zu bytes)",
 			       len, o->n_slots, o->slot_bytes, (size_t)pages * (size_t)psz);
+		return -ENOMEM;
+	}
+	/* In a container the cgroup's limit is the one that kills. */
+	size_t lim = cgroup_memory_max();
+	if (len > lim) {
+		kvs__arena_err(o,
+			       "host arena of %zu bytes (%u slots x %zu) exceeds the cgroup memory "
+			       "limit (%zu bytes, /sys/fs/cgroup/memory.max)",
+			       len, o->n_slots, o->slot_bytes, lim);
 		return -ENOMEM;
 	}
 	struct kvs_arena *a;

@@ -74,6 +74,7 @@ struct kvs_store {
 	struct seq **seq_tab; /* open addressing by id, NULL = empty */
 	uint32_t seq_mask;
 	uint32_t n_seqs, max_seqs;
+	size_t seq_bytes; /* live sequences' structs, entry arrays, token buffers */
 
 	uint64_t hits, misses, seals, dedups, evictions, demotions, promotions, moves,
 		csum_failures, enospc;
@@ -352,7 +353,7 @@ static void seq_tab_remove(kvs_store *s, kvs_seq_id id)
 	s->n_seqs--;
 }
 
-static int seq_reserve(struct seq *q, uint32_t more)
+static int seq_reserve(kvs_store *s, struct seq *q, uint32_t more)
 {
 	if (q->n_ents + more <= q->cap_ents)
 		return 0;
@@ -362,6 +363,7 @@ static int seq_reserve(struct seq *q, uint32_t more)
 	struct seq_ent *e = realloc(q->ents, (size_t)cap * sizeof *e);
 	if (!e)
 		return -ENOMEM;
+	s->seq_bytes += (size_t)(cap - q->cap_ents) * sizeof *e;
 	q->ents = e;
 	q->cap_ents = cap;
 	return 0;
@@ -445,6 +447,8 @@ static void seq_free(kvs_store *s, struct seq *q)
 			blk_put(s, q->ents[i].rec);
 	if (q->tail != NIL)
 		rec_drop(s, q->tail);
+	s->seq_bytes -= sizeof *q + (size_t)q->cap_ents * sizeof *q->ents +
+			(q->tail_tokens ? (size_t)s->geom.block_tokens * sizeof(uint32_t) : 0);
 	free(q->ents);
 	free(q->tail_tokens);
 	free(q);
@@ -488,6 +492,7 @@ int kvs_seq_create(kvs_store *s, kvs_seq_id id)
 		} else {
 			q->id = id;
 			q->tail = NIL;
+			s->seq_bytes += sizeof *q;
 			s->seq_tab[i] = q;
 			s->n_seqs++;
 		}
@@ -512,12 +517,12 @@ static int do_attach(kvs_store *s, struct seq *q, const uint32_t *tokens, uint32
 		     uint32_t *n_matched)
 {
 	uint32_t bt = s->geom.block_tokens, nb = n / bt, got = 0;
+	int rc = 0;
 	if (q->tail != NIL)
 		return -EBUSY;
-	int rc = seq_reserve(q, nb);
-	if (rc)
-		return rc;
 	for (; got < nb; got++) {
+		if ((rc = seq_reserve(s, q, 1)))
+			break; /* keeps what was attached; *n_matched says how much */
 		kvs_key k = kvs_key_chain(q->last_key, s->model, tokens + (size_t)got * bt, bt);
 		uint32_t r = kvs_index_find(&s->index, k);
 		if (r == NIL) {
@@ -532,7 +537,7 @@ static int do_attach(kvs_store *s, struct seq *q, const uint32_t *tokens, uint32
 		q->n_tokens += bt;
 	}
 	*n_matched = got * bt;
-	return 0;
+	return rc;
 }
 
 int kvs_seq_attach_prefix(kvs_store *s, kvs_seq_id id, const uint32_t *tokens, uint32_t n,
@@ -552,7 +557,7 @@ static int do_seal(kvs_store *s, struct seq *q)
 	uint32_t bt = s->geom.block_tokens;
 	if (q->tail == NIL || q->tail_fill != bt)
 		return -EINVAL;
-	int rc = seq_reserve(q, 1);
+	int rc = seq_reserve(s, q, 1);
 	if (rc)
 		return rc;
 	uint32_t r = q->tail;
@@ -627,8 +632,11 @@ static int do_append(kvs_store *s, struct seq *q, const uint32_t *tokens, uint32
 	if (q->tail != NIL && q->tail_fill == bt && (rc = do_seal(s, q)))
 		return rc;
 	if (q->tail == NIL) {
-		if (!q->tail_tokens && !(q->tail_tokens = malloc((size_t)bt * sizeof(uint32_t))))
-			return -ENOMEM;
+		if (!q->tail_tokens) {
+			if (!(q->tail_tokens = malloc((size_t)bt * sizeof(uint32_t))))
+				return -ENOMEM;
+			s->seq_bytes += (size_t)bt * sizeof(uint32_t);
+		}
 		/* The fast tier first (making room there by demotion), then the
 		 * slower ones. */
 		kvs_handle h;
@@ -680,7 +688,7 @@ int kvs_seq_append_remote(kvs_store *s, kvs_seq_id id, uint32_t node, uint64_t r
 		return -EINVAL;
 	pthread_mutex_lock(&s->mu);
 	struct seq *q = seq_find(s, id);
-	int rc = !q ? -ENOENT : q->tail != NIL ? -EBUSY : seq_reserve(q, 1);
+	int rc = !q ? -ENOENT : q->tail != NIL ? -EBUSY : seq_reserve(s, q, 1);
 	if (rc == 0) {
 		q->ents[q->n_ents++] = (struct seq_ent){remote_block, node, NIL};
 		q->last_key = key;
@@ -813,19 +821,26 @@ int kvs_store_match(kvs_store *s, const uint32_t *tokens, uint32_t n, uint32_t *
 	if (!n_blocks || (n && !tokens))
 		return -EINVAL;
 	uint32_t bt = s->geom.block_tokens, nb = n / bt, got = 0;
-	kvs_key k = KVS_KEY_ROOT;
-	pthread_mutex_lock(&s->mu);
-	for (; got < nb; got++) {
-		/* Hashing under the lock keeps the code simple; it costs
-		 * ~20 ns per 16-token block. */
-		k = kvs_key_chain(k, s->model, tokens + (size_t)got * bt, bt);
-		if (kvs_index_find(&s->index, k) == NIL) {
-			s->misses++;
-			break;
+	kvs_key k = KVS_KEY_ROOT, chunk[16];
+	/* Keys are hashed outside the lock, a chunk at a time, and their
+	 * buckets prefetched; the lock covers only the probes. */
+	while (got < nb) {
+		uint32_t c = nb - got < 16 ? nb - got : 16, i = 0;
+		for (uint32_t j = 0; j < c; j++) {
+			k = kvs_key_chain(k, s->model, tokens + (size_t)(got + j) * bt, bt);
+			chunk[j] = k;
+			kvs_index_prefetch(&s->index, k);
 		}
-		s->hits++;
+		pthread_mutex_lock(&s->mu);
+		while (i < c && kvs_index_find(&s->index, chunk[i]) != NIL)
+			i++;
+		s->hits += i;
+		s->misses += i < c;
+		pthread_mutex_unlock(&s->mu);
+		got += i;
+		if (i < c)
+			break;
 	}
-	pthread_mutex_unlock(&s->mu);
 	*n_blocks = got;
 	return 0;
 }
@@ -890,13 +905,7 @@ static size_t meta_bytes(const kvs_store *s)
 		kvs_arena_get_info(s->tiers[t].arena, &ai);
 		m += ai.meta_bytes;
 	}
-	/* Live sequences: their structs, entry arrays and tail token buffers. */
-	for (uint32_t i = 0; i <= s->seq_mask; i++) {
-		const struct seq *q = s->seq_tab[i];
-		if (q)
-			m += sizeof *q + (size_t)q->cap_ents * sizeof *q->ents +
-			     (q->tail_tokens ? (size_t)s->geom.block_tokens * sizeof(uint32_t) : 0);
-	}
+	m += s->seq_bytes; /* live sequences */
 	return m;
 }
 
@@ -983,6 +992,12 @@ int kvs_store_check(kvs_store *s, unsigned flags)
 		CHECK(toks == q->n_tokens, "what=token_count seq=%llu", (unsigned long long)q->id);
 	}
 	CHECK(n_seqs == s->n_seqs, "what=seq_count");
+	size_t sb = 0;
+	for (uint32_t i = 0; i <= s->seq_mask; i++)
+		if (s->seq_tab[i])
+			sb += sizeof *s->seq_tab[i] + (size_t)s->seq_tab[i]->cap_ents * sizeof(struct seq_ent) +
+			      (s->seq_tab[i]->tail_tokens ? (size_t)s->geom.block_tokens * 4 : 0);
+	CHECK(sb == s->seq_bytes, "what=seq_bytes has=%zu want=%zu", s->seq_bytes, sb);
 
 	/* Records: slot ownership, refs, index membership, tier counters. */
 	uint32_t used[KVS_MAX_TIERS] = {0}, tails[KVS_MAX_TIERS] = {0}, lru[KVS_MAX_TIERS] = {0};

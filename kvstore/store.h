@@ -97,7 +97,8 @@ int kvs_seq_release(kvs_store *s, kvs_seq_id id);
 /* Extends a sequence that ends on a block boundary (no tail) with the
  * longest run of stored full blocks matching tokens[0..n) (only whole blocks
  * count), sharing them. *n_matched gets the tokens covered, a multiple of
- * block_tokens. -EBUSY if the sequence has a tail. */
+ * block_tokens. -EBUSY if the sequence has a tail; -ENOMEM if its block list
+ * could not grow (*n_matched still says what was attached). */
 int kvs_seq_attach_prefix(kvs_store *s, kvs_seq_id id, const uint32_t *tokens, uint32_t n,
 			  uint32_t *n_matched);
 
