@@ -14,14 +14,15 @@ int kvs_index_init(struct kvs_index *ix, uint32_t max, const void *recs, size_t 
 	memset(ix, 0, sizeof *ix);
 	if (max == 0 || max > (UINT32_C(1) << 30) || !recs || stride < sizeof(kvs_key))
 		return -EINVAL;
+	/* Load <= 2/3: short probe runs, and at most 48 bytes per entry. */
 	uint64_t n = 16;
-	while (n < 2 * (uint64_t)max)
+	while (2 * n < 3 * (uint64_t)max)
 		n <<= 1;
 	ix->ents = malloc(n * sizeof *ix->ents);
 	if (!ix->ents)
 		return -ENOMEM;
-	/* All bytes 0xff: every rec is KVS_INDEX_NONE. */
-	memset(ix->ents, 0xff, n * sizeof *ix->ents);
+	for (uint64_t i = 0; i < n; i++)
+		ix->ents[i] = (struct kvs_index_ent){0, 0, KVS_INDEX_NONE};
 	ix->mask = (uint32_t)(n - 1);
 	ix->max = max;
 	ix->recs = recs;
@@ -37,45 +38,47 @@ void kvs_index_fini(struct kvs_index *ix)
 
 uint32_t kvs_index_find(const struct kvs_index *ix, kvs_key key)
 {
-	uint32_t tag = (uint32_t)key.lo, i = tag & ix->mask;
+	uint32_t i = (uint32_t)key.lo & ix->mask;
 	for (;;) {
-		struct kvs_index_ent e = ix->ents[i];
-		if (e.rec == KVS_INDEX_NONE)
+		const struct kvs_index_ent *e = &ix->ents[i];
+		if (e->rec == KVS_INDEX_NONE)
 			return KVS_INDEX_NONE;
-		if (e.tag == tag && kvs_key_eq(*rec_key(ix, e.rec), key))
-			return e.rec;
+		if (e->lo == key.lo && e->hi == (uint32_t)key.hi &&
+		    kvs_key_eq(*rec_key(ix, e->rec), key))
+			return e->rec;
 		i = (i + 1) & ix->mask;
 	}
 }
 
 int kvs_index_insert(struct kvs_index *ix, kvs_key key, uint32_t rec)
 {
-	uint32_t tag = (uint32_t)key.lo, i = tag & ix->mask;
+	uint32_t i = (uint32_t)key.lo & ix->mask;
 	if (rec == KVS_INDEX_NONE)
 		return -EINVAL;
 	for (;;) {
-		struct kvs_index_ent e = ix->ents[i];
-		if (e.rec == KVS_INDEX_NONE)
+		const struct kvs_index_ent *e = &ix->ents[i];
+		if (e->rec == KVS_INDEX_NONE)
 			break;
-		if (e.tag == tag && kvs_key_eq(*rec_key(ix, e.rec), key))
+		if (e->lo == key.lo && e->hi == (uint32_t)key.hi &&
+		    kvs_key_eq(*rec_key(ix, e->rec), key))
 			return -EEXIST;
 		i = (i + 1) & ix->mask;
 	}
 	if (ix->count >= ix->max)
 		return -ENOSPC;
-	ix->ents[i] = (struct kvs_index_ent){tag, rec};
+	ix->ents[i] = (struct kvs_index_ent){key.lo, (uint32_t)key.hi, rec};
 	ix->count++;
 	return 0;
 }
 
 int kvs_index_remove(struct kvs_index *ix, kvs_key key, uint32_t rec)
 {
-	uint32_t tag = (uint32_t)key.lo, i = tag & ix->mask;
+	uint32_t i = (uint32_t)key.lo & ix->mask;
 	for (;;) {
-		struct kvs_index_ent e = ix->ents[i];
-		if (e.rec == KVS_INDEX_NONE)
+		const struct kvs_index_ent *e = &ix->ents[i];
+		if (e->rec == KVS_INDEX_NONE)
 			return -ENOENT;
-		if (e.rec == rec && e.tag == tag)
+		if (e->rec == rec && e->lo == key.lo)
 			break;
 		i = (i + 1) & ix->mask;
 	}
@@ -86,14 +89,13 @@ int kvs_index_remove(struct kvs_index *ix, kvs_key key, uint32_t rec)
 		struct kvs_index_ent e = ix->ents[j];
 		if (e.rec == KVS_INDEX_NONE)
 			break;
-		uint32_t home = e.tag & ix->mask;
+		uint32_t home = (uint32_t)e.lo & ix->mask;
 		if (((j - home) & ix->mask) >= ((j - i) & ix->mask)) {
 			ix->ents[i] = e;
 			i = j;
 		}
 	}
-	ix->ents[i].rec = KVS_INDEX_NONE;
-	ix->ents[i].tag = UINT32_MAX;
+	ix->ents[i] = (struct kvs_index_ent){0, 0, KVS_INDEX_NONE};
 	ix->count--;
 	return 0;
 }

@@ -832,7 +832,7 @@ int kvs_store_match(kvs_store *s, const uint32_t *tokens, uint32_t n, uint32_t *
 			kvs_index_prefetch(&s->index, k);
 		}
 		pthread_mutex_lock(&s->mu);
-		while (i < c && kvs_index_find(&s->index, chunk[i]) != NIL)
+		while (i < c && kvs_index_probe(&s->index, chunk[i]) != NIL)
 			i++;
 		s->hits += i;
 		s->misses += i < c;
@@ -856,7 +856,7 @@ int kvs_store_match_keys(kvs_store *s, const kvs_key *keys, uint32_t n, uint32_t
 		kvs_index_prefetch(&s->index, keys[i]);
 	pthread_mutex_lock(&s->mu);
 	for (; got < n; got++) {
-		if (kvs_index_find(&s->index, keys[got]) == NIL) {
+		if (kvs_index_probe(&s->index, keys[got]) == NIL) {
 			s->misses++;
 			break;
 		}

@@ -113,7 +113,8 @@ typedef struct kvs_tail_view {
 } kvs_tail_view;
 
 /* Appends up to n (> 0) token ids to the sequence's tail, allocating a tail
- * when there is none, and says where their K/V go. A tail that is already
+ * when there is none (in the fastest tier that has or can make room, which
+ * the view names), and says where their K/V go. A tail that is already
  * full is sealed first (its bytes must be complete by then). Call again for
  * the tokens not taken. -ENOSPC when no slot can be found (nothing taken). */
 int kvs_seq_append(kvs_store *s, kvs_seq_id id, const uint32_t *tokens, uint32_t n,
@@ -173,7 +174,9 @@ int kvs_block_move(kvs_store *s, kvs_block_id b, unsigned tier);
 /* ---- prefix index --------------------------------------------------------- */
 
 /* How many leading full blocks of tokens[0..n), hashed from the root, are
- * stored. Takes no reference and moves nothing (for routing decisions). */
+ * stored. Takes no reference and moves nothing (for routing decisions).
+ * Keys are compared in 96 of their 128 bits here (one cache miss per block
+ * instead of two); everything that hands out a block compares all 128. */
 int kvs_store_match(kvs_store *s, const uint32_t *tokens, uint32_t n, uint32_t *n_blocks);
 
 /* The same over a precomputed key chain keys[0..n). */
