@@ -567,23 +567,13 @@ static int do_seal(kvs_store *s, struct seq *q)
 	if ((rc = kvs_arena_checksum(s->tiers[b->tier].arena, b->slot, &c)))
 		return rc;
 	uint32_t dup = kvs_index_find(&s->index, k);
-	if (dup != NIL) {
-		/* Same key, same prefix: keep the stored block and free ours.
-		 * Take the reference first, so that the promotion it may cause
-		 * can use our slot's room only after the tail is gone. */
+	/* Same key, same prefix: share the stored block and free ours. If the
+	 * stored copy turns out corrupt on the way (blk_take drops it), ours
+	 * takes its place instead. */
+	if (dup != NIL && blk_take(s, dup) == 0) {
 		rec_drop(s, r);
-		if (blk_take(s, dup) == 0) {
-			seq_push_local(s, q, dup);
-			s->dedups++;
-		} else {
-			/* The stored copy was corrupt and has been dropped; our
-			 * bytes are gone too, so the sequence loses this block's
-			 * tokens. Tell the caller. */
-			q->n_tokens -= bt;
-			q->tail = NIL;
-			q->tail_fill = 0;
-			return -EIO;
-		}
+		seq_push_local(s, q, dup);
+		s->dedups++;
 	} else {
 		b->key = k;
 		b->csum = c;
