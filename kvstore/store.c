@@ -392,7 +392,7 @@ int kvs_store_create(const kvs_store_config *c, kvs_store **out)
 		total += ai.n_slots;
 		n_tiers++;
 	}
-	if (total >= NIL)
+	if (total >= NIL || c->tiers[0] == c->tiers[1])
 		return -EINVAL;
 
 	kvs_store *s = calloc(1, sizeof *s);

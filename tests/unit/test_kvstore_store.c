@@ -368,6 +368,9 @@ Test(kvstore_store, bad_arguments)
 	c.tiers[0] = t.arena[0];
 	cr_assert_eq(kvs_store_create(&c, &s2), -EINVAL);
 	c.geom = tl_geom;
+	c.tiers[1] = t.arena[0];
+	cr_assert_eq(kvs_store_create(&c, &s2), -EINVAL, "one arena for two tiers");
+	c.tiers[1] = NULL;
 	c.tiers[0] = NULL;
 	cr_assert_eq(kvs_store_create(&c, &s2), -EINVAL);
 	kvs_store_stats st;
