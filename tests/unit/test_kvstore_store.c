@@ -1,5 +1,6 @@
 /* kvstore: blocks, sequences, prefix sharing, eviction, tiering, accounting. */
 #include <errno.h>
+#include <pthread.h>
 
 #include "kvstore_testlib.h"
 
@@ -410,5 +411,81 @@ Test(kvstore_store, seal_replaces_a_corrupt_cached_copy)
 	cr_assert_eq(st.csum_failures, 1);
 	cr_assert_eq(st.dedups, 0);
 	check(&t);
+	tl_close(&t);
+}
+
+/* Several threads run request lifecycles on one store with shared prompts:
+ * whatever they attach or dedupe, every byte they read back is the one
+ * their own prefix implies. */
+struct conc {
+	struct tl *t;
+	unsigned id;
+	unsigned iters;
+	unsigned bad;
+	unsigned attached;
+};
+
+static void *conc_worker(void *arg)
+{
+	struct conc *c = arg;
+	uint64_t x = 0x9E3779B97F4A7C15ull * (c->id + 1);
+	for (unsigned it = 0; it < c->iters; it++) {
+		x ^= x >> 12, x ^= x << 25, x ^= x >> 27;
+		uint32_t tok[16], n = 9 + (uint32_t)(x % 8);
+		for (uint32_t i = 0; i < n; i++) /* a few prompts, random tails */
+			tok[i] = i < 8 ? (uint32_t)(x >> 40) % 3 + i : (uint32_t)(x >> (i + 8)) % 2;
+		kvs_seq_id id = (kvs_seq_id)c->id << 32 | it;
+		if (kvs_seq_create(c->t->s, id)) {
+			c->bad++;
+			continue;
+		}
+		uint32_t m = 0;
+		if (it % 2) /* the others compute it all, and dedupe when sealing */
+			kvs_seq_attach_prefix(c->t->s, id, tok, n, &m);
+		c->attached += m;
+		uint64_t rh = 0;
+		for (uint32_t i = 0; i < m; i++)
+			rh = tl_roll(rh, tok[i]);
+		int rc = tl_append(c->t, id, tok + m, n - m, &rh);
+		if (rc == 0) {
+			kvs_block_ref r[4];
+			uint32_t nb;
+			kvs_seq_blocks(c->t->s, id, 0, r, 4, &nb);
+			rh = 0;
+			for (uint32_t p = 0; p < n; p++) {
+				rh = tl_roll(rh, tok[p]);
+				c->bad += tl_token(r[p / TL_BT].ptr, p % TL_BT, rh, 1) != 0;
+			}
+		} else if (rc != -ENOSPC) {
+			c->bad++;
+		}
+		if (kvs_seq_release(c->t->s, id))
+			c->bad++;
+	}
+	return NULL;
+}
+
+Test(kvstore_store, concurrent_sequences_share_correct_bytes)
+{
+	struct tl t;
+	tl_open(&t, 24, 24, 64);
+	struct conc c[4];
+	pthread_t th[4];
+	for (unsigned i = 0; i < 4; i++) {
+		c[i] = (struct conc){.t = &t, .id = i, .iters = 20000};
+		cr_assert_eq(pthread_create(&th[i], NULL, conc_worker, &c[i]), 0);
+	}
+	unsigned attached = 0;
+	for (unsigned i = 0; i < 4; i++) {
+		pthread_join(th[i], NULL);
+		cr_assert_eq(c[i].bad, 0, "thread %u: %u wrong", i, c[i].bad);
+		attached += c[i].attached;
+	}
+	cr_assert(attached > 0, "prefixes were shared");
+	check(&t);
+	kvs_store_stats st;
+	kvs_store_get_stats(t.s, &st);
+	cr_assert_eq(st.n_seqs, 0);
+	cr_assert(st.dedups > 0);
 	tl_close(&t);
 }
