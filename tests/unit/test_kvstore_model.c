@@ -47,7 +47,7 @@ struct model {
 	uint64_t rng, step, seed;
 	kvs_seq_id next_id;
 	const char *op;
-	uint64_t n_enospc, n_hits_checked, n_dedup_seen;
+	uint64_t n_enospc, n_hits_checked, n_dedup_seen, n_more_attached;
 };
 
 #define MC(cond, fmt, ...)                                                                 \
@@ -213,12 +213,14 @@ static int pinned(struct model *m, kvs_key k)
 	return 0;
 }
 
-/* A match of tokens[0..len) found `got` blocks: it must cover every leading
- * block that live sequences pin, and agree with lookups. */
-static void check_match(struct model *m, const uint32_t *tokens, uint32_t len, uint32_t got)
+/* A match of tokens[0..len) after the block keyed `parent` found `got`
+ * blocks: it must cover every leading block that live sequences pin, and
+ * agree with lookups. */
+static void check_match(struct model *m, kvs_key parent, const uint32_t *tokens, uint32_t len,
+			uint32_t got)
 {
 	uint32_t nb = len / TL_BT, must = 0;
-	kvs_key k = KVS_KEY_ROOT, keys[PROMPT_LEN / TL_BT + 1];
+	kvs_key k = parent, keys[PROMPT_LEN / TL_BT + 1];
 	for (uint32_t b = 0; b < nb; b++) {
 		k = kvs_key_chain(k, TL_MODEL, tokens + b * TL_BT, TL_BT);
 		keys[b] = k;
@@ -275,7 +277,7 @@ static void op_create(struct model *m)
 		uint32_t len = below(m, PROMPT_LEN + 1), got;
 		MOK(kvs_seq_attach_prefix(m->t.s, q->id, q->plan, len, &got));
 		MC(got % TL_BT == 0, "whole blocks");
-		check_match(m, q->plan, len, got / TL_BT);
+		check_match(m, KVS_KEY_ROOT, q->plan, len, got / TL_BT);
 		model_push(m, q, q->plan, got, 0);
 	}
 	check_seq(m, q);
@@ -334,8 +336,44 @@ static void op_match(struct model *m)
 	m->op = "match";
 	const uint32_t *p = m->prompts[below(m, NPROMPTS)];
 	uint32_t len = below(m, PROMPT_LEN + 1), got;
-	MOK(kvs_store_match(m->t.s, p, len, &got));
-	check_match(m, p, len, got);
+	if (below(m, 2)) {
+		MOK(kvs_store_match(m->t.s, p, len, &got));
+	} else {
+		kvs_key keys[PROMPT_LEN / TL_BT], k = KVS_KEY_ROOT;
+		for (uint32_t b = 0; b < len / TL_BT; b++)
+			keys[b] = k = kvs_key_chain(k, TL_MODEL, p + b * TL_BT, TL_BT);
+		MOK(kvs_store_match_keys(m->t.s, keys, len / TL_BT, &got));
+	}
+	check_match(m, KVS_KEY_ROOT, p, len, got);
+}
+
+/* Attaches more of its prompt to a sequence that ends on a block boundary. */
+static void op_attach_more(struct model *m, struct mseq *q)
+{
+	m->op = "attach_more";
+	kvs_seq_info si;
+	MOK(kvs_seq_get_info(m->t.s, q->id, &si));
+	uint32_t got;
+	int rc = kvs_seq_attach_prefix(m->t.s, q->id, q->plan, 0, &got);
+	if (si.tail_fill) {
+		MC(rc == -EBUSY, "attach with a tail: %d", rc);
+		return;
+	}
+	MC(rc == 0 && got == 0, "empty attach");
+	if (q->n >= PROMPT_LEN)
+		return;
+	/* Only a sequence still on its prompt can share more of it. */
+	for (uint32_t p = 0; p < q->n; p++)
+		if (q->toks[p] != q->plan[p])
+			return;
+	uint32_t len = below(m, PROMPT_LEN - q->n + 1);
+	if (q->n + len > MAXT)
+		len = MAXT - q->n;
+	kvs_key parent = q->n ? q->keys[q->n / TL_BT - 1] : KVS_KEY_ROOT;
+	MOK(kvs_seq_attach_prefix(m->t.s, q->id, q->plan + q->n, len, &got));
+	check_match(m, parent, q->plan + q->n, len, got / TL_BT);
+	model_push(m, q, q->plan + q->n, got, 0);
+	m->n_more_attached += got / TL_BT;
 }
 
 static void op_evict(struct model *m)
@@ -491,8 +529,10 @@ Test(kvstore_model, random_operations_against_a_model, .timeout = 600)
 			op_evict(m);
 		else if (x < 81)
 			op_move(m, q);
-		else if (x < 85)
+		else if (x < 83)
 			op_verify(m, q);
+		else if (x < 85)
+			op_attach_more(m, q);
 		else if (x < 89)
 			op_remote(m, q);
 		else
@@ -525,7 +565,7 @@ Test(kvstore_model, random_operations_against_a_model, .timeout = 600)
 	if (ops >= 100000) {
 		cr_assert(st.dedups > 0 && st.hits > 0 && st.misses > 0 && st.evictions > 0);
 		cr_assert(st.demotions > 0 && st.promotions > 0 && st.enospc > 0);
-		cr_assert(m->n_dedup_seen > 0);
+		cr_assert(m->n_dedup_seen > 0 && m->n_more_attached > 0);
 	}
 	tl_close(&m->t);
 }
