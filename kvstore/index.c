@@ -9,6 +9,26 @@ static inline const kvs_key *rec_key(const struct kvs_index *ix, uint32_t rec)
 	return (const kvs_key *)(const void *)(ix->recs + (size_t)rec * ix->stride);
 }
 
+/* Seqlock writer side (the store lock is held). */
+static void write_begin(struct kvs_index *ix)
+{
+	__atomic_store_n(&ix->seq, ix->seq + 1, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static void write_end(struct kvs_index *ix)
+{
+	__atomic_store_n(&ix->seq, ix->seq + 1, __ATOMIC_RELEASE);
+}
+
+static void ent_store(struct kvs_index *ix, uint32_t i, uint64_t lo, uint32_t hi, uint32_t rec)
+{
+	struct kvs_index_ent *e = &ix->ents[i];
+	__atomic_store_n(&e->rec, rec, __ATOMIC_RELAXED);
+	__atomic_store_n(&e->lo, lo, __ATOMIC_RELAXED);
+	__atomic_store_n(&e->hi, hi, __ATOMIC_RELAXED);
+}
+
 int kvs_index_init(struct kvs_index *ix, uint32_t max, const void *recs, size_t stride)
 {
 	memset(ix, 0, sizeof *ix);
@@ -66,7 +86,9 @@ int kvs_index_insert(struct kvs_index *ix, kvs_key key, uint32_t rec)
 	}
 	if (ix->count >= ix->max)
 		return -ENOSPC;
-	ix->ents[i] = (struct kvs_index_ent){key.lo, (uint32_t)key.hi, rec};
+	write_begin(ix);
+	ent_store(ix, i, key.lo, (uint32_t)key.hi, rec);
+	write_end(ix);
 	ix->count++;
 	return 0;
 }
@@ -85,17 +107,19 @@ int kvs_index_remove(struct kvs_index *ix, kvs_key key, uint32_t rec)
 	/* Backward-shift deletion: pull later entries of the run into the hole
 	 * when that keeps them reachable from their home, so no tombstones
 	 * accumulate under churn. */
+	write_begin(ix);
 	for (uint32_t j = (i + 1) & ix->mask;; j = (j + 1) & ix->mask) {
 		struct kvs_index_ent e = ix->ents[j];
 		if (e.rec == KVS_INDEX_NONE)
 			break;
 		uint32_t home = (uint32_t)e.lo & ix->mask;
 		if (((j - home) & ix->mask) >= ((j - i) & ix->mask)) {
-			ix->ents[i] = e;
+			ent_store(ix, i, e.lo, e.hi, e.rec);
 			i = j;
 		}
 	}
-	ix->ents[i] = (struct kvs_index_ent){0, 0, KVS_INDEX_NONE};
+	ent_store(ix, i, 0, 0, KVS_INDEX_NONE);
+	write_end(ix);
 	ix->count--;
 	return 0;
 }

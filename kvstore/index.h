@@ -7,8 +7,15 @@
  * key bits: a false match needs two stored keys equal in 96 bits, odds of
  * about 2^-76 at 1M blocks), so a lookup costs one cache miss; kvs_index_find()
  * also confirms the full key at offset 0 of the record, and is what every
- * path that hands out a block uses. Not thread-safe: the store serialises
- * access. */
+ * path that hands out a block uses.
+ *
+ * Writers (insert, remove) are serialised by the store's lock. Probes may
+ * also run without it, as seqlock readers: kvs_index_read_begin(), probes,
+ * then kvs_index_read_ok() says whether a writer ran meanwhile (then the
+ * answer is void: retry, or take the lock). For that, every entry field is
+ * written with atomic stores and read with atomic loads (plain moves on
+ * x86), and a writer makes the sequence number odd while it changes the
+ * table. */
 #ifndef KVMESH_KVSTORE_INDEX_H
 #define KVMESH_KVSTORE_INDEX_H
 
@@ -32,6 +39,7 @@ struct kvs_index {
 	uint32_t max;   /* entries allowed */
 	const unsigned char *recs;
 	size_t stride; /* bytes between records; each starts with its kvs_key */
+	uint64_t seq;  /* odd while a writer changes the table (atomic access) */
 };
 
 /* Sizes the table for max entries over the records at recs (borrowed, must
@@ -43,18 +51,37 @@ void kvs_index_fini(struct kvs_index *ix);
 uint32_t kvs_index_find(const struct kvs_index *ix, kvs_key key);
 
 /* The record whose entry matches key in 96 bits, or KVS_INDEX_NONE: for
- * answers that hand out nothing (how long a stored prefix is). */
+ * answers that hand out nothing (how long a stored prefix is). Under the
+ * store lock, or between kvs_index_read_begin/ok; a probe racing a writer
+ * may also give up early (KVS_INDEX_NONE), which read_ok then voids. */
 static inline uint32_t kvs_index_probe(const struct kvs_index *ix, kvs_key key)
 {
 	uint32_t i = (uint32_t)key.lo & ix->mask;
-	for (;;) {
+	for (uint32_t steps = 0; steps <= ix->mask; steps++) {
 		const struct kvs_index_ent *e = &ix->ents[i];
-		if (e->rec == KVS_INDEX_NONE)
+		uint32_t rec = __atomic_load_n(&e->rec, __ATOMIC_RELAXED);
+		if (rec == KVS_INDEX_NONE)
 			return KVS_INDEX_NONE;
-		if (e->lo == key.lo && e->hi == (uint32_t)key.hi)
-			return e->rec;
+		if (__atomic_load_n(&e->lo, __ATOMIC_RELAXED) == key.lo &&
+		    __atomic_load_n(&e->hi, __ATOMIC_RELAXED) == (uint32_t)key.hi)
+			return rec;
 		i = (i + 1) & ix->mask;
 	}
+	return KVS_INDEX_NONE;
+}
+
+/* Lock-free reading: the sequence number to hand to kvs_index_read_ok; odd
+ * means a writer is active (read_ok will fail). */
+static inline uint64_t kvs_index_read_begin(const struct kvs_index *ix)
+{
+	return __atomic_load_n(&ix->seq, __ATOMIC_ACQUIRE);
+}
+
+/* Nonzero if no writer changed the table since read_begin returned v. */
+static inline int kvs_index_read_ok(const struct kvs_index *ix, uint64_t v)
+{
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	return !(v & 1) && __atomic_load_n(&ix->seq, __ATOMIC_RELAXED) == v;
 }
 
 /* Hints the CPU to fetch key's bucket. Safe without the store lock: it only

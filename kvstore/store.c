@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -76,7 +77,9 @@ struct kvs_store {
 	uint32_t n_seqs, max_seqs;
 	size_t seq_bytes; /* live sequences' structs, entry arrays, token buffers */
 
-	uint64_t hits, misses, seals, dedups, evictions, demotions, promotions, moves,
+	/* Prefix-index counters: also bumped by lock-free matches. */
+	_Atomic uint64_t hits, misses;
+	uint64_t seals, dedups, evictions, demotions, promotions, moves,
 		csum_failures, enospc;
 
 	void (*log)(void *arg, const char *line);
@@ -96,6 +99,12 @@ __attribute__((format(printf, 2, 3))) static void slog(kvs_store *s, const char 
 		s->log(s->log_arg, line);
 	else
 		fprintf(stderr, "%s\n", line);
+}
+
+static inline void count(_Atomic uint64_t *c, uint64_t n)
+{
+	if (n)
+		atomic_fetch_add_explicit(c, n, memory_order_relaxed);
 }
 
 static inline kvs_block_id blk_id(const kvs_store *s, uint32_t rec)
@@ -526,10 +535,10 @@ static int do_attach(kvs_store *s, struct seq *q, const uint32_t *tokens, uint32
 		kvs_key k = kvs_key_chain(q->last_key, s->model, tokens + (size_t)got * bt, bt);
 		uint32_t r = kvs_index_find(&s->index, k);
 		if (r == NIL) {
-			s->misses++;
+			count(&s->misses, 1);
 			break;
 		}
-		s->hits++;
+		count(&s->hits, 1);
 		if (blk_take(s, r)) /* corrupt: dropped; the match ends here */
 			break;
 		seq_push_local(s, q, r);
@@ -806,27 +815,47 @@ int kvs_block_move(kvs_store *s, kvs_block_id id, unsigned tier)
 
 /* ---- prefix index ---------------------------------------------------------------- */
 
+/* How many of keys[0..n) (n <= 16) are stored, as a prefix. Lock-free as a
+ * seqlock reader when no writer interferes (a few tries), else under the
+ * lock. Counts hits and misses. */
+static uint32_t match_run(kvs_store *s, const kvs_key *keys, uint32_t n)
+{
+	uint32_t i = 0;
+	for (int tries = 0; tries < 4; tries++) {
+		uint64_t v = kvs_index_read_begin(&s->index);
+		if (v & 1)
+			continue;
+		for (i = 0; i < n && kvs_index_probe(&s->index, keys[i]) != NIL; i++)
+			;
+		if (kvs_index_read_ok(&s->index, v))
+			goto done;
+	}
+	pthread_mutex_lock(&s->mu);
+	for (i = 0; i < n && kvs_index_probe(&s->index, keys[i]) != NIL; i++)
+		;
+	pthread_mutex_unlock(&s->mu);
+done:
+	count(&s->hits, i);
+	count(&s->misses, i < n);
+	return i;
+}
+
 int kvs_store_match(kvs_store *s, const uint32_t *tokens, uint32_t n, uint32_t *n_blocks)
 {
 	if (!n_blocks || (n && !tokens))
 		return -EINVAL;
 	uint32_t bt = s->geom.block_tokens, nb = n / bt, got = 0;
 	kvs_key k = KVS_KEY_ROOT, chunk[16];
-	/* Keys are hashed outside the lock, a chunk at a time, and their
-	 * buckets prefetched; the lock covers only the probes. */
+	/* Keys are hashed a chunk at a time and their buckets prefetched, so
+	 * the probes' cache misses overlap. */
 	while (got < nb) {
-		uint32_t c = nb - got < 16 ? nb - got : 16, i = 0;
+		uint32_t c = nb - got < 16 ? nb - got : 16;
 		for (uint32_t j = 0; j < c; j++) {
 			k = kvs_key_chain(k, s->model, tokens + (size_t)(got + j) * bt, bt);
 			chunk[j] = k;
 			kvs_index_prefetch(&s->index, k);
 		}
-		pthread_mutex_lock(&s->mu);
-		while (i < c && kvs_index_probe(&s->index, chunk[i]) != NIL)
-			i++;
-		s->hits += i;
-		s->misses += i < c;
-		pthread_mutex_unlock(&s->mu);
+		uint32_t i = match_run(s, chunk, c);
 		got += i;
 		if (i < c)
 			break;
@@ -840,19 +869,15 @@ int kvs_store_match_keys(kvs_store *s, const kvs_key *keys, uint32_t n, uint32_t
 	if (!n_blocks || (n && !keys))
 		return -EINVAL;
 	uint32_t got = 0;
-	/* Start the buckets' cache misses before the lock: they overlap with
-	 * each other and with taking it (the table itself never moves). */
-	for (uint32_t i = 0; i < n && i < 16; i++)
-		kvs_index_prefetch(&s->index, keys[i]);
-	pthread_mutex_lock(&s->mu);
-	for (; got < n; got++) {
-		if (kvs_index_probe(&s->index, keys[got]) == NIL) {
-			s->misses++;
+	while (got < n) {
+		uint32_t c = n - got < 16 ? n - got : 16;
+		for (uint32_t j = 0; j < c; j++)
+			kvs_index_prefetch(&s->index, keys[got + j]);
+		uint32_t i = match_run(s, keys + got, c);
+		got += i;
+		if (i < c)
 			break;
-		}
-		s->hits++;
 	}
-	pthread_mutex_unlock(&s->mu);
 	*n_blocks = got;
 	return 0;
 }
@@ -915,8 +940,8 @@ void kvs_store_get_stats(kvs_store *s, kvs_store_stats *o)
 	}
 	o->n_seqs = s->n_seqs;
 	o->n_indexed = s->index.count;
-	o->hits = s->hits;
-	o->misses = s->misses;
+	o->hits = atomic_load_explicit(&s->hits, memory_order_relaxed);
+	o->misses = atomic_load_explicit(&s->misses, memory_order_relaxed);
 	o->seals = s->seals;
 	o->dedups = s->dedups;
 	o->evictions = s->evictions;

@@ -26,7 +26,9 @@
  *
  * Threads. Every function may be called from any thread; one mutex per
  * store serialises them (memcached's habit: public functions lock, static
- * do_* helpers assume the lock). Writing a tail's K/V bytes through its
+ * do_* helpers assume the lock), except kvs_store_match and _match_keys,
+ * which read the prefix index lock-free (a seqlock) and take the lock only
+ * when writers keep interfering. Writing a tail's K/V bytes through its
  * pointer is the caller's business and needs no lock.
  *
  * Errors are 0 or a negative errno: -EINVAL (bad argument), -ENOENT (no such

@@ -448,6 +448,16 @@ static void *conc_worker(void *arg)
 			rh = tl_roll(rh, tok[i]);
 		int rc = tl_append(c->t, id, tok + m, n - m, &rh);
 		if (rc == 0) {
+			/* Lock-free matches racing other threads' seals and
+			 * evictions still see every block this sequence pins. */
+			kvs_seq_info si;
+			uint32_t got;
+			kvs_seq_get_info(c->t->s, id, &si);
+			uint32_t sealed = (uint32_t)(si.n_tokens - si.tail_fill) / TL_BT;
+			kvs_store_match(c->t->s, tok, n, &got);
+			c->bad += got < sealed || got > n / TL_BT;
+		}
+		if (rc == 0) {
 			kvs_block_ref r[4];
 			uint32_t nb;
 			kvs_seq_blocks(c->t->s, id, 0, r, 4, &nb);
