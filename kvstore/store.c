@@ -1,5 +1,7 @@
 /* The block store. Locking: public kvs_* functions take s->mu and call
- * static do_* / helper functions, which assume it is held. */
+ * static do_* / helper functions, which assume it is held. The one
+ * exception is prefix matching (match_run), a seqlock reader of the index
+ * that falls back to the lock. */
 #include "kvstore/store.h"
 
 #include <errno.h>
