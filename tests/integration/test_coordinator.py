@@ -159,8 +159,60 @@ def test_second_coordinator_on_same_data_dir_refused():
         c.close()
 
 
+def test_kvmeshctl_tables_json_and_exit_codes():
+    import json
+    import os
+    import subprocess
+    from kvmesh_testlib import BUILD, free_port
+    c = Coordinator()
+    ctl = os.path.join(BUILD, "bin", "kvmeshctl")
+
+    def run(*args):
+        p = subprocess.run([ctl, "--coordinator=127.0.0.1:%d" % c.port] + list(args),
+                           capture_output=True, text=True, timeout=20)
+        return p.returncode, p.stdout, p.stderr
+    try:
+        for i in range(2):
+            c.stub.RegisterNode(pb.RegisterNodeRequest(node=node_msg(i, blocks=400)), timeout=5)
+        c.stub.RegisterModel(model(), timeout=5)
+        rc, out, _ = run("nodes")
+        assert rc == 0 and "node0" in out and "ready" in out and "400" in out, out
+        rc, out, _ = run("-o", "json", "nodes")
+        nodes = json.loads(out)
+        assert rc == 0 and sorted(n["id"] for n in nodes) == ["node0", "node1"], out
+        assert nodes[0]["total_blocks"] == 400 and nodes[0]["lend_cap_blocks"] == 200
+        rc, out, _ = run("-o", "json", "models")
+        assert rc == 0 and json.loads(out)[0]["dtype"] == "f16", out
+        rc, out, _ = run("cordon", "node1")
+        assert rc == 0 and "cordoned" in out, out
+        rc, out, _ = run("-o", "json", "drain", "node1")
+        assert rc == 0 and json.loads(out)["state"] == "draining", out
+        rc, _, err = run("cordon", "ghost")
+        assert rc == 4 and "ghost" in err, err
+        rc, _, err = run("frobnicate")
+        assert rc == 2 and "unknown command" in err, err
+        rc, _, err = run("-o", "yaml", "nodes")
+        assert rc == 2, err
+        p = subprocess.run([ctl, "--coordinator=127.0.0.1:%d" % free_port(), "--timeout=1s",
+                            "nodes"], capture_output=True, text=True, timeout=20)
+        assert p.returncode == 3, (p.returncode, p.stderr)
+        # watch streams events as JSON lines until interrupted
+        w = subprocess.Popen([ctl, "--coordinator=127.0.0.1:%d" % c.port, "-o", "json", "watch"],
+                             stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        c.stub.RegisterNode(pb.RegisterNodeRequest(node=node_msg(5)), timeout=5)
+        line = w.stdout.readline()
+        w.terminate()
+        w.wait(timeout=10)
+        ev = json.loads(line)
+        assert ev["node"] == "node5" and ev["state"] == "ready", line
+    finally:
+        c.close()
+
+
 if __name__ == "__main__":
     run_tests([test_register_heartbeat_list, test_silent_node_dies_and_watchers_hear_it,
                test_cordon_and_drain, test_models_validated_and_durable_across_restart,
                test_bad_input_and_unimplemented_are_clear,
-               test_second_coordinator_on_same_data_dir_refused])
+               test_second_coordinator_on_same_data_dir_refused,
+               test_kvmeshctl_tables_json_and_exit_codes])

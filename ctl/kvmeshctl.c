@@ -1,0 +1,390 @@
+/* kvmeshctl: the admin CLI. Talks to the coordinator over gRPC.
+ *
+ * Exit codes: 0 done; 1 the coordinator refused (the message says why);
+ * 2 bad usage; 3 coordinator unreachable or too slow; 4 not found. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/config.h"
+#include "common/rpc.h"
+#include "proto/kvmesh.pb-c.h"
+
+enum { EXIT_OK = 0, EXIT_REFUSED = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3, EXIT_NOT_FOUND = 4 };
+
+typedef struct ctl {
+	kvm_rpc_channel *ch;
+	char target[KVM_OPT_STRING_MAX];
+	bool json;
+	int timeout_ms;
+} ctl;
+
+static const char *usage_text =
+	"usage: kvmeshctl [--coordinator=ADDR] [-o table|json] [--timeout=5s] COMMAND [ARGS]\n"
+	"\n"
+	"commands:\n"
+	"  nodes           list nodes: state, capacity, blocks lent and borrowed\n"
+	"  models          list registered models and their block geometry\n"
+	"  sequences       list sequences\n"
+	"  seq SEQ         one sequence's block map\n"
+	"  cordon NODE     no new blocks on NODE\n"
+	"  drain NODE      no new blocks on NODE, and release what it holds\n"
+	"  watch           stream node and sequence events until interrupted\n"
+	"\n"
+	"exit codes: 0 done, 1 refused by the coordinator, 2 bad usage,\n"
+	"            3 coordinator unreachable, 4 not found\n";
+
+/* ---- Output ----------------------------------------------------------------------- */
+
+static void json_str(const char *s)
+{
+	putchar('"');
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		if (*p == '"' || *p == '\\')
+			printf("\\%c", *p);
+		else if (*p < 0x20)
+			printf("\\u%04x", *p);
+		else
+			putchar(*p);
+	}
+	putchar('"');
+}
+
+static const char *state_name(Kvmesh__V1__NodeState s)
+{
+	static const char *names[] = {"unknown", "ready", "cordoned", "draining", "dead"};
+	return (unsigned)s < 5 ? names[s] : "unknown";
+}
+
+static const char *dtype_name(Kvmesh__V1__KvDtype d)
+{
+	static const char *names[] = {"unspecified", "f32", "f16", "bf16"};
+	return (unsigned)d < 4 ? names[d] : "unknown";
+}
+
+/* Maps a call's outcome to an exit code, printing the error. */
+static int rpc_exit(const char *what, int rc, const kvm_rpc_status *st)
+{
+	if (rc != 0) {
+		fprintf(stderr, "kvmeshctl: %s: %s\n", what, strerror(-rc));
+		return EXIT_UNREACHABLE;
+	}
+	if (st->code == KVM_RPC_OK)
+		return EXIT_OK;
+	fprintf(stderr, "kvmeshctl: %s: %s\n", what, st->message[0] ? st->message : "failed");
+	switch (st->code) {
+	case KVM_RPC_UNAVAILABLE:
+	case KVM_RPC_DEADLINE_EXCEEDED:
+		return EXIT_UNREACHABLE;
+	case KVM_RPC_NOT_FOUND:
+		return EXIT_NOT_FOUND;
+	case KVM_RPC_INVALID_ARGUMENT:
+		return EXIT_USAGE;
+	default:
+		return EXIT_REFUSED;
+	}
+}
+
+/* Calls a unary method with a packed request; on success *resp holds the
+ * response bytes (caller frees). */
+static int call(ctl *c, const char *method, const ProtobufCMessage *req, void **resp,
+		size_t *len)
+{
+	size_t n = protobuf_c_message_get_packed_size(req);
+	uint8_t *buf = malloc(n ? n : 1);
+	if (!buf)
+		return EXIT_REFUSED;
+	protobuf_c_message_pack(req, buf);
+	char path[128], what[700];
+	snprintf(path, sizeof(path), "/kvmesh.v1.Coordinator/%s", method);
+	snprintf(what, sizeof(what), "%s at %s", method, c->target);
+	kvm_rpc_status st;
+	int rc = kvm_rpc_unary(c->ch, path, buf, n, c->timeout_ms, resp, len, &st);
+	free(buf);
+	return rpc_exit(what, rc, &st);
+}
+
+static uint64_t host_total(const Kvmesh__V1__Node *n, uint64_t *used)
+{
+	uint64_t t = 0;
+	*used = 0;
+	for (size_t i = 0; i < n->n_capacity; i++) {
+		t += n->capacity[i]->total_blocks;
+		*used += n->capacity[i]->used_blocks;
+	}
+	return t;
+}
+
+static void print_node_json(const Kvmesh__V1__Node *n)
+{
+	uint64_t used, total = host_total(n, &used);
+	printf("{\"id\":");
+	json_str(n->id);
+	printf(",\"state\":\"%s\",\"grpc_address\":", state_name(n->state));
+	json_str(n->grpc_address);
+	printf(",\"data_address\":");
+	json_str(n->data_address);
+	printf(",\"total_blocks\":%" PRIu64 ",\"used_blocks\":%" PRIu64 ",\"lent_blocks\":%" PRIu64
+	       ",\"borrowed_blocks\":%" PRIu64 ",\"lend_cap_blocks\":%" PRIu64
+	       ",\"load\":%.3f,\"last_heartbeat_unix_ms\":%" PRIu64 "}",
+	       total, used, n->lent_blocks, n->borrowed_blocks, n->lend_cap_blocks, n->load,
+	       n->last_heartbeat_unix_ms);
+}
+
+/* ---- Commands ----------------------------------------------------------------------- */
+
+static int cmd_nodes(ctl *c)
+{
+	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
+	void *resp;
+	size_t len;
+	int rc = call(c, "ListNodes", &req.base, &resp, &len);
+	if (rc != EXIT_OK)
+		return rc;
+	Kvmesh__V1__ListNodesResponse *r = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
+	free(resp);
+	if (!r) {
+		fprintf(stderr, "kvmeshctl: ListNodes: malformed response\n");
+		return EXIT_REFUSED;
+	}
+	if (c->json) {
+		printf("[");
+		for (size_t i = 0; i < r->n_nodes; i++) {
+			if (i)
+				printf(",");
+			print_node_json(r->nodes[i]);
+		}
+		printf("]\n");
+	} else {
+		uint64_t now = (uint64_t)time(NULL) * 1000;
+		printf("%-16s %-9s %-22s %10s %10s %8s %8s %6s %8s\n", "NODE", "STATE", "DATA ADDRESS",
+		       "BLOCKS", "USED", "LENT", "BORROWED", "LOAD", "SEEN");
+		for (size_t i = 0; i < r->n_nodes; i++) {
+			const Kvmesh__V1__Node *n = r->nodes[i];
+			uint64_t used, total = host_total(n, &used);
+			char seen[32];
+			uint64_t ago = now > n->last_heartbeat_unix_ms ? now - n->last_heartbeat_unix_ms : 0;
+			snprintf(seen, sizeof(seen), "%.1fs", ago / 1000.0);
+			printf("%-16s %-9s %-22s %10" PRIu64 " %10" PRIu64 " %8" PRIu64 " %8" PRIu64
+			       " %6.2f %8s\n",
+			       n->id, state_name(n->state), n->data_address, total, used, n->lent_blocks,
+			       n->borrowed_blocks, n->load, seen);
+		}
+	}
+	kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
+	return EXIT_OK;
+}
+
+static int cmd_models(ctl *c)
+{
+	Kvmesh__V1__ListModelsRequest req = KVMESH__V1__LIST_MODELS_REQUEST__INIT;
+	void *resp;
+	size_t len;
+	int rc = call(c, "ListModels", &req.base, &resp, &len);
+	if (rc != EXIT_OK)
+		return rc;
+	Kvmesh__V1__ListModelsResponse *r = kvmesh__v1__list_models_response__unpack(NULL, len, resp);
+	free(resp);
+	if (!r) {
+		fprintf(stderr, "kvmeshctl: ListModels: malformed response\n");
+		return EXIT_REFUSED;
+	}
+	if (!c->json)
+		printf("%-24s %6s %6s %8s %8s %12s %6s\n", "MODEL", "LAYERS", "Q", "KV HEADS",
+		       "HEAD DIM", "BLOCK TOKENS", "DTYPE");
+	else
+		printf("[");
+	for (size_t i = 0; i < r->n_models; i++) {
+		const Kvmesh__V1__Model *m = r->models[i];
+		Kvmesh__V1__BlockGeometry empty = KVMESH__V1__BLOCK_GEOMETRY__INIT;
+		const Kvmesh__V1__BlockGeometry *g = m->geometry ? m->geometry : &empty;
+		if (c->json) {
+			printf("%s{\"id\":", i ? "," : "");
+			json_str(m->id);
+			printf(",\"layers\":%u,\"q_heads\":%u,\"kv_heads\":%u,\"head_dim\":%u,"
+			       "\"block_tokens\":%u,\"dtype\":\"%s\"}",
+			       g->layers, m->q_heads, g->kv_heads, g->head_dim, g->block_tokens,
+			       dtype_name(g->dtype));
+		} else {
+			printf("%-24s %6u %6u %8u %8u %12u %6s\n", m->id, g->layers, m->q_heads,
+			       g->kv_heads, g->head_dim, g->block_tokens, dtype_name(g->dtype));
+		}
+	}
+	if (c->json)
+		printf("]\n");
+	kvmesh__v1__list_models_response__free_unpacked(r, NULL);
+	return EXIT_OK;
+}
+
+static int cmd_seq(ctl *c, const char *id)
+{
+	Kvmesh__V1__GetSequenceRequest req = KVMESH__V1__GET_SEQUENCE_REQUEST__INIT;
+	req.sequence_id = (char *)id;
+	void *resp;
+	size_t len;
+	int rc = call(c, "GetSequence", &req.base, &resp, &len);
+	if (rc != EXIT_OK)
+		return rc;
+	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, resp);
+	free(resp);
+	if (!s)
+		return EXIT_REFUSED;
+	printf("sequence %s model %s home %s tokens %" PRIu64 "%s\n", s->id, s->model_id,
+	       s->home_node, s->tokens, s->degraded ? " DEGRADED" : "");
+	for (size_t i = 0; i < s->n_blocks; i++)
+		printf("  block %u on %s%s (%u tokens)\n", s->blocks[i]->index, s->blocks[i]->node_id,
+		       s->blocks[i]->borrowed ? " borrowed" : "", s->blocks[i]->tokens);
+	kvmesh__v1__sequence__free_unpacked(s, NULL);
+	return EXIT_OK;
+}
+
+static int cmd_sequences(ctl *c)
+{
+	(void)c;
+	fprintf(stderr, "kvmeshctl: sequences: the coordinator has no ListSequences call yet; "
+			"use `kvmeshctl seq SEQ` for one sequence\n");
+	return EXIT_REFUSED;
+}
+
+static int cmd_node_state(ctl *c, const char *method, const char *node)
+{
+	Kvmesh__V1__NodeRequest req = KVMESH__V1__NODE_REQUEST__INIT;
+	req.node_id = (char *)node;
+	void *resp;
+	size_t len;
+	int rc = call(c, method, &req.base, &resp, &len);
+	if (rc != EXIT_OK)
+		return rc;
+	Kvmesh__V1__Node *n = kvmesh__v1__node__unpack(NULL, len, resp);
+	free(resp);
+	if (!n)
+		return EXIT_REFUSED;
+	if (c->json) {
+		print_node_json(n);
+		printf("\n");
+	} else {
+		printf("node %s is %s\n", n->id, state_name(n->state));
+	}
+	kvmesh__v1__node__free_unpacked(n, NULL);
+	return EXIT_OK;
+}
+
+static int cmd_watch(ctl *c)
+{
+	Kvmesh__V1__WatchEventsRequest req = KVMESH__V1__WATCH_EVENTS_REQUEST__INIT;
+	uint8_t buf[8];
+	size_t n = kvmesh__v1__watch_events_request__pack(&req, buf);
+	kvm_rpc_stream *s;
+	if (kvm_rpc_stream_open(c->ch, "/kvmesh.v1.Coordinator/WatchEvents", buf, n, 0, &s) != 0)
+		return EXIT_UNREACHABLE;
+	void *msg;
+	size_t len;
+	int rc;
+	while ((rc = kvm_rpc_stream_next(s, &msg, &len)) == 1) {
+		Kvmesh__V1__Event *ev = kvmesh__v1__event__unpack(NULL, len, msg);
+		free(msg);
+		if (!ev)
+			continue;
+		time_t secs = (time_t)(ev->unix_ms / 1000);
+		struct tm tm;
+		char when[32];
+		gmtime_r(&secs, &tm);
+		strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
+		if (ev->kind_case == KVMESH__V1__EVENT__KIND_NODE) {
+			if (c->json) {
+				printf("{\"seq\":%" PRIu64 ",\"unix_ms\":%" PRIu64 ",\"node\":", ev->seq,
+				       ev->unix_ms);
+				json_str(ev->node->node_id);
+				printf(",\"state\":\"%s\",\"reason\":", state_name(ev->node->state));
+				json_str(ev->node->reason);
+				printf("}\n");
+			} else {
+				printf("%s.%03uZ node %s %s (%s)\n", when, (unsigned)(ev->unix_ms % 1000),
+				       ev->node->node_id, state_name(ev->node->state), ev->node->reason);
+			}
+		} else if (ev->kind_case == KVMESH__V1__EVENT__KIND_SEQUENCE) {
+			printf("%s sequence %s event %d (%s)\n", when, ev->sequence->sequence_id,
+			       ev->sequence->kind, ev->sequence->reason);
+		}
+		fflush(stdout);
+		kvmesh__v1__event__free_unpacked(ev, NULL);
+	}
+	const kvm_rpc_status *st = kvm_rpc_stream_status(s);
+	kvm_rpc_status copy = st ? *st : (kvm_rpc_status){.code = KVM_RPC_UNKNOWN};
+	kvm_rpc_stream_close(s);
+	return rc < 0 ? EXIT_UNREACHABLE : rpc_exit("WatchEvents", 0, &copy);
+}
+
+int main(int argc, char **argv)
+{
+	ctl c = {0};
+	char output[KVM_OPT_STRING_MAX];
+	int64_t timeout_ms;
+	const kvm_option opts[] = {
+		{"coordinator", KVM_OPT_STRING, c.target, "127.0.0.1:7400",
+		 "the coordinator's gRPC address"},
+		{"output", KVM_OPT_STRING, output, "table", "table (for people) or json (for scripts)"},
+		{"timeout", KVM_OPT_DURATION, &timeout_ms, "5s", "deadline of each call"},
+	};
+	/* -o is short for --output. */
+	for (int i = 1; i < argc; i++)
+		if (strcmp(argv[i], "-o") == 0)
+			argv[i] = "--output";
+	char err[512];
+	int rc = kvm_config_load(opts, 3, &argc, argv, err, sizeof(err));
+	if (rc == KVM_CONFIG_HELP) {
+		fputs(usage_text, stdout);
+		kvm_config_usage(stdout, "kvmeshctl", "", opts, 3);
+		return EXIT_OK;
+	}
+	if (rc != 0) {
+		fprintf(stderr, "kvmeshctl: %s\n", err);
+		return EXIT_USAGE;
+	}
+	if (strcmp(output, "table") != 0 && strcmp(output, "json") != 0) {
+		fprintf(stderr, "kvmeshctl: -o must be table or json, not \"%s\"\n", output);
+		return EXIT_USAGE;
+	}
+	if (argc < 2) {
+		fputs(usage_text, stderr);
+		return EXIT_USAGE;
+	}
+	c.json = strcmp(output, "json") == 0;
+	c.timeout_ms = (int)timeout_ms;
+	const char *cmd = argv[1];
+	int want_args = (!strcmp(cmd, "seq") || !strcmp(cmd, "cordon") || !strcmp(cmd, "drain")) ? 1 : 0;
+	bool known = want_args || !strcmp(cmd, "nodes") || !strcmp(cmd, "models") ||
+		     !strcmp(cmd, "sequences") || !strcmp(cmd, "watch");
+	if (!known) {
+		fprintf(stderr, "kvmeshctl: unknown command \"%s\"\n%s", cmd, usage_text);
+		return EXIT_USAGE;
+	}
+	if (argc - 2 != want_args) {
+		fprintf(stderr, "kvmeshctl: %s takes %s\n", cmd,
+			want_args ? "one argument" : "no arguments");
+		return EXIT_USAGE;
+	}
+	if (kvm_rpc_channel_open(c.target, &c.ch) != 0) {
+		fprintf(stderr, "kvmeshctl: bad coordinator address \"%s\"\n", c.target);
+		return EXIT_USAGE;
+	}
+	if (!strcmp(cmd, "nodes"))
+		rc = cmd_nodes(&c);
+	else if (!strcmp(cmd, "models"))
+		rc = cmd_models(&c);
+	else if (!strcmp(cmd, "sequences"))
+		rc = cmd_sequences(&c);
+	else if (!strcmp(cmd, "seq"))
+		rc = cmd_seq(&c, argv[2]);
+	else if (!strcmp(cmd, "cordon"))
+		rc = cmd_node_state(&c, "CordonNode", argv[2]);
+	else if (!strcmp(cmd, "drain"))
+		rc = cmd_node_state(&c, "DrainNode", argv[2]);
+	else
+		rc = cmd_watch(&c);
+	kvm_rpc_channel_close(c.ch);
+	return rc;
+}
