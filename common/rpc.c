@@ -59,6 +59,17 @@ static grpc_byte_buffer *bytes_to_buffer(const void *msg, size_t len)
 	return bb;
 }
 
+/* The message size limits both ends use (args[0..1]). */
+static void message_limits(grpc_arg *args)
+{
+	args[0] = (grpc_arg){.type = GRPC_ARG_INTEGER,
+			     .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+			     .value.integer = KVM_RPC_MAX_MESSAGE};
+	args[1] = (grpc_arg){.type = GRPC_ARG_INTEGER,
+			     .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
+			     .value.integer = KVM_RPC_MAX_MESSAGE};
+}
+
 static void copy_status(kvm_rpc_status *st, grpc_status_code code, grpc_slice details)
 {
 	st->code = (int)code;
@@ -251,16 +262,12 @@ int kvm_rpc_server_create(const char *addr, int *port, kvm_rpc_server **out)
 	if (!srv)
 		return -ENOMEM;
 	grpc_init();
-	grpc_arg args[3] = {
-		{.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
-		{.type = GRPC_ARG_INTEGER,
-		 .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
-		 .value.integer = KVM_RPC_MAX_MESSAGE},
-		{.type = GRPC_ARG_INTEGER,
-		 .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
-		 .value.integer = KVM_RPC_MAX_MESSAGE},
-	};
+	grpc_arg args[3];
 	grpc_channel_args ca = {.num_args = 3, .args = args};
+	message_limits(args);
+	args[2] = (grpc_arg){.type = GRPC_ARG_INTEGER,
+			     .key = GRPC_ARG_ALLOW_REUSEPORT,
+			     .value.integer = 0}; /* a port in use must fail, not be shared */
 	srv->server = grpc_server_create(&ca, NULL);
 	srv->cq = grpc_completion_queue_create_for_next(NULL);
 	grpc_server_register_completion_queue(srv->server, srv->cq, NULL);
@@ -533,15 +540,9 @@ int kvm_rpc_channel_open(const char *target, kvm_rpc_channel **out)
 	if (!c)
 		return -ENOMEM;
 	grpc_init();
-	grpc_arg args[2] = {
-		{.type = GRPC_ARG_INTEGER,
-		 .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
-		 .value.integer = KVM_RPC_MAX_MESSAGE},
-		{.type = GRPC_ARG_INTEGER,
-		 .key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH,
-		 .value.integer = KVM_RPC_MAX_MESSAGE},
-	};
+	grpc_arg args[2];
 	grpc_channel_args ca = {.num_args = 2, .args = args};
+	message_limits(args);
 	grpc_channel_credentials *creds = grpc_insecure_credentials_create();
 	c->ch = grpc_channel_create(target, creds, &ca);
 	grpc_channel_credentials_release(creds);

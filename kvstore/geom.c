@@ -4,14 +4,7 @@
 
 size_t kvs_geom_elem_bytes(const kvs_geom *g)
 {
-	switch (g->dtype) {
-	case DA_F32:
-		return 4;
-	case DA_F16:
-	case DA_BF16:
-		return 2;
-	}
-	return 0;
+	return da_dtype_size(g->dtype);
 }
 
 int kvs_geom_check(const kvs_geom *g)
