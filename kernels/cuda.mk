@@ -4,6 +4,9 @@
 #                   when nvcc is present; without nvcc it says so and succeeds
 #   make test-gpu   builds and runs both (needs nvcc and a CUDA device)
 #
+#   make test-gpu-emu  runs the CUDA kernels' code on the CPU under an emulation
+#                   (tests/gpu/emu): no nvcc or GPU needed; a few minutes
+#
 # For other modules:
 #   KVM_HAVE_CUDA   1 when nvcc is present, else empty
 #   KVM_GPU_LIBS    what a program links for the da_cuda_* functions, before
@@ -31,6 +34,30 @@ GPU_CORE_LIB := $(BUILD)/libkvmesh-core.a
 $(NOCUDA_LIB): $(BUILD)/kernels/distattn_nocuda.o
 	@mkdir -p $(@D)
 	rm -f $@ && $(AR) rcs $@ $^
+
+# The emulation: distattn.cu rewritten for tests/gpu/emu/cuda_emu.h, built
+# with the host C++ compiler (C++20 for std::barrier).
+GPU_EMU_DIR := $(BUILD)/tests/gpu/emu
+GPU_EMU     := $(GPU_EMU_DIR)/emu_test
+EMU_CXXFLAGS := -std=c++20 -O1 -g -Wall -Wextra -Wno-unknown-pragmas -pthread -MMD -MP
+
+$(GPU_EMU_DIR)/distattn_emu.cpp: kernels/distattn.cu tests/gpu/emu/emu_transform.py
+	@mkdir -p $(@D)
+	python3 tests/gpu/emu/emu_transform.py $< $@
+
+$(GPU_EMU_DIR)/distattn_emu.o: $(GPU_EMU_DIR)/distattn_emu.cpp
+	$(CXX) $(CPPFLAGS) $(EMU_CXXFLAGS) -c $< -o $@
+
+$(GPU_EMU_DIR)/emu_test.o: tests/gpu/emu/emu_test.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) $(EMU_CXXFLAGS) -c $< -o $@
+
+$(GPU_EMU): $(GPU_EMU_DIR)/emu_test.o $(GPU_EMU_DIR)/distattn_emu.o $(GPU_CORE_LIB)
+	$(CXX) -pthread $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+.PHONY: test-gpu-emu
+test-gpu-emu: $(GPU_EMU)
+	$(GPU_EMU)
 
 ifneq ($(NVCC),)
 KVM_HAVE_CUDA    := 1

@@ -569,12 +569,37 @@ uint32_t div_up(uint64_t a, uint64_t b)
 
 } /* namespace */
 
+/* CTAs per multiprocessor of one kernel at one shared-memory size, cached:
+ * the occupancy query costs microseconds, as much as a short call's kernel. */
+struct occ_entry {
+	partial_fn fn;
+	size_t smem;
+	int per_sm;
+};
+
 struct da_cuda_ctx {
 	int device;
 	int n_sm;
 	void *ws; /* split partials: o then lse */
 	size_t ws_bytes;
+	occ_entry occ[16];
+	unsigned n_occ;
 };
+
+static int occupancy(da_cuda_ctx *ctx, partial_fn fn, size_t smem, int *per_sm)
+{
+	for (unsigned i = 0; i < ctx->n_occ; i++)
+		if (ctx->occ[i].fn == fn && ctx->occ[i].smem == smem) {
+			*per_sm = ctx->occ[i].per_sm;
+			return 0;
+		}
+	int n = 0;
+	CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, THREADS, smem), "occupancy");
+	*per_sm = n > 0 ? n : 1;
+	const unsigned slot = ctx->n_occ < 16 ? ctx->n_occ++ : (unsigned)(smem % 16);
+	ctx->occ[slot] = occ_entry{fn, smem, *per_sm};
+	return 0;
+}
 
 extern "C" int da_cuda_ctx_create(da_cuda_ctx **out)
 {
@@ -691,11 +716,10 @@ extern "C" int da_partial_cuda(da_cuda_ctx *ctx, const da_shape *s, const da_bat
 
 	/* Splits: enough CTAs for about two full waves, but at least a few
 	 * steps of work per lane group, and a grid that fits in gridDim.x. */
-	int per_sm = 0;
-	CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, THREADS, smem),
-		 "occupancy");
-	if (per_sm < 1)
-		per_sm = 1;
+	int per_sm = 1;
+	int rc = occupancy(ctx, fn, smem, &per_sm);
+	if (rc != 0)
+		return rc;
 	const uint64_t ctas_per_split = (uint64_t)b->n_queries * p.hkv * p.n_hg;
 	const uint64_t target = 2ull * ctx->n_sm * per_sm;
 	if (ctas_per_split > INT32_MAX)
@@ -716,7 +740,7 @@ extern "C" int da_partial_cuda(da_cuda_ctx *ctx, const da_shape *s, const da_bat
 	if (p.n_splits > 1) {
 		const size_t rows = (size_t)b->n_queries * p.hq * p.n_splits;
 		const size_t o_bytes = rows * p.d * sizeof(float);
-		int rc = ws_reserve(ctx, o_bytes + rows * sizeof(float));
+		rc = ws_reserve(ctx, o_bytes + rows * sizeof(float));
 		if (rc != 0)
 			return rc;
 		p.ws_o = static_cast<float *>(ctx->ws);

@@ -6,7 +6,8 @@
  * Empty rows must be exactly (0, -inf). Ends with "N passed, N failed";
  * exits 1 on any failure and 2 where no CUDA device is present.
  *
- *   test_distattn_gpu [-v] [-s SEED] */
+ *   test_distattn_gpu [-v] [-s SEED] [-f SUBSTRING]
+ *   -v: print every case; -s: random seed; -f: only cases whose names hold it */
 #include "common/kvm_error.h"
 #include "kernels/distattn.h"
 
@@ -22,6 +23,12 @@
 
 static unsigned n_passed, n_failed;
 static bool verbose;
+static const char *filter;
+
+static bool wanted(const char *name)
+{
+	return !filter || strstr(name, filter);
+}
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 
 static uint64_t rng(void)
@@ -151,6 +158,8 @@ typedef struct pcase {
 static int run_partial(da_ctx *cctx, da_cuda_ctx *gctx, const pcase *c)
 {
 	const char *name = c->name;
+	if (!wanted(name))
+		return 0;
 	const da_shape *s = &c->s;
 	const uint32_t nq = c->n_queries, hq = s->q_heads, d = s->head_dim;
 	const size_t esz = da_dtype_size(s->kv_dtype);
@@ -419,6 +428,8 @@ static int run_merge(uint32_t n_parts, uint32_t rows, uint32_t d, bool in_place,
 	char name[96];
 	snprintf(name, sizeof(name), "merge/n%u/rows%u/d%u%s", n_parts, rows, d,
 		 in_place ? "/in-place" : "");
+	if (!wanted(name))
+		return 0;
 	int rc = 0;
 	const size_t on = (size_t)rows * d;
 	float *ho = malloc((n_parts + 1) * on * sizeof(float));
@@ -498,6 +509,8 @@ done:
 /* Bad arguments: each must return the code, never crash. */
 static void arg_cases(da_cuda_ctx *gctx)
 {
+	if (!wanted("args/"))
+		return;
 	da_shape good = shape(8, 2, 64, 16, DA_F16), bad = shape(6, 4, 64, 16, DA_F16);
 	float *dq = NULL;
 	if (cudaMalloc((void **)&dq, 4096 * sizeof(float)) != cudaSuccess) {
@@ -548,8 +561,10 @@ int main(int argc, char **argv)
 			verbose = true;
 		else if (!strcmp(argv[i], "-s") && i + 1 < argc)
 			rng_state = strtoull(argv[++i], NULL, 0) | 1;
+		else if (!strcmp(argv[i], "-f") && i + 1 < argc)
+			filter = argv[++i];
 		else {
-			fprintf(stderr, "usage: %s [-v] [-s SEED]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-v] [-s SEED] [-f SUBSTRING]\n", argv[0]);
 			return 2;
 		}
 	}
