@@ -18,6 +18,8 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -630,6 +632,45 @@ extern "C" void da_cuda_ctx_destroy(da_cuda_ctx *ctx)
 	free(ctx);
 }
 
+/* Fraction of the CTA slots of the last wave... of all waves that a grid of
+ * `total` CTAs fills: equal CTAs finish wave by wave, so a grid of 2.2 waves
+ * takes as long as 3. */
+static double wave_fill(uint64_t total, uint64_t slots)
+{
+	return (double)total / (double)(div_up(total, slots) * slots);
+}
+
+/* Cuts lists of up to max_blocks blocks into n_splits splits of bps blocks:
+ * at least two waves of CTAs where the lists are long enough (a split has
+ * at least min_bps blocks), then, among a few more splits, the count whose
+ * waves are fullest; the grid stays within gridDim.x. */
+static void choose_splits(uint32_t max_blocks, uint32_t min_bps, uint64_t ctas_per_split,
+			  uint64_t slots, uint32_t *bps, uint32_t *n_splits)
+{
+	*bps = 1;
+	*n_splits = 1;
+	if (max_blocks == 0)
+		return;
+	uint64_t most = div_up(max_blocks, min_bps);
+	most = std::min<uint64_t>(most, INT32_MAX / ctas_per_split);
+	if (most < 1)
+		most = 1;
+	uint64_t lo = std::min<uint64_t>(most, div_up(2 * slots, ctas_per_split));
+	if (lo < 1)
+		lo = 1;
+	const uint64_t hi = std::min<uint64_t>(most, 2 * lo + 2);
+	double best = -1.0;
+	for (uint64_t s = lo; s <= hi && s < lo + 64; s++) {
+		const uint32_t b = div_up(max_blocks, s), n = div_up(max_blocks, b);
+		const double fill = wave_fill(ctas_per_split * n, slots);
+		if (fill > best + 0.02) { /* fewer splits unless clearly fuller */
+			best = fill;
+			*bps = b;
+			*n_splits = n;
+		}
+	}
+}
+
 /* Makes the workspace at least `bytes` long. Rare (the hot path reuses it):
  * it waits for the device so that no queued kernel still uses the old one. */
 static int ws_reserve(da_cuda_ctx *ctx, size_t bytes)
@@ -714,27 +755,17 @@ extern "C" int da_partial_cuda(da_cuda_ctx *ctx, const da_shape *s, const da_bat
 	const size_t smem =
 		sizeof(float) * ((size_t)gh_inst * p.dp * (1 + ng) + 2 * (size_t)ng * gh_inst + 2 * gh_inst);
 
-	/* Splits: enough CTAs for about two full waves, but at least a few
-	 * steps of work per lane group, and a grid that fits in gridDim.x. */
 	int per_sm = 1;
 	int rc = occupancy(ctx, fn, smem, &per_sm);
 	if (rc != 0)
 		return rc;
 	const uint64_t ctas_per_split = (uint64_t)b->n_queries * p.hkv * p.n_hg;
-	const uint64_t target = 2ull * ctx->n_sm * per_sm;
 	if (ctas_per_split > INT32_MAX)
 		return -EINVAL;
-	const uint64_t want = (target + ctas_per_split - 1) / ctas_per_split;
+	/* At least 8 steps of U tokens per lane group and CTA. */
 	const uint32_t min_bps = div_up((uint64_t)ng * U * 8, p.bt);
-	p.bps = b->max_blocks == 0 ? 1 : div_up(b->max_blocks, want ? want : 1);
-	if (p.bps < min_bps)
-		p.bps = min_bps;
-	p.n_splits = b->max_blocks == 0 ? 1 : div_up(b->max_blocks, p.bps);
-	if (ctas_per_split * p.n_splits > INT32_MAX) {
-		p.n_splits = (uint32_t)(INT32_MAX / ctas_per_split);
-		p.bps = div_up(b->max_blocks, p.n_splits);
-		p.n_splits = div_up(b->max_blocks, p.bps);
-	}
+	choose_splits(b->max_blocks, min_bps, ctas_per_split, (uint64_t)ctx->n_sm * per_sm, &p.bps,
+		      &p.n_splits);
 
 	cudaStream_t st = static_cast<cudaStream_t>(stream);
 	if (p.n_splits > 1) {
