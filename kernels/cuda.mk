@@ -13,7 +13,8 @@
 #                   $(CORE_LIB): libkvmesh-cuda.a and cudart, or the stub
 #                   libkvmesh-nocuda.a whose functions return -ENOSYS
 #   KVM_GPU_DEPS    the library file of KVM_GPU_LIBS, for prerequisites
-#   KVM_GPU_CPPFLAGS  -I for cuda_runtime_api.h (empty without CUDA)
+#   KVM_GPU_CPPFLAGS  -I for cuda_runtime_api.h and -DKVMESH_HAVE_CUDA=1
+#                   (empty without CUDA)
 
 # This file is read before the top Makefile defines `all`, so its rules would
 # otherwise become the default goal.
@@ -61,7 +62,7 @@ test-gpu-emu: $(GPU_EMU)
 
 ifneq ($(NVCC),)
 KVM_HAVE_CUDA    := 1
-KVM_GPU_CPPFLAGS := -I$(CUDA_HOME)/include
+KVM_GPU_CPPFLAGS := -I$(CUDA_HOME)/include -DKVMESH_HAVE_CUDA=1
 KVM_GPU_DEPS     := $(CUDA_LIB)
 KVM_GPU_LIBS     := $(CUDA_LIB) -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lstdc++
 CUDA_SRCS        += kernels/distattn.cu

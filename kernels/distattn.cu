@@ -702,6 +702,11 @@ extern "C" int da_partial_cuda(da_cuda_ctx *ctx, const da_shape *s, const da_bat
 	/* n_tokens is 32-bit, so no valid list is longer than this. */
 	if (b->max_blocks > div_up(UINT32_MAX, s->block_tokens))
 		return -EINVAL;
+	/* The workspace and the cached occupancy belong to ctx's device. */
+	int dev = -1;
+	CUDA_TRY(cudaGetDevice(&dev), "get_device");
+	if (dev != ctx->device)
+		return -EINVAL;
 
 	const size_t esz = da_dtype_size(s->kv_dtype);
 	const uint32_t ch = (uint32_t)(16 / esz);

@@ -112,10 +112,10 @@ int da_merge_cpu(uint32_t n_parts, uint32_t rows, uint32_t head_dim, const float
  * arrays are device pointers; `stream` is a cudaStream_t (NULL: default).
  * Calls are asynchronous on the stream. A GPU context owns the workspace for
  * splitting long block lists across thread blocks; it belongs to the device
- * current at creation and serves one stream at a time (growing it, which is
- * rare, synchronises the device). Without CUDA these return -ENOSYS; with
- * CUDA, -ENODEV where there is no usable device and -EIO for other CUDA
- * errors (logged to stderr).
+ * current at creation (a call on another device gets -EINVAL) and serves one
+ * stream at a time (growing it, which is rare, synchronises the device).
+ * Without CUDA these return -ENOSYS; with CUDA, -ENODEV where there is no
+ * usable device and -EIO for other CUDA errors (logged to stderr).
  *
  * The host checks what it can see (shape, null pointers, max_blocks); the
  * lists live on the device, so a query whose list is malformed (longer than
