@@ -632,9 +632,8 @@ extern "C" void da_cuda_ctx_destroy(da_cuda_ctx *ctx)
 	free(ctx);
 }
 
-/* Fraction of the CTA slots of the last wave... of all waves that a grid of
- * `total` CTAs fills: equal CTAs finish wave by wave, so a grid of 2.2 waves
- * takes as long as 3. */
+/* The fraction of the CTA slots of all its waves that a grid of `total`
+ * CTAs fills: equal CTAs finish wave by wave, so 2.2 waves take as long as 3. */
 static double wave_fill(uint64_t total, uint64_t slots)
 {
 	return (double)total / (double)(div_up(total, slots) * slots);
