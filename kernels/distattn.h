@@ -111,8 +111,18 @@ int da_merge_cpu(uint32_t n_parts, uint32_t rows, uint32_t head_dim, const float
  * n_tokens, and the block addresses themselves), o, lse and the merge's
  * arrays are device pointers; `stream` is a cudaStream_t (NULL: default).
  * Calls are asynchronous on the stream. A GPU context owns the workspace for
- * splitting long block lists across thread blocks. Without CUDA these return
- * -ENOSYS. */
+ * splitting long block lists across thread blocks; it belongs to the device
+ * current at creation (a call on another device gets -EINVAL) and serves one
+ * stream at a time (growing it, which is rare, synchronises the device).
+ * Without CUDA these return -ENOSYS; with CUDA, -ENODEV where there is no
+ * usable device and -EIO for other CUDA errors (logged to stderr).
+ *
+ * The host checks what it can see (shape, null pointers, max_blocks); the
+ * lists live on the device, so a query whose list is malformed (longer than
+ * max_blocks, n_tokens not matching its block count, or a NULL block
+ * address) gets NaN in all its o and lse instead of -EINVAL. Blocks may have
+ * any address aligned to the element size; 16-byte aligned blocks with
+ * head_dim * element size a multiple of 16 take the vector-load path. */
 typedef struct da_cuda_ctx da_cuda_ctx;
 int da_cuda_ctx_create(da_cuda_ctx **out);
 void da_cuda_ctx_destroy(da_cuda_ctx *ctx);
