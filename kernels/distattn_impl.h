@@ -18,21 +18,23 @@ typedef struct da_dims {
 typedef struct da_isa {
 	const char *name;
 	uint32_t lanes; /* head_dim must be a multiple of this (1: any) */
-	/* S[hq * bt + t] = q[hq] . K[t][hq / group] for t < ntok and every query
-	 * head. K is one layer's K of one block ([token][kv_head][d]), q holds
-	 * hq rows of d floats, already multiplied by the softmax scale.
+	/* The scores q[h] . K[t][h / group] for t < ntok and every query head h,
+	 * into S (hq * bt floats, laid out as this ISA's three functions agree:
+	 * the portable ones head-major, the SIMD ones token-major). K is one
+	 * layer's K of one block ([token][kv_head][d]), q holds hq rows of d
+	 * floats, already multiplied by the softmax scale.
 	 * `next` (bytes from K to the next block's K, or 0) says what to
 	 * prefetch while computing. */
 	void (*score)(const void *K, const float *q, const da_dims *dm, uint32_t ntok, float *S,
 		      ptrdiff_t next);
-	/* o[hq][0..d) += sum_t P[hq * bt + t] * V[t][hq / group] for t < ntok;
-	 * `next` as for score. */
+	/* o[h][0..d) += sum_t P(h, t) * V[t][h / group] for t < ntok, with P the
+	 * weights softmax_block left in S; `next` as for score. */
 	void (*accum)(const void *V, const float *P, const da_dims *dm, uint32_t ntok, float *o,
 		      ptrdiff_t next);
 	/* The online-softmax step after `score`, for every query head h: with
-	 * mx the max of S[h * bt + 0..ntok) and m' = max(m[h], mx), set
-	 * S[h * bt + t] = exp(S - m'), l[h] = l[h] * exp(m[h] - m') + sum of
-	 * them, scale o[h][0..d) by exp(m[h] - m'), and m[h] = m'. */
+	 * mx the max of its scores and m' = max(m[h], mx), replace each score s
+	 * by exp(s - m'), set l[h] = l[h] * exp(m[h] - m') + their sum, scale
+	 * o[h][0..d) by exp(m[h] - m'), and m[h] = m'. */
 	void (*softmax_block)(float *S, uint32_t ntok, const da_dims *dm, float *m, float *l,
 			      float *o);
 } da_isa;
