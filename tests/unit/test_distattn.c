@@ -256,6 +256,15 @@ Test(distattn, matches_reference_all_dtypes_and_groups)
 	sweep(NULL);
 }
 
+/* The AVX2 path, where the machine would otherwise pick AVX-512. */
+Test(distattn, avx2_path_matches_reference)
+{
+	setenv("KVMESH_DA_ISA", "avx2", 1);
+	if (strcmp(da_cpu_isa(), "avx2+f16c") != 0)
+		cr_skip_test("this CPU has no AVX2/FMA/F16C (picked %s)", da_cpu_isa());
+	sweep("avx2");
+}
+
 Test(distattn, portable_path_matches_reference)
 {
 	sweep("portable");
