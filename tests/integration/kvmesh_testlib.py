@@ -98,6 +98,55 @@ class Coordinator:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+class Agent:
+    """A kvmesh-agent process for one model, registered with a coordinator."""
+
+    def __init__(self, coordinator, node_id, model, host_pool="64MiB", **flags):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="kvmesh-agent-")
+        self.flags = {"node-id": node_id, "coordinator": "127.0.0.1:%d" % coordinator.port,
+                      "listen": "127.0.0.1:%d" % self.port,
+                      "data-address": "127.0.0.1:%d" % free_port(),
+                      "model": model, "host-pool": host_pool}
+        self.flags.update(flags)
+        self.start()
+
+    def start(self):
+        args = [os.path.join(BUILD, "bin", "kvmesh-agent")]
+        args += ["--%s=%s" % kv for kv in self.flags.items()]
+        self.log = open(os.path.join(self.dir, "agent.log"), "ab")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def read_log(self):
+        with open(os.path.join(self.dir, "agent.log"), "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self, sig="TERM"):
+        if self.proc.poll() is None:
+            if sig == "KILL":
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+        return self.proc.wait(timeout=15)
+
+    def close(self):
+        rc = self.stop()
+        assert rc in (0, -9), "agent exit status %s: %s" % (rc, self.read_log()[-3000:])
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_for(what, fn, timeout=10):
+    """Polls fn() until it returns a true value; fails naming `what`."""
+    deadline = time.time() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.05)
+
+
 def run_tests(tests):
     """Runs each test function, prints a line per test and 'N passed, N failed'."""
     passed = failed = 0

@@ -1,0 +1,416 @@
+/* kvmesh-agent: the node agent daemon.
+ *
+ * One agent holds the KV blocks of one model's instances on this node (as
+ * DistKV-LLM's per-instance rManager): it learns the model's block geometry
+ * from the coordinator, sizes its block pool from --host-pool, registers,
+ * heartbeats its capacity and load, and registers again whenever the
+ * coordinator no longer knows it (a coordinator restart, or being declared
+ * dead). It serves the health service and Agent.Stats; the block and
+ * attention calls and the data plane arrive with the transport (issue 5).
+ * SIGTERM: stop serving, say so in the health service, exit cleanly. */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/sysinfo.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/config.h"
+#include "common/health.h"
+#include "common/log.h"
+#include "common/rpc.h"
+#include "kvstore/arena.h"
+#include "kvstore/store.h"
+#include "proto/kvmesh.pb-c.h"
+#include <xxhash.h>
+
+typedef struct agent {
+	char node_id[KVM_OPT_STRING_MAX], coordinator[KVM_OPT_STRING_MAX];
+	char listen[KVM_OPT_STRING_MAX], data_address[KVM_OPT_STRING_MAX];
+	char model_id[KVM_OPT_STRING_MAX];
+	uint64_t host_pool_bytes;
+	int64_t call_timeout_ms;
+
+	kvm_rpc_channel *coord;
+	kvs_geom geom;
+	kvs_arena *arena;
+	kvs_store *store;
+	uint64_t epoch;
+	uint32_t heartbeat_ms;
+
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	bool stopping;
+} agent;
+
+/* Calls the coordinator: returns the gRPC status code (or UNAVAILABLE when
+ * the call could not be made); *resp is malloc'd on success. */
+static int coord_call(agent *a, const char *method, const ProtobufCMessage *req, void **resp,
+		      size_t *len, char *msg, size_t msg_len)
+{
+	size_t n = protobuf_c_message_get_packed_size(req);
+	uint8_t *buf = malloc(n ? n : 1);
+	if (!buf)
+		return KVM_RPC_RESOURCE_EXHAUSTED;
+	protobuf_c_message_pack(req, buf);
+	char path[128];
+	snprintf(path, sizeof(path), "/kvmesh.v1.Coordinator/%s", method);
+	kvm_rpc_status st;
+	int rc = kvm_rpc_unary(a->coord, path, buf, n, (int)a->call_timeout_ms, resp, len, &st);
+	free(buf);
+	if (rc != 0) {
+		snprintf(msg, msg_len, "%s", strerror(-rc));
+		return KVM_RPC_UNAVAILABLE;
+	}
+	snprintf(msg, msg_len, "%s", st.message);
+	return st.code;
+}
+
+/* Sleeps up to ms, or until the agent stops; returns true if stopping. */
+static bool nap(agent *a, int64_t ms)
+{
+	struct timespec until;
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += ms / 1000;
+	until.tv_nsec += (ms % 1000) * 1000000L;
+	if (until.tv_nsec >= 1000000000L)
+		until.tv_sec++, until.tv_nsec -= 1000000000L;
+	pthread_mutex_lock(&a->mu);
+	while (!a->stopping && pthread_cond_timedwait(&a->cv, &a->mu, &until) == 0)
+		;
+	bool stop = a->stopping;
+	pthread_mutex_unlock(&a->mu);
+	return stop;
+}
+
+/* Waits until the coordinator knows the model, then takes its geometry. */
+static int fetch_model(agent *a)
+{
+	for (int attempt = 0;; attempt++) {
+		Kvmesh__V1__ListModelsRequest req = KVMESH__V1__LIST_MODELS_REQUEST__INIT;
+		void *resp = NULL;
+		size_t len;
+		char msg[512];
+		int code = coord_call(a, "ListModels", &req.base, &resp, &len, msg, sizeof(msg));
+		if (code == KVM_RPC_OK) {
+			Kvmesh__V1__ListModelsResponse *r =
+				kvmesh__v1__list_models_response__unpack(NULL, len, resp);
+			free(resp);
+			bool found = false;
+			for (size_t i = 0; r && i < r->n_models; i++) {
+				const Kvmesh__V1__Model *m = r->models[i];
+				if (strcmp(m->id, a->model_id) != 0 || !m->geometry)
+					continue;
+				static const da_dtype dt[] = {DA_F32, DA_F32, DA_F16, DA_BF16};
+				a->geom = (kvs_geom){.layers = m->geometry->layers,
+						     .kv_heads = m->geometry->kv_heads,
+						     .head_dim = m->geometry->head_dim,
+						     .block_tokens = m->geometry->block_tokens,
+						     .dtype = dt[m->geometry->dtype & 3]};
+				found = true;
+			}
+			if (r)
+				kvmesh__v1__list_models_response__free_unpacked(r, NULL);
+			if (found)
+				return 0;
+			snprintf(msg, sizeof(msg), "model %s is not registered yet", a->model_id);
+		}
+		if (attempt % 10 == 0)
+			kvm_log(KVM_LOG_WARN, "waiting_for_model", "model=%s coordinator=%s reason=\"%s\"",
+				a->model_id, a->coordinator, msg);
+		if (nap(a, 500))
+			return -ECANCELED;
+	}
+}
+
+static void fill_capacity(agent *a, Kvmesh__V1__TierCapacity *host)
+{
+	kvs_store_stats st;
+	kvs_store_get_stats(a->store, &st);
+	host->tier = KVMESH__V1__TIER__TIER_HOST;
+	host->total_blocks = st.tier[0].capacity;
+	host->used_blocks = st.tier[0].used - st.tier[0].evictable;
+	host->evictable_blocks = st.tier[0].evictable;
+	host->free_blocks = st.tier[0].free;
+}
+
+static double load_now(void)
+{
+	double l[1];
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+	return getloadavg(l, 1) == 1 && n > 0 ? l[0] / (double)n : 0.0;
+}
+
+static int register_node(agent *a)
+{
+	Kvmesh__V1__Node node = KVMESH__V1__NODE__INIT;
+	Kvmesh__V1__Hardware hw = KVMESH__V1__HARDWARE__INIT;
+	Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&host};
+	struct sysinfo si;
+	sysinfo(&si);
+	hw.cores = (uint32_t)sysconf(_SC_NPROCESSORS_ONLN);
+	hw.memory_bytes = (uint64_t)si.totalram * si.mem_unit;
+	hw.numa_nodes = 1;
+	node.id = a->node_id;
+	node.grpc_address = a->listen;
+	node.data_address = a->data_address;
+	node.hardware = &hw;
+	fill_capacity(a, &host);
+	node.n_capacity = 1;
+	node.capacity = caps;
+	node.load = load_now();
+	Kvmesh__V1__RegisterNodeRequest req = KVMESH__V1__REGISTER_NODE_REQUEST__INIT;
+	req.node = &node;
+	void *resp = NULL;
+	size_t len;
+	char msg[512];
+	int code = coord_call(a, "RegisterNode", &req.base, &resp, &len, msg, sizeof(msg));
+	if (code != KVM_RPC_OK) {
+		kvm_log(KVM_LOG_WARN, "register_failed", "coordinator=%s code=%d reason=\"%s\"",
+			a->coordinator, code, msg);
+		return -EAGAIN;
+	}
+	Kvmesh__V1__RegisterNodeResponse *r =
+		kvmesh__v1__register_node_response__unpack(NULL, len, resp);
+	free(resp);
+	if (!r)
+		return -EPROTO;
+	a->epoch = r->epoch;
+	a->heartbeat_ms = r->heartbeat_ms ? r->heartbeat_ms : 1000;
+	kvmesh__v1__register_node_response__free_unpacked(r, NULL);
+	kvm_log(KVM_LOG_INFO, "registered", "node=%s epoch=%" PRIu64 " heartbeat_ms=%u blocks=%" PRIu64,
+		a->node_id, a->epoch, a->heartbeat_ms, host.total_blocks);
+	return 0;
+}
+
+/* Registers, then heartbeats; registers again when told to. */
+static void *heartbeat_main(void *arg)
+{
+	agent *a = arg;
+	bool registered = false;
+	int64_t backoff = 200;
+	for (;;) { /* until nap() says the agent stops */
+		if (!registered) {
+			registered = register_node(a) == 0;
+			if (!registered) {
+				if (nap(a, backoff))
+					break;
+				backoff = backoff < 5000 ? backoff * 2 : 5000;
+				continue;
+			}
+			backoff = 200;
+		}
+		if (nap(a, a->heartbeat_ms))
+			break;
+		Kvmesh__V1__HeartbeatRequest req = KVMESH__V1__HEARTBEAT_REQUEST__INIT;
+		Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&host};
+		fill_capacity(a, &host);
+		req.node_id = a->node_id;
+		req.epoch = a->epoch;
+		req.n_capacity = 1;
+		req.capacity = caps;
+		req.load = load_now();
+		void *resp = NULL;
+		size_t len;
+		char msg[512];
+		int code = coord_call(a, "Heartbeat", &req.base, &resp, &len, msg, sizeof(msg));
+		if (code == KVM_RPC_NOT_FOUND || code == KVM_RPC_FAILED_PRECONDITION) {
+			kvm_log(KVM_LOG_INFO, "reregistering", "reason=\"%s\"", msg);
+			registered = false;
+		} else if (code != KVM_RPC_OK) {
+			kvm_log(KVM_LOG_WARN, "heartbeat_failed", "code=%d reason=\"%s\"", code, msg);
+		} else {
+			Kvmesh__V1__HeartbeatResponse *r =
+				kvmesh__v1__heartbeat_response__unpack(NULL, len, resp);
+			for (size_t i = 0; r && i < r->n_commands; i++)
+				if (r->commands[i]->kind_case == KVMESH__V1__COMMAND__KIND_DRAIN)
+					kvm_log(KVM_LOG_INFO, "drain_requested", "reason=\"%s\"",
+						r->commands[i]->drain->reason);
+			if (r)
+				kvmesh__v1__heartbeat_response__free_unpacked(r, NULL);
+		}
+		free(resp);
+	}
+	return NULL;
+}
+
+static int agent_stats(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	agent *a = arg;
+	(void)req;
+	(void)len;
+	kvs_store_stats st;
+	kvs_store_get_stats(a->store, &st);
+	Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&host};
+	fill_capacity(a, &host);
+	Kvmesh__V1__StatsResponse__CountersEntry e[6];
+	Kvmesh__V1__StatsResponse__CountersEntry *ep[6];
+	const char *names[6] = {"sequences", "indexed_blocks", "prefix_hits", "prefix_misses",
+				"evictions", "meta_bytes_per_block"};
+	double vals[6] = {st.n_seqs,    st.n_indexed, (double)st.hits, (double)st.misses,
+			  (double)st.evictions, st.meta_bytes_per_block};
+	for (int i = 0; i < 6; i++) {
+		kvmesh__v1__stats_response__counters_entry__init(&e[i]);
+		e[i].key = (char *)names[i];
+		e[i].value = vals[i];
+		ep[i] = &e[i];
+	}
+	Kvmesh__V1__StatsResponse resp = KVMESH__V1__STATS_RESPONSE__INIT;
+	resp.n_capacity = 1;
+	resp.capacity = caps;
+	resp.n_counters = 6;
+	resp.counters = ep;
+	uint8_t buf[1024];
+	size_t n = kvmesh__v1__stats_response__pack(&resp, buf);
+	kvm_rpc_reply(call, buf, n);
+	return KVM_RPC_OK;
+}
+
+static int not_yet(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	(void)arg;
+	(void)req;
+	(void)len;
+	return kvm_rpc_fail(call, KVM_RPC_UNIMPLEMENTED,
+			    "block and attention calls arrive with the data plane (issue 5)");
+}
+
+struct sig_args {
+	agent *a;
+	sigset_t sigs;
+};
+
+static void *signal_main(void *arg)
+{
+	struct sig_args *sa = arg;
+	int sig;
+	sigwait(&sa->sigs, &sig);
+	kvm_log(KVM_LOG_INFO, "stopping", "signal=%s", strsignal(sig));
+	pthread_mutex_lock(&sa->a->mu);
+	sa->a->stopping = true;
+	pthread_cond_broadcast(&sa->a->cv);
+	pthread_mutex_unlock(&sa->a->mu);
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	static agent a;
+	char host[256] = "node";
+	gethostname(host, sizeof(host) - 1);
+	const kvm_option opts[] = {
+		{"node-id", KVM_OPT_STRING, a.node_id, host, "this node's id (default: host name)"},
+		{"coordinator", KVM_OPT_STRING, a.coordinator, "127.0.0.1:7400",
+		 "the coordinator's gRPC address"},
+		{"listen", KVM_OPT_STRING, a.listen, "127.0.0.1:7500", "gRPC address to serve on"},
+		{"data-address", KVM_OPT_STRING, a.data_address, "127.0.0.1:7600",
+		 "data-plane address announced to peers"},
+		{"model", KVM_OPT_STRING, a.model_id, "", "id of the model whose KV this agent holds"},
+		{"host-pool", KVM_OPT_BYTES, &a.host_pool_bytes, "1GiB",
+		 "host memory for KV blocks"},
+		{"call-timeout", KVM_OPT_DURATION, &a.call_timeout_ms, "3s",
+		 "deadline of calls to the coordinator"},
+	};
+	const size_t n_opts = sizeof(opts) / sizeof(opts[0]);
+	char err[512];
+	int rc = kvm_config_load(opts, n_opts, &argc, argv, err, sizeof(err));
+	if (rc == KVM_CONFIG_HELP) {
+		kvm_config_usage(stdout, "kvmesh-agent", "The kvmesh node agent.", opts, n_opts);
+		return 0;
+	}
+	if (rc != 0 || argc > 1 || !a.model_id[0]) {
+		fprintf(stderr, "kvmesh-agent: %s\n",
+			rc ? err : argc > 1 ? "unexpected argument (see --help)"
+					    : "--model is required (the model whose KV it holds)");
+		return 2;
+	}
+	sigset_t sigs;
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGTERM);
+	sigaddset(&sigs, SIGINT);
+	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+	pthread_mutex_init(&a.mu, NULL);
+	pthread_cond_init(&a.cv, NULL);
+
+	if (kvm_rpc_channel_open(a.coordinator, &a.coord) != 0) {
+		fprintf(stderr, "kvmesh-agent: bad --coordinator \"%s\"\n", a.coordinator);
+		return 2;
+	}
+	/* Signals are taken by their own thread, so that one can end the agent
+	 * at any stage, waiting for the model included. */
+	pthread_t sig_thread;
+	struct sig_args sa = {&a, sigs};
+	pthread_create(&sig_thread, NULL, signal_main, &sa);
+
+	/* The model's geometry decides the block size, so the pool waits for it. */
+	if (fetch_model(&a) != 0) {
+		pthread_join(sig_thread, NULL);
+		kvm_rpc_channel_close(a.coord);
+		return 0; /* stopped by a signal while waiting */
+	}
+
+	size_t block_bytes = kvs_geom_block_bytes(&a.geom);
+	uint64_t slots = block_bytes ? a.host_pool_bytes / block_bytes : 0;
+	if (slots == 0 || slots > UINT32_MAX - 2) {
+		kvm_log(KVM_LOG_ERROR, "pool_size", "host_pool=%" PRIu64 " block_bytes=%zu error=\"%s\"",
+			a.host_pool_bytes, block_bytes,
+			slots == 0 ? "--host-pool holds not one block of this model"
+				   : "--host-pool holds too many blocks");
+		return 1;
+	}
+	char aerr[256] = "";
+	kvs_arena_opts ao = {.slot_bytes = block_bytes,
+			     .n_slots = (uint32_t)slots,
+			     .err = aerr,
+			     .err_len = sizeof(aerr)};
+	if ((rc = kvs_arena_create_host(&ao, &a.arena)) != 0) {
+		kvm_log(KVM_LOG_ERROR, "pool_failed", "error=\"%s\"", aerr[0] ? aerr : strerror(-rc));
+		return 1;
+	}
+	kvs_store_config sc = {.geom = a.geom,
+			       .model = XXH3_64bits(a.model_id, strlen(a.model_id)),
+			       .tiers = {a.arena},
+			       .max_seqs = 65536};
+	if ((rc = kvs_store_create(&sc, &a.store)) != 0) {
+		kvm_log(KVM_LOG_ERROR, "store_failed", "error=\"%s\"", strerror(-rc));
+		return 1;
+	}
+
+	kvm_rpc_server *srv;
+	kvm_health *health;
+	int port;
+	if ((rc = kvm_rpc_server_create(a.listen, &port, &srv)) != 0) {
+		kvm_log(KVM_LOG_ERROR, "listen_failed", "addr=%s error=\"%s\"", a.listen, strerror(-rc));
+		return 1;
+	}
+	kvm_health_register(srv, &health);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/Stats", false, agent_stats, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/PutBlocks", false, not_yet, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/GetBlocks", false, not_yet, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/AttendAppend", false, not_yet, &a);
+	if ((rc = kvm_rpc_server_start(srv)) != 0) {
+		kvm_log(KVM_LOG_ERROR, "start_failed", "error=\"%s\"", strerror(-rc));
+		return 1;
+	}
+	kvm_health_set(health, "", true);
+	kvm_health_set(health, "kvmesh.v1.Agent", true);
+	kvm_log(KVM_LOG_INFO, "serving", "node=%s addr=%s model=%s blocks=%" PRIu64 " block_bytes=%zu",
+		a.node_id, a.listen, a.model_id, slots, block_bytes);
+
+	pthread_t hb;
+	pthread_create(&hb, NULL, heartbeat_main, &a);
+	pthread_join(sig_thread, NULL); /* returns once a signal said stop */
+	kvm_health_set(health, "", false);
+	pthread_join(hb, NULL);
+	kvm_rpc_server_destroy(srv, 2000);
+	kvm_health_destroy(health);
+	kvs_store_destroy(a.store);
+	kvs_arena_destroy(a.arena);
+	kvm_rpc_channel_close(a.coord);
+	kvm_log(KVM_LOG_INFO, "stopped", NULL);
+	return 0;
+}
