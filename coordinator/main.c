@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <systemd/sd-daemon.h>
+
 #include "common/config.h"
 #include "common/health.h"
 #include "common/log.h"
@@ -99,10 +101,12 @@ int main(int argc, char **argv)
 	kvm_health_set(health, "kvmesh.v1.Coordinator", true);
 	kvm_log(KVM_LOG_INFO, "serving", "addr=%s port=%d heartbeat_ms=%lld dead_after_ms=%lld",
 		listen, port, (long long)heartbeat_ms, (long long)dead_after_ms);
+	sd_notify(0, "READY=1"); /* Type=notify units start dependants now */
 
 	int sig;
 	sigwait(&sigs, &sig);
 	kvm_log(KVM_LOG_INFO, "stopping", "signal=%s", strsignal(sig));
+	sd_notify(0, "STOPPING=1");
 	kvm_health_set(health, "", false);
 	kvm_rpc_server_destroy(srv, 2000);
 	kvm_coord_destroy(coord);

@@ -19,6 +19,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <systemd/sd-daemon.h>
+
 #include "common/config.h"
 #include "common/health.h"
 #include "common/log.h"
@@ -400,10 +402,12 @@ int main(int argc, char **argv)
 	kvm_health_set(health, "kvmesh.v1.Agent", true);
 	kvm_log(KVM_LOG_INFO, "serving", "node=%s addr=%s model=%s blocks=%" PRIu64 " block_bytes=%zu",
 		a.node_id, a.listen, a.model_id, slots, block_bytes);
+	sd_notify(0, "READY=1"); /* Type=notify units start dependants now */
 
 	pthread_t hb;
 	pthread_create(&hb, NULL, heartbeat_main, &a);
 	pthread_join(sig_thread, NULL); /* returns once a signal said stop */
+	sd_notify(0, "STOPPING=1");
 	kvm_health_set(health, "", false);
 	pthread_join(hb, NULL);
 	kvm_rpc_server_destroy(srv, 2000);

@@ -29,7 +29,8 @@ for dir in "${dirs[@]}"; do
       line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
       p=$(echo "$line" | sed -nE 's/^([0-9]+) passed.*/\1/p'); p=${p:-0}
       f=$(echo "$line" | sed -nE 's/^[0-9]+ passed, ([0-9]+) failed.*/\1/p'); f=${f:-0}
-      s=0
+      s=$(echo "$line" | sed -nE 's/.*, ([0-9]+) skipped.*/\1/p'); s=${s:-0}
+      grep -E '^skip ' "$log" | sed 's/^skip /    skipped: /'
     elif [[ $name == test_* ]]; then
       tap="$work/$name.tap"
       "$bin" --tap="$tap" "$@" >"$log" 2>&1

@@ -147,17 +147,24 @@ def wait_for(what, fn, timeout=10):
         time.sleep(0.05)
 
 
-def run_tests(tests):
-    """Runs each test function, prints a line per test and 'N passed, N failed'."""
+def run_tests(tests, skipped=None):
+    """Runs each test function, prints a line per test and 'N passed, N
+    failed, N skipped'. A test that cannot run here appends its reason to
+    `skipped` and returns."""
+    skipped = skipped if skipped is not None else []
     passed = failed = 0
     for t in tests:
         start = time.time()
         try:
+            before = len(skipped)
             t()
-            passed += 1
-            print("ok   %s (%.1fs)" % (t.__name__, time.time() - start), flush=True)
+            if len(skipped) > before:
+                print("skip %s: %s" % (t.__name__, skipped[-1]), flush=True)
+            else:
+                passed += 1
+                print("ok   %s (%.1fs)" % (t.__name__, time.time() - start), flush=True)
         except Exception:  # noqa: BLE001 - a test's failure of any kind
             failed += 1
             print("FAIL %s\n%s" % (t.__name__, traceback.format_exc()), flush=True)
-    print("%d passed, %d failed" % (passed, failed))
+    print("%d passed, %d failed, %d skipped" % (passed, failed, len(skipped)))
     sys.exit(1 if failed else 0)

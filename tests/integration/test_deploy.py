@@ -1,0 +1,99 @@
+#!/usr/bin/python3
+"""Deployment files that operators use: the systemd units verify, the daemons
+tell systemd when they are ready, the example configs load, and the
+Kubernetes manifest names only options the daemons have."""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import yaml
+
+from kvmesh_testlib import BUILD, ROOT, Agent, Coordinator, run_tests, wait_for
+
+skipped = []
+
+
+def test_systemd_units_verify():
+    if not shutil.which("systemd-analyze"):
+        skipped.append("systemd-analyze missing (deploy/deps.sh installs systemd)")
+        return
+    d = tempfile.mkdtemp()
+    try:
+        for name in os.listdir(os.path.join(ROOT, "deploy", "systemd")):
+            with open(os.path.join(ROOT, "deploy", "systemd", name)) as f:
+                text = f.read()
+            # verify checks that ExecStart exists: point it at this build.
+            text = text.replace("/usr/local/bin/", os.path.join(BUILD, "bin") + "/")
+            with open(os.path.join(d, name.replace("@.", "@tiny.")), "w") as f:
+                f.write(text)
+        units = [os.path.join(d, n) for n in os.listdir(d)]
+        p = subprocess.run(["systemd-analyze", "verify"] + units, capture_output=True, text=True,
+                           timeout=60)
+        # Complaints about the missing config file are the target machine's business.
+        problems = [l for l in (p.stdout + p.stderr).splitlines()
+                    if l.strip() and "kvmesh" in l and "/etc/kvmesh" not in l]
+        assert not problems, problems
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_daemons_notify_systemd_when_ready():
+    d = tempfile.mkdtemp()
+    path = os.path.join(d, "notify")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(10)
+    os.environ["NOTIFY_SOCKET"] = path
+    try:
+        c = Coordinator()
+        try:
+            assert b"READY=1" in s.recv(4096)
+        finally:
+            c.close()
+        assert b"STOPPING=1" in s.recv(4096)
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+        s.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_example_configs_load():
+    c = Coordinator(config=os.path.join(ROOT, "deploy", "config", "coordinator.yaml"))
+    a = None
+    try:
+        a = Agent(c, "cfg-agent", "no-such-model",
+                  config=os.path.join(ROOT, "deploy", "config", "agent.yaml"))
+        # It read its file and went on to wait for its model.
+        wait_for("agent waiting for its model", lambda: "waiting_for_model" in a.read_log())
+    finally:
+        if a:
+            a.close()
+        c.close()
+
+
+def test_kubernetes_manifest_uses_real_options():
+    with open(os.path.join(ROOT, "deploy", "k8s", "kvmesh.yaml")) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["DaemonSet", "Service", "StatefulSet"], kinds
+    helps = {}
+    for binary in ("kvmesh-coordinator", "kvmesh-agent"):
+        helps[binary] = subprocess.run([os.path.join(BUILD, "bin", binary), "--help"],
+                                       capture_output=True, text=True, timeout=10).stdout
+    for d in docs:
+        if d["kind"] == "Service":
+            continue
+        for ctr in d["spec"]["template"]["spec"]["containers"]:
+            binary = ctr["args"][0]
+            for env in ctr.get("env", []):
+                if env["name"].startswith("KVMESH_"):
+                    assert env["name"] in helps[binary], (binary, env["name"])
+
+
+if __name__ == "__main__":
+    tests = [test_systemd_units_verify, test_daemons_notify_systemd_when_ready,
+             test_example_configs_load, test_kubernetes_manifest_uses_real_options]
+    run_tests(tests, skipped)
