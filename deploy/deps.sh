@@ -11,13 +11,13 @@ build_pkgs=(
   libibverbs-dev librdmacm-dev ibverbs-providers
   libhwloc-dev libxxhash-dev libsystemd-dev libcriterion-dev
   libmicrohttpd-dev libyaml-dev
-  python3 python3-grpcio python3-grpc-tools
+  python3 python3-grpcio python3-grpc-tools python3-yaml systemd
 )
 extra_pkgs=(
   clang
   etcd-server etcd-client
   python3-numpy
-  redis-server libhiredis-dev prometheus systemd
+  redis-server libhiredis-dev prometheus
   iproute2 qemu-system-x86 cpio
 )
 
