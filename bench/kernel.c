@@ -15,9 +15,11 @@
  *    the compute-bound ceiling in KV bytes/s is peak_lanes * 2 / group for
  *    fp16; for GQA it falls below memory bandwidth.
  *
+ * The machine is shared: rounds measure STREAM and every kernel case back to
+ * back, ratios are taken per round, and medians over rounds are reported.
+ *
  * Final lines: name=value, ratios kernel/STREAM with all threads as
- * kernel_bw_ratio_{mha,gqa8,gqa4}, with one thread as ..._1t, and the kernel
- * against the lower of the two limits as kernel_bound_ratio_... */
+ * kernel_bw_ratio_{mha,gqa8,gqa4}, with one thread as ..._1t. */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -35,7 +37,7 @@
 #define HEAD_DIM 128u
 #define Q_HEADS 32u
 #define BLOCK_TOKENS 16u
-#define REPS 7 /* timed repetitions; the median is reported */
+#define REPS 3 /* passes of one STREAM measurement; the median is taken */
 
 static double now(void)
 {
@@ -177,37 +179,43 @@ static double fma_peak(void)
 typedef struct {
 	const char *name;
 	uint32_t kv_heads;
+	/* Prepared once: the arena of copies, its shuffled block list, buffers. */
+	da_shape shape;
+	uint8_t *arena;
+	const void **blocks;
+	uint32_t nb, copies;
+	size_t kv_bytes; /* one query's KV: one layer's K and V of every block */
+	float *q, *o, lse[Q_HEADS];
 } config;
 
-/* GB/s of KV read by da_partial_cpu for one query over TOKENS tokens. */
-static double kernel_read(uint32_t kv_heads, unsigned threads, double *kv_gb_out)
+/* Allocates and fills a config's arena: enough copies of the sequence that
+ * the working set is >= 1 GiB, blocks in shuffled slots as an arena hands
+ * them out, on transparent huge pages as a kvstore arena is. */
+static void prepare(config *c)
 {
-	da_shape s = {.q_heads = Q_HEADS,
-		      .kv_heads = kv_heads,
-		      .head_dim = HEAD_DIM,
-		      .block_tokens = BLOCK_TOKENS,
-		      .layer = 0,
-		      .kv_dtype = DA_F16,
-		      .scale = 1.0f / sqrtf((float)HEAD_DIM)};
-	size_t block_bytes = da_block_bytes(&s, 1);
-	uint32_t nb = TOKENS / BLOCK_TOKENS;
-	size_t kv_bytes = block_bytes * nb;
-	/* Enough copies of the sequence that the working set is >= 1 GiB. */
-	uint32_t copies = (uint32_t)ceil(GIB / kv_bytes);
-	if (copies < 2)
-		copies = 2;
-	size_t slots = (size_t)nb * copies;
-	uint8_t *arena = aligned_alloc(2 * 1024 * 1024, slots * block_bytes);
-	if (!arena) {
+	c->shape = (da_shape){.q_heads = Q_HEADS,
+			      .kv_heads = c->kv_heads,
+			      .head_dim = HEAD_DIM,
+			      .block_tokens = BLOCK_TOKENS,
+			      .layer = 0,
+			      .kv_dtype = DA_F16,
+			      .scale = 1.0f / sqrtf((float)HEAD_DIM)};
+	size_t block_bytes = da_block_bytes(&c->shape, 1);
+	c->nb = TOKENS / BLOCK_TOKENS;
+	c->kv_bytes = block_bytes * c->nb;
+	c->copies = (uint32_t)ceil(GIB / c->kv_bytes);
+	if (c->copies < 2)
+		c->copies = 2;
+	size_t slots = (size_t)c->nb * c->copies;
+	c->arena = aligned_alloc(2 * 1024 * 1024, slots * block_bytes);
+	if (!c->arena) {
 		fprintf(stderr, "bench: cannot allocate %.1f GiB\n", slots * block_bytes / GIB);
 		exit(1);
 	}
-	madvise(arena, slots * block_bytes, MADV_HUGEPAGE); /* as a kvstore arena is */
-	/* Fill with small fp16 values (0x3c00 is 1.0; vary the low bits). */
+	madvise(c->arena, slots * block_bytes, MADV_HUGEPAGE);
+	/* Small fp16 values (0x3c00 is 1.0; vary the low bits). */
 	for (size_t i = 0; i < slots * block_bytes / 2; i++)
-		((uint16_t *)arena)[i] = (uint16_t)(0x3800 + (i * 2654435761u >> 22) % 1024);
-
-	/* Shuffled slot order, as an arena hands out slots. */
+		((uint16_t *)c->arena)[i] = (uint16_t)(0x3800 + (i * 2654435761u >> 22) % 1024);
 	uint32_t *perm = malloc(slots * sizeof(uint32_t));
 	for (size_t i = 0; i < slots; i++)
 		perm[i] = (uint32_t)i;
@@ -218,49 +226,37 @@ static double kernel_read(uint32_t kv_heads, unsigned threads, double *kv_gb_out
 		uint32_t t = perm[i];
 		perm[i] = perm[j], perm[j] = t;
 	}
-	const void **blocks = malloc(slots * sizeof(void *));
+	c->blocks = malloc(slots * sizeof(void *));
 	for (size_t i = 0; i < slots; i++)
-		blocks[i] = arena + (size_t)perm[i] * block_bytes;
-
-	float *q = malloc(Q_HEADS * HEAD_DIM * sizeof(float));
+		c->blocks[i] = c->arena + (size_t)perm[i] * block_bytes;
+	free(perm);
+	c->q = malloc(Q_HEADS * HEAD_DIM * sizeof(float));
+	c->o = malloc(Q_HEADS * HEAD_DIM * sizeof(float));
 	for (uint32_t i = 0; i < Q_HEADS * HEAD_DIM; i++)
-		q[i] = (float)((i * 37) % 17) / 17.0f - 0.5f;
-	float *o = malloc(Q_HEADS * HEAD_DIM * sizeof(float)), lse[Q_HEADS];
+		c->q[i] = (float)((i * 37) % 17) / 17.0f - 0.5f;
+}
 
-	da_ctx *ctx;
-	if (da_ctx_create(threads, &ctx) != 0) {
-		fprintf(stderr, "bench: da_ctx_create failed\n");
-		exit(1);
-	}
-	uint32_t start[2] = {0, nb}, ntok = TOKENS;
-	double t[REPS * 4];
-	int nt = 0;
-	/* Warm-up: one pass over every copy (page faults, scratch growth). */
-	for (uint32_t c = 0; c < copies; c++) {
-		da_batch b = {1, q, blocks + (size_t)c * nb, start, &ntok, nb};
-		da_partial_cpu(ctx, &s, &b, o, lse);
-	}
-	for (int r = 0; r < REPS * 4; r++) {
-		uint32_t c = (uint32_t)(r % copies);
-		da_batch b = {1, q, blocks + (size_t)c * nb, start, &ntok, nb};
+/* GB/s of KV read by da_partial_cpu: one query over each copy in turn (so
+ * every query reads from memory), median time of those queries. */
+static double kernel_read(config *c, da_ctx *ctx)
+{
+	uint32_t start[2] = {0, c->nb}, ntok = TOKENS;
+	double t[64];
+	uint32_t n = c->copies < 64 ? c->copies : 64;
+	for (uint32_t k = 0; k < n; k++) {
+		da_batch b = {1, c->q, c->blocks + (size_t)k * c->nb, start, &ntok, c->nb};
 		double t0 = now();
-		int rc = da_partial_cpu(ctx, &s, &b, o, lse);
-		t[nt++] = now() - t0;
+		int rc = da_partial_cpu(ctx, &c->shape, &b, c->o, c->lse);
+		t[k] = now() - t0;
 		if (rc != 0) {
 			fprintf(stderr, "bench: da_partial_cpu: %d\n", rc);
 			exit(1);
 		}
 	}
-	da_ctx_destroy(ctx);
-	free(o);
-	free(q);
-	free(blocks);
-	free(perm);
-	free(arena);
-	*kv_gb_out = kv_bytes / 1e9;
-	/* Per-query KV bytes: one layer's K and V of every block. */
-	return kv_bytes / median(t, nt) / 1e9;
+	return c->kv_bytes / median(t, (int)n) / 1e9;
 }
+
+#define ROUNDS 9
 
 int main(void)
 {
@@ -270,8 +266,9 @@ int main(void)
 	if (all > 64)
 		all = 64;
 	printf("bench-kernel: cpu isa=%s threads=%u, fp16 KV, %u tokens, head_dim %u, Hq %u, "
-	       "block_tokens %u, median of %d runs\n",
-	       da_cpu_isa(), all, TOKENS, HEAD_DIM, Q_HEADS, BLOCK_TOKENS, REPS * 4);
+	       "block_tokens %u; %d rounds, each measuring STREAM and every kernel case back "
+	       "to back; medians over rounds\n",
+	       da_cpu_isa(), all, TOKENS, HEAD_DIM, Q_HEADS, BLOCK_TOKENS, ROUNDS);
 
 	size_t words = (size_t)(GIB / 8);
 	uint64_t *buf = aligned_alloc(2 * 1024 * 1024, words * 8);
@@ -282,31 +279,54 @@ int main(void)
 	madvise(buf, words * 8, MADV_HUGEPAGE);
 	for (size_t i = 0; i < words; i++)
 		buf[i] = i;
-	double stream1 = stream_read(buf, words, 1);
-	double streamN = stream_read(buf, words, all);
-	free(buf);
-	printf("  STREAM-like read of 1 GiB: %.2f GB/s (1 thread), %.2f GB/s (%u threads)\n",
-	       stream1, streamN, all);
 
 	double fma = fma_peak();
-	printf("  FMA peak of one core: %.1f fp32 multiply-adds/ns\n", fma);
-
-	static const config cfgs[] = {{"mha", 32}, {"gqa8", 8}, {"gqa4", 4}};
-	double bound1[3], boundN[3];
-	double bw1[3], bwN[3];
+	static config cfgs[] = {{.name = "mha", .kv_heads = 32},
+				{.name = "gqa8", .kv_heads = 8},
+				{.name = "gqa4", .kv_heads = 4}};
+	da_ctx *one, *many;
+	if (da_ctx_create(1, &one) != 0 || da_ctx_create(all, &many) != 0) {
+		fprintf(stderr, "bench: da_ctx_create failed\n");
+		return 1;
+	}
 	for (int c = 0; c < 3; c++) {
-		double kv_gb;
-		bw1[c] = kernel_read(cfgs[c].kv_heads, 1, &kv_gb);
-		bwN[c] = kernel_read(cfgs[c].kv_heads, all, &kv_gb);
+		prepare(&cfgs[c]);
+		kernel_read(&cfgs[c], one); /* warm-up: page faults, scratch growth */
+		kernel_read(&cfgs[c], many);
+	}
+
+	/* Rounds: the machine is shared and its load drifts, so each round
+	 * measures the limit and the kernel within a second of each other and
+	 * the ratios are taken per round. */
+	double s1[ROUNDS], sN[ROUNDS], b1[3][ROUNDS], bN[3][ROUNDS], r1[3][ROUNDS], rN[3][ROUNDS];
+	for (int r = 0; r < ROUNDS; r++) {
+		s1[r] = stream_read(buf, words, 1);
+		sN[r] = stream_read(buf, words, all);
+		for (int c = 0; c < 3; c++) {
+			b1[c][r] = kernel_read(&cfgs[c], one);
+			bN[c][r] = kernel_read(&cfgs[c], many);
+			r1[c][r] = b1[c][r] / s1[r];
+			rN[c][r] = bN[c][r] / sN[r];
+		}
+		fprintf(stderr, "round %d/%d: stream %.1f/%.1f GB/s, mha %.1f/%.1f\n", r + 1, ROUNDS,
+			s1[r], sN[r], b1[0][r], bN[0][r]);
+	}
+	double stream1 = median(s1, ROUNDS), streamN = median(sN, ROUNDS);
+	printf("  STREAM-like read of 1 GiB: %.2f GB/s (1 thread), %.2f GB/s (%u threads)\n",
+	       stream1, streamN, all);
+	printf("  FMA peak of one core: %.1f fp32 multiply-adds/ns\n", fma);
+	double bw1[3], bwN[3], ratio1[3], ratioN[3];
+	for (int c = 0; c < 3; c++) {
+		bw1[c] = median(b1[c], ROUNDS);
+		bwN[c] = median(bN[c], ROUNDS);
+		ratio1[c] = median(r1[c], ROUNDS);
+		ratioN[c] = median(rN[c], ROUNDS);
 		/* fp16: 2 bytes per element, Q_HEADS / kv_heads multiply-adds each. */
-		double group = (double)Q_HEADS / cfgs[c].kv_heads;
-		double compute1 = fma > 0 ? fma * 2.0 / group : 1e30;
-		bound1[c] = stream1 < compute1 ? stream1 : compute1;
-		boundN[c] = streamN < compute1 * all ? streamN : compute1 * all;
+		double compute1 = fma * 2.0 / ((double)Q_HEADS / cfgs[c].kv_heads);
 		printf("  %-4s (Hkv %2u, %.3f GB of KV a query): %.2f GB/s (1 thread, %.2f of STREAM), "
 		       "%.2f GB/s (%u threads, %.2f of STREAM); compute ceiling %.1f GB/s a core\n",
-		       cfgs[c].name, cfgs[c].kv_heads, kv_gb, bw1[c], bw1[c] / stream1, bwN[c], all,
-		       bwN[c] / streamN, compute1);
+		       cfgs[c].name, cfgs[c].kv_heads, cfgs[c].kv_bytes / 1e9, bw1[c], ratio1[c],
+		       bwN[c], all, ratioN[c], compute1);
 	}
 
 	printf("fma_peak_per_ns_1t=%.1f\n", fma);
@@ -317,12 +337,10 @@ int main(void)
 		printf("kernel_bw_gbs_%s=%.2f\n", cfgs[c].name, bwN[c]);
 	}
 	for (int c = 0; c < 3; c++)
-		printf("kernel_bw_ratio_%s_1t=%.2f\n", cfgs[c].name, bw1[c] / stream1);
+		printf("kernel_bw_ratio_%s_1t=%.2f\n", cfgs[c].name, ratio1[c]);
 	for (int c = 0; c < 3; c++)
-		printf("kernel_bound_ratio_%s_1t=%.2f\n", cfgs[c].name, bw1[c] / bound1[c]);
-	for (int c = 0; c < 3; c++)
-		printf("kernel_bound_ratio_%s=%.2f\n", cfgs[c].name, bwN[c] / boundN[c]);
-	for (int c = 0; c < 3; c++)
-		printf("kernel_bw_ratio_%s=%.2f\n", cfgs[c].name, bwN[c] / streamN);
+		printf("kernel_bw_ratio_%s=%.2f\n", cfgs[c].name, ratioN[c]);
+	da_ctx_destroy(one);
+	da_ctx_destroy(many);
 	return 0;
 }
