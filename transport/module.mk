@@ -1,3 +1,20 @@
 # transport: wire format, event loop, TCP backend, NIC discovery, fuzzing.
 CORE_SRCS += transport/wire.c transport/loop.c transport/transport.c transport/tcp.c transport/nic.c
 LDLIBS    += -lxxhash -libverbs
+
+# Fuzzing (clang, libFuzzer): `make fuzz` builds build/fuzz/fuzz_wire;
+# `make fuzz-run FUZZ_SECONDS=60` runs it from the committed seed corpus
+# (new inputs go to build/fuzz/corpus, crashes to build/fuzz/crash-*).
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_DIR     := build/fuzz
+.PHONY: fuzz fuzz-run
+fuzz: $(FUZZ_DIR)/fuzz_wire
+$(FUZZ_DIR)/fuzz_wire: tests/fuzz/fuzz_wire.c transport/wire.c transport/wire.h
+	@mkdir -p $(@D)
+	$(FUZZ_CC) -I. -D_GNU_SOURCE -std=gnu17 -g -O1 -fsanitize=fuzzer,address,undefined \
+		-fno-sanitize-recover=all tests/fuzz/fuzz_wire.c transport/wire.c -o $@ -lxxhash -lm
+fuzz-run: fuzz
+	@mkdir -p $(FUZZ_DIR)/corpus
+	$(FUZZ_DIR)/fuzz_wire -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 \
+		-artifact_prefix=$(FUZZ_DIR)/ $(FUZZ_DIR)/corpus tests/fuzz/corpus/wire
