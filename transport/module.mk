@@ -18,3 +18,6 @@ fuzz-run: fuzz
 	@mkdir -p $(FUZZ_DIR)/corpus
 	$(FUZZ_DIR)/fuzz_wire -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 \
 		-artifact_prefix=$(FUZZ_DIR)/ $(FUZZ_DIR)/corpus tests/fuzz/corpus/wire
+
+# The transport benchmark drives Redis with hiredis (libhiredis-dev).
+$(BUILD)/bench/transport: LDLIBS += -lhiredis

@@ -1489,6 +1489,7 @@ static int srv_attend(struct conn *c)
 		free(out);
 		return srv_reject(c, -ENOMEM, h->req_id, "out of memory");
 	}
+	memset(out, 0, ob); /* failed queries' rows stay zero */
 	float *o = out, *lse = out + (size_t)v.n_queries * v.shape.q_heads * v.shape.head_dim;
 	rc = s->h.attend(s->ctx, &v, (const float *)(const void *)c->bulk_buf, o, lse, st);
 	wire_buf wb = {.p = sf->f.meta, .cap = ml};
