@@ -209,7 +209,10 @@ static void conn_write(struct conn *c)
 		int n = 0;
 		for (struct txframe *f = c->txq; f && n < MAX_IOV; f = f->next)
 			n += frame_iov(f, f->sent, iov + n, MAX_IOV - n);
-		ssize_t w = writev(c->src.fd, iov, n);
+		/* sendmsg, not writev: MSG_NOSIGNAL turns a dead peer into EPIPE
+		 * instead of a SIGPIPE that would kill the process. */
+		struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+		ssize_t w = sendmsg(c->src.fd, &mh, MSG_NOSIGNAL);
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
