@@ -1,6 +1,7 @@
 # transport: wire format, event loop, TCP backend, NIC discovery, fuzzing.
-CORE_SRCS += transport/wire.c transport/loop.c transport/transport.c transport/tcp.c transport/nic.c
+CORE_SRCS += transport/wire.c transport/csum_avx2.c transport/loop.c transport/transport.c transport/tcp.c transport/nic.c
 LDLIBS    += -lxxhash -libverbs
+$(BUILD)/transport/csum_avx2.o: CFLAGS += -mavx2
 
 # Fuzzing (clang, libFuzzer): `make fuzz` builds build/fuzz/fuzz_wire;
 # `make fuzz-run FUZZ_SECONDS=60` runs it from the committed seed corpus
@@ -10,10 +11,11 @@ FUZZ_SECONDS ?= 60
 FUZZ_DIR     := build/fuzz
 .PHONY: fuzz fuzz-run
 fuzz: $(FUZZ_DIR)/fuzz_wire
-$(FUZZ_DIR)/fuzz_wire: tests/fuzz/fuzz_wire.c transport/wire.c transport/wire.h
+FUZZ_FLAGS   := -I. -D_GNU_SOURCE -std=gnu17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+$(FUZZ_DIR)/fuzz_wire: tests/fuzz/fuzz_wire.c transport/wire.c transport/csum_avx2.c transport/wire.h
 	@mkdir -p $(@D)
-	$(FUZZ_CC) -I. -D_GNU_SOURCE -std=gnu17 -g -O1 -fsanitize=fuzzer,address,undefined \
-		-fno-sanitize-recover=all tests/fuzz/fuzz_wire.c transport/wire.c -o $@ -lxxhash -lm
+	$(FUZZ_CC) $(FUZZ_FLAGS) -mavx2 -c transport/csum_avx2.c -o $(FUZZ_DIR)/csum_avx2.o
+	$(FUZZ_CC) $(FUZZ_FLAGS) tests/fuzz/fuzz_wire.c transport/wire.c $(FUZZ_DIR)/csum_avx2.o -o $@ -lxxhash -lm
 fuzz-run: fuzz
 	@mkdir -p $(FUZZ_DIR)/corpus
 	$(FUZZ_DIR)/fuzz_wire -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 \

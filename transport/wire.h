@@ -157,9 +157,10 @@ uint64_t wire_csum_meta(const uint8_t hdr[WIRE_HDR_LEN], const void *meta, size_
 /* XXH3-64 over the concatenation of the iovecs. */
 uint64_t wire_csum_iov(const struct iovec *iov, int iovcnt);
 
-/* Opaque streaming checksum state (heap-free; the caller embeds it). */
+/* Opaque streaming checksum state (heap-free; the caller embeds it anywhere:
+ * it needs no particular alignment, the state is aligned inside it). */
 typedef struct wire_csum_state {
-	_Alignas(64) unsigned char opaque[640];
+	unsigned char opaque[640 + 64];
 } wire_csum_state;
 void wire_csum_init(wire_csum_state *s);
 void wire_csum_update(wire_csum_state *s, const void *p, size_t n);

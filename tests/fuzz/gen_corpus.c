@@ -1,7 +1,7 @@
 /* Writes the seed corpus of fuzz_wire (one valid frame per operation and
  * direction, with the mode byte first) into the folder given as argv[1].
  * The output is committed in tests/fuzz/corpus/wire; rerun after a wire change:
- *   cc -I. -D_GNU_SOURCE tests/fuzz/gen_corpus.c transport/wire.c -lxxhash -lm -o /tmp/gen && /tmp/gen tests/fuzz/corpus/wire */
+ *   cc -I. -D_GNU_SOURCE tests/fuzz/gen_corpus.c transport/wire.c cc -I. -D_GNU_SOURCE tests/fuzz/gen_corpus.c transport/wire.c -lxxhash -lmcc -I. -D_GNU_SOURCE tests/fuzz/gen_corpus.c transport/wire.c -lxxhash -lm cc -mavx2 -c transport/csum_avx2.c ... (see the fuzz rule) -o /tmp/gen && /tmp/gen tests/fuzz/corpus/wire */
 #include <stdio.h>
 #include <string.h>
 

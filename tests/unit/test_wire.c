@@ -224,3 +224,24 @@ Test(wire, whole_frame_checksums)
 	buf[12] ^= 1;
 	cr_assert_eq(wire_decode_frame(buf, 20, &lim), -EPROTO);
 }
+
+#include <stdlib.h>
+#include <xxhash.h>
+
+/* The AVX2 build of XXH3 and streaming over pieces agree with libxxhash. */
+Test(wire, checksum_matches_libxxhash)
+{
+	size_t n = 3u << 20;
+	uint8_t *b = malloc(n);
+	for (size_t i = 0; i < n; i++)
+		b[i] = (uint8_t)(i * 131 + (i >> 9));
+	size_t lens[] = {0, 1, 17, 240, 241, 1024, 65536, 3u << 20};
+	for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++) {
+		struct iovec iov = {b, lens[k]};
+		cr_assert_eq(wire_csum_iov(&iov, 1), XXH3_64bits(b, lens[k]), "len %zu", lens[k]);
+		struct iovec three[3] = {{b, lens[k] / 3}, {b + lens[k] / 3, lens[k] / 3},
+					 {b + 2 * (lens[k] / 3), lens[k] - 2 * (lens[k] / 3)}};
+		cr_assert_eq(wire_csum_iov(three, 3), XXH3_64bits(b, lens[k]), "pieces, len %zu", lens[k]);
+	}
+	free(b);
+}
