@@ -894,3 +894,76 @@ Test(transport, slow_reader_back_pressure)
 	for (int i = 0; i < 200 && atomic_load(&store.pins); i++)
 		usleep(10000);
 }
+
+/* A PUT times out while half written (the peer does not read): the caller
+ * gets -ETIMEDOUT and frees its buffer at once; the transport finishes the
+ * frame from a private copy, so the stream stays whole and the peer, once it
+ * reads, finds a valid frame followed by the next request. */
+struct stall_srv {
+	int lfd;
+	int frame_ok, next_ok;
+};
+
+static void *stall_server(void *arg)
+{
+	struct stall_srv *s = arg;
+	int fd = accept(s->lfd, NULL, NULL);
+	int small = 16384;
+	setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+	struct timeval tv = {.tv_sec = 10};
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	raw_hello_server(fd);
+	usleep(700000); /* let the client's deadline pass mid-frame */
+	uint8_t hdr[WIRE_HDR_LEN];
+	wire_limits lim;
+	wire_limits_default(&lim);
+	wire_header h;
+	if (read_full(fd, hdr, sizeof hdr) == 0 && wire_decode_header(hdr, &lim, &h) == 0) {
+		size_t n = WIRE_HDR_LEN + (size_t)h.meta_len + h.bulk_len;
+		uint8_t *f = malloc(n);
+		memcpy(f, hdr, sizeof hdr);
+		if (read_full(fd, f + WIRE_HDR_LEN, n - WIRE_HDR_LEN) == 0)
+			s->frame_ok = wire_decode_frame(f, n, &lim) == 0 && h.opcode == WIRE_OP_PUT_BLOCKS;
+		free(f);
+	}
+	uint8_t m[64];
+	if (recv_frame(fd, &h, m, sizeof m) == 0)
+		s->next_ok = h.opcode == WIRE_OP_PING;
+	close(fd);
+	return NULL;
+}
+
+Test(transport, deadline_mid_transmit_keeps_stream_whole)
+{
+	struct stall_srv ss = {0};
+	uint16_t port;
+	ss.lfd = raw_listen(&port);
+	pthread_t th;
+	pthread_create(&th, NULL, stall_server, &ss);
+	xport_opts o = opts;
+	o.n_conns = 1;
+	o.sockbuf_bytes = 65536;
+	xport_peer *p;
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", port, &o, &p), 0);
+	uint32_t len = 8u << 20;
+	uint8_t *src = malloc(len);
+	fill(src, len, 5);
+	xport_block_io io = {.ref = {{1, 1, 0}, 0, len}, .buf = src};
+	xport_waiter w;
+	xport_waiter_init(&w);
+	xport_waiter_add(&w, 1);
+	cr_assert_eq(xport_put_blocks(p, &io, 1, 200, xport_waiter_cb, &w), 0);
+	cr_assert_eq(xport_waiter_wait(&w), -ETIMEDOUT);
+	memset(src, 0, len); /* the caller's buffer is the caller's again */
+	free(src);
+	/* Queued behind the rest of the PUT; the raw peer reads it, then closes. */
+	xport_waiter_add(&w, 1);
+	cr_assert_eq(xport_ping(p, 20000, xport_waiter_cb, &w), 0);
+	pthread_join(th, NULL);
+	cr_assert_eq(xport_waiter_wait(&w), -ECONNRESET);
+	cr_assert(ss.frame_ok, "the timed-out PUT arrived whole, checksum valid");
+	cr_assert(ss.next_ok, "the next request follows it in the stream");
+	xport_waiter_destroy(&w);
+	xport_close(p);
+	close(ss.lfd);
+}
