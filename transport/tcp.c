@@ -94,7 +94,10 @@ struct conn {
 	uint32_t nsegs, segs_cap, seg_i;
 	size_t seg_off;
 	uint64_t bulk_got;
-	wire_csum_state csum;
+	wire_csum_state csum;  /* the running segment (or whole-bulk) hash */
+	int seg_mode;          /* bulk checksummed per segment (GET reply, PUT) */
+	uint64_t *seg_csum;    /* per segment, when seg_mode */
+	uint32_t seg_csum_cap;
 	uint8_t *sink;
 	/* client: requests assigned to this connection, oldest first */
 	struct req *rq_head, *rq_tail;
@@ -258,13 +261,20 @@ static void conn_write(struct conn *c)
 
 static int ensure_segs(struct conn *c, uint32_t n)
 {
-	if (n <= c->segs_cap)
-		return 0;
-	struct seg *s = realloc(c->segs, (size_t)n * sizeof *s);
-	if (!s)
-		return -ENOMEM;
-	c->segs = s;
-	c->segs_cap = n;
+	if (n > c->segs_cap) {
+		struct seg *s = realloc(c->segs, (size_t)n * sizeof *s);
+		if (!s)
+			return -ENOMEM;
+		c->segs = s;
+		c->segs_cap = n;
+	}
+	if (n > c->seg_csum_cap) {
+		uint64_t *x = realloc(c->seg_csum, (size_t)n * sizeof *x);
+		if (!x)
+			return -ENOMEM;
+		c->seg_csum = x;
+		c->seg_csum_cap = n;
+	}
 	return 0;
 }
 
@@ -325,6 +335,10 @@ static int rx_bulk(struct conn *c, uint64_t *budget)
 			left -= take;
 			c->seg_off += take;
 			if (c->seg_off == c->segs[c->seg_i].len) {
+				if (check && c->seg_mode) {
+					c->seg_csum[c->seg_i] = wire_csum_final(&c->csum);
+					wire_csum_init(&c->csum);
+				}
 				c->seg_i++;
 				c->seg_off = 0;
 			}
@@ -411,14 +425,19 @@ static void conn_read(struct conn *c, const struct rx_ops *ops)
 			if (ops->on_meta(c))
 				return;
 			wire_csum_init(&c->csum);
+			c->seg_mode = wire_bulk_segmented(c->h.opcode, c->h.flags);
 			c->rx_state = RX_BULK;
 		}
 		if (c->rx_state == RX_BULK) {
 			rc = rx_bulk(c, &budget);
 			if (rc <= 0)
 				goto out;
-			int ok = (c->h.flags & WIRE_F_BULK_NOCSUM) || c->h.bulk_len == 0 ||
-				 wire_csum_final(&c->csum) == c->h.bulk_csum;
+			int ok = 1;
+			if (!(c->h.flags & WIRE_F_BULK_NOCSUM) && c->h.bulk_len) {
+				uint64_t one = wire_csum_final(&c->csum);
+				ok = (c->seg_mode ? wire_csum_combine(c->seg_csum, c->nsegs) : wire_csum_combine(&one, 1)) ==
+				     c->h.bulk_csum;
+			}
 			c->rx_state = RX_HDR;
 			c->rx_got = 0;
 			if (ops->on_done(c, ok))
@@ -764,6 +783,12 @@ static int cli_on_done(struct conn *c, int bulk_ok)
 {
 	struct req *r = c->rx_req;
 	c->rx_req = NULL;
+	if (r && bulk_ok && r->op == WIRE_OP_GET_BLOCKS && c->rx_status == 0) {
+		xport_block_io *b = r->items;
+		int have = !(c->h.flags & WIRE_F_BULK_NOCSUM) && c->seg_mode;
+		for (uint32_t i = 0, k = 0; i < r->n; i++)
+			b[i].csum = b[i].status == 0 && have && k < c->nsegs ? c->seg_csum[k++] : 0;
+	}
 	if (r)
 		req_complete(r, bulk_ok ? c->rx_status : -EBADMSG);
 	if (!c->dead)
@@ -845,10 +870,26 @@ static int req_submit(struct tcp_peer *p, struct req *r, uint32_t meta_used)
 			 .req_id = r->id,
 			 .meta_len = meta_used,
 			 .bulk_len = (uint32_t)bulk};
-	if (bulk && !p->opts.bulk_checksum)
+	if (bulk && !p->opts.bulk_checksum) {
 		h.flags |= WIRE_F_BULK_NOCSUM;
-	else if (bulk)
-		h.bulk_csum = wire_csum_iov((const struct iovec *)(void *)r->tx.bulk, (int)r->tx.nbulk);
+	} else if (bulk && wire_bulk_segmented(r->op, 0)) {
+		/* PUT: one checksum per entry, the caller's if it has one. */
+		xport_block_io *b = r->items;
+		wire_csum_state cs;
+		wire_csum_init(&cs);
+		for (uint32_t i = 0; i < r->n; i++) {
+			uint64_t x = b[i].csum;
+			if (!x) {
+				struct iovec one = {b[i].buf, b[i].ref.len};
+				x = wire_csum_iov(&one, 1);
+			}
+			wire_csum_update(&cs, &x, 8);
+		}
+		h.bulk_csum = wire_csum_final(&cs);
+	} else if (bulk) {
+		uint64_t one = wire_csum_iov((const struct iovec *)(void *)r->tx.bulk, (int)r->tx.nbulk);
+		h.bulk_csum = wire_csum_combine(&one, 1);
+	}
 	r->tx.meta_len = meta_used;
 	wire_encode_header(&h, r->tx.hdr);
 	h.meta_csum = wire_csum_meta(r->tx.hdr, r->tx.meta, meta_used);
@@ -1137,6 +1178,7 @@ static void free_conn(struct conn *c)
 	free(c->bulk_buf);
 	free(c->put_txn);
 	free(c->put_st);
+	free(c->seg_csum);
 	free(c);
 }
 
@@ -1246,7 +1288,8 @@ struct srv_frame {
 	struct conn *c;
 	uint32_t npins;
 	void **pins;
-	void *owned; /* ATTEND output */
+	uint64_t *csums; /* GET reply: per entry, 0 = hash it */
+	void *owned;     /* ATTEND output */
 };
 
 static void srv_frame_done(struct txframe *f, int status)
@@ -1266,12 +1309,13 @@ static void srv_frame_done(struct txframe *f, int status)
 static struct srv_frame *srv_frame_new(struct conn *c, size_t meta_len, uint32_t nbulk, uint32_t npins)
 {
 	struct srv_frame *sf = calloc(1, sizeof *sf + meta_len + (size_t)nbulk * sizeof(struct seg) +
-						 (size_t)npins * sizeof(void *));
+						 (size_t)npins * (sizeof(void *) + sizeof(uint64_t)));
 	if (!sf)
 		return NULL;
 	sf->c = c;
 	sf->f.bulk = (struct seg *)(sf + 1);
-	sf->pins = (void **)(sf->f.bulk + nbulk);
+	sf->csums = (uint64_t *)(sf->f.bulk + nbulk);
+	sf->pins = (void **)(sf->csums + npins);
 	sf->f.meta = (uint8_t *)(sf->pins + npins);
 	sf->f.done = srv_frame_done;
 	return sf;
@@ -1289,10 +1333,23 @@ static void srv_send(struct conn *c, struct srv_frame *sf, uint8_t op, uint64_t 
 			 .req_id = id,
 			 .meta_len = meta_len,
 			 .bulk_len = (uint32_t)bulk};
-	if (bulk && !c->srv->opts.bulk_checksum)
+	if (bulk && !c->srv->opts.bulk_checksum) {
 		h.flags |= WIRE_F_BULK_NOCSUM;
-	else if (bulk)
-		h.bulk_csum = wire_csum_iov((const struct iovec *)(void *)sf->f.bulk, (int)sf->f.nbulk);
+	} else if (bulk && wire_bulk_segmented(op, WIRE_F_REPLY)) {
+		/* GET: one checksum per entry; the store's cached one if it has it. */
+		wire_csum_state cs;
+		wire_csum_init(&cs);
+		for (uint32_t i = 0; i < sf->f.nbulk; i++) {
+			uint64_t x = sf->csums[i];
+			if (!x)
+				x = wire_csum_iov((const struct iovec *)(void *)&sf->f.bulk[i], 1);
+			wire_csum_update(&cs, &x, 8);
+		}
+		h.bulk_csum = wire_csum_final(&cs);
+	} else if (bulk) {
+		uint64_t one = wire_csum_iov((const struct iovec *)(void *)sf->f.bulk, (int)sf->f.nbulk);
+		h.bulk_csum = wire_csum_combine(&one, 1);
+	}
 	sf->f.meta_len = meta_len;
 	wire_encode_header(&h, sf->f.hdr);
 	h.meta_csum = wire_csum_meta(sf->f.hdr, sf->f.meta, meta_len);
@@ -1458,10 +1515,15 @@ static int srv_get(struct conn *c)
 		wire_blocks_ref(&v, i, &r);
 		const void *data = NULL;
 		void *pin = NULL;
-		int st = s->h.get ? s->h.get(s->ctx, &r, &data, &pin) : -ENOSYS;
-		if (st == 0 && !data)
+		uint64_t csum = 0;
+		int st = s->h.get ? s->h.get(s->ctx, &r, &data, &pin, &csum) : -ENOSYS;
+		if (st == 0 && !data) {
 			st = -EIO;
+			if (s->h.unpin)
+				s->h.unpin(s->ctx, pin);
+		}
 		if (st == 0) {
+			sf->csums[sf->f.nbulk] = csum;
 			sf->f.bulk[sf->f.nbulk++] = (struct seg){data, r.len};
 			sf->pins[sf->npins++] = pin;
 		}
@@ -1523,7 +1585,8 @@ static int srv_on_done(struct conn *c, int bulk_ok)
 				wire_block_ref r;
 				wire_blocks_view v = {.n = c->nsegs, .entries = c->meta + 8};
 				wire_blocks_ref(&v, i, &r);
-				c->put_st[i] = s->h.put_commit(s->ctx, &r, c->put_txn[i], bulk_ok ? 0 : -EBADMSG);
+				uint64_t cs = bulk_ok && !(h->flags & WIRE_F_BULK_NOCSUM) ? c->seg_csum[i] : 0;
+				c->put_st[i] = s->h.put_commit(s->ctx, &r, c->put_txn[i], bulk_ok ? 0 : -EBADMSG, cs);
 			}
 		}
 		c->nsegs = 0;
@@ -1617,7 +1680,7 @@ static void srv_conn_close(struct conn *c, int err)
 			if (c->put_st[i] == 0) {
 				wire_block_ref r;
 				wire_blocks_ref(&v, i, &r);
-				s->h.put_commit(s->ctx, &r, c->put_txn[i], err ? err : -ECONNRESET);
+				s->h.put_commit(s->ctx, &r, c->put_txn[i], err ? err : -ECONNRESET, 0);
 			}
 		}
 	}

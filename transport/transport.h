@@ -58,10 +58,15 @@ void xport_opts_default(xport_opts *o);
 
 /* One block range of a GET_BLOCKS or PUT_BLOCKS batch. buf is the
  * destination (get) or source (put) of len bytes; status is written with
- * the entry's result (0, -ENOENT, -ESTALE, -ERANGE, ...). */
+ * the entry's result (0, -ENOENT, -ESTALE, -ERANGE, ...).
+ * csum: PUT: the XXH3-64 of the len bytes if the caller already has it (a
+ * store keeps one per immutable block), else 0 and it is computed here;
+ * GET: written with the verified XXH3-64 of the bytes received (0 when the
+ * sender sent no bulk checksum), so the caller can keep it. */
 typedef struct xport_block_io {
 	wire_block_ref ref;
 	void *buf;
+	uint64_t csum;
 	int status;
 } xport_block_io;
 
@@ -94,16 +99,19 @@ typedef struct xport_handlers {
 	int (*hello)(void *ctx, const wire_hello *h);
 	/* GET: points *data at ref->len bytes at ref->offset of the block. The
 	 * bytes must stay valid and unchanged until unpin(ctx, *pin) (after the
-	 * reply has been written or the connection died). */
-	int (*get)(void *ctx, const wire_block_ref *ref, const void **data, void **pin);
+	 * reply has been written or the connection died). *csum is 0 on entry;
+	 * a store that keeps the XXH3-64 of exactly these bytes (a whole
+	 * immutable block) sets it, and the bytes are not hashed again. */
+	int (*get)(void *ctx, const wire_block_ref *ref, const void **data, void **pin, uint64_t *csum);
 	void (*unpin)(void *ctx, void *pin);
 	/* PUT: returns in *dst where ref->len bytes may be received, not yet
 	 * visible to readers. Once the whole frame has arrived, put_commit runs
 	 * with status 0 (checksum verified: publish) or a negative errno (discard:
 	 * nothing stored may change). put_commit runs once for every successful
-	 * put_prepare. */
+	 * put_prepare. csum is the verified XXH3-64 of the entry's bytes (0 if
+	 * the sender sent no bulk checksum), for the store to keep. */
 	int (*put_prepare)(void *ctx, const wire_block_ref *ref, void **dst, void **txn);
-	int (*put_commit)(void *ctx, const wire_block_ref *ref, void *txn, int status);
+	int (*put_commit)(void *ctx, const wire_block_ref *ref, void *txn, int status, uint64_t csum);
 	/* ATTEND: q is [n_queries][q_heads][head_dim]; write o
 	 * [n_queries][q_heads][head_dim] and lse [n_queries][q_heads] (the layout
 	 * of da_partial_cpu) and per-query statuses st[n_queries] (0 or -errno).

@@ -20,8 +20,12 @@
  *
  * Checksums are XXH3-64 (libxxhash, seed 0): meta_csum covers header bytes
  * [0, 24) and the metadata, so the header and metadata are verified before
- * anything is acted upon; bulk_csum covers the bulk bytes (0 and unchecked
- * when the sender sets WIRE_F_BULK_NOCSUM). */
+ * anything is acted upon. bulk_csum covers the bulk as segments: it is the
+ * XXH3-64 of the little-endian array of each segment's XXH3-64. The segments
+ * are the block entries for GET_BLOCKS replies and PUT_BLOCKS requests (so a
+ * store can keep one checksum per immutable block, computed once, and serve
+ * it without rehashing), and the whole bulk for every other frame. bulk_csum
+ * is 0 and unchecked when the sender sets WIRE_F_BULK_NOCSUM. */
 #ifndef KVMESH_TRANSPORT_WIRE_H
 #define KVMESH_TRANSPORT_WIRE_H
 
@@ -156,6 +160,11 @@ int wire_decode_header(const uint8_t in[WIRE_HDR_LEN], const wire_limits *lim, w
 uint64_t wire_csum_meta(const uint8_t hdr[WIRE_HDR_LEN], const void *meta, size_t meta_len);
 /* XXH3-64 over the concatenation of the iovecs. */
 uint64_t wire_csum_iov(const struct iovec *iov, int iovcnt);
+/* XXH3-64 of n segment checksums as a little-endian u64 array: bulk_csum. */
+uint64_t wire_csum_combine(const uint64_t *seg, uint32_t n);
+/* Whether the bulk of a frame with this opcode and flags is checksummed per
+ * entry (GET_BLOCKS replies, PUT_BLOCKS requests) rather than as a whole. */
+int wire_bulk_segmented(uint8_t opcode, uint16_t flags);
 
 /* Opaque streaming checksum state (heap-free; the caller embeds it anywhere:
  * it needs no particular alignment, the state is aligned inside it). */
@@ -270,8 +279,15 @@ uint64_t wire_attend_reply_bulk(const wire_shape *s, uint32_t n_queries);
 
 /* Decodes header + metadata of a whole frame held in one buffer (used by the
  * fuzzer and tests): checks everything the transport checks, including both
- * checksums when the bulk is present in the buffer. Returns 0 or -errno. */
+ * checksums when the bulk is present in the buffer (except a GET_BLOCKS
+ * reply's bulk, whose segment lengths come from the request). Returns 0 or
+ * -errno. */
 int wire_decode_frame(const uint8_t *buf, size_t len, const wire_limits *lim);
+
+/* Fills in both checksums of a whole frame held in buf (header, metadata,
+ * bulk): for tests, tools and the fuzzer. A GET_BLOCKS reply's bulk is taken
+ * as one segment (right for one entry). Returns 0 or -errno. */
+int wire_frame_seal(uint8_t *buf, size_t len, const wire_limits *lim);
 
 const char *wire_op_name(uint8_t op);
 

@@ -35,14 +35,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (!buf)
 		return 0;
 	memcpy(buf, data, size);
-	if (fix && size >= WIRE_HDR_LEN) {
+	if (fix) {
+		/* Seal the frame the input describes, up to its own lengths. */
 		wire_header h;
-		if (wire_decode_header(buf, &lim, &h) == 0 && size - WIRE_HDR_LEN >= h.meta_len) {
-			size_t avail = size - WIRE_HDR_LEN - h.meta_len;
-			if (!(h.flags & WIRE_F_BULK_NOCSUM) && avail >= h.bulk_len) {
-				struct iovec iov = {buf + WIRE_HDR_LEN + h.meta_len, h.bulk_len};
-				h.bulk_csum = wire_csum_iov(&iov, 1);
-			}
+		if (size >= WIRE_HDR_LEN && wire_decode_header(buf, &lim, &h) == 0 &&
+		    size - WIRE_HDR_LEN >= (uint64_t)h.meta_len + h.bulk_len)
+			(void)wire_frame_seal(buf, WIRE_HDR_LEN + (size_t)h.meta_len + h.bulk_len, &lim);
+		else if (size >= WIRE_HDR_LEN && wire_decode_header(buf, &lim, &h) == 0 &&
+			 size - WIRE_HDR_LEN >= h.meta_len) {
+			/* No complete bulk: fix the metadata checksum only. */
+			h.meta_csum = 0;
 			wire_encode_header(&h, buf);
 			h.meta_csum = wire_csum_meta(buf, buf + WIRE_HDR_LEN, h.meta_len);
 			wire_encode_header(&h, buf);

@@ -1,7 +1,9 @@
 /* Writes the seed corpus of fuzz_wire (one valid frame per operation and
  * direction, with the mode byte first) into the folder given as argv[1].
  * The output is committed in tests/fuzz/corpus/wire; rerun after a wire change:
- *   cc -I. -D_GNU_SOURCE tests/fuzz/gen_corpus.c transport/wire.c cc -I. -D_GNU_SOURCE tests/fuzz/gen_corpus.c transport/wire.c -lxxhash -lmcc -I. -D_GNU_SOURCE tests/fuzz/gen_corpus.c transport/wire.c -lxxhash -lm cc -mavx2 -c transport/csum_avx2.c ... (see the fuzz rule) -o /tmp/gen && /tmp/gen tests/fuzz/corpus/wire */
+ *   cc -I. -D_GNU_SOURCE -mavx2 -c transport/csum_avx2.c -o /tmp/csum_avx2.o &&
+ *   cc -I. -D_GNU_SOURCE tests/fuzz/gen_corpus.c transport/wire.c /tmp/csum_avx2.o -lxxhash -lm -o /tmp/gen &&
+ *   /tmp/gen tests/fuzz/corpus/wire */
 #include <stdio.h>
 #include <string.h>
 
@@ -17,11 +19,10 @@ static void emit(const char *dir, const char *name, uint8_t op, uint16_t flags, 
 			 .meta_len = (uint32_t)ml, .bulk_len = (uint32_t)bl};
 	memcpy(f + WIRE_HDR_LEN, meta, ml);
 	memcpy(f + WIRE_HDR_LEN + ml, bulk, bl);
-	struct iovec iov = {(void *)bulk, bl};
-	h.bulk_csum = bl ? wire_csum_iov(&iov, 1) : 0;
 	wire_encode_header(&h, f);
-	h.meta_csum = wire_csum_meta(f, meta, ml);
-	wire_encode_header(&h, f);
+	wire_limits lim;
+	wire_limits_default(&lim);
+	wire_frame_seal(f, WIRE_HDR_LEN + ml + bl, &lim);
 	for (int mode = 0; mode < 2; mode++) {
 		out[0] = (uint8_t)mode;
 		char path[512];
@@ -62,6 +63,7 @@ int main(int argc, char **argv)
 	wire_encode_blocks_req(&b, refs, 2);
 	emit(d, "get", WIRE_OP_GET_BLOCKS, 0, m, b.len, NULL, 0);
 	emit(d, "put", WIRE_OP_PUT_BLOCKS, 0, m, b.len, bulk, 128);
+	emit(d, "put-bad-length", WIRE_OP_PUT_BLOCKS, 0, m, b.len, bulk, 127);
 	emit(d, "put-nocsum", WIRE_OP_PUT_BLOCKS, WIRE_F_BULK_NOCSUM, m, b.len, bulk, 128);
 	uint32_t st[2] = {0, WIRE_E_NOENT};
 	b.len = 0;

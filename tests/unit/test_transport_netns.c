@@ -66,8 +66,9 @@ static void teardown(void)
 
 TestSuite(netns, .init = setup, .fini = teardown, .timeout = 60);
 
-static int h_get(void *ctx, const wire_block_ref *r, const void **data, void **pin)
+static int h_get(void *ctx, const wire_block_ref *r, const void **data, void **pin, uint64_t *csum)
 {
+	(void)csum;
 	const uint8_t *mem = ctx;
 	if ((uint64_t)r->offset + r->len > (4u << 20))
 		return -ERANGE;
