@@ -711,10 +711,10 @@ static int cli_on_meta(struct conn *c)
 			(unsigned long long)h->req_id, code, (int)ml, msg);
 		if (r)
 			req_complete(r, wire_err_to_errno(code) ? wire_err_to_errno(code) : -EPROTO);
-		return rx_sink_all(c);
+		return rx_sink_all(c) ? cli_header_error(c, -ENOMEM) : 0;
 	}
 	if (!r) /* Timed out or cancelled: drop the reply. */
-		return rx_sink_all(c);
+		return rx_sink_all(c) ? cli_header_error(c, -ENOMEM) : 0;
 	if (h->opcode != r->op)
 		return cli_header_error(c, -EPROTO);
 	if (r->op == WIRE_OP_PING) {

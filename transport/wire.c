@@ -154,6 +154,7 @@ uint32_t wire_err_from_errno(int e)
 	case -ENOSYS: return WIRE_E_NOTSUP;
 	case -EBUSY: case -EAGAIN: return WIRE_E_BUSY;
 	case -ERANGE: return WIRE_E_RANGE;
+	case -EACCES: case -EPERM: return WIRE_E_DENIED;
 	default: return WIRE_E_INTERNAL;
 	}
 }
@@ -173,6 +174,7 @@ int wire_err_to_errno(uint32_t c)
 	case WIRE_E_NOTSUP: return -ENOSYS;
 	case WIRE_E_BUSY: return -EBUSY;
 	case WIRE_E_RANGE: return -ERANGE;
+	case WIRE_E_DENIED: return -EACCES;
 	default: return -EREMOTEIO;
 	}
 }

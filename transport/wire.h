@@ -77,6 +77,7 @@ enum wire_err {
 	WIRE_E_INTERNAL = 10, /* anything else */
 	WIRE_E_BUSY = 11,     /* try again later */
 	WIRE_E_RANGE = 12,    /* offset/length outside the block */
+	WIRE_E_DENIED = 13,   /* HELLO refused (authentication, policy) */
 };
 uint32_t wire_err_from_errno(int neg_errno);
 int wire_err_to_errno(uint32_t code);

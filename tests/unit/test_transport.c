@@ -990,3 +990,26 @@ Test(transport, deadline_mid_transmit_keeps_stream_whole)
 	xport_close(p);
 	close(ss.lfd);
 }
+
+static int h_hello_deny(void *ctx, const wire_hello *h)
+{
+	(void)ctx;
+	return h->node_id == 666 ? -EACCES : 0;
+}
+
+/* The HELLO handler refuses a node: connect fails with -EACCES. */
+Test(transport, hello_refused)
+{
+	xport_handlers h = handlers;
+	h.hello = h_hello_deny;
+	xport_server *s2;
+	cr_assert_eq(xport_tcp_listen(sloop, "127.0.0.1", 0, &opts, &h, &store, &s2), 0);
+	xport_opts o = opts;
+	o.node_id = 666;
+	xport_peer *p = NULL;
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", s2->port, &o, &p), -EACCES);
+	o.node_id = 7;
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", s2->port, &o, &p), 0);
+	xport_close(p);
+	xport_server_close(s2);
+}
