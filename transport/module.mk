@@ -23,3 +23,15 @@ fuzz-run: fuzz
 
 # The transport benchmark drives Redis with hiredis (libhiredis-dev).
 $(BUILD)/bench/transport: LDLIBS += -lhiredis
+
+# ThreadSanitizer check of the event loop. Criterion cannot start under TSan
+# (Snaipe/Criterion#274), so `make SAN=thread test` cannot run the suites;
+# `make tsan-transport` builds a plain stress program with -fsanitize=thread
+# and runs it (pipelining from two threads, deadlines, closes under load).
+.PHONY: tsan-transport stress-transport
+stress-transport: $(BUILD)/tests/tsan/stress_transport
+	$(BUILD)/tests/tsan/stress_transport
+$(BUILD)/tests/tsan/stress_transport: $(BUILD)/tests/tsan/stress_transport.o $(BUILD)/libkvmesh-core.a
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+tsan-transport:
+	$(MAKE) SAN=thread stress-transport
