@@ -872,6 +872,35 @@ static int req_submit(struct tcp_peer *p, struct req *r, uint32_t meta_used)
 		free(r);
 		return -EMSGSIZE;
 	}
+	/* Refuse here what the peer's decoder would refuse (it would answer with
+	 * ERROR and close the connection, failing every other request on it):
+	 * run the same decoder, with our limits, on what we encoded. */
+	int rc = 0;
+	const wire_limits *lim = &p->opts.limits;
+	switch (r->op) {
+	case WIRE_OP_GET_BLOCKS:
+	case WIRE_OP_PUT_BLOCKS: {
+		wire_blocks_view v;
+		rc = wire_decode_blocks_req(r->tx.meta, meta_used, (uint32_t)bulk, r->op == WIRE_OP_PUT_BLOCKS, lim, &v);
+		break;
+	}
+	case WIRE_OP_ATTEND: {
+		wire_attend_view v;
+		rc = wire_decode_attend_req(r->tx.meta, meta_used, (uint32_t)bulk, lim, &v);
+		break;
+	}
+	case WIRE_OP_APPEND_KV: {
+		wire_append_view v;
+		rc = wire_decode_append_req(r->tx.meta, meta_used, (uint32_t)bulk, lim, &v);
+		break;
+	}
+	default:
+		break;
+	}
+	if (rc) {
+		free(r);
+		return rc == -EPROTO ? -EINVAL : rc;
+	}
 	wire_header h = {.magic = WIRE_MAGIC,
 			 .version = WIRE_VERSION,
 			 .opcode = r->op,

@@ -496,6 +496,24 @@ Test(transport, limits_refused_locally)
 	xport_block_io io = {.ref = {{0, 1, 0}, 0, 0}, .buf = b};
 	cr_assert_eq(xport_get_blocks(p, &io, 1, 1000, xport_waiter_cb, NULL), -EINVAL);
 	cr_assert_eq(xport_get_blocks(p, &io, opts.limits.max_blocks + 1, 1000, xport_waiter_cb, NULL), -EMSGSIZE);
+	/* What the server's decoder would refuse is refused here, before it can
+	 * cost the connection. */
+	io.ref.len = opts.limits.max_block_bytes + 1;
+	cr_assert_eq(xport_get_blocks(p, &io, 1, 1000, xport_waiter_cb, NULL), -EMSGSIZE);
+	wire_shape s = {.q_heads = 6, .kv_heads = 4, .head_dim = 8, .block_tokens = 16, .scale = 0.3f};
+	float q[48], o[48], lse[6];
+	wire_handle hs[1] = {{0, 1, 0}};
+	xport_attend_query aq = {.n_tokens = 20, .n_blocks = 1, .blocks = hs, .q = q, .o = o, .lse = lse};
+	cr_assert_eq(xport_attend(p, &s, &aq, 1, 1000, xport_waiter_cb, NULL), -EINVAL, "heads that do not divide");
+	s.kv_heads = 2;
+	cr_assert_eq(xport_attend(p, &s, &aq, 1, 1000, xport_waiter_cb, NULL), -EINVAL, "20 tokens in one 16-token block");
+	/* The connection is still good. */
+	xport_waiter w;
+	xport_waiter_init(&w);
+	xport_waiter_add(&w, 1);
+	cr_assert_eq(xport_ping(p, 2000, xport_waiter_cb, &w), 0);
+	cr_assert_eq(xport_waiter_wait(&w), 0);
+	xport_waiter_destroy(&w);
 	xport_close(p);
 }
 
