@@ -10,8 +10,10 @@
  *      of the same sizes with hiredis, pipelined with the same window;
  *  (d) p50/p99 latency of one 64 KB block, one request at a time, for
  *      kvmesh and Redis.
- * Each throughput is the median of 3 runs. Final lines are name=value.
- * KVMESH_BENCH_MB sets the bytes per throughput run (default 256);
+ * Each contender runs in ROUNDS short rounds back to back; figures are
+ * medians, ratios are medians of per-round ratios (robust to a machine
+ * whose load drifts). Final lines are name=value.
+ * KVMESH_BENCH_MB sets the bytes per contender and block size (default 448);
  * KVMESH_BENCH_NO_CACHED_CSUM=1 makes the server hash every block it sends. */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -49,11 +51,15 @@ static int cmp_d(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static double median3(double a, double b, double c)
+#define ROUNDS 7
+
+/* Median of n values (sorts a copy). */
+static double median(const double *x, int n)
 {
-	double v[3] = {a, b, c};
-	qsort(v, 3, sizeof v[0], cmp_d);
-	return v[1];
+	double v[ROUNDS];
+	memcpy(v, x, sizeof(double) * (size_t)n);
+	qsort(v, (size_t)n, sizeof v[0], cmp_d);
+	return v[n / 2];
 }
 
 static void sockopts(int fd)
@@ -95,7 +101,7 @@ out:
 	return NULL;
 }
 
-static double raw_blast(const uint8_t *src, size_t block, uint64_t total)
+static double raw_blast(const uint8_t *src, uint8_t *ring, size_t block, uint64_t total)
 {
 	struct blast b = {.block = block, .total = total, .src = src};
 	b.lfd = socket(AF_INET, SOCK_STREAM, 0);
@@ -111,16 +117,16 @@ static double raw_blast(const uint8_t *src, size_t block, uint64_t total)
 	pthread_create(&th, NULL, blast_sender, &b);
 	if (connect(fd, (struct sockaddr *)&a, sizeof a))
 		return 0;
-	/* Received into WINDOW block buffers in turn, as kvmesh's pipeline does. */
-	uint8_t *buf = malloc((size_t)WINDOW * block);
-	memset(buf, 0, (size_t)WINDOW * block);
+	/* Received into the WINDOW block buffers in turn, as kvmesh's pipeline does. */
+	uint8_t *buf = ring;
 	double t0 = now_s();
 	uint64_t got = 0;
 	for (uint64_t k = 0; got < total; k++) {
 		uint8_t *dst = buf + (k % WINDOW) * block;
 		size_t off = 0;
 		while (off < block && got < total) {
-			ssize_t r = read(fd, dst + off, block - off);
+			/* MSG_WAITALL: one call per block, the fewest wake-ups. */
+			ssize_t r = recv(fd, dst + off, block - off, MSG_WAITALL);
 			if (r <= 0)
 				goto done;
 			off += (size_t)r;
@@ -132,7 +138,6 @@ done:;
 	pthread_join(th, NULL);
 	close(fd);
 	close(b.lfd);
-	free(buf);
 	return (double)got / dt / 1e9;
 }
 
@@ -220,7 +225,8 @@ static xport_peer *kv_connect(xport_loop *cl, uint16_t port, uint32_t conns, int
 	return p;
 }
 
-static double kv_throughput(xport_loop *cl, uint16_t port, size_t block, uint64_t total, uint32_t conns, int csum)
+static double kv_throughput(xport_loop *cl, uint8_t *ring, uint16_t port, size_t block, uint64_t total, uint32_t conns,
+			    int csum)
 {
 	xport_peer *p = kv_connect(cl, port, conns, csum);
 	if (!p)
@@ -229,8 +235,7 @@ static double kv_throughput(xport_loop *cl, uint16_t port, size_t block, uint64_
 	pp->p = p;
 	pp->block = block;
 	pp->total = total;
-	pp->dst = malloc((size_t)WINDOW * block);
-	memset(pp->dst, 0, (size_t)WINDOW * block);
+	pp->dst = ring; /* the same WINDOW buffers the raw blast reads into */
 	xport_waiter_init(&pp->w);
 	double t0 = now_s();
 	xport_waiter_add(&pp->w, WINDOW);
@@ -255,7 +260,6 @@ static double kv_throughput(xport_loop *cl, uint16_t port, size_t block, uint64_
 		fprintf(stderr, "kvmesh GET errors: rc=%d errors=%d\n", rc, atomic_load(&pp->errors));
 	xport_waiter_destroy(&pp->w);
 	xport_close(p);
-	free(pp->dst);
 	free(pp);
 	return gbs;
 }
@@ -441,11 +445,12 @@ int main(void)
 	if (!getenv("KVMESH_LOG_LEVEL"))
 		setenv("KVMESH_LOG_LEVEL", "warn", 1);
 	const char *e = getenv("KVMESH_BENCH_MB");
-	uint64_t total = (uint64_t)(e ? atoi(e) : 256) << 20;
+	uint64_t total = (uint64_t)(e ? atoi(e) : 448) << 20;
 	int iters = 3000;
 	static const size_t sizes[3] = {64u << 10, 512u << 10, 2u << 20};
 	static const char *names[3] = {"64k", "512k", "2mb"};
 	double raw[3], kv[3], kv2[3], kvn[3], rd[3] = {0, 0, 0}, lat_ratio = 0, lat_ratio_loop = 0;
+	double ratio_raw[3], ratio_nocsum[3], ratio_redis[3];
 
 	xport_loop *sl, *cl;
 	if (xport_loop_create(&sl) || xport_loop_create(&cl))
@@ -462,8 +467,8 @@ int main(void)
 	if (!rc)
 		fprintf(stderr, "redis: could not start redis-server on port %d; Redis figures skipped\n", rport);
 
-	printf("# kvmesh transport benchmark, loopback, window=%d, %llu MiB per run, median of 3\n", WINDOW,
-	       (unsigned long long)(total >> 20));
+	printf("# kvmesh transport benchmark, loopback, window=%d, %d rounds of %llu MiB, medians\n", WINDOW, ROUNDS,
+	       (unsigned long long)(total / ROUNDS >> 20));
 	printf("# %-6s %10s %10s %10s %10s %10s   (GB/s)\n", "block", "raw", "kv_1conn", "kv_2conn", "kv_nocsum", "redis");
 	for (int s = 0; s < 3; s++) {
 		size_t block = sizes[s];
@@ -483,22 +488,35 @@ int main(void)
 		so.bulk_checksum = 0;
 		if (xport_tcp_listen(sl, "127.0.0.1", 0, &so, &h, &bl, &srv_nocsum))
 			return 1;
-		double r[3], k[3], k2[3], kn[3], d[3] = {0, 0, 0};
+		/* ROUNDS short rounds, each running every contender back to back;
+		 * the ratios are taken per round (so load that drifts between rounds
+		 * cancels out) and the medians reported. */
+		double r[ROUNDS], k[ROUNDS], k2[ROUNDS], kn[ROUNDS], d[ROUNDS], qr[ROUNDS], qn[ROUNDS], qd[ROUNDS];
 		if (rc)
 			redis_load(rc, block);
-		for (int rep = 0; rep < 3; rep++) {
-			r[rep] = raw_blast(bl.mem, block, total);
-			k[rep] = kv_throughput(cl, srv->port, block, total, 1, 1);
-			k2[rep] = kv_throughput(cl, srv->port, block, total, 2, 1);
-			kn[rep] = kv_throughput(cl, srv_nocsum->port, block, total, 1, 0);
-			if (rc)
-				d[rep] = redis_throughput(rc, block, total / 4);
+		/* One destination ring for everyone, faulted in once. */
+		uint8_t *ring = malloc((size_t)WINDOW * block);
+		memset(ring, 0, (size_t)WINDOW * block);
+		uint64_t slice = total / ROUNDS;
+		for (int rep = 0; rep < ROUNDS; rep++) {
+			r[rep] = raw_blast(bl.mem, ring, block, slice);
+			k[rep] = kv_throughput(cl, ring, srv->port, block, slice, 1, 1);
+			k2[rep] = kv_throughput(cl, ring, srv->port, block, slice, 2, 1);
+			kn[rep] = kv_throughput(cl, ring, srv_nocsum->port, block, slice, 1, 0);
+			d[rep] = rc ? redis_throughput(rc, block, slice / 4) : 0;
+			qr[rep] = k[rep] / r[rep];
+			qn[rep] = kn[rep] / r[rep];
+			qd[rep] = d[rep] > 0 ? k[rep] / d[rep] : 0;
 		}
-		raw[s] = median3(r[0], r[1], r[2]);
-		kv[s] = median3(k[0], k[1], k[2]);
-		kv2[s] = median3(k2[0], k2[1], k2[2]);
-		kvn[s] = median3(kn[0], kn[1], kn[2]);
-		rd[s] = median3(d[0], d[1], d[2]);
+		raw[s] = median(r, ROUNDS);
+		kv[s] = median(k, ROUNDS);
+		kv2[s] = median(k2, ROUNDS);
+		kvn[s] = median(kn, ROUNDS);
+		rd[s] = median(d, ROUNDS);
+		ratio_raw[s] = median(qr, ROUNDS);
+		ratio_nocsum[s] = median(qn, ROUNDS);
+		ratio_redis[s] = median(qd, ROUNDS);
+		free(ring);
 		printf("# %-6s %10.2f %10.2f %10.2f %10.2f %10.2f\n", names[s], raw[s], kv[s], kv2[s], kvn[s], rd[s]);
 		fflush(stdout);
 		if (s == 0) {
@@ -525,10 +543,12 @@ int main(void)
 		if (rc)
 			printf("redis_gbps_%s=%.2f\n", names[s], rd[s]);
 	}
-	printf("transport_vs_raw_2mb=%.3f\n", kv[2] / raw[2]);
-	printf("transport_nocsum_vs_raw_2mb=%.3f\n", kvn[2] / raw[2]);
+	for (int s = 0; s < 2; s++)
+		printf("transport_vs_raw_%s=%.3f\n", names[s], ratio_raw[s]);
+	printf("transport_nocsum_vs_raw_2mb=%.3f\n", ratio_nocsum[2]);
+	printf("transport_vs_raw_2mb=%.3f\n", ratio_raw[2]);
 	if (rc) {
-		printf("transport_vs_redis_2mb=%.3f\n", kv[2] / rd[2]);
+		printf("transport_vs_redis_2mb=%.3f\n", ratio_redis[2]);
 		printf("transport_p50_64k_loop_vs_redis=%.3f\n", lat_ratio_loop);
 		printf("transport_p50_64k_vs_redis=%.3f\n", lat_ratio);
 	}
