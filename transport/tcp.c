@@ -16,6 +16,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -57,7 +58,6 @@ struct tcp_peer;
 struct tcp_server;
 
 struct req {
-	struct loop_task task;
 	struct req *next, *prev;
 	struct txframe tx;
 	struct tcp_peer *peer;
@@ -71,6 +71,7 @@ struct req {
 	uint32_t n;
 	void *items;
 	wire_shape shape;
+	int status; /* set when completed, for the deferred callback */
 };
 
 struct conn {
@@ -116,10 +117,21 @@ struct conn {
 	uint32_t put_cap;
 };
 
+/* Locking. Everything below `mu` (and every connection of the peer) is
+ * guarded by mu: the loop thread holds it while it handles the peer's events
+ * and deadlines, a submitting thread while it queues its request and writes
+ * it to the socket itself (no hand-off to the loop thread, one wake-up less).
+ * Callbacks never run under mu: completions are queued on `done` and run by
+ * the loop thread after it let go of mu (flush_done), so a callback may submit
+ * to any peer and no two peer locks are ever held together. */
 struct tcp_peer {
 	struct xport_peer pub;
 	xport_loop *loop;
 	xport_opts opts;
+	pthread_mutex_t mu;
+	struct req *done_head, *done_tail; /* completed, callbacks not yet run */
+	int flush_posted;
+	struct loop_task flush_task;
 	struct conn **conns;
 	uint32_t n_conns;
 	atomic_uint_fast64_t next_id;
@@ -574,8 +586,56 @@ static void req_complete(struct req *r, int status)
 	if (status && status != -ECANCELED)
 		kvm_log(KVM_LOG_DEBUG, "xport_req_failed", "peer=%s op=%s id=%llu err=\"%s\"", r->peer->name,
 			wire_op_name(r->op), (unsigned long long)r->id, kvm_strerror(status));
-	r->cb(r->arg, status);
-	free(r);
+	/* The callback runs later, outside mu (flush_done). */
+	struct tcp_peer *p = r->peer;
+	r->status = status;
+	r->conn = NULL;
+	r->next = r->prev = NULL;
+	if (p->done_tail)
+		p->done_tail->next = r;
+	else
+		p->done_head = r;
+	p->done_tail = r;
+}
+
+/* Runs the callbacks of completed requests. Loop thread, mu not held. */
+static void flush_done(struct tcp_peer *p)
+{
+	for (;;) {
+		pthread_mutex_lock(&p->mu);
+		struct req *r = p->done_head;
+		p->done_head = p->done_tail = NULL;
+		pthread_mutex_unlock(&p->mu);
+		if (!r)
+			return;
+		while (r) {
+			struct req *next = r->next;
+			r->cb(r->arg, r->status);
+			free(r);
+			r = next;
+		}
+	}
+}
+
+/* The posted flush. Only here is flush_posted cleared: the task is out of the
+ * loop's queue now, so posting it again cannot link it in twice. */
+static void flush_fn(struct loop_task *t)
+{
+	struct tcp_peer *p = (struct tcp_peer *)((char *)t - offsetof(struct tcp_peer, flush_task));
+	pthread_mutex_lock(&p->mu);
+	p->flush_posted = 0;
+	pthread_mutex_unlock(&p->mu);
+	flush_done(p);
+}
+
+/* Called with mu held by a thread that is not (or may not be) inside the
+ * loop's handling of this peer: has the loop run the callbacks queued. */
+static void post_flush_locked(struct tcp_peer *p)
+{
+	if (p->done_head && !p->flush_posted) {
+		p->flush_posted = 1;
+		loop_post(p->loop, &p->flush_task);
+	}
 }
 
 static void req_frame_done(struct txframe *f, int status)
@@ -633,24 +693,28 @@ static void peer_pump(struct tcp_peer *p)
 			conn_write(p->conns[i]);
 }
 
-static void submit_fn(struct loop_task *t)
+/* Queues r and writes it, from the submitting thread. Returns -ECANCELED
+ * (r not taken) if the peer is closing. */
+static int submit(struct req *r)
 {
-	struct req *r = (struct req *)t;
 	struct tcp_peer *p = r->peer;
+	pthread_mutex_lock(&p->mu);
 	if (p->closing) {
-		r->cb(r->arg, -ECANCELED);
-		free(r);
-		return;
+		pthread_mutex_unlock(&p->mu);
+		return -ECANCELED;
 	}
 	int live;
 	struct conn *c = p->wq_head ? NULL : pick_conn(p, &live);
 	if (c) {
 		req_start(c, r);
 		conn_write(c);
-		return;
+	} else {
+		rq_append(&p->wq_head, &p->wq_tail, r);
+		peer_pump(p);
 	}
-	rq_append(&p->wq_head, &p->wq_tail, r);
-	peer_pump(p);
+	post_flush_locked(p);
+	pthread_mutex_unlock(&p->mu);
+	return 0;
 }
 
 /* Fails every request of c and closes it. */
@@ -809,16 +873,21 @@ static const struct rx_ops cli_rx = {cli_header_error, cli_on_meta, cli_on_done}
 static void cli_conn_cb(struct loop_src *s, uint32_t ev)
 {
 	struct conn *c = (struct conn *)s;
+	struct tcp_peer *p = c->peer;
+	pthread_mutex_lock(&p->mu);
 	/* Hang-ups and errors surface as read results. */
-	if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR))
+	if (!c->dead && (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)))
 		conn_read(c, &cli_rx);
 	if (!c->dead && (ev & EPOLLOUT))
 		conn_write(c);
+	pthread_mutex_unlock(&p->mu);
+	flush_done(p);
 }
 
 static void peer_tick(struct loop_ticker *t, int64_t now)
 {
 	struct tcp_peer *p = (struct tcp_peer *)((char *)t - offsetof(struct tcp_peer, ticker));
+	pthread_mutex_lock(&p->mu);
 	for (struct req *r = p->wq_head, *nx; r; r = nx) {
 		nx = r->next;
 		if (r->deadline <= now)
@@ -837,6 +906,8 @@ static void peer_tick(struct loop_ticker *t, int64_t now)
 		}
 	}
 	peer_pump(p);
+	pthread_mutex_unlock(&p->mu);
+	flush_done(p);
 }
 
 /* ---- building requests (caller's thread) ------------------------------------- */
@@ -858,7 +929,6 @@ static struct req *req_new(struct tcp_peer *p, uint8_t op, size_t meta_len, uint
 	r->tx.meta = (uint8_t *)(r->tx.bulk + nbulk);
 	r->tx.meta_len = (uint32_t)meta_len;
 	r->tx.done = req_frame_done;
-	r->task.fn = submit_fn;
 	return r;
 }
 
@@ -932,11 +1002,10 @@ static int req_submit(struct tcp_peer *p, struct req *r, uint32_t meta_used)
 	h.meta_csum = wire_csum_meta(r->tx.hdr, r->tx.meta, meta_used);
 	wire_encode_header(&h, r->tx.hdr);
 	r->tx.total = WIRE_HDR_LEN + meta_used + bulk;
-	if (loop_in_thread(p->loop))
-		submit_fn(&r->task);
-	else
-		loop_post(p->loop, &r->task);
-	return 0;
+	rc = submit(r);
+	if (rc)
+		free(r);
+	return rc;
 }
 _Static_assert(sizeof(struct seg) == sizeof(struct iovec) && offsetof(struct seg, len) == offsetof(struct iovec, iov_len),
 	       "seg must alias iovec");
@@ -1197,12 +1266,14 @@ struct peer_task {
 static void attach_fn(struct loop_task *t)
 {
 	struct tcp_peer *p = ((struct peer_task *)t)->p;
+	pthread_mutex_lock(&p->mu);
 	for (uint32_t i = 0; i < p->n_conns; i++) {
 		struct conn *c = p->conns[i];
 		c->events = EPOLLIN;
 		if (loop_add(p->loop, &c->src, c->events))
 			conn_fail(c, -EIO);
 	}
+	pthread_mutex_unlock(&p->mu);
 	p->ticker.fn = peer_tick;
 	loop_ticker_add(p->loop, &p->ticker);
 }
@@ -1238,6 +1309,8 @@ int xport_tcp_connect(xport_loop *l, const char *host, uint16_t port, const xpor
 	if (p->opts.max_inflight == 0)
 		p->opts.max_inflight = 1;
 	atomic_init(&p->next_id, 1);
+	pthread_mutex_init(&p->mu, NULL);
+	p->flush_task.fn = flush_fn;
 	snprintf(p->name, sizeof p->name, "%s:%u", host, port);
 	p->conns = calloc(p->opts.n_conns, sizeof *p->conns);
 	if (!p->conns) {
@@ -1277,6 +1350,7 @@ clean_conns:
 	free(p->conns);
 clean_peer:
 	kvm_log(KVM_LOG_WARN, "xport_connect_failed", "peer=%s:%u err=\"%s\"", host, port, kvm_strerror(rc));
+	pthread_mutex_destroy(&p->mu);
 	free(p);
 	return rc;
 }
@@ -1284,8 +1358,9 @@ clean_peer:
 static void close_fn(struct loop_task *t)
 {
 	struct tcp_peer *p = ((struct peer_task *)t)->p;
-	p->closing = 1;
 	loop_ticker_del(p->loop, &p->ticker);
+	pthread_mutex_lock(&p->mu);
+	p->closing = 1;
 	while (p->wq_head)
 		req_complete(p->wq_head, -ECANCELED);
 	for (uint32_t i = 0; i < p->n_conns; i++) {
@@ -1305,6 +1380,8 @@ static void close_fn(struct loop_task *t)
 				req_complete(c->rq_head, -ECANCELED);
 		}
 	}
+	pthread_mutex_unlock(&p->mu);
+	flush_done(p); /* every callback runs before xport_close returns */
 }
 
 static void tcp_close(xport_peer *pp)
@@ -1315,6 +1392,7 @@ static void tcp_close(xport_peer *pp)
 	for (uint32_t i = 0; i < p->n_conns; i++)
 		free_conn(p->conns[i]);
 	free(p->conns);
+	pthread_mutex_destroy(&p->mu);
 	free(p);
 }
 
