@@ -4,12 +4,14 @@
  * xport_tcp_ops; RDMA verbs later as a second table). Callers use the
  * xport_* wrappers below, which dispatch through peer->ops.
  *
- * Threads and completion. An xport_loop owns one thread that does all I/O of
- * the peers and servers attached to it. Request functions may be called from
- * any thread: they validate, encode the request (and checksum its bulk) in
- * the caller's thread, and hand it to the loop. They return 0 when the
- * request was accepted, in which case `cb(arg, status)` runs exactly once,
- * on the loop thread, with 0 or a negative errno:
+ * Threads and completion. An xport_loop owns one thread that reads every
+ * socket of the peers and servers attached to it. Request functions may be
+ * called from any thread: they validate, encode the request (and checksum its
+ * bulk) and write it to a connection themselves, under the peer's lock (a
+ * frame the socket cannot take at once is finished by the loop thread). They
+ * return 0 when the request was accepted, in which case `cb(arg, status)`
+ * runs exactly once, on the loop thread and never under a transport lock,
+ * with 0 or a negative errno:
  *   -ETIMEDOUT     the deadline passed (the request may still run remotely)
  *   -ECONNRESET    the connection died before the reply (peer closed or
  *                  vanished mid-frame)
@@ -18,8 +20,11 @@
  *   -EBADMSG       the reply's checksum did not match
  *   -EPROTO        the peer broke the protocol
  *   or the error the remote handler returned (wire_err_to_errno).
- * A negative return means the request was not accepted and cb never runs.
- * Callbacks must not block; they may submit further requests.
+ * A negative return means the request was not accepted and cb never runs
+ * (-EINVAL, -EMSGSIZE: what the peer's decoder would refuse is refused here,
+ * so it cannot cost the connection; -ECANCELED: the peer is closing).
+ * Callbacks must not block; they may submit further requests to any peer,
+ * but must not close a peer or a server.
  *
  * Ownership. Every array and buffer passed to a request (the xport_block_io
  * array, block buffers, queries, o/lse outputs) is the caller's and must stay
@@ -176,7 +181,8 @@ int xport_tcp_listen(xport_loop *l, const char *host, uint16_t port, const xport
 int xport_connect(const struct xport_ops *ops, xport_loop *l, const char *host, uint16_t port,
 		  const xport_opts *o, xport_peer **out);
 /* Fails every pending request with -ECANCELED (their callbacks run before
- * this returns), closes the connections and frees the peer. */
+ * this returns), closes the connections and frees the peer. Not from a
+ * callback, and not while another thread submits to the same peer. */
 void xport_close(xport_peer *p);
 int xport_get_blocks(xport_peer *p, xport_block_io *b, uint32_t n, uint32_t timeout_ms, xport_cb cb, void *arg);
 int xport_put_blocks(xport_peer *p, xport_block_io *b, uint32_t n, uint32_t timeout_ms, xport_cb cb, void *arg);
