@@ -150,6 +150,7 @@ struct tcp_server {
 	void *ctx;
 	struct conn *conns;
 	xport_stats st;
+	int accept_paused; /* out of file descriptors: resumes when a connection closes */
 };
 
 static void conn_write(struct conn *c);
@@ -1811,6 +1812,10 @@ static void srv_conn_close(struct conn *c, int err)
 	if (c->next)
 		c->next->prev = c->prev;
 	s->st.conns_closed++;
+	if (s->accept_paused) {
+		s->accept_paused = 0;
+		loop_mod(s->loop, &s->src, EPOLLIN);
+	}
 	kvm_log(err == -ECONNRESET || err == 0 ? KVM_LOG_DEBUG : KVM_LOG_INFO, "xport_srv_conn_closed",
 		"conn=%s err=\"%s\"", c->name, kvm_strerror(err));
 	/* Freed by srv_conn_cb (or srv_close_fn) once nothing uses it. */
@@ -1839,8 +1844,17 @@ static void accept_cb(struct loop_src *src, uint32_t ev)
 		struct sockaddr_storage ss;
 		socklen_t sl = sizeof ss;
 		int fd = accept4(src->fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
-		if (fd < 0)
+		if (fd < 0) {
+			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+				/* The pending connection stays pending and the listener stays
+				 * readable: stop watching it (no busy loop) until one of ours
+				 * closes and frees a descriptor. */
+				kvm_log(KVM_LOG_WARN, "xport_accept_paused", "err=\"%s\"", kvm_strerror(-errno));
+				s->accept_paused = 1;
+				loop_mod(s->loop, &s->src, 0);
+			}
 			return;
+		}
 		set_sockopts(fd, &s->opts);
 		struct conn *c = calloc(1, sizeof *c);
 		if (!c) {

@@ -180,6 +180,11 @@ int xport_tcp_listen(xport_loop *l, const char *host, uint16_t port, const xport
 /* Dispatching wrappers. */
 int xport_connect(const struct xport_ops *ops, xport_loop *l, const char *host, uint16_t port,
 		  const xport_opts *o, xport_peer **out);
+/* A connection that dies is not re-dialled: its requests fail, later ones go
+ * to the peer's other connections, and once none is left they fail with
+ * -ENOTCONN; close the peer and connect again (the agent's heartbeat decides
+ * when). */
+
 /* Fails every pending request with -ECANCELED (their callbacks run before
  * this returns), closes the connections and frees the peer. Not from a
  * callback, and not while another thread submits to the same peer. */
