@@ -1031,3 +1031,44 @@ Test(transport, hello_refused)
 	xport_close(p);
 	xport_server_close(s2);
 }
+
+/* Bulk checksums off (WIRE_F_BULK_NOCSUM): bytes still travel intact, no
+ * checksum is reported; and a tiny in-flight window sends the rest through
+ * the peer's wait queue, in order, deadlines included. */
+Test(transport, nocsum_and_wait_queue)
+{
+	xport_server *s2;
+	xport_opts so = opts;
+	so.bulk_checksum = 0;
+	cr_assert_eq(xport_tcp_listen(sloop, "127.0.0.1", 0, &so, &handlers, &store, &s2), 0);
+	xport_opts o = opts;
+	o.bulk_checksum = 0;
+	o.n_conns = 1;
+	o.max_inflight = 2;
+	xport_peer *p;
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", s2->port, &o, &p), 0);
+	enum { N = 40 };
+	static uint8_t src[65536], dst[N][65536];
+	fill(src, sizeof src, 77);
+	xport_block_io put = {.ref = {{1, 1, 0}, 0, 65536}, .buf = src};
+	xport_waiter w;
+	xport_waiter_init(&w);
+	xport_waiter_add(&w, 1);
+	cr_assert_eq(xport_put_blocks(p, &put, 1, 5000, xport_waiter_cb, &w), 0);
+	cr_assert_eq(xport_waiter_wait(&w), 0);
+	xport_block_io io[N];
+	xport_waiter_add(&w, N);
+	for (int i = 0; i < N; i++) {
+		io[i] = (xport_block_io){.ref = {{1, 1, 0}, 0, 65536}, .buf = dst[i], .csum = 1};
+		cr_assert_eq(xport_get_blocks(p, &io[i], 1, 10000, xport_waiter_cb, &w), 0);
+	}
+	cr_assert_eq(xport_waiter_wait(&w), 0);
+	for (int i = 0; i < N; i++) {
+		cr_assert_eq(io[i].status, 0);
+		cr_assert_eq(io[i].csum, 0, "no checksum without bulk checksums");
+		cr_assert(memcmp(dst[i], src, sizeof src) == 0);
+	}
+	xport_waiter_destroy(&w);
+	xport_close(p);
+	xport_server_close(s2);
+}
