@@ -112,6 +112,7 @@ struct conn {
 	int rx_paused;
 	uint8_t *bulk_buf;
 	size_t bulk_cap;
+	struct xport_attend_token *deferred; /* ATTENDs being computed elsewhere */
 	void **put_txn;  /* per entry of the PUT being received */
 	int *put_st;
 	uint32_t put_cap;
@@ -1649,6 +1650,85 @@ static int srv_get(struct conn *c)
 	return 0;
 }
 
+/* A deferred ATTEND owns what the handler reads and writes: the request's
+ * metadata and queries (taken from the connection, which allocates new ones
+ * for the next frame), the output and the statuses. */
+struct xport_attend_token {
+	struct loop_task task;
+	struct xport_attend_token *next, *prev;
+	struct conn *c; /* NULL once the connection died */
+	xport_loop *loop;
+	wire_attend_view view; /* what the handler reads; points into meta */
+	uint64_t req_id;
+	uint32_t n_queries;
+	int rc;
+	uint8_t *meta;
+	uint8_t *bulk;
+	float *out;
+	uint64_t out_bytes;
+	int *st;
+	struct srv_frame *sf;
+};
+
+static void attend_reply(struct conn *c, struct srv_frame *sf, uint64_t id, int rc, uint32_t n, const int *st,
+			 float *out, uint64_t ob)
+{
+	wire_buf wb = {.p = sf->f.meta, .cap = wire_status_reply_size(n)};
+	wire_put_u32(&wb, wire_err_from_errno(rc < 0 ? rc : 0));
+	wire_put_u32(&wb, rc < 0 ? 0 : n);
+	for (uint32_t i = 0; rc >= 0 && i < n; i++)
+		wire_put_u32(&wb, wire_err_from_errno(st[i]));
+	if (rc >= 0) {
+		sf->f.bulk[0] = (struct seg){out, ob};
+		sf->f.nbulk = 1;
+		sf->owned = out;
+	} else {
+		free(out);
+	}
+	srv_send(c, sf, WIRE_OP_ATTEND, id, (uint32_t)wb.len);
+}
+
+static void token_free(struct xport_attend_token *t)
+{
+	free(t->meta);
+	free(t->bulk);
+	free(t->st);
+	free(t);
+}
+
+/* On the loop thread: the deferred ATTEND finished. */
+static void attend_done_fn(struct loop_task *task)
+{
+	struct xport_attend_token *t = (struct xport_attend_token *)task;
+	struct conn *c = t->c;
+	if (!c) { /* the connection died meanwhile */
+		free(t->out);
+		free(t->sf);
+		token_free(t);
+		return;
+	}
+	if (t->prev)
+		t->prev->next = t->next;
+	else
+		c->deferred = t->next;
+	if (t->next)
+		t->next->prev = t->prev;
+	attend_reply(c, t->sf, t->req_id, t->rc, t->n_queries, t->st, t->out, t->out_bytes);
+	token_free(t);
+	conn_write(c);
+	if (c->dead)
+		free_conn(c); /* closed by this write: outside srv_conn_cb, so free it here */
+	else
+		update_events(c);
+}
+
+void xport_attend_complete(xport_attend_token *t, int rc)
+{
+	t->rc = rc;
+	t->task.fn = attend_done_fn;
+	loop_post(t->loop, &t->task);
+}
+
 static int srv_attend(struct conn *c)
 {
 	struct tcp_server *s = c->srv;
@@ -1672,21 +1752,35 @@ static int srv_attend(struct conn *c)
 	}
 	memset(out, 0, ob); /* failed queries' rows stay zero */
 	float *o = out, *lse = out + (size_t)v.n_queries * v.shape.q_heads * v.shape.head_dim;
-	rc = s->h.attend(s->ctx, &v, (const float *)(const void *)c->bulk_buf, o, lse, st);
-	wire_buf wb = {.p = sf->f.meta, .cap = ml};
-	wire_put_u32(&wb, wire_err_from_errno(rc < 0 ? rc : 0));
-	wire_put_u32(&wb, rc < 0 ? 0 : v.n_queries);
-	for (uint32_t i = 0; rc >= 0 && i < v.n_queries; i++)
-		wire_put_u32(&wb, wire_err_from_errno(st[i]));
-	free(st);
-	if (rc >= 0) {
-		sf->f.bulk[0] = (struct seg){out, ob};
-		sf->f.nbulk = 1;
-		sf->owned = out;
-	} else {
+	struct xport_attend_token *t = calloc(1, sizeof *t);
+	if (!t) {
+		free(sf);
+		free(st);
 		free(out);
+		return srv_reject(c, -ENOMEM, h->req_id, "out of memory");
 	}
-	srv_send(c, sf, WIRE_OP_ATTEND, h->req_id, (uint32_t)wb.len);
+	*t = (struct xport_attend_token){.c = c, .loop = c->loop, .req_id = h->req_id, .n_queries = v.n_queries, .out = out,
+					 .out_bytes = ob, .st = st, .sf = sf};
+	t->view = v;
+	rc = s->h.attend(s->ctx, &t->view, (const float *)(const void *)c->bulk_buf, o, lse, st, t);
+	if (rc == XPORT_DEFERRED) {
+		/* Lend the metadata and queries to the token; the connection gets
+		 * fresh buffers for its next frame. */
+		t->meta = c->meta;
+		t->bulk = c->bulk_buf;
+		c->meta = NULL;
+		c->meta_cap = 0;
+		c->bulk_buf = NULL;
+		c->bulk_cap = 0;
+		t->next = c->deferred;
+		if (c->deferred)
+			c->deferred->prev = t;
+		c->deferred = t;
+		return 0;
+	}
+	attend_reply(c, sf, h->req_id, rc, v.n_queries, st, out, ob);
+	free(st);
+	free(t);
 	return 0;
 }
 
@@ -1805,6 +1899,10 @@ static void srv_conn_close(struct conn *c, int err)
 		c->txq = f->next;
 		f->done(f, err);
 	}
+	/* Deferred ATTENDs still computing: their replies are dropped. */
+	for (struct xport_attend_token *t = c->deferred; t; t = t->next)
+		t->c = NULL;
+	c->deferred = NULL;
 	if (c->prev)
 		c->prev->next = c->next;
 	else

@@ -49,6 +49,14 @@ void xport_loop_destroy(xport_loop *l);
 
 typedef void (*xport_cb)(void *arg, int status);
 
+/* A deferred ATTEND (see xport_handlers.attend). */
+typedef struct xport_attend_token xport_attend_token;
+#define XPORT_DEFERRED 1
+/* Finishes a deferred ATTEND with rc (0 or a negative errno): its reply is
+ * sent (or dropped if the connection died meanwhile) and the token and the
+ * buffers it lent are freed. Thread-safe; exactly once per deferral. */
+void xport_attend_complete(xport_attend_token *tok, int rc);
+
 typedef struct xport_opts {
 	uint64_t node_id;            /* sent in HELLO */
 	uint32_t n_conns;            /* connections per peer (default 2) */
@@ -120,8 +128,13 @@ typedef struct xport_handlers {
 	/* ATTEND: q is [n_queries][q_heads][head_dim]; write o
 	 * [n_queries][q_heads][head_dim] and lse [n_queries][q_heads] (the layout
 	 * of da_partial_cpu) and per-query statuses st[n_queries] (0 or -errno).
-	 * The return value, if negative, fails the whole batch. */
-	int (*attend)(void *ctx, const wire_attend_view *v, const float *q, float *o, float *lse, int *st);
+	 * Return 0 (done), a negative errno (fails the whole batch), or
+	 * XPORT_DEFERRED: the kernel runs elsewhere (the agent's worker threads),
+	 * v, q, o, lse and st stay valid and untouched by the transport until the
+	 * handler calls xport_attend_complete(tok, rc) from any thread; the loop
+	 * meanwhile serves other requests. */
+	int (*attend)(void *ctx, const wire_attend_view *v, const float *q, float *o, float *lse, int *st,
+		      xport_attend_token *tok);
 	/* APPEND_KV: one entry, k and v of ref->bytes bytes each (valid during
 	 * the call only). Runs only after the frame's checksums were verified. */
 	int (*append)(void *ctx, const wire_append_ref *ref, const void *k, const void *v);

@@ -57,8 +57,45 @@ static int h_put_commit(void *ctx, const wire_block_ref *r, void *txn, int statu
 	return status;
 }
 
+/* ATTEND deferred to a worker thread, completed from there. */
+struct job {
+	const wire_attend_view *v;
+	const float *q;
+	float *o, *lse;
+	int *st;
+	xport_attend_token *tok;
+};
+
+static void *attend_worker(void *arg)
+{
+	struct job *j = arg;
+	size_t hd = (size_t)j->v->shape.q_heads * j->v->shape.head_dim;
+	for (uint32_t i = 0; i < j->v->n_queries; i++) {
+		for (size_t k = 0; k < hd; k++)
+			j->o[i * hd + k] = 2.0f * j->q[i * hd + k];
+		for (uint32_t h = 0; h < j->v->shape.q_heads; h++)
+			j->lse[(size_t)i * j->v->shape.q_heads + h] = 1.0f;
+		j->st[i] = 0;
+	}
+	xport_attend_complete(j->tok, 0);
+	free(j);
+	return NULL;
+}
+
+static int h_attend(void *ctx, const wire_attend_view *v, const float *q, float *o, float *lse, int *st,
+		    xport_attend_token *tok)
+{
+	(void)ctx;
+	struct job *j = malloc(sizeof *j);
+	*j = (struct job){v, q, o, lse, st, tok};
+	pthread_t th;
+	pthread_create(&th, NULL, attend_worker, j);
+	pthread_detach(th);
+	return XPORT_DEFERRED;
+}
+
 static const xport_handlers handlers = {
-	.get = h_get, .put_prepare = h_put_prepare, .put_commit = h_put_commit};
+	.get = h_get, .put_prepare = h_put_prepare, .put_commit = h_put_commit, .attend = h_attend};
 
 struct worker {
 	xport_peer *p;
@@ -134,6 +171,31 @@ int main(void)
 		pthread_join(th[i], NULL);
 	if (w[0].bad || w[1].bad)
 		return fprintf(stderr, "worker errors: %d %d\n", w[0].bad, w[1].bad), 1;
+
+	/* Deferred ATTENDs, many in flight, completed from worker threads. */
+	{
+		enum { NA = 16 };
+		wire_shape sh = {.q_heads = 4, .kv_heads = 1, .head_dim = 32, .block_tokens = 16, .scale = 0.2f};
+		static float q[NA][128], ao[NA][128], al[NA][4];
+		wire_handle hb = {0, 1, 0};
+		xport_attend_query aq[NA];
+		xport_waiter wa;
+		xport_waiter_init(&wa);
+		xport_waiter_add(&wa, NA);
+		for (int i = 0; i < NA; i++) {
+			for (int k = 0; k < 128; k++)
+				q[i][k] = (float)(i * 128 + k);
+			aq[i] = (xport_attend_query){.n_tokens = 5, .n_blocks = 1, .blocks = &hb, .q = q[i], .o = ao[i], .lse = al[i]};
+			if (xport_attend(p, &sh, &aq[i], 1, 5000, xport_waiter_cb, &wa))
+				xport_waiter_cb(&wa, -EIO);
+		}
+		if (xport_waiter_wait(&wa))
+			return fprintf(stderr, "deferred attend failed\n"), 1;
+		for (int i = 0; i < NA; i++)
+			if (ao[i][7] != 2.0f * q[i][7] || al[i][3] != 1.0f)
+				return fprintf(stderr, "deferred attend: wrong result %d\n", i), 1;
+		xport_waiter_destroy(&wa);
+	}
 
 	/* Close a peer with requests in flight: every callback runs once. */
 	atomic_int done = 0;

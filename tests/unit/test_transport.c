@@ -114,8 +114,10 @@ static int h_put_commit(void *ctx, const wire_block_ref *r, void *txn, int statu
 
 /* A deterministic stand-in for the kernel: o = q * (n_blocks + 1) + sum of
  * slot ids, lse[h] = n_tokens + h. Enough to check that bytes travel. */
-static int h_attend(void *ctx, const wire_attend_view *v, const float *q, float *o, float *lse, int *st)
+static int h_attend(void *ctx, const wire_attend_view *v, const float *q, float *o, float *lse, int *st,
+		    xport_attend_token *tok)
 {
+	(void)tok;
 	struct store *s = ctx;
 	const uint8_t *cur = v->queries;
 	wire_attend_query aq;
@@ -1070,5 +1072,98 @@ Test(transport, nocsum_and_wait_queue)
 	}
 	xport_waiter_destroy(&w);
 	xport_close(p);
+	xport_server_close(s2);
+}
+
+/* Deferred ATTEND: the handler hands the batch to a worker thread and returns
+ * XPORT_DEFERRED; the server keeps serving (a PING answers meanwhile); the
+ * worker completes it later and the reply arrives with the right numbers. */
+struct deferred_job {
+	const wire_attend_view *v;
+	const float *q;
+	float *o, *lse;
+	int *st;
+	xport_attend_token *tok;
+	int delay_ms;
+};
+
+static void *deferred_worker(void *arg)
+{
+	struct deferred_job *j = arg;
+	usleep((useconds_t)j->delay_ms * 1000);
+	int rc = h_attend(&store, j->v, j->q, j->o, j->lse, j->st, NULL);
+	xport_attend_complete(j->tok, rc);
+	free(j);
+	return NULL;
+}
+
+static atomic_int deferred_started;
+
+static int h_attend_deferred(void *ctx, const wire_attend_view *v, const float *q, float *o, float *lse, int *st,
+			     xport_attend_token *tok)
+{
+	(void)ctx;
+	struct deferred_job *j = malloc(sizeof *j);
+	*j = (struct deferred_job){v, q, o, lse, st, tok, 300};
+	pthread_t th;
+	pthread_create(&th, NULL, deferred_worker, j);
+	pthread_detach(th);
+	atomic_fetch_add(&deferred_started, 1);
+	return XPORT_DEFERRED;
+}
+
+Test(transport, attend_deferred_to_a_worker)
+{
+	xport_handlers h = handlers;
+	h.attend = h_attend_deferred;
+	xport_server *s2;
+	cr_assert_eq(xport_tcp_listen(sloop, "127.0.0.1", 0, &opts, &h, &store, &s2), 0);
+	xport_opts o = opts;
+	o.n_conns = 1; /* the PING shares the connection with the ATTEND */
+	xport_peer *p;
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", s2->port, &o, &p), 0);
+	wire_shape s = {.q_heads = 4, .kv_heads = 2, .head_dim = 16, .block_tokens = 16, .scale = 0.25f};
+	static float q[2][64], out_o[2][64], out_lse[2][4];
+	wire_handle hs[2] = {{3, 1, 0}, {5, 1, 0}};
+	xport_attend_query aq[2];
+	for (int i = 0; i < 2; i++) {
+		for (int k = 0; k < 64; k++)
+			q[i][k] = (float)(i + k);
+		aq[i] = (xport_attend_query){.n_tokens = 20, .n_blocks = 2, .blocks = hs, .q = q[i], .o = out_o[i],
+					     .lse = out_lse[i]};
+	}
+	xport_waiter wa, wp;
+	xport_waiter_init(&wa);
+	xport_waiter_init(&wp);
+	xport_waiter_add(&wa, 1);
+	cr_assert_eq(xport_attend(p, &s, aq, 2, 5000, xport_waiter_cb, &wa), 0);
+	while (atomic_load(&deferred_started) == 0)
+		usleep(1000);
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	xport_waiter_add(&wp, 1);
+	cr_assert_eq(xport_ping(p, 5000, xport_waiter_cb, &wp), 0);
+	cr_assert_eq(xport_waiter_wait(&wp), 0);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+	cr_assert(ms < 250, "PING answered while the ATTEND computes (%.0f ms)", ms);
+	cr_assert_eq(xport_waiter_wait(&wa), 0);
+	for (int i = 0; i < 2; i++) {
+		cr_assert_eq(aq[i].status, 0);
+		for (int k = 0; k < 64; k++)
+			cr_assert_float_eq(out_o[i][k], q[i][k] * 3.0f + 8.0f, 1e-4);
+		cr_assert_float_eq(out_lse[i][3], 23.0f, 0);
+	}
+	/* A deferred ATTEND whose connection is gone by the time it completes. */
+	atomic_store(&deferred_started, 0);
+	xport_waiter_add(&wa, 1);
+	cr_assert_eq(xport_attend(p, &s, aq, 2, 5000, xport_waiter_cb, &wa), 0);
+	while (atomic_load(&deferred_started) == 0)
+		usleep(1000);
+	xport_close(p); /* the reply is dropped; the worker's late completion is harmless */
+	cr_assert_eq(xport_waiter_wait(&wa), -ECANCELED);
+	usleep(400000); /* let the worker complete against the dead connection */
+	xport_waiter_destroy(&wa);
+	xport_waiter_destroy(&wp);
 	xport_server_close(s2);
 }
