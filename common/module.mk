@@ -1,3 +1,3 @@
-# Shared code: error strings, the gRPC C-core wrapper.
+# Shared code: errors, logging, configuration, the gRPC C-core wrapper, health.
 CORE_SRCS += common/kvm_error.c common/rpc.c common/health.c common/config.c common/log.c
 LDLIBS += $(shell pkg-config --libs grpc gpr libprotobuf-c yaml-0.1 libsystemd 2>/dev/null)
