@@ -17,6 +17,7 @@
 
 #include "common/log.h"
 #include "coordinator/ledger.h"
+#include "coordinator/links.h"
 #include "proto/kvmesh.pb-c.h"
 
 #define EVENT_RING 1024
@@ -183,6 +184,24 @@ static node_rec *upsert_node(kvm_coord *c, const Kvmesh__V1__Node *reg)
 	return n;
 }
 
+/* Tells the ledger the bandwidth between `reg` and every other node, from
+ * their NICs; mu held. */
+static void update_links(kvm_coord *c, const Kvmesh__V1__Node *reg)
+{
+	for (size_t i = 0; i < c->n_nodes; i++) {
+		node_rec *o = &c->nodes[i];
+		if (strcmp(o->id, reg->id) == 0)
+			continue;
+		Kvmesh__V1__Node *other = kvmesh__v1__node__unpack(NULL, o->reg_len, o->reg);
+		if (!other)
+			continue;
+		double gbps = kvm_link_gbps(reg, other);
+		kvm_ledger_link_set(c->ledger, reg->id, o->id, gbps);
+		kvm_log(KVM_LOG_DEBUG, "link", "a=%s b=%s gbps=%.1f", reg->id, o->id, gbps);
+		kvmesh__v1__node__free_unpacked(other, NULL);
+	}
+}
+
 /* ---- Handlers ----------------------------------------------------------------- */
 
 #define UNPACK_OR_FAIL(type, fn, var)                                                              \
@@ -246,6 +265,7 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 		nd->last_heartbeat_ms = now_ms();
 		nd->drain_pending = false;
 		sync_ledger(c, nd);
+		update_links(c, r->node);
 		emit_node_event(c, nd->id, nd->state, "registered");
 	}
 	pthread_mutex_unlock(&c->mu);
@@ -635,6 +655,7 @@ static int recover_node(void *arg, const char *key, const void *val, size_t len)
 		nd->last_heartbeat_ms = now_ms();
 		nd->epoch = 0; /* its agent must register again */
 		sync_ledger(c, nd);
+		update_links(c, reg);
 	}
 	kvmesh__v1__node__free_unpacked(reg, NULL);
 	return 0;

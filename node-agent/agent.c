@@ -28,6 +28,8 @@
 #include "kvstore/arena.h"
 #include "kvstore/store.h"
 #include "proto/kvmesh.pb-c.h"
+#include "coordinator/links.h"
+#include "transport/nic.h"
 #include <xxhash.h>
 
 typedef struct agent {
@@ -157,6 +159,16 @@ static int register_node(agent *a)
 	hw.cores = (uint32_t)sysconf(_SC_NPROCESSORS_ONLN);
 	hw.memory_bytes = (uint64_t)si.totalram * si.mem_unit;
 	hw.numa_nodes = 1;
+	/* The NICs decide how the coordinator ranks this node as a creditor and
+	 * which transport peers use. */
+	static nic_report nics;
+	Kvmesh__V1__Nic pn[NIC_MAX], *pp[NIC_MAX];
+	if (nic_discover(&nics) == 0) {
+		hw.n_nics = kvm_nics_to_proto(&nics, pn, NIC_MAX);
+		for (size_t i = 0; i < hw.n_nics; i++)
+			pp[i] = &pn[i];
+		hw.nics = pp;
+	}
 	node.id = a->node_id;
 	node.grpc_address = a->listen;
 	node.data_address = a->data_address;

@@ -37,6 +37,11 @@ def test_three_agents_register_with_pools_sized_from_the_model():
             assert host.total_blocks == (pool << 20) // BLOCK_BYTES, host
             assert host.free_blocks == host.total_blocks
         assert ns["agent0"].hardware.cores >= 1 and ns["agent0"].hardware.memory_bytes > 0
+        # The agent's NICs as discovered here (loopback is left out).
+        import os
+        ifaces = [i for i in os.listdir("/sys/class/net") if i != "lo"]
+        assert sorted(n.name for n in ns["agent0"].hardware.nics) == sorted(ifaces), \
+            (ns["agent0"].hardware.nics, ifaces)
         # Agent.Stats over gRPC, from the agent itself.
         ch = grpc.insecure_channel("127.0.0.1:%d" % agents[2].port)
         st = pbg.AgentStub(ch).Stats(pb.StatsRequest(), timeout=5)
