@@ -16,46 +16,10 @@
 #include <time.h>
 
 #include "common/log.h"
-#include "coordinator/ledger.h"
+#include "coordinator/coord_impl.h"
 #include "coordinator/links.h"
-#include "proto/kvmesh.pb-c.h"
 
-#define EVENT_RING 1024
-
-typedef struct node_rec {
-	char id[KVM_NODE_ID_MAX];
-	uint8_t *reg; /* packed Kvmesh__V1__Node as registered */
-	size_t reg_len;
-	uint64_t epoch;
-	Kvmesh__V1__NodeState state;
-	uint64_t last_heartbeat_ms;
-	double load;
-	Kvmesh__V1__TierCapacity cap[2]; /* gpu, host */
-	bool drain_pending;              /* a Drain command to send */
-} node_rec;
-
-typedef struct event_rec {
-	uint64_t seq;
-	uint8_t *bytes; /* packed Kvmesh__V1__Event */
-	size_t len;
-} event_rec;
-
-struct kvm_coord {
-	kvm_coord_config cfg;
-	kvm_state *st;
-	kvm_ledger *ledger;
-
-	pthread_mutex_t mu;
-	pthread_cond_t event_cv, stop_cv;
-	node_rec *nodes;
-	size_t n_nodes, cap_nodes;
-	event_rec ring[EVENT_RING];
-	uint64_t next_seq;
-	bool stopping;
-	pthread_t liveness;
-};
-
-static uint64_t now_ms(void)
+uint64_t coord_now_ms(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_REALTIME, &ts);
@@ -79,7 +43,7 @@ static const char *state_name(Kvmesh__V1__NodeState s)
 }
 
 /* Packs any message and sets it as the unary reply. */
-static int reply_msg(kvm_rpc_call *call, const ProtobufCMessage *m)
+int coord_reply(kvm_rpc_call *call, const ProtobufCMessage *m)
 {
 	size_t n = protobuf_c_message_get_packed_size(m);
 	uint8_t *buf = malloc(n ? n : 1);
@@ -91,7 +55,7 @@ static int reply_msg(kvm_rpc_call *call, const ProtobufCMessage *m)
 	return KVM_RPC_OK;
 }
 
-static node_rec *find_node(kvm_coord *c, const char *id)
+node_rec *coord_find_node(kvm_coord *c, const char *id)
 {
 	for (size_t i = 0; i < c->n_nodes; i++)
 		if (strcmp(c->nodes[i].id, id) == 0)
@@ -99,7 +63,23 @@ static node_rec *find_node(kvm_coord *c, const char *id)
 	return NULL;
 }
 
-/* Appends an event to the ring and wakes watchers; call with mu held. */
+void coord_emit(kvm_coord *c, Kvmesh__V1__Event *ev)
+{
+	ev->seq = ++c->next_seq;
+	ev->unix_ms = coord_now_ms();
+	event_rec *r = &c->ring[ev->seq % EVENT_RING];
+	free(r->bytes);
+	r->len = kvmesh__v1__event__get_packed_size(ev);
+	r->bytes = malloc(r->len ? r->len : 1);
+	if (r->bytes)
+		kvmesh__v1__event__pack(ev, r->bytes);
+	else
+		r->len = 0;
+	r->seq = ev->seq;
+	pthread_cond_broadcast(&c->event_cv);
+}
+
+/* A node event; mu held. */
 static void emit_node_event(kvm_coord *c, const char *id, Kvmesh__V1__NodeState state,
 			    const char *reason)
 {
@@ -108,20 +88,9 @@ static void emit_node_event(kvm_coord *c, const char *id, Kvmesh__V1__NodeState 
 	ne.state = state;
 	ne.reason = (char *)reason;
 	Kvmesh__V1__Event ev = KVMESH__V1__EVENT__INIT;
-	ev.seq = ++c->next_seq;
-	ev.unix_ms = now_ms();
 	ev.kind_case = KVMESH__V1__EVENT__KIND_NODE;
 	ev.node = &ne;
-	event_rec *r = &c->ring[ev.seq % EVENT_RING];
-	free(r->bytes);
-	r->len = kvmesh__v1__event__get_packed_size(&ev);
-	r->bytes = malloc(r->len ? r->len : 1);
-	if (r->bytes)
-		kvmesh__v1__event__pack(&ev, r->bytes);
-	else
-		r->len = 0;
-	r->seq = ev.seq;
-	pthread_cond_broadcast(&c->event_cv);
+	coord_emit(c, &ev);
 	kvm_log(KVM_LOG_INFO, "node_state", "node=%s state=%s reason=\"%s\"", id, state_name(state),
 		reason);
 }
@@ -160,7 +129,7 @@ static void set_capacity(node_rec *n, size_t count, Kvmesh__V1__TierCapacity **c
 /* Adds or replaces a node record from its packed registration; mu held. */
 static node_rec *upsert_node(kvm_coord *c, const Kvmesh__V1__Node *reg)
 {
-	node_rec *n = find_node(c, reg->id);
+	node_rec *n = coord_find_node(c, reg->id);
 	if (!n) {
 		if (c->n_nodes == c->cap_nodes) {
 			size_t cap = c->cap_nodes ? c->cap_nodes * 2 : 8;
@@ -209,7 +178,7 @@ static void update_links(kvm_coord *c, const Kvmesh__V1__Node *reg)
 	if (!var)                                                                                  \
 		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed " #type);
 
-static bool valid_id(const char *s)
+bool coord_valid_id(const char *s)
 {
 	size_t n = strlen(s);
 	if (n == 0 || n >= KVM_NODE_ID_MAX)
@@ -226,7 +195,7 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 	kvm_coord *c = arg;
 	UNPACK_OR_FAIL(Kvmesh__V1__RegisterNodeRequest, kvmesh__v1__register_node_request, r);
 	int rc = KVM_RPC_OK;
-	if (!r->node || !valid_id(r->node->id)) {
+	if (!r->node || !coord_valid_id(r->node->id)) {
 		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
 				  "node.id must be 1-%d characters of [A-Za-z0-9._-]",
 				  KVM_NODE_ID_MAX - 1);
@@ -258,11 +227,11 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 	uint64_t epoch = 0;
 	if (nd) {
 		/* Epochs only grow: a heartbeat from before this registration is stale. */
-		uint64_t t = now_ms();
+		uint64_t t = coord_now_ms();
 		nd->epoch = t > nd->epoch ? t : nd->epoch + 1;
 		epoch = nd->epoch;
 		nd->state = KVMESH__V1__NODE_STATE__NODE_READY;
-		nd->last_heartbeat_ms = now_ms();
+		nd->last_heartbeat_ms = coord_now_ms();
 		nd->drain_pending = false;
 		sync_ledger(c, nd);
 		update_links(c, r->node);
@@ -277,7 +246,7 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 	resp.node_id = r->node->id;
 	resp.epoch = epoch;
 	resp.heartbeat_ms = (uint32_t)c->cfg.heartbeat_ms;
-	rc = reply_msg(call, &resp.base);
+	rc = coord_reply(call, &resp.base);
 out:
 	kvmesh__v1__register_node_request__free_unpacked(r, NULL);
 	return rc;
@@ -290,7 +259,7 @@ static int heartbeat(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t l
 	int rc = KVM_RPC_OK;
 	bool drain = false;
 	pthread_mutex_lock(&c->mu);
-	node_rec *nd = find_node(c, r->node_id);
+	node_rec *nd = coord_find_node(c, r->node_id);
 	if (!nd) {
 		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown node \"%s\": register first",
 				  r->node_id);
@@ -303,9 +272,10 @@ static int heartbeat(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t l
 		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
 				  "node %s was declared dead: register again", r->node_id);
 	} else {
-		nd->last_heartbeat_ms = now_ms();
+		nd->last_heartbeat_ms = coord_now_ms();
 		nd->load = isfinite(r->load) ? r->load : 0;
-		set_capacity(nd, r->n_capacity, r->capacity);
+		if (r->n_capacity > 0) /* none: unchanged since the last report */
+			set_capacity(nd, r->n_capacity, r->capacity);
 		sync_ledger(c, nd);
 		drain = nd->drain_pending;
 		nd->drain_pending = false;
@@ -322,7 +292,7 @@ static int heartbeat(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t l
 			resp.n_commands = 1;
 			resp.commands = cmds;
 		}
-		rc = reply_msg(call, &resp.base);
+		rc = coord_reply(call, &resp.base);
 	}
 	kvmesh__v1__heartbeat_request__free_unpacked(r, NULL);
 	return rc;
@@ -388,7 +358,7 @@ static int list_nodes(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 		Kvmesh__V1__ListNodesResponse resp = KVMESH__V1__LIST_NODES_RESPONSE__INIT;
 		resp.n_nodes = k;
 		resp.nodes = views;
-		rc = reply_msg(call, &resp.base);
+		rc = coord_reply(call, &resp.base);
 	}
 	pthread_mutex_unlock(&c->mu);
 	for (size_t i = 0; i < k; i++)
@@ -408,7 +378,7 @@ static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, 
 	UNPACK_OR_FAIL(Kvmesh__V1__NodeRequest, kvmesh__v1__node_request, r);
 	int rc;
 	pthread_mutex_lock(&c->mu);
-	node_rec *nd = find_node(c, r->node_id);
+	node_rec *nd = coord_find_node(c, r->node_id);
 	if (!nd) {
 		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown node \"%s\"", r->node_id);
 	} else if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD) {
@@ -427,7 +397,7 @@ static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, 
 		Kvmesh__V1__TierCapacity *caps[2], **saved;
 		size_t saved_n;
 		Kvmesh__V1__Node *v = node_view(c, nd, caps, &saved_n, &saved);
-		rc = v ? reply_msg(call, &v->base)
+		rc = v ? coord_reply(call, &v->base)
 		       : kvm_rpc_fail(call, KVM_RPC_INTERNAL, "node record unreadable");
 		if (v)
 			free_view(v, saved_n, saved);
@@ -450,7 +420,7 @@ static int drain_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 static const char *check_model(const Kvmesh__V1__Model *m)
 {
 	const Kvmesh__V1__BlockGeometry *g = m->geometry;
-	if (!valid_id(m->id))
+	if (!coord_valid_id(m->id))
 		return "id must be 1-63 characters of [A-Za-z0-9._-]";
 	if (!g)
 		return "geometry is required";
@@ -491,12 +461,12 @@ static int register_model(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		if (kvm_state_get(c->st, key, &old, &old_len) == 0) {
 			bool same = old_len == n && memcmp(old, buf, n) == 0;
 			free(old);
-			rc = same ? reply_msg(call, &m->base)
+			rc = same ? coord_reply(call, &m->base)
 				  : kvm_rpc_fail(call, KVM_RPC_ALREADY_EXISTS,
 						 "model %s exists with another geometry", m->id);
 		} else {
 			int src = kvm_state_put(c->st, key, buf, n);
-			rc = src == 0 ? reply_msg(call, &m->base)
+			rc = src == 0 ? coord_reply(call, &m->base)
 				      : kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s",
 						     strerror(-src));
 		}
@@ -541,7 +511,7 @@ static int list_models(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 		Kvmesh__V1__ListModelsResponse resp = KVMESH__V1__LIST_MODELS_RESPONSE__INIT;
 		resp.n_models = l.n;
 		resp.models = l.items;
-		rc = reply_msg(call, &resp.base);
+		rc = coord_reply(call, &resp.base);
 	} else {
 		rc = kvm_rpc_fail(call, KVM_RPC_INTERNAL, "state store: %s", strerror(-rc));
 	}
@@ -603,7 +573,8 @@ static int not_yet(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len
 	(void)req;
 	(void)len;
 	return kvm_rpc_fail(call, KVM_RPC_UNIMPLEMENTED,
-			    "sequence calls arrive with the cluster block index (issue 5)");
+			    "prefix matching and block reports arrive with the cluster block index "
+			    "(issue 5)");
 }
 
 /* ---- Liveness --------------------------------------------------------------------- */
@@ -621,7 +592,7 @@ static void *liveness_main(void *arg)
 		if (until.tv_nsec >= 1000000000L)
 			until.tv_sec++, until.tv_nsec -= 1000000000L;
 		pthread_cond_timedwait(&c->stop_cv, &c->mu, &until);
-		uint64_t t = now_ms();
+		uint64_t t = coord_now_ms();
 		for (size_t i = 0; i < c->n_nodes; i++) {
 			node_rec *nd = &c->nodes[i];
 			if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD ||
@@ -633,6 +604,7 @@ static void *liveness_main(void *arg)
 			snprintf(why, sizeof(why), "no heartbeat for %llu ms",
 				 (unsigned long long)(t - nd->last_heartbeat_ms));
 			emit_node_event(c, nd->id, nd->state, why);
+			coord_node_lost(c, nd->id);
 		}
 	}
 	pthread_mutex_unlock(&c->mu);
@@ -652,7 +624,7 @@ static int recover_node(void *arg, const char *key, const void *val, size_t len)
 	if (nd) {
 		/* Alive until proven otherwise: a grace period of one dead_after. */
 		nd->state = KVMESH__V1__NODE_STATE__NODE_READY;
-		nd->last_heartbeat_ms = now_ms();
+		nd->last_heartbeat_ms = coord_now_ms();
 		nd->epoch = 0; /* its agent must register again */
 		sync_ledger(c, nd);
 		update_links(c, reg);
@@ -679,6 +651,8 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 	if (rc != 0)
 		goto fail;
 	rc = kvm_state_scan(st, "nodes/", recover_node, c);
+	if (rc == 0)
+		rc = coord_recover_sequences(c); /* the ledger's reservations */
 	if (rc != 0)
 		goto fail;
 
@@ -692,11 +666,11 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 		{"ReportBlocks", false, not_yet},
 		{"RegisterModel", false, register_model},
 		{"ListModels", false, list_models},
-		{"CreateSequence", false, not_yet},
-		{"ExtendSequence", false, not_yet},
-		{"GetSequence", false, not_yet},
+		{"CreateSequence", false, coord_create_sequence},
+		{"ExtendSequence", false, coord_extend_sequence},
+		{"GetSequence", false, coord_get_sequence},
 		{"MatchPrefix", false, not_yet},
-		{"ReleaseSequence", false, not_yet},
+		{"ReleaseSequence", false, coord_release_sequence},
 		{"ListNodes", false, list_nodes},
 		{"CordonNode", false, cordon_node},
 		{"DrainNode", false, drain_node},

@@ -3,8 +3,10 @@
  * records (nodes as registered, models) live in a kvm_state store.
  *
  * Implemented so far: RegisterNode, Heartbeat, ListNodes, CordonNode,
- * DrainNode, RegisterModel, ListModels, WatchEvents. Sequence calls answer
- * UNIMPLEMENTED until the block index lands (issue 5). */
+ * DrainNode, RegisterModel, ListModels, WatchEvents, and CreateSequence,
+ * ExtendSequence, GetSequence, ReleaseSequence (placement by the ledger,
+ * durable; see sequences.c). MatchPrefix and ReportBlocks answer
+ * UNIMPLEMENTED until the cluster block index lands (issue 5). */
 #ifndef KVMESH_COORDINATOR_COORDINATOR_H
 #define KVMESH_COORDINATOR_COORDINATOR_H
 

@@ -279,6 +279,26 @@ out:
 	return rc;
 }
 
+int kvm_ledger_charge(kvm_ledger *l, const char *home, const char *node, uint64_t n)
+{
+	if (!l || !id_ok(home) || !id_ok(node))
+		return -EINVAL;
+	pthread_mutex_lock(&l->mu);
+	int h = index_of(l, home), i = index_of(l, node), rc = 0;
+	if (i < 0) {
+		rc = -ENOENT;
+	} else {
+		l->nodes[i].used_blocks += n;
+		if (h != i) {
+			l->nodes[i].lent_blocks += n;
+			if (h >= 0)
+				l->nodes[h].borrowed_blocks += n;
+		}
+	}
+	pthread_mutex_unlock(&l->mu);
+	return rc;
+}
+
 int kvm_ledger_release(kvm_ledger *l, const char *home, const char *node, uint64_t n)
 {
 	if (!l || !id_ok(home) || !id_ok(node))

@@ -63,6 +63,11 @@ int kvm_ledger_link_set(kvm_ledger *l, const char *a, const char *b, double gbps
 int kvm_ledger_reserve(kvm_ledger *l, const char *home, uint64_t n, kvm_ledger_grant *grants,
 		       size_t cap, size_t *n_grants);
 
+/* Records n blocks already held on `node` for a sequence whose home is
+ * `home`, as reserve would have (used on recovery, from stored sequences).
+ * Caps are not applied: the blocks exist. -ENOENT for an unknown node. */
+int kvm_ledger_charge(kvm_ledger *l, const char *home, const char *node, uint64_t n);
+
 /* Returns n blocks held on `node` for a sequence whose home is `home`. */
 int kvm_ledger_release(kvm_ledger *l, const char *home, const char *node, uint64_t n);
 

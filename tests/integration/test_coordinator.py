@@ -138,8 +138,8 @@ def test_bad_input_and_unimplemented_are_clear():
         raw = c.channel.unary_unary("/kvmesh.v1.Coordinator/RegisterNode")
         expect_error(grpc.StatusCode.INVALID_ARGUMENT, raw, b"\xff\xff\xff\xff",
                      contains="malformed")
-        expect_error(grpc.StatusCode.UNIMPLEMENTED, c.stub.CreateSequence,
-                     pb.CreateSequenceRequest(model_id="m"), contains="issue 5")
+        expect_error(grpc.StatusCode.UNIMPLEMENTED, c.stub.MatchPrefix,
+                     pb.MatchPrefixRequest(model_id="m"), contains="issue 5")
     finally:
         c.close()
 

@@ -1,0 +1,193 @@
+#!/usr/bin/python3
+"""Sequences through a real coordinator, driven by a Python gRPC client: new
+blocks go to the home node while it has room, then are borrowed from
+creditors by link bandwidth within their lending caps; a request too big for
+the cluster is refused whole; placements survive a coordinator crash; release
+gives the space back; a dead creditor degrades the sequences it held."""
+import threading
+import time
+
+import grpc
+
+from kvmesh_testlib import Coordinator, kvmesh_pb2 as pb, run_tests
+
+BT = 16
+MODEL = pb.Model(id="m", q_heads=8, geometry=pb.BlockGeometry(
+    layers=2, kv_heads=2, head_dim=64, block_tokens=BT, dtype=pb.KV_DTYPE_F16))
+
+
+def node(i, kind, gbps, blocks=100):
+    nic = pb.Nic(name="nic0", kind=kind, speed_gbps=gbps, up=True,
+                 rdma_device="" if kind == pb.LINK_TCP else "mlx5_0", rdma_port=1)
+    return pb.Node(id="n%d" % i, grpc_address="127.0.0.1:%d" % (7100 + i),
+                   data_address="127.0.0.1:%d" % (7200 + i),
+                   hardware=pb.Hardware(cores=4, memory_bytes=1 << 34, nics=[nic]),
+                   capacity=[pb.TierCapacity(tier=pb.TIER_HOST, total_blocks=blocks,
+                                             free_blocks=blocks)])
+
+
+def cluster(c):
+    c.stub.RegisterModel(MODEL, timeout=5)
+    epochs = {}
+    for i, kind, gbps in [(1, pb.LINK_RDMA_ROCE, 100), (2, pb.LINK_TCP, 25),
+                          (3, pb.LINK_RDMA_ROCE, 100)]:
+        epochs["n%d" % i] = c.stub.RegisterNode(
+            pb.RegisterNodeRequest(node=node(i, kind, gbps)), timeout=5).epoch
+    return epochs
+
+
+def books(c):
+    return {n.id: (n.lent_blocks, n.borrowed_blocks)
+            for n in c.stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
+
+
+def where(blocks):
+    out = {}
+    for b in blocks:
+        out[b.node_id] = out.get(b.node_id, 0) + 1
+    return out
+
+
+def test_home_then_creditors_by_bandwidth_within_caps():
+    c = Coordinator(**{"dead-after": "60s"})
+    try:
+        cluster(c)
+        s = c.stub.CreateSequence(pb.CreateSequenceRequest(
+            model_id="m", sequence_id="a", home_node="n1",
+            prompt_tokens=list(range(80 * BT))), timeout=5)
+        assert s.home_node == "n1" and s.tokens == 80 * BT and where(s.blocks) == {"n1": 80}
+        assert [b.index for b in s.blocks] == list(range(80))
+        # 60 more: 20 fit at home, 40 are borrowed from n3 (RDMA, 100 Gbit/s) before n2 (TCP).
+        e = c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="a", tokens=60 * BT),
+                                  timeout=5)
+        assert where(e.new_blocks) == {"n1": 20, "n3": 40}, where(e.new_blocks)
+        assert all(b.borrowed == (b.node_id != "n1") for b in e.new_blocks)
+        assert e.new_blocks[-1].data_address == "127.0.0.1:7203"
+        assert books(c) == {"n1": (0, 40), "n2": (0, 0), "n3": (40, 0)}, books(c)
+        # n3 lends at most 50 (half its pool): 10 more there, the rest from n2.
+        e = c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="a", tokens=30 * BT - 5),
+                                  timeout=5)
+        assert where(e.new_blocks) == {"n3": 10, "n2": 20}, where(e.new_blocks)
+        assert e.sequence.blocks[-1].tokens == BT - 5
+        # n2 can lend 30 more; 31 blocks are refused whole and nothing moves.
+        before = books(c)
+        try:
+            c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="a", tokens=31 * BT + 5),
+                                  timeout=5)
+            raise AssertionError("should not fit")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            assert "no room" in err.details(), err.details()
+        assert books(c) == before
+        g = c.stub.GetSequence(pb.GetSequenceRequest(sequence_id="a"), timeout=5)
+        assert len(g.blocks) == 170 and g.tokens == 170 * BT - 5
+        import os
+        import subprocess
+        from kvmesh_testlib import BUILD
+        p = subprocess.run([os.path.join(BUILD, "bin", "kvmeshctl"),
+                            "--coordinator=127.0.0.1:%d" % c.port, "seq", "a"],
+                           capture_output=True, text=True, timeout=20)
+        assert p.returncode == 0 and "home n1" in p.stdout and "block 169 on n2 borrowed" in \
+            p.stdout, p.stdout
+        # A crash loses nothing: placements and the ledger's books come back.
+        c.stop(sig="KILL")
+        c.start()
+        g2 = c.stub.GetSequence(pb.GetSequenceRequest(sequence_id="a"), timeout=5)
+        assert g2 == g
+        assert books(c) == {"n1": (0, 70), "n2": (20, 0), "n3": (50, 0)}, books(c)
+        # Release gives everything back.
+        r = c.stub.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="a"), timeout=5)
+        assert r.freed_blocks == 170
+        assert books(c) == {"n1": (0, 0), "n2": (0, 0), "n3": (0, 0)}
+        # And a new sequence may use it all again, home picked by free space.
+        s = c.stub.CreateSequence(pb.CreateSequenceRequest(
+            model_id="m", prompt_tokens=list(range(50 * BT))), timeout=5)
+        assert s.id and len(s.blocks) == 50 and len(where(s.blocks)) == 1
+    finally:
+        c.close()
+
+
+def test_dead_creditor_degrades_its_sequences():
+    c = Coordinator(heartbeat="100ms", **{"dead-after": "800ms"})
+    stop = threading.Event()
+    try:
+        epochs = cluster(c)
+
+        def beat():  # n1 and n2 stay alive; n3 falls silent
+            while not stop.is_set():
+                for n in ("n1", "n2"):
+                    try:
+                        c.stub.Heartbeat(pb.HeartbeatRequest(node_id=n, epoch=epochs[n]),
+                                         timeout=2)
+                    except grpc.RpcError:
+                        pass
+                time.sleep(0.1)
+        t = threading.Thread(target=beat)
+        t.start()
+        events = c.stub.WatchEvents(pb.WatchEventsRequest(), timeout=15)
+        s = c.stub.CreateSequence(pb.CreateSequenceRequest(
+            model_id="m", sequence_id="b", home_node="n1", prompt_tokens=list(range(120 * BT))),
+            timeout=5)
+        on_n3 = sorted(b.index for b in s.blocks if b.node_id == "n3")
+        assert len(on_n3) == 20, where(s.blocks)
+        for ev in events:
+            if ev.HasField("sequence") and ev.sequence.kind == pb.SequenceEvent.DEGRADED:
+                assert ev.sequence.sequence_id == "b"
+                assert sorted(ev.sequence.lost_blocks) == on_n3
+                assert "n3" in ev.sequence.reason
+                break
+        events.cancel()
+        g = c.stub.GetSequence(pb.GetSequenceRequest(sequence_id="b"), timeout=5)
+        assert g.degraded
+        try:
+            c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="b", tokens=1), timeout=5)
+            raise AssertionError("a degraded sequence must not grow")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "degraded" in err.details()
+    finally:
+        stop.set()
+        c.close()
+
+
+def test_bad_sequence_requests_are_clear_and_change_nothing():
+    c = Coordinator(**{"dead-after": "60s"})
+    try:
+        cluster(c)
+
+        def refused(code, fn, req, contains):
+            try:
+                fn(req, timeout=5)
+            except grpc.RpcError as err:
+                assert err.code() == code, (err.code(), err.details())
+                assert contains in err.details(), err.details()
+                return
+            raise AssertionError("accepted: %s" % req)
+        refused(grpc.StatusCode.NOT_FOUND, c.stub.CreateSequence,
+                pb.CreateSequenceRequest(model_id="nope"), "nope")
+        refused(grpc.StatusCode.INVALID_ARGUMENT, c.stub.CreateSequence,
+                pb.CreateSequenceRequest(model_id="m", sequence_id="bad id"), "sequence_id")
+        refused(grpc.StatusCode.NOT_FOUND, c.stub.CreateSequence,
+                pb.CreateSequenceRequest(model_id="m", home_node="ghost"), "ghost")
+        c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="x"), timeout=5)
+        refused(grpc.StatusCode.ALREADY_EXISTS, c.stub.CreateSequence,
+                pb.CreateSequenceRequest(model_id="m", sequence_id="x"), "exists")
+        refused(grpc.StatusCode.INVALID_ARGUMENT, c.stub.ExtendSequence,
+                pb.ExtendSequenceRequest(sequence_id="x", tokens=0), "tokens")
+        refused(grpc.StatusCode.INVALID_ARGUMENT, c.stub.ExtendSequence,
+                pb.ExtendSequenceRequest(sequence_id="x", tokens=4000000000), "tokens")
+        refused(grpc.StatusCode.NOT_FOUND, c.stub.ExtendSequence,
+                pb.ExtendSequenceRequest(sequence_id="y", tokens=1), "y")
+        refused(grpc.StatusCode.RESOURCE_EXHAUSTED, c.stub.CreateSequence,
+                pb.CreateSequenceRequest(model_id="m", sequence_id="huge",
+                                         prompt_tokens=list(range(1000 * BT))), "no room")
+        refused(grpc.StatusCode.NOT_FOUND, c.stub.ReleaseSequence,
+                pb.ReleaseSequenceRequest(sequence_id="huge"), "huge")
+        assert books(c) == {"n1": (0, 0), "n2": (0, 0), "n3": (0, 0)}
+    finally:
+        c.close()
+
+
+if __name__ == "__main__":
+    run_tests([test_home_then_creditors_by_bandwidth_within_caps,
+               test_dead_creditor_degrades_its_sequences,
+               test_bad_sequence_requests_are_clear_and_change_nothing])
