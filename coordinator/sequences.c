@@ -50,7 +50,10 @@ static Kvmesh__V1__Sequence *load_seq(kvm_coord *c, const char *id)
 	return s;
 }
 
-static int store_seq(kvm_coord *c, const Kvmesh__V1__Sequence *s)
+/* Appends the record; *ticket is what kvm_state_sync must see durable before
+ * the change is acknowledged (done outside c->mu, so that concurrent calls
+ * share one fsync). */
+static int store_seq(kvm_coord *c, const Kvmesh__V1__Sequence *s, uint64_t *ticket)
 {
 	char key[128];
 	snprintf(key, sizeof(key), "seqs/%s", s->id);
@@ -59,9 +62,20 @@ static int store_seq(kvm_coord *c, const Kvmesh__V1__Sequence *s)
 	if (!buf)
 		return -ENOMEM;
 	kvmesh__v1__sequence__pack(s, buf);
-	int rc = kvm_state_put(c->st, key, buf, n);
+	int rc = kvm_state_put_async(c->st, key, buf, n, ticket);
 	free(buf);
 	return rc;
+}
+
+/* Waits for the change to be durable; on failure the call fails (the
+ * response set under the lock is then not sent). */
+static int durable(kvm_coord *c, kvm_rpc_call *call, int rc, uint64_t ticket)
+{
+	if (rc != KVM_RPC_OK || ticket == 0)
+		return rc;
+	int src = kvm_state_sync(c->st, ticket);
+	return src == 0 ? rc
+			: kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
 }
 
 static void emit_seq_event(kvm_coord *c, const char *id, Kvmesh__V1__SequenceEvent__Kind kind,
@@ -206,6 +220,7 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed CreateSequenceRequest");
 	int rc;
 	char id[64];
+	uint64_t ticket = 0;
 	pthread_mutex_lock(&c->mu);
 	uint32_t bt = block_tokens_of(c, r->model_id);
 	if (r->sequence_id[0])
@@ -247,7 +262,7 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 			s.n_blocks = nb.n;
 			s.blocks = nb.ptrs;
 			set_block_tokens(nb.ptrs, nb.n, tokens, bt);
-			int src = store_seq(c, &s);
+			int src = store_seq(c, &s, &ticket);
 			if (src != 0) {
 				for (size_t i = 0; i < nb.n; i++)
 					kvm_ledger_release(c->ledger, home, nb.p[i].node_id, 1);
@@ -262,6 +277,7 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		}
 	}
 	pthread_mutex_unlock(&c->mu);
+	rc = durable(c, call, rc, ticket);
 	if (old)
 		kvmesh__v1__sequence__free_unpacked(old, NULL);
 	kvmesh__v1__create_sequence_request__free_unpacked(r, NULL);
@@ -276,6 +292,7 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 	if (!r)
 		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed ExtendSequenceRequest");
 	int rc;
+	uint64_t ticket = 0;
 	pthread_mutex_lock(&c->mu);
 	Kvmesh__V1__Sequence *s = load_seq(c, r->sequence_id);
 	uint32_t bt = s ? block_tokens_of(c, s->model_id) : 0;
@@ -314,7 +331,7 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 				s->n_blocks = have + nb.n;
 				s->tokens = tokens;
 				set_block_tokens(all, s->n_blocks, tokens, bt);
-				int src = store_seq(c, s);
+				int src = store_seq(c, s, &ticket);
 				if (src != 0) {
 					for (size_t i = 0; i < nb.n; i++)
 						kvm_ledger_release(c->ledger, s->home_node,
@@ -340,6 +357,7 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		}
 	}
 	pthread_mutex_unlock(&c->mu);
+	rc = durable(c, call, rc, ticket);
 	if (s)
 		kvmesh__v1__sequence__free_unpacked(s, NULL);
 	kvmesh__v1__extend_sequence_request__free_unpacked(r, NULL);
@@ -371,6 +389,7 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 	if (!r)
 		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed ReleaseSequenceRequest");
 	int rc;
+	uint64_t ticket = 0;
 	pthread_mutex_lock(&c->mu);
 	Kvmesh__V1__Sequence *s = load_seq(c, r->sequence_id);
 	if (!s) {
@@ -378,7 +397,7 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 	} else {
 		char key[128];
 		snprintf(key, sizeof(key), "seqs/%s", s->id);
-		int src = kvm_state_del(c->st, key);
+		int src = kvm_state_del_async(c->st, key, &ticket);
 		if (src != 0) {
 			rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
 		} else {
@@ -393,6 +412,7 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 		}
 	}
 	pthread_mutex_unlock(&c->mu);
+	rc = durable(c, call, rc, ticket);
 	if (s)
 		kvmesh__v1__sequence__free_unpacked(s, NULL);
 	kvmesh__v1__release_sequence_request__free_unpacked(r, NULL);
@@ -465,7 +485,8 @@ void coord_node_lost(kvm_coord *c, const char *node_id)
 			if (strcmp(s->blocks[b]->node_id, node_id) == 0)
 				lost[n++] = s->blocks[b]->index;
 		s->degraded = 1;
-		store_seq(c, s);
+		uint64_t ticket;
+		store_seq(c, s, &ticket); /* made durable by the next sync or snapshot */
 		char why[160];
 		snprintf(why, sizeof(why), "%zu blocks were on node %s, which died", n, node_id);
 		emit_seq_event(c, s->id, KVMESH__V1__SEQUENCE_EVENT__KIND__DEGRADED, lost, n, why);

@@ -41,6 +41,11 @@ struct kvm_state {
 	size_t n, cap;
 	uint64_t snapshot_bytes;
 	kvm_state_stats stats;
+	/* Group commit: records are numbered as appended; `synced` is durable. */
+	uint64_t appended, synced;
+	bool syncing;
+	int sync_error;
+	pthread_cond_t synced_cv;
 };
 
 /* ---- The sorted table ------------------------------------------------------------ */
@@ -296,6 +301,7 @@ int kvm_state_open_embedded(const char *dir, uint64_t snapshot_bytes, kvm_state 
 	st->snapshot_bytes = snapshot_bytes ? snapshot_bytes : 64u << 20;
 	st->lock_fd = st->log_fd = -1;
 	pthread_mutex_init(&st->mu, NULL);
+	pthread_cond_init(&st->synced_cv, NULL);
 	int rc = -ENOMEM;
 	char path[4096];
 	if (!st->dir)
@@ -352,8 +358,11 @@ fail:
 	return rc;
 }
 
-/* Appends a record to the log and makes it durable, then updates the table. */
-static int log_and_apply(kvm_state *st, int op, const char *key, const void *val, size_t len)
+/* Appends a record to the log (not yet fsync'd) and updates the table;
+ * returns its ticket in *ticket. mu held. A snapshot, when due, syncs
+ * everything itself. */
+static int do_append(kvm_state *st, int op, const char *key, const void *val, size_t len,
+		     uint64_t *ticket)
 {
 	size_t n;
 	uint8_t *b = encode(op, key, val, len, &n);
@@ -361,37 +370,88 @@ static int log_and_apply(kvm_state *st, int op, const char *key, const void *val
 		return -ENOMEM;
 	int rc = write_all(st->log_fd, b, n);
 	free(b);
-	if (rc == 0 && fdatasync(st->log_fd) != 0)
-		rc = -errno;
 	if (rc != 0)
 		return rc;
 	st->stats.log_bytes += n;
+	*ticket = ++st->appended;
 	rc = op == OP_PUT ? table_put(st, key, val, len) : table_del(st, key);
-	if (rc == 0 && st->stats.log_bytes > st->snapshot_bytes)
+	if (rc == 0 && st->stats.log_bytes > st->snapshot_bytes) {
+		/* The snapshot holds the whole table, fsync'd: all is durable. */
 		rc = do_snapshot(st);
+		if (rc == 0) {
+			st->synced = st->appended;
+			pthread_cond_broadcast(&st->synced_cv);
+		}
+	}
+	return rc;
+}
+
+int kvm_state_sync(kvm_state *st, uint64_t ticket)
+{
+	if (!st)
+		return -EINVAL;
+	pthread_mutex_lock(&st->mu);
+	int rc = 0;
+	while (st->synced < ticket && rc == 0) {
+		if (st->sync_error) {
+			rc = st->sync_error;
+		} else if (st->syncing) {
+			pthread_cond_wait(&st->synced_cv, &st->mu);
+		} else {
+			/* Become the syncer for everything appended so far. */
+			uint64_t target = st->appended;
+			st->syncing = true;
+			pthread_mutex_unlock(&st->mu);
+			int err = fdatasync(st->log_fd) == 0 ? 0 : -errno;
+			pthread_mutex_lock(&st->mu);
+			st->syncing = false;
+			st->stats.syncs++;
+			if (err)
+				st->sync_error = err; /* durability is unknown from here on */
+			else if (target > st->synced)
+				st->synced = target;
+			pthread_cond_broadcast(&st->synced_cv);
+		}
+	}
+	pthread_mutex_unlock(&st->mu);
+	return rc;
+}
+
+int kvm_state_put_async(kvm_state *st, const char *key, const void *val, size_t len,
+			uint64_t *ticket)
+{
+	if (!st || !key_ok(key) || (!val && len) || len > KVM_STATE_MAX_VALUE || !ticket)
+		return -EINVAL;
+	pthread_mutex_lock(&st->mu);
+	int rc = do_append(st, OP_PUT, key, val ? val : "", len, ticket);
+	pthread_mutex_unlock(&st->mu);
+	return rc;
+}
+
+int kvm_state_del_async(kvm_state *st, const char *key, uint64_t *ticket)
+{
+	if (!st || !key_ok(key) || !ticket)
+		return -EINVAL;
+	pthread_mutex_lock(&st->mu);
+	bool found;
+	find(st, key, &found);
+	int rc = found ? do_append(st, OP_DEL, key, NULL, 0, ticket) : -ENOENT;
+	pthread_mutex_unlock(&st->mu);
 	return rc;
 }
 
 int kvm_state_put(kvm_state *st, const char *key, const void *val, size_t len)
 {
-	if (!st || !key_ok(key) || (!val && len) || len > KVM_STATE_MAX_VALUE)
-		return -EINVAL;
-	pthread_mutex_lock(&st->mu);
-	int rc = log_and_apply(st, OP_PUT, key, val ? val : "", len);
-	pthread_mutex_unlock(&st->mu);
-	return rc;
+	uint64_t t;
+	int rc = kvm_state_put_async(st, key, val, len, &t);
+	return rc ? rc : kvm_state_sync(st, t);
 }
 
 int kvm_state_del(kvm_state *st, const char *key)
 {
-	if (!st || !key_ok(key))
-		return -EINVAL;
-	pthread_mutex_lock(&st->mu);
-	bool found;
-	find(st, key, &found);
-	int rc = found ? log_and_apply(st, OP_DEL, key, NULL, 0) : -ENOENT;
-	pthread_mutex_unlock(&st->mu);
-	return rc;
+	uint64_t t;
+	int rc = kvm_state_del_async(st, key, &t);
+	return rc ? rc : kvm_state_sync(st, t);
 }
 
 int kvm_state_get(kvm_state *st, const char *key, void **val, size_t *len)
@@ -464,6 +524,7 @@ void kvm_state_close(kvm_state *st)
 		close(st->log_fd);
 	if (st->lock_fd >= 0)
 		close(st->lock_fd); /* releases the flock */
+	pthread_cond_destroy(&st->synced_cv);
 	pthread_mutex_destroy(&st->mu);
 	free(st->dir);
 	free(st);

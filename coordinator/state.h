@@ -29,6 +29,7 @@ typedef struct kvm_state_stats {
 	uint64_t snapshots;     /* snapshots written since open */
 	uint64_t recovered;     /* records replayed at open (snapshot + log) */
 	uint64_t torn_bytes;    /* bytes cut from the log's end at open (a torn write) */
+	uint64_t syncs;         /* fdatasync calls (each may cover many records) */
 } kvm_state_stats;
 
 /* Opens (creating if needed) an embedded store in dir. Refuses with -EBUSY a
@@ -45,6 +46,17 @@ int kvm_state_open_embedded(const char *dir, uint64_t snapshot_bytes, kvm_state 
 /* Durable once they return (the log is fsync'd). */
 int kvm_state_put(kvm_state *st, const char *key, const void *val, size_t len);
 int kvm_state_del(kvm_state *st, const char *key); /* -ENOENT if absent */
+
+/* Group commit, for callers that serialise their own updates and must not
+ * hold their lock through an fsync: the _async calls append the record and
+ * apply it (later reads see it) and return a ticket; kvm_state_sync(ticket)
+ * returns once the log is durable up to it. One fdatasync covers every
+ * record appended by then, from any thread, so concurrent writers share it.
+ * Acknowledge a change to a client only after its sync returned 0. */
+int kvm_state_put_async(kvm_state *st, const char *key, const void *val, size_t len,
+			uint64_t *ticket);
+int kvm_state_del_async(kvm_state *st, const char *key, uint64_t *ticket);
+int kvm_state_sync(kvm_state *st, uint64_t ticket);
 
 /* *val is malloc'd (caller frees); -ENOENT if absent. */
 int kvm_state_get(kvm_state *st, const char *key, void **val, size_t *len);
