@@ -8,7 +8,7 @@ ifeq ($(.DEFAULT_GOAL),)
 .DEFAULT_GOAL := all
 endif
 
-CORE_SRCS += transport/rdma.c
+CORE_SRCS += transport/rdma.c transport/rdma_xport.c
 LDLIBS    += -libverbs
 
 # A plain program, not a Criterion suite: it runs inside the guest's initramfs.
@@ -19,7 +19,16 @@ $(RDMA_TEST_BIN): $(BUILD)/tests/rdma/test_rdma_verbs.o $(BUILD)/transport/rdma.
 		  $(BUILD)/common/kvm_error.o
 	$(CC) $(LDFLAGS) $^ -o $@ -libverbs
 
-all: $(RDMA_TEST_BIN)
+# The RDMA backend of the data plane (transport/rdma_xport.c) between two
+# processes: it needs the loop and the TCP backend (its control channel) too.
+RDMA_XPORT_BIN := $(BUILD)/tests/rdma/test_rdma_xport
+RDMA_XPORT_OBJS := tests/rdma/test_rdma_xport.o transport/rdma_xport.o transport/rdma.o \
+		   transport/tcp.o transport/loop.o transport/transport.o transport/wire.o \
+		   transport/csum_avx2.o common/kvm_error.o common/log.o
+$(RDMA_XPORT_BIN): $(addprefix $(BUILD)/,$(RDMA_XPORT_OBJS))
+	$(CC) $(LDFLAGS) $^ -o $@ -libverbs -lxxhash -lpthread
+
+all: $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN)
 
 # Boots Debian's stock kernel under QEMU (pure emulation) with rdma_rxe and runs
 # the verbs tests there, one node and two nodes. Last line: the guest's
@@ -27,5 +36,5 @@ all: $(RDMA_TEST_BIN)
 # build flavour (SAN=...), so not under $(BUILD).
 RDMA_VM_DIR ?= build/rdma-vm
 .PHONY: test-rdma
-test-rdma: $(RDMA_TEST_BIN)
-	RDMA_VM_DIR=$(RDMA_VM_DIR) tests/rdma/run-qemu.sh $(RDMA_TEST_BIN)
+test-rdma: $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN)
+	RDMA_VM_DIR=$(RDMA_VM_DIR) tests/rdma/run-qemu.sh $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN)
