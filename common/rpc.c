@@ -101,6 +101,8 @@ static int run_batch(grpc_call *call, grpc_completion_queue *cq, const grpc_op *
 
 /* ---- Server ------------------------------------------------------------------ */
 
+#define RPC_WORKERS 16
+
 typedef struct method {
 	char *name;
 	void *handle;
@@ -112,6 +114,7 @@ typedef struct method {
 
 /* One outstanding request for a method; becomes a call when it arrives. */
 typedef struct pending {
+	struct pending *next; /* in the server's work queue */
 	method *m; /* NULL: a call to a method nobody registered */
 	grpc_call_details details;
 	kvm_rpc_server *srv;
@@ -133,6 +136,15 @@ struct kvm_rpc_server {
 	pthread_cond_t cv;
 	unsigned active_calls;
 	bool shutdown_done;
+
+	/* Unary calls run on a fixed pool of workers (a thread per call costs
+	 * more than a short handler); streaming calls, which may last, get a
+	 * thread each. */
+	pthread_t workers[RPC_WORKERS];
+	unsigned n_workers;
+	pthread_cond_t work_cv;
+	struct pending *queue_head, *queue_tail;
+	bool stopping;
 };
 
 struct kvm_rpc_call {
@@ -147,6 +159,28 @@ struct kvm_rpc_call {
 static char shutdown_tag;
 
 static void *call_main(void *arg);
+static void run_call(struct pending *p);
+
+static void *worker_main(void *arg)
+{
+	kvm_rpc_server *srv = arg;
+	pthread_mutex_lock(&srv->mu);
+	for (;;) {
+		while (!srv->queue_head && !srv->stopping)
+			pthread_cond_wait(&srv->work_cv, &srv->mu);
+		if (!srv->queue_head)
+			break; /* stopping, and nothing left */
+		struct pending *p = srv->queue_head;
+		srv->queue_head = p->next;
+		if (!srv->queue_head)
+			srv->queue_tail = NULL;
+		pthread_mutex_unlock(&srv->mu);
+		run_call(p);
+		pthread_mutex_lock(&srv->mu);
+	}
+	pthread_mutex_unlock(&srv->mu);
+	return NULL;
+}
 
 static int request_call(kvm_rpc_server *srv, method *m)
 {
@@ -234,6 +268,17 @@ static void *acceptor_main(void *arg)
 		}
 		pthread_mutex_lock(&srv->mu);
 		srv->active_calls++;
+		if (!p->m->streaming && srv->n_workers > 0) {
+			p->next = NULL;
+			if (srv->queue_tail)
+				srv->queue_tail->next = p;
+			else
+				srv->queue_head = p;
+			srv->queue_tail = p;
+			pthread_cond_signal(&srv->work_cv);
+			pthread_mutex_unlock(&srv->mu);
+			continue;
+		}
 		pthread_mutex_unlock(&srv->mu);
 		pthread_t t;
 		pthread_attr_t attr;
@@ -273,6 +318,7 @@ int kvm_rpc_server_create(const char *addr, int *port, kvm_rpc_server **out)
 	grpc_server_register_completion_queue(srv->server, srv->cq, NULL);
 	pthread_mutex_init(&srv->mu, NULL);
 	pthread_cond_init(&srv->cv, NULL);
+	pthread_cond_init(&srv->work_cv, NULL);
 
 	grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
 	int bound = grpc_server_add_http2_port(srv->server, addr, creds);
@@ -326,6 +372,9 @@ int kvm_rpc_server_start(kvm_rpc_server *srv)
 	int rc = request_call(srv, NULL); /* everything else */
 	if (rc != 0)
 		return rc;
+	for (; srv->n_workers < RPC_WORKERS; srv->n_workers++)
+		if (pthread_create(&srv->workers[srv->n_workers], NULL, worker_main, srv) != 0)
+			break; /* fewer workers; streaming-style threads cover the rest */
 	if (pthread_create(&srv->acceptor, NULL, acceptor_main, srv) != 0)
 		return -EAGAIN;
 	srv->acceptor_running = true;
@@ -359,6 +408,12 @@ void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms)
 			pthread_cond_wait(&srv->cv, &srv->mu);
 		pthread_mutex_unlock(&srv->mu);
 	}
+	pthread_mutex_lock(&srv->mu);
+	srv->stopping = true;
+	pthread_cond_broadcast(&srv->work_cv);
+	pthread_mutex_unlock(&srv->mu);
+	for (unsigned i = 0; i < srv->n_workers; i++)
+		pthread_join(srv->workers[i], NULL);
 	grpc_server_destroy(srv->server);
 	grpc_completion_queue_shutdown(srv->cq);
 	if (srv->acceptor_running)
@@ -373,6 +428,7 @@ void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms)
 		free(m->name);
 		free(m);
 	}
+	pthread_cond_destroy(&srv->work_cv);
 	pthread_cond_destroy(&srv->cv);
 	pthread_mutex_destroy(&srv->mu);
 	free(srv);
@@ -471,7 +527,12 @@ const char *kvm_rpc_metadata(kvm_rpc_call *c, const char *key, char *buf, size_t
 
 static void *call_main(void *arg)
 {
-	pending *p = arg;
+	run_call(arg);
+	return NULL;
+}
+
+static void run_call(pending *p)
+{
 	kvm_rpc_server *srv = p->srv;
 	kvm_rpc_call c = {.p = p};
 	int code = KVM_RPC_INTERNAL;
@@ -523,7 +584,6 @@ static void *call_main(void *arg)
 	srv->active_calls--;
 	pthread_cond_broadcast(&srv->cv);
 	pthread_mutex_unlock(&srv->mu);
-	return NULL;
 }
 
 /* ---- Client ------------------------------------------------------------------ */
