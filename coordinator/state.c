@@ -41,8 +41,12 @@ struct kvm_state {
 	size_t n, cap;
 	uint64_t snapshot_bytes;
 	kvm_state_stats stats;
-	/* Group commit: records are numbered as appended; `synced` is durable. */
+	/* Group commit: records are numbered as appended and kept in `pending`
+	 * until a syncer writes them out and fdatasyncs, outside the lock, so an
+	 * append never waits for the disk. `synced` is durable. */
 	uint64_t appended, synced;
+	uint8_t *pending;
+	size_t pending_len, pending_cap;
 	bool syncing;
 	int sync_error;
 	pthread_cond_t synced_cv;
@@ -358,9 +362,8 @@ fail:
 	return rc;
 }
 
-/* Appends a record to the log (not yet fsync'd) and updates the table;
- * returns its ticket in *ticket. mu held. A snapshot, when due, syncs
- * everything itself. */
+/* Queues a record for the log and updates the table; returns its ticket in
+ * *ticket. mu held. A snapshot, when due, makes everything durable itself. */
 static int do_append(kvm_state *st, int op, const char *key, const void *val, size_t len,
 		     uint64_t *ticket)
 {
@@ -368,17 +371,28 @@ static int do_append(kvm_state *st, int op, const char *key, const void *val, si
 	uint8_t *b = encode(op, key, val, len, &n);
 	if (!b)
 		return -ENOMEM;
-	int rc = write_all(st->log_fd, b, n);
+	if (st->pending_len + n > st->pending_cap) {
+		size_t cap = (st->pending_len + n) * 2;
+		uint8_t *p = realloc(st->pending, cap);
+		if (!p) {
+			free(b);
+			return -ENOMEM;
+		}
+		st->pending = p;
+		st->pending_cap = cap;
+	}
+	memcpy(st->pending + st->pending_len, b, n);
+	st->pending_len += n;
 	free(b);
-	if (rc != 0)
-		return rc;
 	st->stats.log_bytes += n;
 	*ticket = ++st->appended;
-	rc = op == OP_PUT ? table_put(st, key, val, len) : table_del(st, key);
-	if (rc == 0 && st->stats.log_bytes > st->snapshot_bytes) {
-		/* The snapshot holds the whole table, fsync'd: all is durable. */
+	int rc = op == OP_PUT ? table_put(st, key, val, len) : table_del(st, key);
+	if (rc == 0 && st->stats.log_bytes > st->snapshot_bytes && !st->syncing) {
+		/* The snapshot holds the whole table, pending records included,
+		 * fsync'd: all is durable and the queue is dropped. */
 		rc = do_snapshot(st);
 		if (rc == 0) {
+			st->pending_len = 0;
 			st->synced = st->appended;
 			pthread_cond_broadcast(&st->synced_cv);
 		}
@@ -398,11 +412,19 @@ int kvm_state_sync(kvm_state *st, uint64_t ticket)
 		} else if (st->syncing) {
 			pthread_cond_wait(&st->synced_cv, &st->mu);
 		} else {
-			/* Become the syncer for everything appended so far. */
+			/* Become the syncer for everything queued so far: take the
+			 * queue, write and fdatasync it without the lock. */
 			uint64_t target = st->appended;
+			uint8_t *buf = st->pending;
+			size_t len = st->pending_len;
+			st->pending = NULL;
+			st->pending_len = st->pending_cap = 0;
 			st->syncing = true;
 			pthread_mutex_unlock(&st->mu);
-			int err = fdatasync(st->log_fd) == 0 ? 0 : -errno;
+			int err = write_all(st->log_fd, buf, len);
+			if (err == 0 && fdatasync(st->log_fd) != 0)
+				err = -errno;
+			free(buf);
 			pthread_mutex_lock(&st->mu);
 			st->syncing = false;
 			st->stats.syncs++;
@@ -498,7 +520,14 @@ int kvm_state_snapshot(kvm_state *st)
 	if (!st)
 		return -EINVAL;
 	pthread_mutex_lock(&st->mu);
+	while (st->syncing) /* a syncer's write must not land after the truncation */
+		pthread_cond_wait(&st->synced_cv, &st->mu);
 	int rc = do_snapshot(st);
+	if (rc == 0) {
+		st->pending_len = 0; /* in the snapshot now */
+		st->synced = st->appended;
+		pthread_cond_broadcast(&st->synced_cv);
+	}
 	pthread_mutex_unlock(&st->mu);
 	return rc;
 }
@@ -515,6 +544,9 @@ void kvm_state_close(kvm_state *st)
 {
 	if (!st)
 		return;
+	if (st->log_fd >= 0 && st->appended > st->synced)
+		kvm_state_sync(st, st->appended); /* what was applied is kept */
+	free(st->pending);
 	for (size_t i = 0; i < st->n; i++) {
 		free(st->recs[i].key);
 		free(st->recs[i].val);
