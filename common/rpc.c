@@ -1,7 +1,8 @@
 /* gRPC C core wrapper. See rpc.h for the contract.
  *
  * Server: one acceptor thread polls the server's completion queue for new
- * calls; each call gets its own thread and its own pluck completion queue, so
+ * calls; each call has its own pluck completion queue and runs on one thread
+ * (a pool worker for unary calls, a thread of its own for streaming ones), so
  * a handler's sends and the final status are plain blocking steps (the
  * pattern of gRPC's Ruby extension). One request per registered method is
  * always outstanding: a new one is posted as each call arrives. */

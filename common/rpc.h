@@ -47,7 +47,7 @@ typedef struct kvm_rpc_server kvm_rpc_server;
 /* One incoming call, valid while its handler runs. */
 typedef struct kvm_rpc_call kvm_rpc_call;
 
-/* Runs on a thread of its own for each call, with the request message (not
+/* Runs on a pool worker (unary) or a thread of its own (streaming), with the request message (not
  * owned; valid during the call; a NUL byte follows it, not counted in len). A unary handler answers with kvm_rpc_reply
  * once; a streaming one sends with kvm_rpc_send any number of times. Returns
  * the call's status code (KVM_RPC_OK, or e.g. the value of kvm_rpc_fail). */
