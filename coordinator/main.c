@@ -24,7 +24,7 @@ int main(int argc, char **argv)
 		{"data-dir", KVM_OPT_STRING, data_dir, "/var/lib/kvmesh/coordinator",
 		 "directory of the embedded state store"},
 		{"heartbeat", KVM_OPT_DURATION, &heartbeat_ms, "1s", "how often agents heartbeat"},
-		{"dead-after", KVM_OPT_DURATION, &dead_after_ms, "5s",
+		{"dead-after", KVM_OPT_DURATION, &dead_after_ms, "3s",
 		 "a node silent this long is dead"},
 		{"lend-share", KVM_OPT_STRING, lend, "0.5",
 		 "share (0..1) of each node's pool it lends to others"},
