@@ -52,8 +52,11 @@ def test_three_agents_register_with_pools_sized_from_the_model():
         time.sleep(2)
         assert ready(c, ["agent0", "agent1", "agent2"])
         # A killed agent is declared dead; the others are not.
+        killed = time.time()
         agents[1].stop(sig="KILL")
         wait_for("agent1 dead", lambda: nodes(c)["agent1"].state == pb.NODE_DEAD, timeout=5)
+        # Detected within the configured timeout (1.5 s) plus one liveness tick.
+        assert time.time() - killed < 1.5 + 0.5, time.time() - killed
         assert ready(c, ["agent0", "agent2"])
     finally:
         for a in agents:
