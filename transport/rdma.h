@@ -120,6 +120,12 @@ int xrdma_post_write(struct xrdma_conn *conn, uint64_t wr_id, size_t off, uint64
  * local [off, off + len) as the buffer of the next incoming SEND. */
 int xrdma_post_send(struct xrdma_conn *conn, uint64_t wr_id, size_t off, size_t len);
 int xrdma_post_recv(struct xrdma_conn *conn, uint64_t wr_id, size_t off, size_t len);
+/* The same with offsets into another region of the same device (a message ring
+ * that is not the arena the conn was created with). */
+int xrdma_post_send_in(struct xrdma_conn *conn, struct xrdma_mr *mr, uint64_t wr_id, size_t off,
+                       size_t len);
+int xrdma_post_recv_in(struct xrdma_conn *conn, struct xrdma_mr *mr, uint64_t wr_id, size_t off,
+                       size_t len);
 
 enum xrdma_op { XRDMA_OP_READ, XRDMA_OP_WRITE, XRDMA_OP_SEND, XRDMA_OP_RECV, XRDMA_OP_OTHER };
 
