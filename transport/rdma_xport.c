@@ -1,10 +1,12 @@
 /* The RDMA backend of the data plane: one-sided READ for GET_BLOCKS, WRITE for
- * PUT_BLOCKS, everything else over an inner TCP peer (xport_tcp_ops).
+ * PUT_BLOCKS, SEND/RECV messages for ATTEND, APPEND_KV and PING (see "SEND/RECV
+ * messages" below), the rest (set-up, control entries, frames too large for a
+ * message) over an inner TCP peer (xport_tcp_ops).
  *
  * Why a TCP peer inside: the queue pair is set up over the TCP channel anyway, the
  * server must check every handle before its bytes are read (generations live in
- * the store, not in the registered bytes), and ATTEND/APPEND/PING already work
- * there. So a one-sided request is three steps, each visible in docs/rdma.md:
+ * the store, not in the registered bytes), and frames too large for a message
+ * still need it. So a one-sided request is three steps, each visible in docs/rdma.md:
  *   1. BEGIN: one APPEND_KV frame of control entries (arena | 0x80) on the TCP
  *      channel; the server's wrapper handler runs the store's get / put_prepare
  *      for each entry (generation, range), holds the pin or transaction, and
