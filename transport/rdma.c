@@ -760,8 +760,8 @@ int xrdma_post_recv(struct xrdma_conn *c, uint64_t wr_id, size_t off, size_t len
 int xrdma_post_recv_in(struct xrdma_conn *c, struct xrdma_mr *mr, uint64_t wr_id, size_t off,
                        size_t len)
 {
-	/* A receive may be posted before connect (it must be, to be ready for the
-	 * peer's first SEND), so only the bounds and the error state are checked. */
+	/* Only the bounds and the error state are checked here, not `connected`;
+	 * the QP must be past RESET though (rxe answers EINVAL there). */
 	if (c->failed) {
 		set_err(c->err, sizeof(c->err), "RECV: QP %u is in the error state", c->qp->qp_num);
 		return -ECONNRESET;

@@ -90,7 +90,8 @@ uint32_t xrdma_mr_rkey(const struct xrdma_mr *mr);
 /* Creates an RC queue pair (in state RESET until xrdma_conn_connect) whose work
  * requests address the region mr, with room for `depth` outstanding sends (READ,
  * WRITE, SEND) and as many receives, and its completion queues and channel. The
- * caller owns *out. Receives may be posted before connecting. */
+ * caller owns *out. Post receives after xrdma_conn_connect: rxe (soft-RoCE) refuses
+ * them while the QP is in RESET (EINVAL), though the spec allows them from INIT. */
 int xrdma_conn_create(struct xrdma_dev *dev, struct xrdma_mr *mr, unsigned depth,
                       struct xrdma_conn **out);
 /* Destroys conn; outstanding work requests are dropped. NULL is a no-op. */
