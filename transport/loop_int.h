@@ -31,6 +31,15 @@ struct loop_ticker {
 	void (*fn)(struct loop_ticker *t, int64_t now_ns);
 };
 
+/* The first member of every backend's deferred-ATTEND token: task.fn is set by the
+ * backend when it creates the token; xport_attend_complete stores rc and posts
+ * task to loop. */
+struct attend_tok_base {
+	struct loop_task task;
+	xport_loop *loop;
+	int rc;
+};
+
 int loop_add(xport_loop *l, struct loop_src *s, uint32_t events);
 int loop_mod(xport_loop *l, struct loop_src *s, uint32_t events);
 void loop_del(xport_loop *l, struct loop_src *s);

@@ -642,8 +642,8 @@ static const char *op_name(enum xrdma_op op)
 	}
 }
 
-static int check_post(struct xrdma_conn *c, enum xrdma_op op, size_t off, size_t len,
-                      struct xrdma_ring *ring)
+static int check_post_in(struct xrdma_conn *c, const struct xrdma_mr *mr, enum xrdma_op op,
+                         size_t off, size_t len, struct xrdma_ring *ring)
 {
 	if (!c->connected) {
 		set_err(c->err, sizeof(c->err), "%s: QP not connected", op_name(op));
@@ -655,10 +655,10 @@ static int check_post(struct xrdma_conn *c, enum xrdma_op op, size_t off, size_t
 		        c->qp->qp_num);
 		return -ECONNRESET;
 	}
-	if (off > c->mr->mr->length || len > c->mr->mr->length - off || len > UINT32_MAX) {
+	if (off > mr->mr->length || len > mr->mr->length - off || len > UINT32_MAX) {
 		set_err(c->err, sizeof(c->err),
 		        "%s: local range [%zu, +%zu) outside the %zu-byte region", op_name(op), off,
-		        len, c->mr->mr->length);
+		        len, mr->mr->length);
 		return -ERANGE;
 	}
 	if (ring->count == ring->cap) {
@@ -667,6 +667,12 @@ static int check_post(struct xrdma_conn *c, enum xrdma_op op, size_t off, size_t
 		return -EAGAIN;
 	}
 	return 0;
+}
+
+static int check_post(struct xrdma_conn *c, enum xrdma_op op, size_t off, size_t len,
+                      struct xrdma_ring *ring)
+{
+	return check_post_in(c, c->mr, op, off, len, ring);
 }
 
 static int post_one_sided(struct xrdma_conn *c, enum xrdma_op op, uint64_t wr_id, size_t off,
@@ -719,13 +725,19 @@ int xrdma_post_write(struct xrdma_conn *c, uint64_t wr_id, size_t off, uint64_t 
 
 int xrdma_post_send(struct xrdma_conn *c, uint64_t wr_id, size_t off, size_t len)
 {
-	int rc = check_post(c, XRDMA_OP_SEND, off, len, &c->sq);
+	return xrdma_post_send_in(c, c->mr, wr_id, off, len);
+}
+
+int xrdma_post_send_in(struct xrdma_conn *c, struct xrdma_mr *mr, uint64_t wr_id, size_t off,
+                       size_t len)
+{
+	int rc = check_post_in(c, mr, XRDMA_OP_SEND, off, len, &c->sq);
 	if (rc)
 		return rc;
 	struct ibv_sge sge = {
-	        .addr = (uint64_t)(uintptr_t)c->mr->mr->addr + off,
+	        .addr = (uint64_t)(uintptr_t)mr->mr->addr + off,
 	        .length = (uint32_t)len,
-	        .lkey = c->mr->mr->lkey,
+	        .lkey = mr->mr->lkey,
 	};
 	struct ibv_send_wr wr = {
 	        .wr_id = wr_id, .sg_list = &sge, .num_sge = 1, .opcode = IBV_WR_SEND};
@@ -742,13 +754,19 @@ int xrdma_post_send(struct xrdma_conn *c, uint64_t wr_id, size_t off, size_t len
 
 int xrdma_post_recv(struct xrdma_conn *c, uint64_t wr_id, size_t off, size_t len)
 {
-	/* A receive may be posted before connect (it must be, to be ready for the
-	 * peer's first SEND), so only the bounds and the error state are checked. */
+	return xrdma_post_recv_in(c, c->mr, wr_id, off, len);
+}
+
+int xrdma_post_recv_in(struct xrdma_conn *c, struct xrdma_mr *mr, uint64_t wr_id, size_t off,
+                       size_t len)
+{
+	/* Only the bounds and the error state are checked here, not `connected`;
+	 * the QP must be past RESET though (rxe answers EINVAL there). */
 	if (c->failed) {
 		set_err(c->err, sizeof(c->err), "RECV: QP %u is in the error state", c->qp->qp_num);
 		return -ECONNRESET;
 	}
-	if (off > c->mr->mr->length || len > c->mr->mr->length - off || len > UINT32_MAX) {
+	if (off > mr->mr->length || len > mr->mr->length - off || len > UINT32_MAX) {
 		set_err(c->err, sizeof(c->err), "RECV: local range [%zu, +%zu) outside the region",
 		        off, len);
 		return -ERANGE;
@@ -758,9 +776,9 @@ int xrdma_post_recv(struct xrdma_conn *c, uint64_t wr_id, size_t off, size_t len
 		return -EAGAIN;
 	}
 	struct ibv_sge sge = {
-	        .addr = (uint64_t)(uintptr_t)c->mr->mr->addr + off,
+	        .addr = (uint64_t)(uintptr_t)mr->mr->addr + off,
 	        .length = (uint32_t)len,
-	        .lkey = c->mr->mr->lkey,
+	        .lkey = mr->mr->lkey,
 	};
 	struct ibv_recv_wr wr = {.wr_id = wr_id, .sg_list = &sge, .num_sge = 1};
 	struct ibv_recv_wr *bad;

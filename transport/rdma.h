@@ -90,7 +90,8 @@ uint32_t xrdma_mr_rkey(const struct xrdma_mr *mr);
 /* Creates an RC queue pair (in state RESET until xrdma_conn_connect) whose work
  * requests address the region mr, with room for `depth` outstanding sends (READ,
  * WRITE, SEND) and as many receives, and its completion queues and channel. The
- * caller owns *out. Receives may be posted before connecting. */
+ * caller owns *out. Post receives after xrdma_conn_connect: rxe (soft-RoCE) refuses
+ * them while the QP is in RESET (EINVAL), though the spec allows them from INIT. */
 int xrdma_conn_create(struct xrdma_dev *dev, struct xrdma_mr *mr, unsigned depth,
                       struct xrdma_conn **out);
 /* Destroys conn; outstanding work requests are dropped. NULL is a no-op. */
@@ -120,6 +121,12 @@ int xrdma_post_write(struct xrdma_conn *conn, uint64_t wr_id, size_t off, uint64
  * local [off, off + len) as the buffer of the next incoming SEND. */
 int xrdma_post_send(struct xrdma_conn *conn, uint64_t wr_id, size_t off, size_t len);
 int xrdma_post_recv(struct xrdma_conn *conn, uint64_t wr_id, size_t off, size_t len);
+/* The same with offsets into another region of the same device (a message ring
+ * that is not the arena the conn was created with). */
+int xrdma_post_send_in(struct xrdma_conn *conn, struct xrdma_mr *mr, uint64_t wr_id, size_t off,
+                       size_t len);
+int xrdma_post_recv_in(struct xrdma_conn *conn, struct xrdma_mr *mr, uint64_t wr_id, size_t off,
+                       size_t len);
 
 enum xrdma_op { XRDMA_OP_READ, XRDMA_OP_WRITE, XRDMA_OP_SEND, XRDMA_OP_RECV, XRDMA_OP_OTHER };
 

@@ -1,10 +1,12 @@
 /* The RDMA backend of the data plane: one-sided READ for GET_BLOCKS, WRITE for
- * PUT_BLOCKS, everything else over an inner TCP peer (xport_tcp_ops).
+ * PUT_BLOCKS, SEND/RECV messages for ATTEND, APPEND_KV and PING (see "SEND/RECV
+ * messages" below), the rest (set-up, control entries, frames too large for a
+ * message) over an inner TCP peer (xport_tcp_ops).
  *
  * Why a TCP peer inside: the queue pair is set up over the TCP channel anyway, the
  * server must check every handle before its bytes are read (generations live in
- * the store, not in the registered bytes), and ATTEND/APPEND/PING already work
- * there. So a one-sided request is three steps, each visible in docs/rdma.md:
+ * the store, not in the registered bytes), and frames too large for a message
+ * still need it. So a one-sided request is three steps, each visible in docs/rdma.md:
  *   1. BEGIN: one APPEND_KV frame of control entries (arena | 0x80) on the TCP
  *      channel; the server's wrapper handler runs the store's get / put_prepare
  *      for each entry (generation, range), holds the pin or transaction, and
@@ -31,6 +33,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
+#include <sys/uio.h>
 
 #include "common/log.h"
 #include "transport/loop_int.h"
@@ -83,6 +86,130 @@ static uint64_t get_le64(const uint8_t *p)
 
 static const uint8_t zeros[XRDMA_PEER_WIRE_SIZE];
 
+/* ---- SEND/RECV messages: ATTEND, APPEND_KV, PING -------------------------------
+ *
+ * Each side registers its own message region (not the arena): MSG_N receive slots
+ * of MSG_SLOT bytes, all posted from the start, then its send slots. A message is
+ * one whole wire frame (header, metadata, bulk, both checksums), exactly as on TCP.
+ * The client keeps at most MSG_N requests unanswered (credits), so every reply
+ * finds a posted receive; a frame, or the reply it expects, larger than a slot goes
+ * over the TCP channel instead (docs/rdma.md). Work-request ids of messages have
+ * MSG_WR set, bit 32 for a send, and the slot in the low bits. */
+#define MSG_SLOT (128u * 1024)
+#define MSG_N 16u
+#define MSG_WR (1ull << 63)
+#define MSG_WR_SEND (1ull << 32)
+
+struct msg_ring {
+	struct xrdma_mr *mr;
+	uint8_t *buf;
+	uint32_t n_send;
+	uint32_t *free_send; /* stack of free send slots */
+	uint32_t n_free;
+};
+
+static int ring_init(struct msg_ring *r, struct xrdma_dev *dev, uint32_t n_send)
+{
+	size_t len = (size_t)(MSG_N + n_send) * MSG_SLOT;
+	r->buf = aligned_alloc(4096, len);
+	r->free_send = calloc(n_send, sizeof(uint32_t));
+	if (!r->buf || !r->free_send)
+		return -ENOMEM;
+	memset(r->buf, 0, len);
+	int rc = xrdma_mr_reg(dev, r->buf, len, &r->mr);
+	if (rc)
+		return rc;
+	r->n_send = n_send;
+	for (uint32_t i = 0; i < n_send; i++)
+		r->free_send[r->n_free++] = n_send - 1 - i;
+	return 0;
+}
+
+static void ring_free(struct msg_ring *r)
+{
+	xrdma_mr_dereg(r->mr);
+	free(r->buf);
+	free(r->free_send);
+	memset(r, 0, sizeof(*r));
+}
+
+static int ring_post_recv(struct msg_ring *r, struct xrdma_conn *qp, uint32_t slot)
+{
+	return xrdma_post_recv_in(qp, r->mr, MSG_WR | slot, (size_t)slot * MSG_SLOT, MSG_SLOT);
+}
+
+/* Copies frame into a free send slot and posts it: 0, -EAGAIN (no slot free) or
+ * the verbs' code. */
+static int ring_send(struct msg_ring *r, struct xrdma_conn *qp, const uint8_t *frame, uint32_t len)
+{
+	if (r->n_free == 0)
+		return -EAGAIN;
+	uint32_t s = r->free_send[--r->n_free];
+	size_t off = (size_t)(MSG_N + s) * MSG_SLOT;
+	memcpy(r->buf + off, frame, len);
+	int rc = xrdma_post_send_in(qp, r->mr, MSG_WR | MSG_WR_SEND | s, off, len);
+	if (rc)
+		r->free_send[r->n_free++] = s;
+	return rc;
+}
+
+static void ring_send_done(struct msg_ring *r, uint64_t wr_id)
+{
+	if (r->n_free < r->n_send)
+		r->free_send[r->n_free++] = (uint32_t)(wr_id & 0xFFFFFFFFu);
+}
+
+/* A whole frame in one malloc'd buffer: header, meta (meta_len bytes, already
+ * encoded by the caller at frame + WIRE_HDR_LEN), then the bulk segments copied
+ * in; both checksums. Returns the frame length. */
+static uint32_t frame_seal(uint8_t *frame, uint8_t op, uint16_t flags, uint64_t id, uint32_t meta_len,
+			   const struct iovec *bulk, int nbulk, bool csum)
+{
+	uint64_t blen = 0;
+	uint8_t *p = frame + WIRE_HDR_LEN + meta_len;
+	for (int i = 0; i < nbulk; i++) {
+		memcpy(p, bulk[i].iov_base, bulk[i].iov_len);
+		p += bulk[i].iov_len;
+		blen += bulk[i].iov_len;
+	}
+	wire_header h = {.magic = WIRE_MAGIC, .version = WIRE_VERSION, .opcode = op, .flags = flags,
+	                 .req_id = id, .meta_len = meta_len, .bulk_len = (uint32_t)blen};
+	if (blen && !csum) {
+		h.flags |= WIRE_F_BULK_NOCSUM;
+	} else if (blen) {
+		struct iovec one = {frame + WIRE_HDR_LEN + meta_len, blen};
+		uint64_t x = wire_csum_iov(&one, 1);
+		h.bulk_csum = wire_csum_combine(&x, 1);
+	}
+	wire_encode_header(&h, frame);
+	h.meta_csum = wire_csum_meta(frame, frame + WIRE_HDR_LEN, meta_len);
+	wire_encode_header(&h, frame);
+	return (uint32_t)(WIRE_HDR_LEN + meta_len + blen);
+}
+
+/* Checks a received frame as the TCP backend does: header and limits, that it is
+ * exactly len bytes, both checksums. */
+static int frame_check(const uint8_t *f, uint32_t len, const wire_limits *lim, wire_header *h)
+{
+	if (len < WIRE_HDR_LEN)
+		return -EPROTO;
+	int rc = wire_decode_header(f, lim, h);
+	if (rc)
+		return rc;
+	if ((uint64_t)WIRE_HDR_LEN + h->meta_len + h->bulk_len != len)
+		return -EPROTO;
+	if (wire_csum_meta(f, f + WIRE_HDR_LEN, h->meta_len) != h->meta_csum)
+		return -EBADMSG;
+	if (h->bulk_len && !(h->flags & WIRE_F_BULK_NOCSUM)) {
+		struct iovec one = {(void *)(f + WIRE_HDR_LEN + h->meta_len), h->bulk_len};
+		uint64_t x = wire_csum_iov(&one, 1);
+		if (wire_csum_combine(&x, 1) != h->bulk_csum)
+			return -EBADMSG;
+	}
+	return 0;
+}
+
+
 /* ---- client ------------------------------------------------------------------ */
 
 enum op_phase { PH_BEGIN, PH_RDMA, PH_END };
@@ -126,7 +253,18 @@ struct rpeer {
 	struct rop *postq_head, *postq_tail;
 	uint32_t wr_out;
 	int qp_err; /* 0, or why the QP may carry nothing more */
+	/* messages (loop thread only, but next_msg_id, limits and bulk_csum) */
+	struct msg_ring ring;
+	struct mreq *mreqs, *mq_head, *mq_tail;
+	uint32_t credits; /* requests that may still be sent: our posted receives */
+	uint64_t next_msg_id;
+	wire_limits limits;
+	bool bulk_csum;
+	bool probe_out;     /* a liveness PING is out on the TCP channel */
+	int64_t last_probe; /* when it was sent */
 };
+
+static void msg_fail_all(struct rpeer *p, int why);
 
 static bool is_closing(struct rpeer *p)
 {
@@ -364,10 +502,359 @@ static void qp_broken(struct rpeer *p, int why)
 		p->qp_err = why;
 		kvm_log(KVM_LOG_WARN, "xport_rdma_qp_error", "token=%u err=\"%s\"", p->token, xrdma_conn_error(p->qp));
 	}
+	msg_fail_all(p, p->qp_err);
+}
+
+/* A request sent as a message. Created on the submitting thread, handed to the
+ * loop thread by its task; from then on loop-thread only. */
+struct mreq {
+	struct loop_task task;
+	struct mreq *next, *prev; /* p->mreqs: every request not yet finished */
+	struct mreq *qnext;       /* p->mq: waiting for a credit and a send slot */
+	struct rpeer *p;
+	uint64_t id;
+	uint8_t op;
+	void *items;
+	uint32_t n;
+	wire_shape shape;
+	int64_t deadline_ns;
+	xport_cb cb;
+	void *arg;
+	uint8_t *frame; /* freed once sent */
+	uint32_t len;
+};
+
+static void mreq_finish(struct mreq *r, int status)
+{
+	struct rpeer *p = r->p;
+	if (r->prev)
+		r->prev->next = r->next;
+	else
+		p->mreqs = r->next;
+	if (r->next)
+		r->next->prev = r->prev;
+	if (r->frame) { /* still waiting in p->mq */
+		struct mreq **pp = &p->mq_head, *prev = NULL;
+		while (*pp && *pp != r) {
+			prev = *pp;
+			pp = &(*pp)->qnext;
+		}
+		if (*pp) {
+			*pp = r->qnext;
+			if (p->mq_tail == r)
+				p->mq_tail = prev;
+		}
+	}
+	if (status)
+		kvm_log(KVM_LOG_DEBUG, "xport_rdma_req_failed", "op=%s id=%llu err=\"%s\"", wire_op_name(r->op),
+			(unsigned long long)r->id, strerror(-status));
+	r->cb(r->arg, status);
+	free(r->frame);
+	free(r);
+}
+
+/* Loop thread: the QP can carry no message any more; every request fails. */
+static void msg_fail_all(struct rpeer *p, int why)
+{
+	while (p->mreqs)
+		mreq_finish(p->mreqs, why);
+}
+
+static void msg_pump(struct rpeer *p)
+{
+	while (p->mq_head) {
+		struct mreq *r = p->mq_head;
+		if (p->qp_err) {
+			mreq_finish(r, p->qp_err);
+			continue;
+		}
+		if (p->credits == 0 || p->ring.n_free == 0)
+			return;
+		int rc = ring_send(&p->ring, p->qp, r->frame, r->len);
+		p->mq_head = r->qnext;
+		if (!p->mq_head)
+			p->mq_tail = NULL;
+		r->qnext = NULL;
+		free(r->frame);
+		r->frame = NULL;
+		if (rc) {
+			kvm_log(KVM_LOG_WARN, "xport_rdma_post_failed", "id=%llu op=%s err=\"%s\"",
+				(unsigned long long)r->id, wire_op_name(r->op), xrdma_conn_error(p->qp));
+			mreq_finish(r, -ECONNRESET);
+			continue;
+		}
+		p->credits--;
+	}
+}
+
+static void mreq_start(struct loop_task *t)
+{
+	struct mreq *r = (struct mreq *)t;
+	struct rpeer *p = r->p;
+	r->next = p->mreqs;
+	if (p->mreqs)
+		p->mreqs->prev = r;
+	p->mreqs = r;
+	if (p->mq_tail)
+		p->mq_tail->qnext = r;
+	else
+		p->mq_head = r;
+	p->mq_tail = r;
+	msg_pump(p);
+}
+
+/* Loop thread: a reply arrived in receive slot `slot`. */
+static int msg_reply(struct rpeer *p, const uint8_t *f, uint32_t len)
+{
+	wire_header h;
+	int rc = frame_check(f, len, &p->limits, &h);
+	if (rc || !(h.flags & WIRE_F_REPLY)) {
+		kvm_log(KVM_LOG_WARN, "xport_rdma_bad_reply", "token=%u len=%u err=\"%s\"", p->token, len,
+			strerror(rc ? -rc : EPROTO));
+		return rc ? rc : -EPROTO;
+	}
+	struct mreq *r = p->mreqs;
+	while (r && (r->id != h.req_id || r->frame))
+		r = r->next;
+	if (!r)
+		return 0; /* timed out meanwhile: dropped */
+	const uint8_t *m = f + WIRE_HDR_LEN, *bulk = m + h.meta_len;
+	if (h.opcode == WIRE_OP_ERROR) {
+		uint32_t code, ml;
+		const char *msg;
+		if (wire_decode_error(m, h.meta_len, &p->limits, &code, &msg, &ml))
+			return -EPROTO;
+		kvm_log(KVM_LOG_WARN, "xport_remote_error", "token=%u id=%llu code=%u msg=\"%.*s\"", p->token,
+			(unsigned long long)h.req_id, code, (int)ml, msg);
+		mreq_finish(r, wire_err_to_errno(code) ? wire_err_to_errno(code) : -EPROTO);
+		return 0;
+	}
+	if (h.opcode != r->op)
+		return -EPROTO;
+	if (r->op == WIRE_OP_PING) {
+		int32_t st;
+		uint64_t stamp;
+		if (h.bulk_len || wire_decode_ping(m, h.meta_len, 1, &st, &stamp))
+			return -EPROTO;
+		mreq_finish(r, wire_err_to_errno((uint32_t)st));
+		return 0;
+	}
+	wire_status_view sv;
+	if (wire_decode_status_reply(m, h.meta_len, &p->limits, &sv) || sv.n != (sv.status ? sv.n : r->n))
+		return -EPROTO;
+	if (sv.status) {
+		if (h.bulk_len)
+			return -EPROTO;
+		mreq_finish(r, wire_err_to_errno(sv.status));
+		return 0;
+	}
+	if (r->op == WIRE_OP_APPEND_KV) {
+		xport_append_io *a = r->items;
+		if (h.bulk_len)
+			return -EPROTO;
+		for (uint32_t i = 0; i < r->n; i++)
+			a[i].status = wire_err_to_errno(wire_status_at(&sv, i));
+	} else {
+		xport_attend_query *q = r->items;
+		size_t ob = (size_t)r->shape.q_heads * r->shape.head_dim * 4, lb = (size_t)r->shape.q_heads * 4;
+		if (h.bulk_len != (uint64_t)r->n * (ob + lb))
+			return -EPROTO;
+		/* Every query's o, then every query's lse (as the TCP backend sends them). */
+		for (uint32_t i = 0; i < r->n; i++) {
+			q[i].status = wire_err_to_errno(wire_status_at(&sv, i));
+			memcpy(q[i].o, bulk + i * ob, ob);
+			memcpy(q[i].lse, bulk + r->n * ob + i * lb, lb);
+		}
+	}
+	mreq_finish(r, 0);
+	return 0;
+}
+
+static void msg_wc(struct rpeer *p, const struct xrdma_wc *wc)
+{
+	if (wc->wr_id & MSG_WR_SEND) {
+		ring_send_done(&p->ring, wc->wr_id);
+	} else if (wc->status == 0) {
+		uint32_t slot = (uint32_t)(wc->wr_id & 0xFFFFFFFFu);
+		p->credits++; /* every reply used one of our receives */
+		int rc = msg_reply(p, p->ring.buf + (size_t)slot * MSG_SLOT, wc->byte_len);
+		if (rc == 0 && !p->qp_err)
+			rc = ring_post_recv(&p->ring, p->qp, slot);
+		if (rc)
+			qp_broken(p, -ECONNRESET); /* a peer that breaks the protocol is not trusted further */
+	}
+	if (wc->status)
+		qp_broken(p, -ECONNRESET);
+}
+
+/* Builds the frame and hands it to the loop. -E2BIG: larger than a message slot
+ * (or its reply would be): the caller sends it over TCP. */
+static int msg_submit(struct rpeer *p, uint8_t op, void *items, uint32_t n, const wire_shape *s, size_t meta_cap,
+		      const struct iovec *bulk, int nbulk, uint64_t reply_len, uint32_t timeout_ms, xport_cb cb,
+		      void *arg, int (*encode)(wire_buf *b, const void *items, uint32_t n, const wire_shape *s))
+{
+	uint64_t blen = 0;
+	for (int i = 0; i < nbulk; i++)
+		blen += bulk[i].iov_len;
+	if (WIRE_HDR_LEN + meta_cap + blen > MSG_SLOT || reply_len > MSG_SLOT)
+		return -E2BIG;
+	if (blen > p->limits.max_bulk || meta_cap > p->limits.max_meta)
+		return -EMSGSIZE;
+	struct mreq *r = calloc(1, sizeof(*r));
+	uint8_t *f = malloc(WIRE_HDR_LEN + meta_cap + blen);
+	if (!r || !f) {
+		free(r);
+		free(f);
+		return -ENOMEM;
+	}
+	wire_buf wb = {.p = f + WIRE_HDR_LEN, .cap = meta_cap};
+	int rc = encode(&wb, items, n, s);
+	if (!rc)
+		rc = wb.err;
+	/* Refuse here what the server's decoder would refuse, as the TCP backend does. */
+	if (!rc && op == WIRE_OP_ATTEND) {
+		wire_attend_view v;
+		rc = wire_decode_attend_req(f + WIRE_HDR_LEN, wb.len, (uint32_t)blen, &p->limits, &v);
+	} else if (!rc && op == WIRE_OP_APPEND_KV) {
+		wire_append_view v;
+		rc = wire_decode_append_req(f + WIRE_HDR_LEN, wb.len, (uint32_t)blen, &p->limits, &v);
+	}
+	if (rc) {
+		free(r);
+		free(f);
+		return rc == -EPROTO ? -EINVAL : rc;
+	}
+	r->task.fn = mreq_start;
+	r->p = p;
+	r->id = __atomic_add_fetch(&p->next_msg_id, 1, __ATOMIC_RELAXED);
+	r->op = op;
+	r->items = items;
+	r->n = n;
+	if (s)
+		r->shape = *s;
+	r->deadline_ns = loop_now_ns() + (int64_t)(timeout_ms ? timeout_ms : 30000) * 1000000;
+	r->cb = cb;
+	r->arg = arg;
+	r->frame = f;
+	r->len = frame_seal(f, op, 0, r->id, (uint32_t)wb.len, bulk, nbulk, p->bulk_csum);
+	if (is_closing(p)) {
+		free(f);
+		free(r);
+		return -ECANCELED;
+	}
+	loop_post(p->loop, &r->task);
+	return 0;
+}
+
+static int enc_attend(wire_buf *b, const void *items, uint32_t n, const wire_shape *s)
+{
+	const xport_attend_query *q = items;
+	wire_encode_attend_begin(b, s, n);
+	for (uint32_t i = 0; i < n; i++)
+		wire_encode_attend_query(b, q[i].n_tokens, q[i].blocks, q[i].n_blocks);
+	return 0;
+}
+
+static int enc_append(wire_buf *b, const void *items, uint32_t n, const wire_shape *s)
+{
+	(void)s;
+	const xport_append_io *a = items;
+	wire_put_u32(b, n);
+	wire_put_u32(b, 0);
+	for (uint32_t i = 0; i < n; i++) {
+		wire_put_handle(b, &a[i].ref.h);
+		wire_put_u32(b, a[i].ref.layer);
+		wire_put_u32(b, a[i].ref.token);
+		wire_put_u32(b, a[i].ref.n_tokens);
+		wire_put_u32(b, a[i].ref.bytes);
+	}
+	return 0;
+}
+
+static int enc_ping(wire_buf *b, const void *items, uint32_t n, const wire_shape *s)
+{
+	(void)items, (void)n, (void)s;
+	return wire_encode_ping(b, 0, (uint64_t)loop_now_ns());
+}
+
+/* ATTEND, APPEND_KV and PING: SEND/RECV messages on the queue pair; a frame larger
+ * than a message slot (or whose reply would be) goes over the TCP channel. */
+static int rdma_attend(xport_peer *pp, const wire_shape *s, xport_attend_query *q, uint32_t n, uint32_t t,
+		       xport_cb cb, void *arg)
+{
+	struct rpeer *p = (struct rpeer *)pp;
+	if (!s || !q || n == 0 || !cb || s->q_heads == 0 || s->head_dim == 0)
+		return -EINVAL;
+	if (n > p->limits.max_queries)
+		return -EMSGSIZE;
+	uint64_t handles = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		if (!q[i].q || !q[i].o || !q[i].lse || (q[i].n_blocks && !q[i].blocks))
+			return -EINVAL;
+		handles += q[i].n_blocks;
+	}
+	if (handles > p->limits.max_blocks)
+		return -EMSGSIZE;
+	size_t qb = (size_t)s->q_heads * s->head_dim * 4;
+	uint64_t rb = WIRE_HDR_LEN + wire_status_reply_size(n) + wire_attend_reply_bulk(s, n);
+	size_t ml = wire_attend_req_size(n, (uint32_t)handles);
+	int rc = -E2BIG;
+	if (n <= MSG_SLOT / sizeof(struct iovec)) {
+		struct iovec *iov = calloc(n, sizeof(*iov));
+		if (!iov)
+			return -ENOMEM;
+		for (uint32_t i = 0; i < n; i++)
+			iov[i] = (struct iovec){(void *)q[i].q, qb};
+		rc = msg_submit(p, WIRE_OP_ATTEND, q, n, s, ml, iov, (int)n, rb, t, cb, arg, enc_attend);
+		free(iov);
+	}
+	return rc == -E2BIG ? xport_attend(p->tcp, s, q, n, t, cb, arg) : rc;
+}
+
+static int rdma_append(xport_peer *pp, xport_append_io *a, uint32_t n, uint32_t t, xport_cb cb, void *arg)
+{
+	struct rpeer *p = (struct rpeer *)pp;
+	if (!a || n == 0 || !cb)
+		return -EINVAL;
+	if (n > p->limits.max_blocks)
+		return -EMSGSIZE;
+	for (uint32_t i = 0; i < n; i++) {
+		if (a[i].ref.h.arena >= CTL_FLAG) /* reserved for the control entries */
+			return -EINVAL;
+		if (!a[i].k || !a[i].v || !a[i].ref.bytes || !a[i].ref.n_tokens)
+			return -EINVAL;
+	}
+	int rc = -E2BIG;
+	if (n <= MSG_SLOT / 2 / sizeof(struct iovec)) {
+		struct iovec *iov = calloc(2 * (size_t)n, sizeof(*iov));
+		if (!iov)
+			return -ENOMEM;
+		for (uint32_t i = 0; i < n; i++) {
+			iov[2 * i] = (struct iovec){(void *)a[i].k, a[i].ref.bytes};
+			iov[2 * i + 1] = (struct iovec){(void *)a[i].v, a[i].ref.bytes};
+		}
+		uint64_t rb = WIRE_HDR_LEN + wire_status_reply_size(n);
+		rc = msg_submit(p, WIRE_OP_APPEND_KV, a, n, NULL, wire_append_req_size(n), iov, (int)(2 * n), rb, t, cb,
+				arg, enc_append);
+		free(iov);
+	}
+	return rc == -E2BIG ? xport_append(p->tcp, a, n, t, cb, arg) : rc;
+}
+
+static int rdma_ping(xport_peer *pp, uint32_t t, xport_cb cb, void *arg)
+{
+	if (!cb)
+		return -EINVAL;
+	return msg_submit((struct rpeer *)pp, WIRE_OP_PING, NULL, 0, NULL, 8, NULL, 0, WIRE_HDR_LEN + 12, t, cb, arg,
+			  enc_ping);
 }
 
 static void on_wc(struct rpeer *p, const struct xrdma_wc *wc)
 {
+	if (wc->wr_id & MSG_WR) {
+		msg_wc(p, wc);
+		return;
+	}
 	if (p->wr_out)
 		p->wr_out--;
 	struct rop *op = rop_find(p, wc->wr_id >> 24);
@@ -402,6 +889,21 @@ static void on_cq(struct loop_src *src, uint32_t events)
 			on_wc(p, &wcs[k]);
 	}
 	post_pending(p);
+	msg_pump(p); /* replies returned credits, send completions freed slots */
+}
+
+#define PROBE_MS 500
+
+static void probe_cb(void *arg, int status)
+{
+	struct rpeer *p = arg;
+	p->probe_out = false;
+	if (is_closing(p))
+		return;
+	if (status == -ECONNRESET || status == -ENOTCONN || status == -EPIPE || status == -ECONNREFUSED) {
+		kvm_log(KVM_LOG_WARN, "xport_rdma_peer_gone", "token=%u err=\"%s\"", p->token, strerror(-status));
+		qp_broken(p, -ECONNRESET);
+	}
 }
 
 /* Loop thread, about every tick: requests past their deadline fail now. Their work
@@ -427,6 +929,22 @@ static void on_tick(struct loop_ticker *t, int64_t now)
 			if (late->b[i].status == 0 && late->ctl[i].status == 0)
 				late->b[i].status = -ETIMEDOUT;
 		rop_finish(late, -ETIMEDOUT);
+	}
+	for (struct mreq *r = p->mreqs, *nx; r; r = nx) {
+		nx = r->next;
+		if (now >= r->deadline_ns)
+			mreq_finish(r, -ETIMEDOUT);
+	}
+	/* A request whose SEND was acknowledged gets no completion if the server dies
+	 * before it replies: while requests wait for replies, a PING on the TCP channel
+	 * every PROBE_MS tells a dead server (connection reset or closed) from a slow one. */
+	if (p->mreqs && p->credits < MSG_N && !p->probe_out && !p->qp_err && now - p->last_probe >= PROBE_MS * 1000000) {
+		p->probe_out = true;
+		p->last_probe = now;
+		if (xport_ping(p->tcp, 2 * PROBE_MS, probe_cb, p)) {
+			p->probe_out = false;
+			qp_broken(p, -ECONNRESET);
+		}
 	}
 }
 
@@ -503,26 +1021,6 @@ static int rdma_put_blocks(xport_peer *pp, xport_block_io *b, uint32_t n, uint32
 	return rdma_submit(pp, b, n, t, cb, arg, true);
 }
 
-/* ATTEND, APPEND_KV and PING: over the TCP channel, as xport_tcp_ops sends them. */
-static int rdma_attend(xport_peer *pp, const wire_shape *s, xport_attend_query *q, uint32_t n, uint32_t t,
-		       xport_cb cb, void *arg)
-{
-	return xport_attend(((struct rpeer *)pp)->tcp, s, q, n, t, cb, arg);
-}
-
-static int rdma_append(xport_peer *pp, xport_append_io *a, uint32_t n, uint32_t t, xport_cb cb, void *arg)
-{
-	for (uint32_t i = 0; i < n; i++)
-		if (a[i].ref.h.arena >= CTL_FLAG) /* reserved for the control entries */
-			return -EINVAL;
-	return xport_append(((struct rpeer *)pp)->tcp, a, n, t, cb, arg);
-}
-
-static int rdma_ping(xport_peer *pp, uint32_t t, xport_cb cb, void *arg)
-{
-	return xport_ping(((struct rpeer *)pp)->tcp, t, cb, arg);
-}
-
 struct sync_task {
 	struct loop_task t;
 	struct rpeer *p;
@@ -566,6 +1064,7 @@ static void detach_fn(struct loop_task *t)
 			break;
 		rop_finish(op, -ECANCELED);
 	}
+	msg_fail_all(p, -ECANCELED);
 }
 
 static void rdma_close(xport_peer *pp)
@@ -575,6 +1074,7 @@ static void rdma_close(xport_peer *pp)
 	loop_run_sync(p->loop, &s.t);
 	xport_close(p->tcp);
 	xrdma_conn_destroy(p->qp);
+	ring_free(&p->ring);
 	pthread_mutex_destroy(&p->mu);
 	free(p);
 }
@@ -595,6 +1095,13 @@ int xport_rdma_connect(xport_loop *l, const char *host, uint16_t port, const xpo
 	p->mr = cfg->mr;
 	p->depth = cfg->depth ? cfg->depth : DEFAULT_DEPTH;
 	p->ticker.fn = on_tick;
+	if (o) {
+		p->limits = o->limits;
+		p->bulk_csum = o->bulk_checksum != 0;
+	} else {
+		wire_limits_default(&p->limits);
+		p->bulk_csum = true;
+	}
 	rc = xport_tcp_connect(l, host, port, o, &p->tcp);
 	if (rc) {
 		kvm_log(KVM_LOG_WARN, "xport_rdma_connect_failed", "host=%s port=%u step=\"%s\" err=\"%s\"", host,
@@ -604,9 +1111,14 @@ int xport_rdma_connect(xport_loop *l, const char *host, uint16_t port, const xpo
 	p->pub.remote_node_id = p->tcp->remote_node_id;
 	p->pub.remote_caps = p->tcp->remote_caps;
 	snprintf(what, sizeof(what), "queue pair");
-	rc = xrdma_conn_create(cfg->dev, cfg->mr, p->depth, &p->qp);
+	rc = xrdma_conn_create(cfg->dev, cfg->mr, p->depth + MSG_N, &p->qp);
 	if (rc)
 		goto clean_tcp;
+	snprintf(what, sizeof(what), "message ring");
+	rc = ring_init(&p->ring, cfg->dev, MSG_N);
+	if (rc)
+		goto clean_qp;
+	p->credits = MSG_N;
 	do {
 		if (getrandom(&p->token, sizeof(p->token), 0) != sizeof(p->token)) {
 			rc = -EIO;
@@ -657,6 +1169,9 @@ int xport_rdma_connect(xport_loop *l, const char *host, uint16_t port, const xpo
 	p->arena = info[56];
 	snprintf(what, sizeof(what), "queue pair connect");
 	rc = xrdma_conn_connect(p->qp, &them);
+	/* rxe refuses receives before INIT; none of ours can be needed before now. */
+	for (uint32_t i = 0; rc == 0 && i < MSG_N; i++)
+		rc = ring_post_recv(&p->ring, p->qp, i);
 	if (rc)
 		goto clean_qp;
 	struct sync_task s = {.t.fn = attach_fn, .p = p};
@@ -673,6 +1188,7 @@ clean_qp:
 	kvm_log(KVM_LOG_WARN, "xport_rdma_connect_failed", "host=%s port=%u step=\"%s\" err=\"%s\" reason=\"%s\"",
 		host, port, what, strerror(-rc), p->qp ? xrdma_conn_error(p->qp) : "");
 	xrdma_conn_destroy(p->qp);
+	ring_free(&p->ring);
 clean_tcp:
 	xport_close(p->tcp);
 clean_p:
@@ -695,10 +1211,17 @@ struct rs_held {
 
 struct rs_conn {
 	struct rs_conn *next;
+	struct rserver *srv;
 	uint32_t token;
 	struct xrdma_conn *qp;
 	uint8_t info[SRV_INFO_LEN];
 	struct rs_held *held;
+	/* messages */
+	struct msg_ring ring;
+	struct loop_src src; /* the completion channel */
+	struct rmsg *txq, *txq_tail; /* replies waiting for a send slot */
+	struct xport_rdma_tok *deferred;
+	bool qp_dead;
 };
 
 struct rserver {
@@ -711,10 +1234,276 @@ struct rserver {
 	struct xrdma_mr *mr;
 	uint64_t slot_bytes;
 	uint8_t arena;
+	xport_loop *loop;
+	wire_limits lim;
+	bool bulk_csum;
 	/* loop thread only (every handler runs there) */
 	struct rs_conn *conns;
 	uint32_t n_conns;
 };
+
+/* ---- server: messages ---------------------------------------------------------- */
+
+/* A deferred ATTEND received as a message: owns the request frame (the view
+ * points into it), the output and the statuses until xport_attend_complete. */
+struct xport_rdma_tok {
+	struct attend_tok_base b; /* first: xport_attend_complete reads it */
+	struct xport_rdma_tok *next, *prev;
+	struct rs_conn *c; /* NULL once the connection is gone */
+	wire_attend_view view;
+	uint64_t req_id;
+	uint8_t *frame;
+	float *out;
+	uint64_t out_bytes;
+	int *st;
+};
+
+struct rmsg {
+	struct rmsg *next;
+	uint32_t len;
+	uint8_t f[];
+};
+
+/* Loop thread: sends what waits while send slots are free. */
+static void rs_pump(struct rs_conn *c)
+{
+	while (c->txq) {
+		struct rmsg *m = c->txq;
+		if (!c->qp_dead) {
+			int rc = ring_send(&c->ring, c->qp, m->f, m->len);
+			if (rc == -EAGAIN)
+				return;
+			if (rc) {
+				kvm_log(KVM_LOG_WARN, "xport_rdma_reply_lost", "token=%u err=\"%s\"", c->token,
+					xrdma_conn_error(c->qp));
+				c->qp_dead = true;
+			}
+		}
+		c->txq = m->next;
+		if (!c->txq)
+			c->txq_tail = NULL;
+		free(m);
+	}
+}
+
+/* Queues a reply: header + meta (meta_len bytes encoded by fill) + bulk. */
+static void rs_reply(struct rs_conn *c, uint8_t op, uint64_t id, const uint8_t *meta, uint32_t meta_len,
+		     const void *bulk, uint64_t bulk_len)
+{
+	if ((uint64_t)WIRE_HDR_LEN + meta_len + bulk_len > MSG_SLOT) {
+		/* The client sends over TCP what would not fit; a reply this large
+		 * means a broken client: it gets an error, not a truncated frame. */
+		uint8_t em[64];
+		wire_buf wb = {.p = em, .cap = sizeof(em)};
+		wire_encode_error(&wb, wire_err_from_errno(-EMSGSIZE), "reply larger than a message slot", &c->srv->lim);
+		rs_reply(c, WIRE_OP_ERROR, id, em, (uint32_t)wb.len, NULL, 0);
+		return;
+	}
+	struct rmsg *m = malloc(sizeof(*m) + WIRE_HDR_LEN + meta_len + bulk_len);
+	if (!m)
+		return; /* the client's deadline ends it */
+	m->next = NULL;
+	memcpy(m->f + WIRE_HDR_LEN, meta, meta_len);
+	struct iovec one = {(void *)bulk, bulk_len};
+	m->len = frame_seal(m->f, op, WIRE_F_REPLY, id, meta_len, &one, bulk_len ? 1 : 0, c->srv->bulk_csum);
+	if (c->txq_tail)
+		c->txq_tail->next = m;
+	else
+		c->txq = m;
+	c->txq_tail = m;
+	rs_pump(c);
+}
+
+static void rs_error(struct rs_conn *c, uint64_t id, int err, const char *msg)
+{
+	uint8_t em[128];
+	wire_buf wb = {.p = em, .cap = sizeof(em)};
+	wire_encode_error(&wb, wire_err_from_errno(err), msg, &c->srv->lim);
+	kvm_log(KVM_LOG_WARN, "xport_rdma_reject", "token=%u id=%llu err=\"%s\" why=\"%s\"", c->token,
+		(unsigned long long)id, strerror(-err), msg);
+	rs_reply(c, WIRE_OP_ERROR, id, em, (uint32_t)wb.len, NULL, 0);
+}
+
+static void rs_status_reply(struct rs_conn *c, uint8_t op, uint64_t id, int rc, const int *st, uint32_t n,
+			    const void *bulk, uint64_t bulk_len)
+{
+	size_t ml = wire_status_reply_size(n);
+	uint8_t *meta = malloc(ml);
+	if (!meta)
+		return;
+	wire_buf wb = {.p = meta, .cap = ml};
+	wire_put_u32(&wb, wire_err_from_errno(rc < 0 ? rc : 0));
+	wire_put_u32(&wb, rc < 0 ? 0 : n);
+	for (uint32_t i = 0; rc >= 0 && i < n; i++)
+		wire_put_u32(&wb, wire_err_from_errno(st[i]));
+	rs_reply(c, op, id, meta, (uint32_t)wb.len, rc < 0 ? NULL : bulk, rc < 0 ? 0 : bulk_len);
+	free(meta);
+}
+
+static void rtok_free(struct xport_rdma_tok *t)
+{
+	free(t->frame);
+	free(t->out);
+	free(t->st);
+	free(t);
+}
+
+/* Loop thread: a deferred ATTEND finished. */
+static void rtok_done(struct loop_task *task)
+{
+	struct xport_rdma_tok *t = (struct xport_rdma_tok *)task;
+	struct rs_conn *c = t->c;
+	if (c) {
+		if (t->prev)
+			t->prev->next = t->next;
+		else
+			c->deferred = t->next;
+		if (t->next)
+			t->next->prev = t->prev;
+		rs_status_reply(c, WIRE_OP_ATTEND, t->req_id, t->b.rc, t->st, t->view.n_queries, t->out, t->out_bytes);
+	}
+	rtok_free(t);
+}
+
+/* Loop thread: one request frame, copied out of its receive slot (f is ours). */
+static void rs_request(struct rs_conn *c, uint8_t *f, uint32_t len)
+{
+	struct rserver *s = c->srv;
+	wire_header h;
+	int rc = frame_check(f, len, &s->lim, &h);
+	if (rc == 0 && (h.flags & WIRE_F_REPLY))
+		rc = -EPROTO;
+	if (rc) {
+		uint64_t id = len >= WIRE_HDR_LEN ? get_le64(f + 8) : 0;
+		rs_error(c, id, rc, rc == -EBADMSG ? "checksum mismatch" : "bad frame");
+		free(f);
+		return;
+	}
+	const uint8_t *m = f + WIRE_HDR_LEN, *bulk = m + h.meta_len;
+	switch (h.opcode) {
+	case WIRE_OP_PING: {
+		int32_t st;
+		uint64_t stamp;
+		uint8_t pm[12];
+		wire_buf wb = {.p = pm, .cap = sizeof(pm)};
+		if (wire_decode_ping(m, h.meta_len, 0, &st, &stamp)) {
+			rs_error(c, h.req_id, -EPROTO, "bad PING");
+			break;
+		}
+		wire_encode_ping(&wb, 1, stamp);
+		rs_reply(c, WIRE_OP_PING, h.req_id, pm, (uint32_t)wb.len, NULL, 0);
+		break;
+	}
+	case WIRE_OP_APPEND_KV: {
+		wire_append_view v;
+		if (wire_decode_append_req(m, h.meta_len, h.bulk_len, &s->lim, &v)) {
+			rs_error(c, h.req_id, -EPROTO, "bad APPEND_KV");
+			break;
+		}
+		int *st = calloc(v.n, sizeof(*st));
+		if (!st) {
+			rs_error(c, h.req_id, -ENOMEM, "out of memory");
+			break;
+		}
+		size_t off = 0;
+		for (uint32_t i = 0; i < v.n; i++) {
+			wire_append_ref r;
+			wire_append_at(&v, i, &r);
+			/* Control entries belong to the TCP channel only. */
+			st[i] = r.h.arena & CTL_FLAG ? -EINVAL
+			        : s->user.append     ? s->user.append(s->user_ctx, &r, bulk + off, bulk + off + r.bytes)
+			                             : -ENOSYS;
+			off += 2 * (size_t)r.bytes;
+		}
+		rs_status_reply(c, WIRE_OP_APPEND_KV, h.req_id, 0, st, v.n, NULL, 0);
+		free(st);
+		break;
+	}
+	case WIRE_OP_ATTEND: {
+		wire_attend_view v;
+		if (wire_decode_attend_req(m, h.meta_len, h.bulk_len, &s->lim, &v)) {
+			rs_error(c, h.req_id, -EPROTO, "bad ATTEND");
+			break;
+		}
+		if (!s->user.attend) {
+			rs_status_reply(c, WIRE_OP_ATTEND, h.req_id, -ENOSYS, NULL, 0, NULL, 0);
+			break;
+		}
+		uint64_t ob = wire_attend_reply_bulk(&v.shape, v.n_queries);
+		struct xport_rdma_tok *t = calloc(1, sizeof(*t));
+		int *st = calloc(v.n_queries, sizeof(*st));
+		float *out = aligned_alloc(64, (ob + 63) & ~(uint64_t)63);
+		if (!t || !st || !out) {
+			free(t), free(st), free(out);
+			rs_error(c, h.req_id, -ENOMEM, "out of memory");
+			break;
+		}
+		memset(out, 0, ob);
+		*t = (struct xport_rdma_tok){.b = {.task.fn = rtok_done, .loop = s->loop}, .c = c, .view = v,
+		                             .req_id = h.req_id, .out = out, .out_bytes = ob, .st = st};
+		float *o = out, *lse = out + (size_t)v.n_queries * v.shape.q_heads * v.shape.head_dim;
+		/* The queries are 4-byte aligned: f is malloc'd, header and metadata are
+		 * multiples of 4 bytes long. */
+		rc = s->user.attend(s->user_ctx, &t->view, (const float *)(const void *)bulk, o, lse, st,
+		                    (xport_attend_token *)t);
+		if (rc == XPORT_DEFERRED) {
+			t->frame = f;
+			t->next = c->deferred;
+			if (c->deferred)
+				c->deferred->prev = t;
+			c->deferred = t;
+			return;
+		}
+		rs_status_reply(c, WIRE_OP_ATTEND, h.req_id, rc, st, v.n_queries, out, ob);
+		rtok_free(t);
+		break;
+	}
+	default:
+		rs_error(c, h.req_id, -EOPNOTSUPP, "not carried by SEND/RECV");
+		break;
+	}
+	free(f);
+}
+
+static void rs_on_cq(struct loop_src *src, uint32_t events)
+{
+	(void)events;
+	struct rs_conn *c = (struct rs_conn *)((char *)src - offsetof(struct rs_conn, src));
+	struct xrdma_wc wcs[32];
+	for (;;) {
+		int n = xrdma_poll(c->qp, wcs, 32, 0);
+		if (n <= 0) {
+			if (n < 0)
+				c->qp_dead = true;
+			break;
+		}
+		for (int k = 0; k < n; k++) {
+			const struct xrdma_wc *wc = &wcs[k];
+			if (wc->status) {
+				if (!c->qp_dead)
+					kvm_log(KVM_LOG_INFO, "xport_rdma_client_gone", "token=%u reason=\"%s\"", c->token,
+						xrdma_conn_error(c->qp));
+				c->qp_dead = true;
+				continue;
+			}
+			if (!(wc->wr_id & MSG_WR))
+				continue;
+			if (wc->wr_id & MSG_WR_SEND) {
+				ring_send_done(&c->ring, wc->wr_id);
+				continue;
+			}
+			uint32_t slot = (uint32_t)(wc->wr_id & 0xFFFFFFFFu);
+			uint8_t *f = malloc(wc->byte_len ? wc->byte_len : 1);
+			if (f)
+				memcpy(f, c->ring.buf + (size_t)slot * MSG_SLOT, wc->byte_len);
+			if (ring_post_recv(&c->ring, c->qp, slot))
+				c->qp_dead = true;
+			if (f)
+				rs_request(c, f, wc->byte_len);
+		}
+	}
+	rs_pump(c);
+}
 
 /* The pin of the server-description GET, which holds nothing. */
 static char info_pin;
@@ -807,12 +1596,27 @@ static int ctl_connect(struct rserver *s, const wire_append_ref *r, const void *
 	struct rs_conn *c = calloc(1, sizeof(*c));
 	if (!c)
 		return -ENOMEM;
-	rc = xrdma_conn_create(s->dev, s->mr, 4, &c->qp);
+	c->srv = s;
+	rc = xrdma_conn_create(s->dev, s->mr, 2 * MSG_N + 4, &c->qp);
 	if (rc)
 		goto clean_c;
-	rc = xrdma_conn_connect(c->qp, &them);
+	rc = ring_init(&c->ring, s->dev, 2 * MSG_N);
+	if (rc == 0)
+		rc = xrdma_conn_connect(c->qp, &them);
+	/* Before the CONNECT is answered, so before the client's first SEND (rxe
+	 * refuses receives before INIT). */
+	for (uint32_t i = 0; rc == 0 && i < MSG_N; i++)
+		rc = ring_post_recv(&c->ring, c->qp, i);
 	if (rc)
 		goto clean_qp;
+	c->src.cb = rs_on_cq;
+	c->src.fd = xrdma_conn_fd(c->qp);
+	rc = loop_add(s->loop, &c->src, EPOLLIN); /* handlers run on the loop thread */
+	if (rc)
+		goto clean_qp;
+	struct xrdma_wc wc;
+	while (xrdma_poll(c->qp, &wc, 1, 0) > 0) /* arms the CQs */
+		;
 	c->token = r->h.slot;
 	xrdma_conn_local(c->qp, &me);
 	xrdma_peer_pack(&me, c->info);
@@ -826,6 +1630,7 @@ clean_qp:
 	kvm_log(KVM_LOG_WARN, "xport_rdma_accept_failed", "token=%u reason=\"%s\"", r->h.slot,
 		xrdma_conn_error(c->qp));
 	xrdma_conn_destroy(c->qp);
+	ring_free(&c->ring);
 clean_c:
 	free(c);
 	return rc;
@@ -933,6 +1738,14 @@ int xport_rdma_listen(xport_loop *l, const char *host, uint16_t port, const xpor
 	s->mr = cfg->mr;
 	s->slot_bytes = cfg->slot_bytes;
 	s->arena = cfg->arena;
+	s->loop = l;
+	if (o) {
+		s->lim = o->limits;
+		s->bulk_csum = o->bulk_checksum != 0;
+	} else {
+		wire_limits_default(&s->lim);
+		s->bulk_csum = true;
+	}
 	s->wrap = (xport_handlers){
 	        .hello = w_hello,
 	        .get = w_get,
@@ -952,11 +1765,36 @@ int xport_rdma_listen(xport_loop *l, const char *host, uint16_t port, const xpor
 	return 0;
 }
 
+struct srv_task {
+	struct loop_task t;
+	struct rserver *s;
+};
+
+/* Loop thread: the completion channels leave the loop; deferred ATTENDs still
+ * running elsewhere will find no connection and only free themselves. */
+static void srv_detach_fn(struct loop_task *t)
+{
+	struct rserver *s = ((struct srv_task *)t)->s;
+	for (struct rs_conn *c = s->conns; c; c = c->next) {
+		loop_del(s->loop, &c->src);
+		for (struct xport_rdma_tok *k = c->deferred; k; k = k->next)
+			k->c = NULL;
+		c->deferred = NULL;
+		while (c->txq) {
+			struct rmsg *m = c->txq;
+			c->txq = m->next;
+			free(m);
+		}
+	}
+}
+
 static void rdma_server_close(xport_server *ss)
 {
 	struct rserver *s = (struct rserver *)ss;
 	/* After this no handler runs, so the connection table is ours. */
 	xport_server_close(s->tcp);
+	struct srv_task st = {.t.fn = srv_detach_fn, .s = s};
+	loop_run_sync(s->loop, &st.t);
 	while (s->conns) {
 		struct rs_conn *c = s->conns;
 		s->conns = c->next;
@@ -966,6 +1804,7 @@ static void rdma_server_close(xport_server *ss)
 			held_release(s, hd, -ECONNRESET);
 		}
 		xrdma_conn_destroy(c->qp);
+		ring_free(&c->ring);
 		free(c);
 	}
 	free(s);

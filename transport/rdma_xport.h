@@ -1,9 +1,10 @@
 /* The RDMA backend of the data plane (xport_rdma_ops): GET_BLOCKS by one-sided
  * RDMA READ from the peer's registered arena into the caller's registered buffer,
- * PUT_BLOCKS by RDMA WRITE; ATTEND, APPEND_KV and PING travel over the peer's TCP
- * channel (the same frames as xport_tcp_ops). docs/rdma.md explains the design,
+ * PUT_BLOCKS by RDMA WRITE; ATTEND, APPEND_KV and PING as SEND/RECV messages on
+ * the same queue pair (the same frames as xport_tcp_ops; one larger than a 128 KiB
+ * message slot goes over the peer's TCP channel). docs/rdma.md explains the design,
  * docs/wire.md the control entries (arena byte with bit 7 set) it adds on that
- * channel.
+ * channel and the frames over SEND/RECV.
  *
  * The verbs objects (device, registered regions) are the caller's and are passed
  * in an xport_rdma_cfg, which the generic xport_connect/xport_listen cannot carry:

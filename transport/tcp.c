@@ -1654,14 +1654,12 @@ static int srv_get(struct conn *c)
  * metadata and queries (taken from the connection, which allocates new ones
  * for the next frame), the output and the statuses. */
 struct xport_attend_token {
-	struct loop_task task;
+	struct attend_tok_base b; /* first: xport_attend_complete reads it */
 	struct xport_attend_token *next, *prev;
 	struct conn *c; /* NULL once the connection died */
-	xport_loop *loop;
 	wire_attend_view view; /* what the handler reads; points into meta */
 	uint64_t req_id;
 	uint32_t n_queries;
-	int rc;
 	uint8_t *meta;
 	uint8_t *bulk;
 	float *out;
@@ -1713,7 +1711,7 @@ static void attend_done_fn(struct loop_task *task)
 		c->deferred = t->next;
 	if (t->next)
 		t->next->prev = t->prev;
-	attend_reply(c, t->sf, t->req_id, t->rc, t->n_queries, t->st, t->out, t->out_bytes);
+	attend_reply(c, t->sf, t->req_id, t->b.rc, t->n_queries, t->st, t->out, t->out_bytes);
 	token_free(t);
 	conn_write(c);
 	if (c->dead)
@@ -1722,11 +1720,12 @@ static void attend_done_fn(struct loop_task *task)
 		update_events(c);
 }
 
+/* Any backend's token: each starts with a struct attend_tok_base. */
 void xport_attend_complete(xport_attend_token *t, int rc)
 {
-	t->rc = rc;
-	t->task.fn = attend_done_fn;
-	loop_post(t->loop, &t->task);
+	struct attend_tok_base *b = (struct attend_tok_base *)(void *)t;
+	b->rc = rc;
+	loop_post(b->loop, &b->task);
 }
 
 static int srv_attend(struct conn *c)
@@ -1759,7 +1758,7 @@ static int srv_attend(struct conn *c)
 		free(out);
 		return srv_reject(c, -ENOMEM, h->req_id, "out of memory");
 	}
-	*t = (struct xport_attend_token){.c = c, .loop = c->loop, .req_id = h->req_id, .n_queries = v.n_queries, .out = out,
+	*t = (struct xport_attend_token){.b = {.task.fn = attend_done_fn, .loop = c->loop}, .c = c, .req_id = h->req_id, .n_queries = v.n_queries, .out = out,
 					 .out_bytes = ob, .st = st, .sf = sf};
 	t->view = v;
 	rc = s->h.attend(s->ctx, &t->view, (const float *)(const void *)c->bulk_buf, o, lse, st, t);

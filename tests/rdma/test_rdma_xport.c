@@ -15,6 +15,7 @@
 #include "transport/rdma_xport.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -35,7 +36,11 @@
 #define DEATH_MS      10000 /* requests against a killed peer must end within this */
 #define ONE_NODE_PORT 7472
 #define EXIT_SKIP     77
-enum { T_DIE = 100, T_CHECK = 101, T_BUMP = 102 };
+enum { T_DIE = 100, T_CHECK = 101, T_BUMP = 102, T_KV = 103 };
+/* ATTEND shapes the test server treats specially: head_dim DEFER_DIM is computed
+ * on another thread (deferred), HANG_DIM is deferred and never completed. */
+#define DEFER_DIM 24
+#define HANG_DIM  40
 
 static const char *g_tag = "one-node";
 static const char *g_netdev;
@@ -175,8 +180,84 @@ static int h_append(void *ctx, const wire_append_ref *r, const void *k, const vo
 			return -EINVAL;
 		s->gen[r->h.slot]++;
 		return 0;
+	case T_KV: /* k and v must be the patterns of seeds layer and layer + 1 */
+		return check(k, r->bytes, r->layer, 0) < 0 && check(v, r->bytes, r->layer + 1, 0) < 0 ? 0 : -EBADMSG;
 	default: return -ENOSYS;
 	}
+}
+
+/* The reference ATTEND both sides compute: per query, o = 2 q + n_tokens + the sum
+ * of its block handles' slots and generations, lse[h] = n_tokens / 2 + h; a query
+ * with no tokens fails alone with -EINVAL. */
+static int attend_ref_one(uint32_t qh, uint32_t hd, uint32_t n_tokens, uint64_t hsum, const float *q, float *o,
+                          float *lse)
+{
+	if (n_tokens == 0)
+		return -EINVAL;
+	for (uint32_t h = 0; h < qh; h++) {
+		for (uint32_t d = 0; d < hd; d++)
+			o[h * hd + d] = 2 * q[h * hd + d] + (float)n_tokens + (float)hsum;
+		lse[h] = (float)n_tokens / 2 + (float)h;
+	}
+	return 0;
+}
+
+static void attend_ref(const wire_attend_view *v, const float *q, float *o, float *lse, int *st)
+{
+	uint32_t qh = v->shape.q_heads, hd = v->shape.head_dim;
+	const uint8_t *cur = v->queries;
+	wire_attend_query aq;
+	for (uint32_t i = 0; wire_attend_next(v, &cur, &aq) == 0; i++) {
+		uint64_t hsum = 0;
+		for (uint32_t b = 0; b < aq.n_blocks; b++) {
+			wire_handle h;
+			wire_attend_handle(&aq, b, &h);
+			hsum += h.slot + h.gen;
+		}
+		size_t qo = (size_t)i * qh * hd;
+		st[i] = attend_ref_one(qh, hd, aq.n_tokens, hsum, q + qo, o + qo, lse + (size_t)i * qh);
+	}
+}
+
+struct deferred {
+	const wire_attend_view *v;
+	const float *q;
+	float *o, *lse;
+	int *st;
+	xport_attend_token *tok;
+};
+
+static void *defer_thread(void *arg)
+{
+	struct deferred *d = arg;
+	usleep(20 * 1000);
+	attend_ref(d->v, d->q, d->o, d->lse, d->st);
+	xport_attend_complete(d->tok, 0);
+	free(d);
+	return NULL;
+}
+
+static int h_attend(void *ctx, const wire_attend_view *v, const float *q, float *o, float *lse, int *st,
+                    xport_attend_token *tok)
+{
+	(void)ctx;
+	if (v->shape.head_dim == HANG_DIM)
+		return XPORT_DEFERRED; /* never completed: the client must not hang on it */
+	if (v->shape.head_dim != DEFER_DIM) {
+		attend_ref(v, q, o, lse, st);
+		return 0;
+	}
+	struct deferred *d = malloc(sizeof(*d));
+	pthread_t th;
+	if (!d)
+		return -ENOMEM;
+	*d = (struct deferred){v, q, o, lse, st, tok};
+	if (pthread_create(&th, NULL, defer_thread, d)) {
+		free(d);
+		return -EAGAIN;
+	}
+	pthread_detach(th);
+	return XPORT_DEFERRED;
 }
 
 static int serve(int port, const char *devname, int ready_fd)
@@ -213,7 +294,8 @@ static int serve(int port, const char *devname, int ready_fd)
 	                    .unpin = h_unpin,
 	                    .put_prepare = h_put_prepare,
 	                    .put_commit = h_put_commit,
-	                    .append = h_append};
+	                    .append = h_append,
+	                    .attend = h_attend};
 	xport_rdma_cfg cfg = {.dev = dev, .mr = mr, .slot_bytes = SLOT_BYTES, .arena = ARENA_ID};
 	rc = xport_rdma_listen(l, ready_fd >= 0 ? "127.0.0.1" : "0.0.0.0", (uint16_t)port, &o, &cfg, &h, &st, &srv);
 	if (rc) {
@@ -434,6 +516,171 @@ static void t_bad_handles(struct ctx *t)
 	result(rc == 0 && check(t->buf, 4096, 1, 4096) < 0, "usable_after_refusals", "rc=%d", rc);
 }
 
+/* ---- ATTEND, APPEND_KV, PING: SEND/RECV messages ---------------------------- */
+
+#define QH 4
+#define MAXD 40
+#define MAXQ 8
+
+/* One ATTEND batch of nq queries with head_dim hd, its inputs and outputs. */
+struct abatch {
+	wire_shape shape;
+	uint32_t nq;
+	xport_attend_query q[MAXQ];
+	wire_handle hs[MAXQ][3];
+	float qv[MAXQ][QH * MAXD], o[MAXQ][QH * MAXD], lse[MAXQ][QH];
+	int rc;
+	xport_waiter *w;
+};
+
+static void ab_cb(void *arg, int status)
+{
+	struct abatch *a = arg;
+	a->rc = status;
+	xport_waiter_cb(a->w, 0);
+}
+
+static void ab_init(struct abatch *a, uint32_t nq, uint32_t hd, uint32_t seed, bool one_empty)
+{
+	a->shape = (wire_shape){.q_heads = QH, .kv_heads = 1, .head_dim = hd, .block_tokens = 16, .scale = 0.125f};
+	a->nq = nq;
+	a->rc = 1;
+	for (uint32_t i = 0; i < nq; i++) {
+		bool empty = one_empty && i == 1; /* no blocks, no tokens: fails alone */
+		uint32_t nb = empty ? 0 : 1 + (i + seed) % 3;
+		for (uint32_t b = 0; b < nb; b++)
+			a->hs[i][b] = (wire_handle){.slot = seed + i + b, .gen = 1 + b, .arena = ARENA_ID};
+		for (uint32_t k = 0; k < QH * hd; k++)
+			a->qv[i][k] = (float)((seed * 7 + i * 13 + k) % 97) / 8;
+		memset(a->o[i], 0xFF, sizeof(a->o[i]));
+		a->q[i] = (xport_attend_query){.n_tokens = empty ? 0 : (nb - 1) * 16 + 1 + (i + seed) % 16,
+		                               .n_blocks = nb,
+		                               .blocks = a->hs[i],
+		                               .q = a->qv[i],
+		                               .o = a->o[i],
+		                               .lse = a->lse[i],
+		                               .status = 1};
+	}
+}
+
+/* 0 if every query's result is the reference one (or the expected -EINVAL). */
+static int ab_check(const struct abatch *a)
+{
+	if (a->rc)
+		return -1;
+	uint32_t hd = a->shape.head_dim;
+	for (uint32_t i = 0; i < a->nq; i++) {
+		float o[QH * MAXD], lse[QH];
+		uint64_t hsum = 0;
+		for (uint32_t b = 0; b < a->q[i].n_blocks; b++)
+			hsum += a->hs[i][b].slot + a->hs[i][b].gen;
+		int st = attend_ref_one(QH, hd, a->q[i].n_tokens, hsum, a->qv[i], o, lse);
+		if (st != a->q[i].status)
+			return (int)i + 1;
+		if (st == 0 && (memcmp(o, a->o[i], QH * hd * 4) || memcmp(lse, a->lse[i], sizeof(lse))))
+			return (int)i + 1;
+	}
+	return 0;
+}
+
+static void t_attend(struct ctx *t)
+{
+	static struct abatch a[64];
+	xport_waiter w;
+	/* One batch of 6 queries, one of them empty (its own -EINVAL). */
+	xport_waiter_init(&w);
+	ab_init(&a[0], 6, 32, 1, true);
+	a[0].w = &w;
+	xport_waiter_add(&w, 1);
+	int rc = xport_attend(t->p, &a[0].shape, a[0].q, a[0].nq, OP_TIMEOUT_MS, ab_cb, &a[0]);
+	if (rc)
+		ab_cb(&a[0], rc);
+	xport_waiter_wait(&w);
+	int bad = ab_check(&a[0]);
+	result(rc == 0 && bad == 0, "attend_queries_reference", "rc=%d batch=%d (%s) bad query=%d", rc, a[0].rc,
+	       kvm_strerror(a[0].rc), bad);
+
+	/* 64 batches in flight at once (more than the 16 message credits), half of
+	 * them deferred to the server's threads, completed there in another order. */
+	int64_t t0 = now_ms();
+	int refused = 0;
+	for (uint32_t k = 0; k < 64; k++) {
+		ab_init(&a[k], 1 + k % MAXQ, k % 2 ? DEFER_DIM : 16, k, false);
+		a[k].w = &w;
+		xport_waiter_add(&w, 1);
+		if (xport_attend(t->p, &a[k].shape, a[k].q, a[k].nq, OP_TIMEOUT_MS, ab_cb, &a[k])) {
+			refused++;
+			ab_cb(&a[k], -EIO);
+		}
+	}
+	xport_waiter_wait(&w);
+	int wrong = 0;
+	for (uint32_t k = 0; k < 64; k++)
+		wrong += ab_check(&a[k]) != 0;
+	result(refused == 0 && wrong == 0, "attend_many_in_flight_deferred",
+	       "64 batches (32 deferred): %d refused, %d wrong, %lld ms", refused, wrong, (long long)(now_ms() - t0));
+	xport_waiter_destroy(&w);
+}
+
+/* APPEND_KV entries checked byte for byte by the server; one corrupted entry fails
+ * alone; a batch too large for a message slot goes over TCP and works the same. */
+static void t_append(struct ctx *t)
+{
+	enum { N = 5, B = 3000, BIG = 100000 };
+	static uint8_t kv[2][N][BIG];
+	xport_append_io a[N];
+	for (uint32_t i = 0; i < N; i++) {
+		fill(kv[0][i], B, 10 + i, 0);
+		fill(kv[1][i], B, 11 + i, 0);
+		a[i] = (xport_append_io){.ref = {.h = {.slot = i, .arena = T_KV}, .layer = 10 + i, .n_tokens = 1, .bytes = B},
+		                         .k = kv[0][i],
+		                         .v = kv[1][i],
+		                         .status = 1};
+	}
+	kv[1][3][100] ^= 1; /* entry 3's v is wrong */
+	xport_waiter w;
+	xport_waiter_init(&w);
+	xport_waiter_add(&w, 1);
+	int rc = xport_append(t->p, a, N, OP_TIMEOUT_MS, xport_waiter_cb, &w);
+	if (rc == 0)
+		rc = xport_waiter_wait(&w);
+	bool ok = rc == 0 && a[0].status == 0 && a[1].status == 0 && a[2].status == 0 && a[3].status == -EBADMSG &&
+	          a[4].status == 0;
+	result(ok, "append_kv_checked_by_server", "rc=%d statuses %d %d %d %d %d", rc, a[0].status, a[1].status,
+	       a[2].status, a[3].status, a[4].status);
+	for (uint32_t i = 0; i < 2; i++) {
+		fill(kv[0][i], BIG, 20 + i, 0);
+		fill(kv[1][i], BIG, 21 + i, 0);
+		a[i] = (xport_append_io){.ref = {.h = {.slot = i, .arena = T_KV}, .layer = 20 + i, .n_tokens = 1, .bytes = BIG},
+		                         .k = kv[0][i],
+		                         .v = kv[1][i],
+		                         .status = 1};
+	}
+	xport_waiter_add(&w, 1);
+	rc = xport_append(t->p, a, 2, OP_TIMEOUT_MS, xport_waiter_cb, &w);
+	if (rc == 0)
+		rc = xport_waiter_wait(&w);
+	result(rc == 0 && a[0].status == 0 && a[1].status == 0, "append_kv_larger_than_slot_over_tcp",
+	       "rc=%d statuses %d %d", rc, a[0].status, a[1].status);
+	xport_waiter_destroy(&w);
+}
+
+static void t_ping(struct ctx *t)
+{
+	xport_waiter w;
+	xport_waiter_init(&w);
+	int64_t t0 = now_ms();
+	int rc = 0;
+	for (int i = 0; i < 20 && rc == 0; i++) {
+		xport_waiter_add(&w, 1);
+		rc = xport_ping(t->p, OP_TIMEOUT_MS, xport_waiter_cb, &w);
+		if (rc == 0)
+			rc = xport_waiter_wait(&w);
+	}
+	result(rc == 0, "ping", "rc=%d, 20 pings in %lld ms", rc, (long long)(now_ms() - t0));
+	xport_waiter_destroy(&w);
+}
+
 struct timed {
 	xport_waiter *w;
 	int64_t done_ms;
@@ -471,8 +718,32 @@ static void t_peer_killed(struct ctx *t, pid_t child)
 			rejected++;
 		}
 	}
+	/* And ATTENDs that the server never answers (deferred forever). */
+	enum { NA = 4 };
+	static struct abatch ab[NA];
+	xport_waiter aw;
+	xport_waiter_init(&aw);
+	int a_rej = 0;
+	for (uint32_t k = 0; k < NA; k++) {
+		ab_init(&ab[k], 2, HANG_DIM, k, false);
+		ab[k].w = &aw;
+		xport_waiter_add(&aw, 1);
+		if (xport_attend(t->p, &ab[k].shape, ab[k].q, ab[k].nq, DEATH_MS, ab_cb, &ab[k])) {
+			a_rej++;
+			ab_cb(&ab[k], -EIO);
+		}
+	}
 	int drc = ctl(t, T_DIE, 0, 0, 0, 0);
 	xport_waiter_wait(&w);
+	xport_waiter_wait(&aw);
+	xport_waiter_destroy(&aw);
+	int64_t a_worst = now_ms() - t0;
+	int a_clear = 0;
+	for (uint32_t k = 0; k < NA; k++)
+		a_clear += clear_death_error(ab[k].rc);
+	result(a_rej == 0 && a_clear == NA && a_worst <= DEATH_MS + 2000, "peer_killed_attend_inflight",
+	       "%d of %d unanswered ATTENDs failed with a clear error (first: %d, %s), all within %lld ms (deadline %d)",
+	       a_clear, NA, ab[0].rc, kvm_strerror(ab[0].rc), (long long)a_worst, DEATH_MS);
 	xport_waiter_destroy(&w);
 	int ok = 0, failed_clear = 0, other = 0;
 	int64_t worst = 0;
@@ -500,6 +771,16 @@ static void t_peer_killed(struct ctx *t, pid_t child)
 	int64_t dt = now_ms() - t1;
 	result(clear_death_error(rc) && dt <= DEATH_MS + 2000, "request_after_death_fails",
 	       "rc=%d (%s) after %lld ms", rc, kvm_strerror(rc), (long long)dt);
+	xport_waiter_init(&w);
+	xport_waiter_add(&w, 1);
+	t1 = now_ms();
+	rc = xport_ping(t->p, DEATH_MS, xport_waiter_cb, &w);
+	if (rc == 0)
+		rc = xport_waiter_wait(&w);
+	xport_waiter_destroy(&w);
+	dt = now_ms() - t1;
+	result(clear_death_error(rc) && dt <= 1000, "ping_after_death_fails", "rc=%d (%s) after %lld ms", rc,
+	       kvm_strerror(rc), (long long)dt);
 }
 
 static int connect_retry(struct ctx *t, const char *host, uint16_t port, const xport_rdma_cfg *cfg)
@@ -555,6 +836,9 @@ static int run_client(const char *host, uint16_t port, const char *devname, pid_
 	t_put_sizes(&t);
 	t_many_in_flight(&t);
 	t_bad_handles(&t);
+	t_attend(&t);
+	t_append(&t);
+	t_ping(&t);
 	t_peer_killed(&t, child);
 	child = 0;
 	xport_close(t.p);
