@@ -1,0 +1,346 @@
+/* A local kvmesh cluster as child processes: see launch.h. */
+#include "client/demo/launch.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/rpc.h"
+#include "proto/kvmesh.pb-c.h"
+
+typedef struct daemon_proc {
+	char name[32];
+	char grpc[64];
+	pid_t pid;
+} daemon_proc;
+
+struct local_cluster {
+	char dir[PATH_MAX];
+	char bin_dir[PATH_MAX];
+	daemon_proc coord;
+	daemon_proc agents[LC_MAX_AGENTS];
+	unsigned n_agents;
+};
+
+static int free_port(void)
+{
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0)
+		return -errno;
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t len = sizeof(a);
+	int port = -EADDRNOTAVAIL;
+	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+		port = ntohs(a.sin_port);
+	close(fd);
+	return port;
+}
+
+/* The last lines of a daemon's log, for error messages. */
+static void log_tail(const local_cluster *lc, const char *name, char *out, size_t cap)
+{
+	char path[PATH_MAX + 64];
+	snprintf(path, sizeof(path), "%s/%s.log", lc->dir, name);
+	out[0] = '\0';
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return;
+	fseek(f, 0, SEEK_END);
+	long size = ftell(f);
+	long from = size > (long)cap - 1 ? size - (long)cap + 1 : 0;
+	fseek(f, from, SEEK_SET);
+	size_t n = fread(out, 1, cap - 1, f);
+	out[n] = '\0';
+	fclose(f);
+}
+
+static int spawn(local_cluster *lc, daemon_proc *d, const char *prog, char *const *args)
+{
+	char path[PATH_MAX + 64], logp[PATH_MAX + 64];
+	snprintf(path, sizeof(path), "%s/%s", lc->bin_dir, prog);
+	snprintf(logp, sizeof(logp), "%s/%s.log", lc->dir, d->name);
+	int fd = open(logp, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return -errno;
+	pid_t pid = fork();
+	if (pid < 0) {
+		close(fd);
+		return -errno;
+	}
+	if (pid == 0) {
+		dup2(fd, 1);
+		dup2(fd, 2);
+		int nul = open("/dev/null", O_RDONLY);
+		if (nul >= 0)
+			dup2(nul, 0);
+		execv(path, args);
+		fprintf(stderr, "exec %s: %s\n", path, strerror(errno));
+		_exit(127);
+	}
+	close(fd);
+	d->pid = pid;
+	return 0;
+}
+
+static bool alive(pid_t pid)
+{
+	return pid > 0 && waitpid(pid, NULL, WNOHANG) == 0;
+}
+
+static double now_s(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* Ready nodes the coordinator lists (negative errno if it does not answer). */
+static int ready_nodes(const local_cluster *lc)
+{
+	kvm_rpc_channel *ch;
+	if (kvm_rpc_channel_open(lc->coord.grpc, &ch) != 0)
+		return -EINVAL;
+	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
+	uint8_t buf[16];
+	size_t n = kvmesh__v1__list_nodes_request__pack(&req, buf);
+	void *resp = NULL;
+	size_t len = 0;
+	kvm_rpc_status st;
+	int rc = kvm_rpc_unary(ch, "/kvmesh.v1.Coordinator/ListNodes", buf, n, 1000, &resp, &len, &st);
+	kvm_rpc_channel_close(ch);
+	if (rc || st.code != KVM_RPC_OK) {
+		free(resp);
+		return rc ? rc : -EAGAIN;
+	}
+	Kvmesh__V1__ListNodesResponse *r = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
+	free(resp);
+	if (!r)
+		return -EPROTO;
+	int ready = 0;
+	for (size_t i = 0; i < r->n_nodes; i++)
+		ready += r->nodes[i]->state == KVMESH__V1__NODE_STATE__NODE_READY;
+	kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
+	return ready;
+}
+
+int local_cluster_start(const char *const *extra, local_cluster **out, char *err, size_t err_len)
+{
+	local_cluster *lc = calloc(1, sizeof(*lc));
+	if (!lc)
+		return -ENOMEM;
+	ssize_t n = readlink("/proc/self/exe", lc->bin_dir, sizeof(lc->bin_dir) - 1);
+	char *slash = n > 0 ? strrchr(lc->bin_dir, '/') : NULL;
+	if (!slash) {
+		free(lc);
+		snprintf(err, err_len, "cannot find the directory of this program");
+		return -ENOENT;
+	}
+	*slash = '\0';
+	/* The daemons are next to this program (build/bin), or, for benchmarks
+	 * and tests (build/bench, build/tests/unit), in build/bin; KVMESH_BIN_DIR
+	 * overrides. */
+	const char *env = getenv("KVMESH_BIN_DIR");
+	const char *cands[] = {env, ".", "../bin", "../../bin"};
+	char exe_dir[PATH_MAX];
+	snprintf(exe_dir, sizeof(exe_dir), "%s", lc->bin_dir);
+	bool found = false;
+	for (size_t i = 0; i < sizeof(cands) / sizeof(cands[0]) && !found; i++) {
+		if (!cands[i] || !*cands[i])
+			continue;
+		char dir[PATH_MAX], probe[PATH_MAX + 32];
+		if (cands[i][0] == '/')
+			snprintf(dir, sizeof(dir), "%s", cands[i]);
+		else
+			snprintf(dir, sizeof(dir), "%.*s/%s", PATH_MAX - 16, exe_dir, cands[i]);
+		snprintf(probe, sizeof(probe), "%s/kvmesh-coordinator", dir);
+		if (access(probe, X_OK) == 0) {
+			snprintf(lc->bin_dir, sizeof(lc->bin_dir), "%s", dir);
+			found = true;
+		}
+	}
+	if (!found) {
+		snprintf(err, err_len, "kvmesh-coordinator is not next to %s (build it, or set KVMESH_BIN_DIR)", exe_dir);
+		free(lc);
+		return -ENOENT;
+	}
+	const char *tmp = getenv("TMPDIR");
+	snprintf(lc->dir, sizeof(lc->dir), "%s/kvmesh-demo-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+	if (!mkdtemp(lc->dir)) {
+		int e = errno;
+		snprintf(err, err_len, "mkdtemp %s: %s", lc->dir, strerror(e));
+		free(lc);
+		return -e;
+	}
+	int port = free_port();
+	if (port < 0) {
+		free(lc);
+		return port;
+	}
+	snprintf(lc->coord.name, sizeof(lc->coord.name), "coordinator");
+	snprintf(lc->coord.grpc, sizeof(lc->coord.grpc), "127.0.0.1:%d", port);
+	char listen[96], data[PATH_MAX + 32];
+	snprintf(listen, sizeof(listen), "--listen=%s", lc->coord.grpc);
+	snprintf(data, sizeof(data), "--data-dir=%s/coordinator", lc->dir);
+	char *args[32] = {"kvmesh-coordinator", listen, data};
+	int a = 3;
+	for (int i = 0; extra && extra[i] && a < 31; i++)
+		args[a++] = (char *)extra[i];
+	args[a] = NULL;
+	int rc = spawn(lc, &lc->coord, "kvmesh-coordinator", args);
+	if (rc) {
+		snprintf(err, err_len, "cannot start the coordinator: %s", strerror(-rc));
+		local_cluster_stop(lc, 0);
+		return rc;
+	}
+	for (double until = now_s() + 15;;) {
+		if (ready_nodes(lc) >= 0)
+			break;
+		if (!alive(lc->coord.pid) || now_s() > until) {
+			char tail[1024];
+			log_tail(lc, "coordinator", tail, sizeof(tail));
+			snprintf(err, err_len, "the coordinator did not start; its log ends:\n%s", tail);
+			local_cluster_stop(lc, 1);
+			return -ETIMEDOUT;
+		}
+		usleep(20000);
+	}
+	*out = lc;
+	return 0;
+}
+
+int local_cluster_add_agents(local_cluster *lc, unsigned n, const char *model_id, const char *host_pool,
+			     const char *const *extra, char *err, size_t err_len)
+{
+	if (lc->n_agents + n > LC_MAX_AGENTS) {
+		snprintf(err, err_len, "at most %d agents", LC_MAX_AGENTS);
+		return -EINVAL;
+	}
+	int before = ready_nodes(lc);
+	if (before < 0)
+		before = 0;
+	for (unsigned k = 0; k < n; k++) {
+		daemon_proc *d = &lc->agents[lc->n_agents];
+		int gport = free_port(), dport = free_port();
+		if (gport < 0 || dport < 0)
+			return gport < 0 ? gport : dport;
+		snprintf(d->name, sizeof(d->name), "agent-%u", lc->n_agents + 1);
+		snprintf(d->grpc, sizeof(d->grpc), "127.0.0.1:%d", gport);
+		char f_id[64], f_coord[96], f_listen[96], f_data[96], f_model[128], f_pool[64];
+		snprintf(f_id, sizeof(f_id), "--node-id=%s", d->name);
+		snprintf(f_coord, sizeof(f_coord), "--coordinator=%s", lc->coord.grpc);
+		snprintf(f_listen, sizeof(f_listen), "--listen=%s", d->grpc);
+		snprintf(f_data, sizeof(f_data), "--data-address=127.0.0.1:%d", dport);
+		snprintf(f_model, sizeof(f_model), "--model=%s", model_id);
+		snprintf(f_pool, sizeof(f_pool), "--host-pool=%s", host_pool);
+		char *args[40] = {"kvmesh-agent", f_id, f_coord, f_listen, f_data, f_model, f_pool};
+		int a = 7;
+		for (int i = 0; extra && extra[i] && a < 39; i++)
+			args[a++] = (char *)extra[i];
+		args[a] = NULL;
+		int rc = spawn(lc, d, "kvmesh-agent", args);
+		if (rc) {
+			snprintf(err, err_len, "cannot start %s: %s", d->name, strerror(-rc));
+			return rc;
+		}
+		lc->n_agents++;
+	}
+	for (double until = now_s() + 20;;) {
+		int ready = ready_nodes(lc);
+		if (ready >= before + (int)n)
+			return 0;
+		for (unsigned i = 0; i < lc->n_agents; i++)
+			if (!alive(lc->agents[i].pid) || now_s() > until) {
+				char tail[1024];
+				log_tail(lc, lc->agents[i].name, tail, sizeof(tail));
+				snprintf(err, err_len, "%s did not become ready; its log ends:\n%s", lc->agents[i].name,
+					 tail);
+				return -ETIMEDOUT;
+			}
+		usleep(50000);
+	}
+}
+
+const char *local_cluster_coordinator(const local_cluster *lc)
+{
+	return lc->coord.grpc;
+}
+
+unsigned local_cluster_agents(const local_cluster *lc)
+{
+	return lc->n_agents;
+}
+
+const char *local_cluster_agent_id(const local_cluster *lc, unsigned i)
+{
+	return i < lc->n_agents ? lc->agents[i].name : "";
+}
+
+const char *local_cluster_agent_grpc(const local_cluster *lc, unsigned i)
+{
+	return i < lc->n_agents ? lc->agents[i].grpc : "";
+}
+
+pid_t local_cluster_agent_pid(const local_cluster *lc, unsigned i)
+{
+	return i < lc->n_agents ? lc->agents[i].pid : -1;
+}
+
+const char *local_cluster_dir(const local_cluster *lc)
+{
+	return lc->dir;
+}
+
+static void stop_proc(daemon_proc *d)
+{
+	if (d->pid <= 0)
+		return;
+	kill(d->pid, SIGTERM);
+	for (int i = 0; i < 500; i++) {
+		if (waitpid(d->pid, NULL, WNOHANG) != 0) {
+			d->pid = 0;
+			return;
+		}
+		usleep(10000);
+	}
+	kill(d->pid, SIGKILL);
+	waitpid(d->pid, NULL, 0);
+	d->pid = 0;
+}
+
+static int remove_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void)st;
+	(void)flag;
+	(void)ftw;
+	return remove(path) == 0 ? 0 : -1;
+}
+
+static void remove_tree(const char *dir)
+{
+	if (nftw(dir, remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0)
+		fprintf(stderr, "could not remove %s: %s\n", dir, strerror(errno));
+}
+
+void local_cluster_stop(local_cluster *lc, int keep_dir)
+{
+	if (!lc)
+		return;
+	for (unsigned i = lc->n_agents; i-- > 0;)
+		stop_proc(&lc->agents[i]);
+	stop_proc(&lc->coord);
+	if (!keep_dir && lc->dir[0])
+		remove_tree(lc->dir);
+	free(lc);
+}
