@@ -46,3 +46,8 @@ run:
 	@deploy/deps.sh build
 	@$(MAKE) --no-print-directory all
 	$(BUILD)/bin/kvmesh-demo $(DEMO_ARGS)
+
+# The client's tests start a local cluster (launch.c) and link the client.
+$(BUILD)/tests/unit/test_client: $(BUILD)/tests/unit/test_client.o $(BUILD)/client/kvmesh.o \
+		$(BUILD)/client/demo/launch.o $(CORE_LIB)
+	$(CC) $(LDFLAGS) $^ -o $@ $(CRITERION_LIBS) $(LDLIBS)

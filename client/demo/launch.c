@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -80,6 +81,9 @@ static int spawn(local_cluster *lc, daemon_proc *d, const char *prog, char *cons
 		return -errno;
 	}
 	if (pid == 0) {
+		/* A cluster never outlives the program that started it, even one
+		 * that crashed. */
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		dup2(fd, 1);
 		dup2(fd, 2);
 		int nul = open("/dev/null", O_RDONLY);

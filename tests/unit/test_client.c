@@ -1,0 +1,409 @@
+/* libkvmesh against a real local cluster (a coordinator and agents as child
+ * processes): attention across agents equals the local kernel on the same
+ * KV, for MHA and GQA in fp32, fp16 and bf16, with sequences on one, two and
+ * three agents and shared prefixes; blocks read back byte for byte; a killed
+ * or stopped peer gives an error that names it and its blocks, never a wrong
+ * result; bad input gets clear errors. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "client/demo/launch.h"
+#include "client/kvmesh.h"
+#include "kernels/distattn.h"
+
+static local_cluster *g_lc;
+static kvm_client *g_c;
+
+static void teardown(void)
+{
+	kvm_client_close(g_c);
+	g_c = NULL;
+	local_cluster_stop(g_lc, 0);
+	g_lc = NULL;
+}
+
+/* A cluster of n agents of `pool` each, with model m registered. */
+static void start(unsigned n, const char *pool, const kvm_model *m, int data_timeout_ms)
+{
+	char err[2048];
+	const char *coord_flags[] = {"--heartbeat=200ms", "--dead-after=3s", NULL};
+	cr_assert_eq(local_cluster_start(coord_flags, &g_lc, err, sizeof(err)), 0, "%s", err);
+	kvm_client_opts o = {.control_timeout_ms = 5000, .data_timeout_ms = data_timeout_ms};
+	cr_assert_eq(kvm_client_open(local_cluster_coordinator(g_lc), &o, &g_c), 0);
+	cr_assert_eq(kvm_model_register(g_c, m), 0, "%s", kvm_client_error(g_c));
+	const char *agent_flags[] = {"--attend-timeout=1500ms", NULL};
+	cr_assert_eq(local_cluster_add_agents(g_lc, n, m->id, pool, agent_flags, err, sizeof(err)), 0, "%s", err);
+}
+
+/* ---- a sequence's KV kept locally too, for the reference ------------------- */
+
+typedef struct ref_seq {
+	const kvm_model *m;
+	uint8_t **blocks;
+	uint32_t n_blocks;
+	uint32_t tokens;
+	uint64_t rng;
+} ref_seq;
+
+static float frand(uint64_t *s)
+{
+	*s = *s * 6364136223846793005ull + 1442695040888963407ull;
+	return (float)((double)(*s >> 11) / 4503599627370496.0 - 1.0);
+}
+
+static void put_elem(kvm_dtype t, void *row, size_t i, float v)
+{
+	if (t == KVM_F32) {
+		((float *)row)[i] = v;
+	} else if (t == KVM_F16) {
+		((_Float16 *)row)[i] = (_Float16)v;
+	} else {
+		uint32_t u;
+		memcpy(&u, &v, 4);
+		((uint16_t *)row)[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+	}
+}
+
+static void random_row(ref_seq *r, void *row, float amp)
+{
+	size_t n = (size_t)r->m->kv_heads * r->m->head_dim;
+	for (size_t i = 0; i < n; i++)
+		put_elem(r->m->dtype, row, i, amp * frand(&r->rng));
+}
+
+/* Appends one token of random K/V (every layer) to the local copy and
+ * returns pointers to its rows of `layer` through k, v (may be NULL). */
+static void ref_append(ref_seq *r)
+{
+	const kvm_model *m = r->m;
+	uint32_t bt = m->block_tokens, pos = r->tokens;
+	if (pos / bt >= r->n_blocks) {
+		r->blocks = realloc(r->blocks, (r->n_blocks + 1) * sizeof(*r->blocks));
+		r->blocks[r->n_blocks++] = calloc(1, kvm_block_bytes(m));
+	}
+	size_t row = kvm_row_bytes(m);
+	for (uint32_t l = 0; l < m->layers; l++) {
+		uint8_t *kp = r->blocks[pos / bt] + ((size_t)l * 2 * bt + pos % bt) * row;
+		random_row(r, kp, 2.0f);
+		random_row(r, kp + (size_t)bt * row, 1.0f);
+	}
+	r->tokens++;
+}
+
+static uint8_t *ref_row(ref_seq *r, uint32_t layer, uint32_t pos, int v)
+{
+	uint32_t bt = r->m->block_tokens;
+	size_t row = kvm_row_bytes(r->m);
+	return r->blocks[pos / bt] + ((size_t)layer * 2 * bt + (size_t)v * bt + pos % bt) * row;
+}
+
+static void ref_free(ref_seq *r)
+{
+	for (uint32_t i = 0; i < r->n_blocks; i++)
+		free(r->blocks[i]);
+	free(r->blocks);
+}
+
+/* The local kernel's answer for query q at `layer` over all r->tokens. */
+static void ref_attend(ref_seq *r, uint32_t layer, const float *q, float *o, float *lse)
+{
+	const kvm_model *m = r->m;
+	da_ctx *ctx;
+	cr_assert_eq(da_ctx_create(1, &ctx), 0);
+	da_shape s = {.q_heads = m->q_heads, .kv_heads = m->kv_heads, .head_dim = m->head_dim,
+		      .block_tokens = m->block_tokens, .layer = layer,
+		      .kv_dtype = m->dtype == KVM_F32 ? DA_F32 : m->dtype == KVM_F16 ? DA_F16 : DA_BF16,
+		      .scale = 1.0f / sqrtf((float)m->head_dim)};
+	uint32_t nb = (r->tokens + m->block_tokens - 1) / m->block_tokens, start[2] = {0, nb}, nt = r->tokens;
+	da_batch b = {.n_queries = 1, .q = q, .blocks = (const void *const *)r->blocks, .block_start = start,
+		      .n_tokens = &nt, .max_blocks = nb};
+	cr_assert_eq(da_partial_cpu(ctx, &s, &b, o, lse), 0);
+	da_ctx_destroy(ctx);
+}
+
+/* Creates sequence `id` homed on `home`, with a prompt of n_prompt tokens of
+ * random KV written back (full blocks) and appended (the rest). */
+static void make_seq(ref_seq *r, const kvm_model *m, const char *id, const char *home, const uint32_t *prompt,
+		     uint32_t n_prompt, uint64_t seed, kvm_seq_info *info)
+{
+	memset(r, 0, sizeof(*r));
+	r->m = m;
+	r->rng = seed;
+	for (uint32_t t = 0; t < n_prompt; t++)
+		ref_append(r);
+	cr_assert_eq(kvm_seq_create(g_c, m->id, id, prompt, n_prompt, home, info), 0, "%s", kvm_client_error(g_c));
+	uint32_t full = n_prompt / m->block_tokens, rest = n_prompt % m->block_tokens, written = 0;
+	cr_assert_eq(kvm_seq_write_blocks(g_c, id, prompt, full, (const void *const *)r->blocks, &written), 0, "%s",
+		     kvm_client_error(g_c));
+	cr_assert_eq(written, full - info->shared_prefix_blocks);
+	for (uint32_t l = 0; rest && l < m->layers; l++)
+		cr_assert_eq(kvm_append_kv(g_c, id, l, rest, ref_row(r, l, full * m->block_tokens, 0),
+					   ref_row(r, l, full * m->block_tokens, 1)),
+			     0, "%s", kvm_client_error(g_c));
+}
+
+static void check_close(const float *a, const float *b, size_t n, double tol, const char *what)
+{
+	double scale = 0, diff = 0;
+	for (size_t i = 0; i < n; i++) {
+		cr_assert(isfinite(a[i]), "%s[%zu] is not finite", what, i);
+		scale = fmax(scale, fabs(b[i]));
+		diff = fmax(diff, fabs((double)a[i] - b[i]));
+	}
+	cr_assert(diff <= tol * (scale > 1 ? scale : 1), "%s: max difference %.3g (scale %.3g, tol %.1g)", what, diff,
+		  scale, tol);
+}
+
+/* Decodes `steps` tokens of the sequences together, every layer, checking
+ * each answer against the local kernel. */
+static void decode_and_check(ref_seq *r, const char *const *ids, uint32_t n, uint32_t steps, double tol)
+{
+	const kvm_model *m = r[0].m;
+	uint32_t QD = m->q_heads * m->head_dim;
+	float *q = malloc((size_t)n * QD * 4), *o = malloc((size_t)n * QD * 4), *lse = malloc((size_t)n * m->q_heads * 4);
+	float *ro = malloc(QD * 4), *rl = malloc(m->q_heads * 4);
+	kvm_attend a[8];
+	uint64_t s = 99;
+	for (uint32_t step = 0; step < steps; step++) {
+		for (uint32_t i = 0; i < n; i++)
+			ref_append(&r[i]);
+		for (uint32_t l = 0; l < m->layers; l++) {
+			for (uint32_t i = 0; i < n; i++) {
+				for (uint32_t k = 0; k < QD; k++)
+					q[(size_t)i * QD + k] = frand(&s);
+				uint32_t pos = r[i].tokens - 1;
+				a[i] = (kvm_attend){.seq_id = ids[i], .q = q + (size_t)i * QD, .k_new = ref_row(&r[i], l, pos, 0),
+						    .v_new = ref_row(&r[i], l, pos, 1), .o = o + (size_t)i * QD,
+						    .lse = lse + (size_t)i * m->q_heads};
+			}
+			cr_assert_eq(kvm_attend_append(g_c, l, 0, a, n), 0, "step %u layer %u: %s", step, l,
+				     kvm_client_error(g_c));
+			for (uint32_t i = 0; i < n; i++) {
+				ref_attend(&r[i], l, q + (size_t)i * QD, ro, rl);
+				check_close(o + (size_t)i * QD, ro, QD, tol, "o");
+				check_close(lse + (size_t)i * m->q_heads, rl, m->q_heads, tol, "lse");
+			}
+		}
+	}
+	free(q), free(o), free(lse), free(ro), free(rl);
+}
+
+static uint32_t *tokens_of(uint32_t n, uint32_t seed)
+{
+	uint32_t *t = malloc(n * sizeof(uint32_t));
+	for (uint32_t i = 0; i < n; i++)
+		t[i] = (i * 2654435761u + seed) % 50000;
+	return t;
+}
+
+/* Blocks of a sequence per node, from the coordinator. */
+static uint32_t nodes_holding(const char *id, kvm_seq_info *info)
+{
+	cr_assert_eq(kvm_seq_get(g_c, id, info), 0);
+	return info->borrowed_blocks;
+}
+
+TestSuite(client, .fini = teardown, .timeout = 120);
+
+/* GQA in fp16 over three agents: the home fills, the rest is borrowed. */
+Test(client, gqa_f16_across_three_agents)
+{
+	kvm_model m = {.id = "gqa16", .layers = 2, .q_heads = 8, .kv_heads = 2, .head_dim = 64,
+		       .block_tokens = 16, .dtype = KVM_F16};
+	start(3, "512KiB", &m, 5000); /* 32 blocks of 16 KiB each */
+	uint32_t n = 52 * 16 - 5;     /* more than one agent holds */
+	uint32_t *prompt = tokens_of(n, 1);
+	ref_seq r;
+	kvm_seq_info info;
+	make_seq(&r, &m, "s1", "agent-1", prompt, n, 7, &info);
+	kvm_seq_info now;
+	cr_assert_gt(nodes_holding("s1", &now), 0, "no block was borrowed");
+	const char *ids[] = {"s1"};
+	decode_and_check(&r, ids, 1, 8, 2e-3); /* crosses a block boundary: a seal */
+	ref_free(&r);
+	free(prompt);
+}
+
+Test(client, mha_f32_one_agent)
+{
+	kvm_model m = {.id = "mha32", .layers = 3, .q_heads = 4, .kv_heads = 4, .head_dim = 32,
+		       .block_tokens = 8, .dtype = KVM_F32};
+	start(1, "4MiB", &m, 5000);
+	uint32_t n = 100;
+	uint32_t *prompt = tokens_of(n, 2);
+	ref_seq r;
+	kvm_seq_info info;
+	make_seq(&r, &m, "m1", NULL, prompt, n, 8, &info);
+	const char *ids[] = {"m1"};
+	decode_and_check(&r, ids, 1, 10, 1e-4);
+	ref_free(&r);
+	free(prompt);
+}
+
+/* bf16, two agents, two sequences in one batch with different homes, the
+ * second sharing the first's prompt prefix. */
+Test(client, bf16_two_agents_shared_prefix)
+{
+	kvm_model m = {.id = "bf16", .layers = 2, .q_heads = 6, .kv_heads = 3, .head_dim = 32,
+		       .block_tokens = 16, .dtype = KVM_BF16};
+	start(2, "1MiB", &m, 5000);
+	uint32_t n = 20 * 16 + 3;
+	uint32_t *p1 = tokens_of(n, 3), *p2 = tokens_of(n, 3);
+	for (uint32_t i = 8 * 16; i < n; i++)
+		p2[i] = p1[i] + 1; /* the first 8 blocks are the same prompt */
+	ref_seq r[2];
+	kvm_seq_info i1, i2;
+	make_seq(&r[0], &m, "b1", "agent-1", p1, n, 9, &i1);
+	/* The second sequence's shared blocks must hold the same KV as the first's. */
+	memset(&r[1], 0, sizeof(r[1]));
+	r[1].m = &m;
+	r[1].rng = 10;
+	for (uint32_t t = 0; t < n; t++)
+		ref_append(&r[1]);
+	for (uint32_t b = 0; b < 8; b++)
+		memcpy(r[1].blocks[b], r[0].blocks[b], kvm_block_bytes(&m));
+	cr_assert_eq(kvm_seq_create(g_c, m.id, "b2", p2, n, "agent-2", &i2), 0, "%s", kvm_client_error(g_c));
+	cr_assert_eq(i2.shared_prefix_blocks, 8);
+	uint32_t written;
+	cr_assert_eq(kvm_seq_write_blocks(g_c, "b2", p2, n / 16, (const void *const *)r[1].blocks, &written), 0);
+	cr_assert_eq(written, n / 16 - 8, "shared blocks were written again");
+	uint32_t full = n / 16;
+	for (uint32_t l = 0; l < m.layers; l++)
+		cr_assert_eq(kvm_append_kv(g_c, "b2", l, n % 16, ref_row(&r[1], l, full * 16, 0),
+					   ref_row(&r[1], l, full * 16, 1)),
+			     0, "%s", kvm_client_error(g_c));
+	uint32_t matched = 0;
+	cr_assert_eq(kvm_match_prefix(g_c, m.id, p1, n, &matched), 0);
+	cr_assert_eq(matched, full);
+	const char *ids[] = {"b1", "b2"};
+	decode_and_check(r, ids, 2, 4, 2e-3);
+	ref_free(&r[0]);
+	ref_free(&r[1]);
+	free(p1), free(p2);
+}
+
+Test(client, read_blocks_back)
+{
+	kvm_model m = {.id = "rd", .layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+		       .block_tokens = 16, .dtype = KVM_F16};
+	start(2, "512KiB", &m, 5000);
+	uint32_t n = 40 * 16;
+	uint32_t *prompt = tokens_of(n, 4);
+	ref_seq r;
+	kvm_seq_info info;
+	make_seq(&r, &m, "r1", "agent-1", prompt, n, 11, &info);
+	size_t bb = kvm_block_bytes(&m);
+	void *bufs[40];
+	for (int i = 0; i < 40; i++)
+		bufs[i] = malloc(bb);
+	cr_assert_eq(kvm_seq_read_blocks(g_c, "r1", 0, 40, bufs), 0, "%s", kvm_client_error(g_c));
+	for (int i = 0; i < 40; i++) {
+		cr_assert_eq(memcmp(bufs[i], r.blocks[i], bb), 0, "block %d differs", i);
+		free(bufs[i]);
+	}
+	void *one = malloc(bb);
+	cr_assert_eq(kvm_seq_read_blocks(g_c, "r1", 40, 1, &one), -ERANGE);
+	free(one);
+	ref_free(&r);
+	free(prompt);
+}
+
+static double now_s(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* A peer dies during decode: the sequence that needs it fails with an error
+ * naming the node and its blocks; a sequence that does not need it goes on. */
+static void peer_fault(int sig)
+{
+	kvm_model m = {.id = "fault", .layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+		       .block_tokens = 16, .dtype = KVM_F16};
+	start(3, "256KiB", &m, 5000); /* 32 blocks of 8 KiB */
+	uint32_t n = 50 * 16;
+	uint32_t *p1 = tokens_of(n, 5), *p2 = tokens_of(64, 6);
+	ref_seq r[2];
+	kvm_seq_info i1, i2;
+	make_seq(&r[0], &m, "wide", "agent-1", p1, n, 12, &i1);
+	make_seq(&r[1], &m, "narrow", "agent-2", p2, 64, 13, &i2);
+	kvm_seq_info now;
+	cr_assert_eq(nodes_holding("narrow", &now), 0);
+	/* Find a creditor of "wide" other than narrow's home. */
+	cr_assert_gt(nodes_holding("wide", &now), 0);
+	pid_t victim = local_cluster_agent_pid(g_lc, 2); /* agent-3 */
+	const char *ids[] = {"wide", "narrow"};
+	decode_and_check(r, ids, 2, 1, 2e-3);
+	kill(victim, sig);
+	uint32_t QD = m.q_heads * m.head_dim;
+	float q[2][256] = {{0}}, o[2][256], lse[2][4];
+	ref_append(&r[0]);
+	ref_append(&r[1]);
+	kvm_attend a[2];
+	for (int i = 0; i < 2; i++)
+		a[i] = (kvm_attend){.seq_id = ids[i], .q = q[i], .k_new = ref_row(&r[i], 0, r[i].tokens - 1, 0),
+				    .v_new = ref_row(&r[i], 0, r[i].tokens - 1, 1), .o = o[i], .lse = lse[i]};
+	(void)QD;
+	double t0 = now_s();
+	int rc = kvm_attend_append(g_c, 0, 0, a, 2);
+	double took = now_s() - t0;
+	cr_assert_neq(rc, 0, "a decode step over a dead peer succeeded");
+	cr_assert_neq(a[0].status, 0);
+	cr_assert_eq(a[1].status, 0, "the sequence without blocks on the dead peer failed too: %s",
+		     kvm_strerror(a[1].status));
+	const char *msg = kvm_client_error(g_c);
+	cr_assert(strstr(msg, "agent-3") && strstr(msg, "blocks"), "the error does not name the peer: %s", msg);
+	cr_assert_lt(took, 6.0, "the failure took %.1f s", took);
+	if (sig == SIGSTOP)
+		kill(victim, SIGCONT);
+	ref_free(&r[0]);
+	ref_free(&r[1]);
+	free(p1), free(p2);
+}
+
+Test(client, killed_peer_is_named)
+{
+	peer_fault(SIGKILL);
+}
+
+Test(client, stopped_peer_hits_the_deadline)
+{
+	peer_fault(SIGSTOP);
+}
+
+Test(client, bad_input)
+{
+	kvm_model m = {.id = "bad", .layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 32,
+		       .block_tokens = 16, .dtype = KVM_F16};
+	start(1, "1MiB", &m, 5000);
+	kvm_model other = m;
+	other.layers = 3;
+	cr_assert_eq(kvm_model_register(g_c, &other), -EEXIST);
+	cr_assert_eq(kvm_model_register(g_c, &m), 0, "registering the same model again");
+	kvm_seq_info info;
+	cr_assert_eq(kvm_seq_create(g_c, "no-such-model", "x", NULL, 0, NULL, &info), -ENOENT);
+	cr_assert_eq(kvm_seq_get(g_c, "no-such-seq", &info), -ENOENT);
+	cr_assert(strlen(kvm_client_error(g_c)) > 0);
+	float q[128] = {0}, o[128], lse[4];
+	uint16_t k[64] = {0}, v[64] = {0};
+	kvm_attend a = {.seq_id = "no-such-seq", .q = q, .k_new = k, .v_new = v, .o = o, .lse = lse};
+	cr_assert_eq(kvm_attend_append(g_c, 0, 0, &a, 1), -ENOENT);
+	cr_assert_eq(kvm_seq_create(g_c, m.id, "ok", NULL, 0, NULL, &info), 0);
+	cr_assert_eq(kvm_attend_append(g_c, 5, 0, &a, 1) < 0, 1);
+	a.seq_id = "ok";
+	cr_assert_eq(kvm_attend_append(g_c, 2, 0, &a, 1), -EINVAL, "layer out of range");
+	a.q = NULL;
+	cr_assert_eq(kvm_attend_append(g_c, 0, 0, &a, 1), -EINVAL);
+	cr_assert_eq(kvm_attend_append(g_c, 0, 0, NULL, 0), -EINVAL);
+	cr_assert_eq(kvm_append_kv(g_c, "ok", 0, 0, k, v), -EINVAL);
+	cr_assert_eq(kvm_seq_release(g_c, "ok"), 0);
+	cr_assert_eq(kvm_seq_release(g_c, "ok"), -ENOENT);
+}
