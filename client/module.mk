@@ -38,8 +38,10 @@ $(BUILD)/bin/kvmesh-demo: $(DEMO_OBJS) $(BUILD)/client/kvmesh.o $(CORE_LIB)
 	@mkdir -p $(@D)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
-# The attention benchmark starts a cluster the same way.
-$(BUILD)/bench/attention: $(BUILD)/client/demo/launch.o $(BUILD)/client/kvmesh.o
+# The attention benchmark starts a cluster the same way and links the client.
+$(BUILD)/bench/attention: $(BUILD)/bench/attention.o $(BUILD)/client/demo/launch.o $(BUILD)/client/kvmesh.o \
+		$(CORE_LIB)
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 .PHONY: run
 run:
