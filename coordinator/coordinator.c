@@ -233,6 +233,7 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 		nd->state = KVMESH__V1__NODE_STATE__NODE_READY;
 		nd->last_heartbeat_ms = coord_now_ms();
 		nd->drain_pending = false;
+		nd->full_open = false; /* a full report cut short by a restart is void */
 		sync_ledger(c, nd);
 		update_links(c, r->node);
 		emit_node_event(c, nd->id, nd->state, "registered");

@@ -409,6 +409,8 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		 * the sequence then holds just those, and the client extends for the
 		 * rest. Without a match, every prompt block is placed here. */
 		uint32_t full = (uint32_t)(tokens / bt < MAX_SHARED ? tokens / bt : MAX_SHARED);
+		if (c->n_blks == 0)
+			full = 0; /* nothing to match: skip hashing the prompt */
 		blk_ent **run = full ? calloc(full, sizeof(*run)) : NULL;
 		uint32_t k = run ? coord_match_run(c, coord_model_hash(r->model_id), bt,
 						   r->prompt_tokens, r->n_prompt_tokens, run, full)
@@ -624,44 +626,55 @@ int coord_get_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 	return rc;
 }
 
+/* Adds a handle to the ReleaseBlocks command for `node` in rel[] (made on
+ * first use, room for cap handles). Without memory the handle is skipped:
+ * the holder's next full report finds it as an orphan. */
+static void add_release(kvm_coord *c, cmd_rec **rel, uint32_t node, size_t cap,
+			const Kvmesh__V1__BlockHandle *h)
+{
+	if (!rel || node >= c->n_nodes)
+		return;
+	if (!rel[node]) {
+		cmd_rec *m = calloc(1, sizeof(*m));
+		if (m)
+			m->handles = calloc(cap + 1, sizeof(*m->handles));
+		if (!m || !m->handles) {
+			coord_cmd_free(m);
+			return;
+		}
+		m->kind = KVMESH__V1__COMMAND__KIND_RELEASE;
+		rel[node] = m;
+	}
+	Kvmesh__V1__BlockHandle *d = &rel[node]->handles[rel[node]->n++];
+	kvmesh__v1__block_handle__init(d);
+	d->slot = h->slot;
+	d->generation = h->generation;
+	d->tier = h->tier;
+}
+
 /* Drops one placement's reference. Returns whether its ledger count was
  * released now; a block no one references any more is queued for release on
- * its holder (rel[node], when its handle is known). */
+ * its holder (when its handle is known). */
 static bool unref_slot(kvm_coord *c, const char *home, const Kvmesh__V1__BlockPlacement *p,
-		       soft_slot *sl, cmd_rec **rel)
+		       soft_slot *sl, cmd_rec **rel, size_t cap)
 {
 	blk_ent *be = sl ? sl->be : NULL;
-	const Kvmesh__V1__BlockHandle *h = NULL;
-	uint32_t node;
 	if (be) {
 		if (--be->refs > 0)
 			return false;
-		if (be->charged && be->charge_home < c->n_nodes)
+		/* The last reference: the charge goes, once, from whoever made it. */
+		if (be->charged && be->charge_home < c->n_nodes && be->node < c->n_nodes)
 			kvm_ledger_release(c->ledger, c->nodes[be->charge_home].id,
 					   c->nodes[be->node].id, 1);
-		node = be->node;
-		h = be->known ? &be->h : NULL;
-		/* Copy before the entry goes. */
-		if (h && node < c->n_nodes && rel && rel[node]) {
-			Kvmesh__V1__BlockHandle *d = &rel[node]->handles[rel[node]->n++];
-			kvmesh__v1__block_handle__init(d);
-			d->slot = h->slot;
-			d->generation = h->generation;
-			d->tier = h->tier;
-		}
+		if (be->known)
+			add_release(c, rel, be->node, cap, &be->h);
 		coord_blk_remove(c, be);
 		sl->be = NULL;
 		return true;
 	}
 	kvm_ledger_release(c->ledger, home, p->node_id, 1);
-	node = sl ? sl->node : NO_NODE;
-	if (sl && sl->known && node < c->n_nodes && rel && rel[node]) {
-		Kvmesh__V1__BlockHandle *d = &rel[node]->handles[rel[node]->n++];
-		kvmesh__v1__block_handle__init(d);
-		d->slot = sl->h.slot;
-		d->generation = sl->h.generation;
-		d->tier = sl->h.tier;
-	}
+	if (sl && sl->known)
+		add_release(c, rel, sl->node, cap, &sl->h);
 	return true;
 }
 
@@ -689,22 +702,11 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 			/* One ReleaseBlocks per holder; a node without memory for its
 			 * command gets none (its next full report finds the orphans). */
 			cmd_rec **rel = calloc(c->n_nodes + 1, sizeof(*rel));
-			for (size_t i = 0; rel && i < c->n_nodes; i++) {
-				rel[i] = calloc(1, sizeof(**rel));
-				if (rel[i]) {
-					rel[i]->kind = KVMESH__V1__COMMAND__KIND_RELEASE;
-					rel[i]->handles = calloc(s->n_blocks + 1, sizeof(*rel[i]->handles));
-					if (!rel[i]->handles) {
-						free(rel[i]);
-						rel[i] = NULL;
-					}
-				}
-			}
 			uint32_t freed = 0;
 			for (size_t i = 0; i < s->n_blocks; i++) {
 				soft_slot *sl = ss && i < ss->n ? &ss->slots[i] : NULL;
-				freed += unref_slot(c, s->home_node, s->blocks[i], sl,
-						    rel);
+				freed += unref_slot(c, s->home_node, s->blocks[i], sl, rel,
+						    s->n_blocks);
 			}
 			for (size_t i = 0; rel && i < c->n_nodes; i++) {
 				if (rel[i] && rel[i]->n)
