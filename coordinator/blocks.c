@@ -250,8 +250,10 @@ void coord_queue_cmd(kvm_coord *c, uint32_t node, cmd_rec *cmd)
 	}
 	node_rec *nd = &c->nodes[node];
 	if (nd->n_cmds >= CMD_QUEUE_MAX) {
-		kvm_log(KVM_LOG_WARN, "command_dropped", "node=%s queued=%zu kind=%d", nd->id,
-			nd->n_cmds, (int)cmd->kind);
+		/* One line per 1024 drops: a silent node must not flood the log. */
+		if (nd->cmds_dropped++ % 1024 == 0)
+			kvm_log(KVM_LOG_WARN, "commands_dropped", "node=%s queued=%zu dropped=%" PRIu64,
+				nd->id, nd->n_cmds, nd->cmds_dropped);
 		coord_cmd_free(cmd);
 		return;
 	}

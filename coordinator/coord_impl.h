@@ -92,6 +92,7 @@ typedef struct node_rec {
 	bool drain_pending;              /* a Drain command to send */
 	cmd_rec *cmd_head, *cmd_tail;    /* FIFO for the next heartbeat */
 	size_t n_cmds;
+	uint64_t cmds_dropped;           /* while the queue was full */
 	uint32_t report_gen;             /* bumped when a full report begins */
 	bool full_open;                  /* a full report is in progress */
 } node_rec;
