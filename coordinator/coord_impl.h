@@ -13,9 +13,72 @@
 #include "coordinator/coordinator.h"
 #include "coordinator/ledger.h"
 #include "coordinator/state.h"
+#include "kvstore/key.h"
 #include "proto/kvmesh.pb-c.h"
 
 #define EVENT_RING 1024
+#define NO_NODE UINT32_MAX
+/* Commands waiting for one node's next heartbeat; past this, new ones are
+ * dropped (a full block report finds the orphans again). */
+#define CMD_QUEUE_MAX 4096
+
+/* A queued command for a node: ReleaseBlocks (handles) or ReleaseSequence. */
+typedef struct cmd_rec {
+	struct cmd_rec *next;
+	Kvmesh__V1__Command__KindCase kind;
+	char *sequence_id; /* ReleaseSequence */
+	uint64_t data_id;
+	size_t n; /* ReleaseBlocks */
+	Kvmesh__V1__BlockHandle *handles;
+} cmd_rec;
+
+typedef struct soft_seq soft_seq;
+
+/* A keyed full block in the cluster prefix index, shared by `refs`
+ * placements (the writer's and those of sequences that share it). Its
+ * ledger charge is released once, when refs reach zero. */
+typedef struct blk_ent {
+	struct blk_ent *next; /* hash chain */
+	kvs_key key;
+	uint32_t node;         /* holder: index into c->nodes */
+	uint32_t refs;
+	uint32_t tokens;
+	uint32_t mark;         /* holder's report generation that last saw it */
+	bool known;            /* handle valid: reported since the last restart/loss */
+	bool charged;          /* the ledger holds one block for it, for charge_home */
+	bool dropped;          /* scratch, during a full-report sweep */
+	uint32_t charge_home;  /* index into c->nodes */
+	Kvmesh__V1__BlockHandle h;
+	soft_seq *writer;      /* the sequence it was written for, while it lives */
+	uint32_t writer_index;
+	bool writer_key_stored; /* the writer's durable record carries the key */
+} blk_ent;
+
+/* Soft state for one placement of a live sequence. */
+typedef struct soft_slot {
+	blk_ent *be;     /* set: this placement is that shared block (handle there) */
+	uint32_t node;   /* placement's node: index into c->nodes */
+	uint32_t mark;   /* report generation that last saw it */
+	uint32_t tokens;
+	bool known;      /* handle valid (unlinked placements) */
+	bool keyed;
+	kvs_key key;
+	Kvmesh__V1__BlockHandle h;
+} soft_slot;
+
+/* In-memory mirror of a live sequence's placements, plus the soft block
+ * state that block reports fill in; hashed by data_id. */
+struct soft_seq {
+	soft_seq *next;
+	uint64_t data_id;
+	char id[64];
+	uint32_t home;
+	uint32_t bt;
+	uint64_t model; /* XXH3-64 of the model id, as mixed into keys */
+	char model_id[64];
+	size_t n, cap;
+	soft_slot *slots;
+};
 
 typedef struct node_rec {
 	char id[KVM_NODE_ID_MAX];
@@ -27,6 +90,11 @@ typedef struct node_rec {
 	double load;
 	Kvmesh__V1__TierCapacity cap[2]; /* gpu, host */
 	bool drain_pending;              /* a Drain command to send */
+	cmd_rec *cmd_head, *cmd_tail;    /* FIFO for the next heartbeat */
+	size_t n_cmds;
+	uint64_t cmds_dropped;           /* while the queue was full */
+	uint32_t report_gen;             /* bumped when a full report begins */
+	bool full_open;                  /* a full report is in progress */
 } node_rec;
 
 typedef struct event_rec {
@@ -49,6 +117,12 @@ struct kvm_coord {
 	uint64_t next_seq_id; /* for generated sequence ids */
 	bool stopping;
 	pthread_t liveness;
+
+	/* Soft state (blocks.c): live sequences by data_id, the prefix index by key. */
+	soft_seq **seqs;
+	size_t seq_buckets, n_seqs;
+	blk_ent **blks;
+	size_t blk_buckets, n_blks;
 };
 
 uint64_t coord_now_ms(void);
@@ -71,5 +145,40 @@ int coord_get_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_recover_sequences(kvm_coord *c);
 void coord_node_lost(kvm_coord *c, const char *node_id);
+/* Marks a stored sequence degraded (durable with the next sync) and emits the
+ * event; mu held. */
+void coord_degrade(kvm_coord *c, const char *id, const uint32_t *lost, size_t n, const char *why);
+
+/* blocks.c: the soft block index, prefix index and node commands; all with
+ * mu held unless said otherwise. */
+int coord_report_blocks(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
+int coord_match_prefix(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
+uint64_t coord_data_id(const char *id);
+uint64_t coord_model_hash(const char *model_id);
+uint32_t coord_node_ix(kvm_coord *c, const char *id);
+soft_seq *coord_soft_find(kvm_coord *c, const char *id);
+soft_seq *coord_soft_find_data(kvm_coord *c, uint64_t data_id);
+/* A new entry for a live sequence (no slots); NULL when out of memory. */
+soft_seq *coord_soft_add(kvm_coord *c, const char *id, const char *home, const char *model_id,
+			 uint32_t bt);
+/* Appends a placement on `node`; -ENOMEM. */
+int coord_soft_push(kvm_coord *c, soft_seq *ss, const char *node);
+/* Unlinks and frees; the caller has dealt with refs. */
+void coord_soft_remove(kvm_coord *c, soft_seq *ss);
+blk_ent *coord_blk_find(kvm_coord *c, kvs_key key);
+blk_ent *coord_blk_add(kvm_coord *c, kvs_key key, uint32_t node);
+void coord_blk_remove(kvm_coord *c, blk_ent *be);
+/* The leading run of full blocks of tokens found in the prefix index with a
+ * live handle: fills out[0..k) and returns k (at most cap). */
+uint32_t coord_match_run(kvm_coord *c, uint64_t model, uint32_t bt, const uint32_t *tokens,
+			 size_t n, blk_ent **out, uint32_t cap);
+void coord_key_bytes(kvs_key k, uint8_t out[16]);
+int coord_key_from(const ProtobufCBinaryData *b, kvs_key *out);
+/* Takes ownership of cmd: queues it for node ix (freed if dropped). */
+void coord_queue_cmd(kvm_coord *c, uint32_t node, cmd_rec *cmd);
+void coord_cmd_free(cmd_rec *cmd);
+/* Drops a dead node's handles and queued commands. */
+void coord_soft_node_lost(kvm_coord *c, uint32_t node);
+void coord_soft_destroy(kvm_coord *c);
 
 #endif

@@ -233,6 +233,7 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 		nd->state = KVMESH__V1__NODE_STATE__NODE_READY;
 		nd->last_heartbeat_ms = coord_now_ms();
 		nd->drain_pending = false;
+		nd->full_open = false; /* a full report cut short by a restart is void */
 		sync_ledger(c, nd);
 		update_links(c, r->node);
 		emit_node_event(c, nd->id, nd->state, "registered");
@@ -252,12 +253,77 @@ out:
 	return rc;
 }
 
+/* Builds the heartbeat response from a detached command list (a Drain
+ * first, when one is pending), outside mu. */
+static int reply_commands(kvm_rpc_call *call, bool drain, const cmd_rec *list, size_t n)
+{
+	size_t total = n + (drain ? 1 : 0);
+	Kvmesh__V1__Command *cmds = calloc(total + 1, sizeof(*cmds));
+	Kvmesh__V1__Command **ptrs = calloc(total + 1, sizeof(*ptrs));
+	Kvmesh__V1__Command__ReleaseBlocks *rel = calloc(n + 1, sizeof(*rel));
+	Kvmesh__V1__Command__ReleaseSequence *rs = calloc(n + 1, sizeof(*rs));
+	Kvmesh__V1__BlockHandle ***hp = calloc(n + 1, sizeof(*hp));
+	Kvmesh__V1__Command__Drain d = KVMESH__V1__COMMAND__DRAIN__INIT;
+	int rc;
+	size_t k = 0, i = 0;
+	if (!cmds || !ptrs || !rel || !rs || !hp) {
+		rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
+		goto out;
+	}
+	if (drain) {
+		kvmesh__v1__command__init(&cmds[k]);
+		d.reason = "drain requested";
+		cmds[k].kind_case = KVMESH__V1__COMMAND__KIND_DRAIN;
+		cmds[k].drain = &d;
+		ptrs[k] = &cmds[k];
+		k++;
+	}
+	for (const cmd_rec *m = list; m; m = m->next, i++) {
+		kvmesh__v1__command__init(&cmds[k]);
+		if (m->kind == KVMESH__V1__COMMAND__KIND_RELEASE) {
+			kvmesh__v1__command__release_blocks__init(&rel[i]);
+			hp[i] = calloc(m->n + 1, sizeof(**hp));
+			if (!hp[i])
+				continue;
+			for (size_t j = 0; j < m->n; j++)
+				hp[i][j] = &m->handles[j];
+			rel[i].n_handles = m->n;
+			rel[i].handles = hp[i];
+			cmds[k].kind_case = KVMESH__V1__COMMAND__KIND_RELEASE;
+			cmds[k].release = &rel[i];
+		} else {
+			kvmesh__v1__command__release_sequence__init(&rs[i]);
+			rs[i].sequence_id = m->sequence_id;
+			rs[i].data_id = m->data_id;
+			cmds[k].kind_case = KVMESH__V1__COMMAND__KIND_RELEASE_SEQUENCE;
+			cmds[k].release_sequence = &rs[i];
+		}
+		ptrs[k] = &cmds[k];
+		k++;
+	}
+	Kvmesh__V1__HeartbeatResponse resp = KVMESH__V1__HEARTBEAT_RESPONSE__INIT;
+	resp.n_commands = k;
+	resp.commands = ptrs;
+	rc = coord_reply(call, &resp.base);
+out:
+	for (size_t j = 0; hp && j < n; j++)
+		free(hp[j]);
+	free(hp);
+	free(rs);
+	free(rel);
+	free(ptrs);
+	free(cmds);
+	return rc;
+}
+
 static int heartbeat(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
 {
 	kvm_coord *c = arg;
 	UNPACK_OR_FAIL(Kvmesh__V1__HeartbeatRequest, kvmesh__v1__heartbeat_request, r);
 	int rc = KVM_RPC_OK;
 	bool drain = false;
+	cmd_rec *list = NULL;
+	size_t n_list = 0;
 	pthread_mutex_lock(&c->mu);
 	node_rec *nd = coord_find_node(c, r->node_id);
 	if (!nd) {
@@ -279,20 +345,19 @@ static int heartbeat(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t l
 		sync_ledger(c, nd);
 		drain = nd->drain_pending;
 		nd->drain_pending = false;
+		/* Every pending command, in the order issued. */
+		list = nd->cmd_head;
+		n_list = nd->n_cmds;
+		nd->cmd_head = nd->cmd_tail = NULL;
+		nd->n_cmds = 0;
 	}
 	pthread_mutex_unlock(&c->mu);
-	if (rc == KVM_RPC_OK) {
-		Kvmesh__V1__HeartbeatResponse resp = KVMESH__V1__HEARTBEAT_RESPONSE__INIT;
-		Kvmesh__V1__Command cmd = KVMESH__V1__COMMAND__INIT, *cmds[1] = {&cmd};
-		Kvmesh__V1__Command__Drain d = KVMESH__V1__COMMAND__DRAIN__INIT;
-		if (drain) {
-			d.reason = "drain requested";
-			cmd.kind_case = KVMESH__V1__COMMAND__KIND_DRAIN;
-			cmd.drain = &d;
-			resp.n_commands = 1;
-			resp.commands = cmds;
-		}
-		rc = coord_reply(call, &resp.base);
+	if (rc == KVM_RPC_OK)
+		rc = reply_commands(call, drain, list, n_list);
+	while (list) {
+		cmd_rec *nx = list->next;
+		coord_cmd_free(list);
+		list = nx;
 	}
 	kvmesh__v1__heartbeat_request__free_unpacked(r, NULL);
 	return rc;
@@ -567,16 +632,6 @@ out:
 	return KVM_RPC_OK;
 }
 
-static int not_yet(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
-{
-	(void)arg;
-	(void)req;
-	(void)len;
-	return kvm_rpc_fail(call, KVM_RPC_UNIMPLEMENTED,
-			    "prefix matching and block reports arrive with the cluster block index "
-			    "(issue 5)");
-}
-
 /* ---- Liveness --------------------------------------------------------------------- */
 
 static void *liveness_main(void *arg)
@@ -604,6 +659,7 @@ static void *liveness_main(void *arg)
 			snprintf(why, sizeof(why), "no heartbeat for %llu ms",
 				 (unsigned long long)(t - nd->last_heartbeat_ms));
 			emit_node_event(c, nd->id, nd->state, why);
+			coord_soft_node_lost(c, (uint32_t)i);
 			coord_node_lost(c, nd->id);
 		}
 	}
@@ -663,13 +719,13 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 	} methods[] = {
 		{"RegisterNode", false, register_node},
 		{"Heartbeat", false, heartbeat},
-		{"ReportBlocks", false, not_yet},
+		{"ReportBlocks", false, coord_report_blocks},
 		{"RegisterModel", false, register_model},
 		{"ListModels", false, list_models},
 		{"CreateSequence", false, coord_create_sequence},
 		{"ExtendSequence", false, coord_extend_sequence},
 		{"GetSequence", false, coord_get_sequence},
-		{"MatchPrefix", false, not_yet},
+		{"MatchPrefix", false, coord_match_prefix},
 		{"ReleaseSequence", false, coord_release_sequence},
 		{"ListNodes", false, list_nodes},
 		{"CordonNode", false, cordon_node},
@@ -690,7 +746,10 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 	*out = c;
 	return 0;
 fail:
+	coord_soft_destroy(c);
 	kvm_ledger_destroy(c->ledger);
+	for (size_t i = 0; i < c->n_nodes; i++)
+		free(c->nodes[i].reg);
 	free(c->nodes);
 	free(c);
 	return rc;
@@ -706,6 +765,7 @@ void kvm_coord_destroy(kvm_coord *c)
 	pthread_cond_broadcast(&c->event_cv);
 	pthread_mutex_unlock(&c->mu);
 	pthread_join(c->liveness, NULL);
+	coord_soft_destroy(c);
 	for (size_t i = 0; i < c->n_nodes; i++)
 		free(c->nodes[i].reg);
 	for (size_t i = 0; i < EVENT_RING; i++)

@@ -2,11 +2,10 @@
  * ledger, cluster events, served over gRPC (kvmesh.v1.Coordinator). Durable
  * records (nodes as registered, models) live in a kvm_state store.
  *
- * Implemented so far: RegisterNode, Heartbeat, ListNodes, CordonNode,
- * DrainNode, RegisterModel, ListModels, WatchEvents, and CreateSequence,
- * ExtendSequence, GetSequence, ReleaseSequence (placement by the ledger,
- * durable; see sequences.c). MatchPrefix and ReportBlocks answer
- * UNIMPLEMENTED until the cluster block index lands (issue 5). */
+ * Every call of kvmesh.v1.Coordinator: the registry and commands on
+ * heartbeats (coordinator.c), sequences with placement by the ledger and
+ * prefix sharing (sequences.c), block reports, the soft block index and
+ * MatchPrefix (blocks.c). */
 #ifndef KVMESH_COORDINATOR_COORDINATOR_H
 #define KVMESH_COORDINATOR_COORDINATOR_H
 

@@ -6,9 +6,13 @@
  * holds it). Where new blocks go is the ledger's decision: the home node
  * while it has room, then creditors ranked by link bandwidth within their
  * lending caps. Block handles are not stored: they belong to the agents and
- * come back as soft state with block reports (still to come, with prefix
- * sharing). At start, the ledger's reservations are rebuilt from the stored
- * sequences. */
+ * come back as soft state with block reports (blocks.c), overlaid on every
+ * Sequence returned. A sequence created from a prompt whose leading full
+ * blocks are in the prefix index shares them: its first placements are the
+ * existing blocks (their keys and nodes stored in its record, and in the
+ * writer's), counted by reference, charged to the ledger once. At start, the
+ * ledger's reservations and the shared blocks' refs are rebuilt from the
+ * stored sequences. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -19,6 +23,8 @@
 #include "coordinator/coord_impl.h"
 
 #define MAX_GRANTS 64
+/* Most leading blocks a new sequence shares (bounds the work of a match). */
+#define MAX_SHARED (1u << 20)
 
 /* A model's block_tokens, or 0 if the model is unknown. */
 static uint32_t block_tokens_of(kvm_coord *c, const char *model_id)
@@ -211,6 +217,159 @@ static const char *pick_home(kvm_coord *c)
 	return best;
 }
 
+/* Soft state laid over a sequence read from the store: data_id, and the
+ * handle, key and tokens of each placement where reports gave them. Undone
+ * (overlay_undo) before the message is freed, since the memory is ours. */
+typedef struct overlay {
+	size_t n;
+	Kvmesh__V1__BlockHandle *h;
+	Kvmesh__V1__BlockHandle **saved_h;
+	ProtobufCBinaryData *saved_key;
+	uint8_t (*kb)[16];
+} overlay;
+
+static void overlay_apply(kvm_coord *c, Kvmesh__V1__Sequence *s, overlay *o)
+{
+	memset(o, 0, sizeof(*o));
+	s->data_id = coord_data_id(s->id);
+	soft_seq *ss = coord_soft_find(c, s->id);
+	size_t n = s->n_blocks;
+	if (!ss || n == 0)
+		return;
+	o->h = calloc(n, sizeof(*o->h));
+	o->saved_h = calloc(n, sizeof(*o->saved_h));
+	o->saved_key = calloc(n, sizeof(*o->saved_key));
+	o->kb = calloc(n, sizeof(*o->kb));
+	if (!o->h || !o->saved_h || !o->saved_key || !o->kb) {
+		free(o->h);
+		free(o->saved_h);
+		free(o->saved_key);
+		free(o->kb);
+		memset(o, 0, sizeof(*o));
+		return; /* no handles this time; the placements are still right */
+	}
+	o->n = n;
+	for (size_t i = 0; i < n; i++) {
+		Kvmesh__V1__BlockPlacement *p = s->blocks[i];
+		o->saved_h[i] = p->handle;
+		o->saved_key[i] = p->key;
+		if (i >= ss->n)
+			continue;
+		const soft_slot *sl = &ss->slots[i];
+		const Kvmesh__V1__BlockHandle *h = NULL;
+		if (sl->be && sl->be->known) {
+			h = &sl->be->h;
+			p->tokens = sl->be->tokens;
+			coord_key_bytes(sl->be->key, o->kb[i]);
+			p->key.data = o->kb[i];
+			p->key.len = 16;
+		} else if (!sl->be && sl->known) {
+			h = &sl->h;
+			p->tokens = sl->tokens;
+			if (sl->keyed) {
+				coord_key_bytes(sl->key, o->kb[i]);
+				p->key.data = o->kb[i];
+				p->key.len = 16;
+			}
+		}
+		if (h) {
+			kvmesh__v1__block_handle__init(&o->h[i]);
+			o->h[i].slot = h->slot;
+			o->h[i].generation = h->generation;
+			o->h[i].tier = h->tier;
+			p->handle = &o->h[i];
+		}
+	}
+}
+
+static void overlay_undo(Kvmesh__V1__Sequence *s, overlay *o)
+{
+	for (size_t i = 0; i < o->n && i < s->n_blocks; i++) {
+		s->blocks[i]->handle = o->saved_h[i];
+		s->blocks[i]->key = o->saved_key[i];
+	}
+	free(o->h);
+	free(o->saved_h);
+	free(o->saved_key);
+	free(o->kb);
+	memset(o, 0, sizeof(*o));
+}
+
+/* Writes the keys of shared blocks into their writers' records (once per
+ * block), so that refs can be rebuilt after a restart. No fsync of its own:
+ * the caller's sync covers it (tickets only grow). */
+static void store_writer_keys(kvm_coord *c, blk_ent **run, uint32_t k, uint64_t *ticket)
+{
+	for (uint32_t i = 0; i < k; i++) {
+		soft_seq *w = run[i]->writer;
+		if (!w || run[i]->writer_key_stored)
+			continue;
+		Kvmesh__V1__Sequence *s = load_seq(c, w->id);
+		if (!s)
+			continue;
+		ProtobufCBinaryData *saved = calloc(s->n_blocks + 1, sizeof(*saved));
+		uint8_t(*kb)[16] = calloc(s->n_blocks + 1, sizeof(*kb));
+		if (saved && kb) {
+			for (size_t b = 0; b < s->n_blocks; b++)
+				saved[b] = s->blocks[b]->key;
+			/* Every block of this writer in the run, in one record write. */
+			for (uint32_t j = i; j < k; j++) {
+				if (run[j]->writer != w || run[j]->writer_key_stored ||
+				    run[j]->writer_index >= s->n_blocks)
+					continue;
+				coord_key_bytes(run[j]->key, kb[run[j]->writer_index]);
+				s->blocks[run[j]->writer_index]->key.data = kb[run[j]->writer_index];
+				s->blocks[run[j]->writer_index]->key.len = 16;
+				run[j]->writer_key_stored = true;
+			}
+			uint64_t t = 0;
+			if (store_seq(c, s, &t) == 0 && t > *ticket)
+				*ticket = t;
+			for (size_t b = 0; b < s->n_blocks; b++)
+				s->blocks[b]->key = saved[b];
+		}
+		free(saved);
+		free(kb);
+		kvmesh__v1__sequence__free_unpacked(s, NULL);
+	}
+}
+
+/* The shared placements of a new sequence (k blocks of `run`); the caller
+ * frees with free_new_blocks. */
+static int shared_blocks(kvm_coord *c, const char *home, blk_ent **run, uint32_t k,
+			 new_blocks *out, Kvmesh__V1__BlockHandle *h, uint8_t (*kb)[16])
+{
+	memset(out, 0, sizeof(*out));
+	out->p = calloc(k + 1, sizeof(*out->p));
+	out->ptrs = calloc(k + 1, sizeof(*out->ptrs));
+	if (!out->p || !out->ptrs) {
+		free(out->p);
+		free(out->ptrs);
+		return -ENOMEM;
+	}
+	for (uint32_t i = 0; i < k; i++) {
+		Kvmesh__V1__BlockPlacement *p = &out->p[i];
+		const char *node = c->nodes[run[i]->node].id;
+		char addr[256];
+		kvmesh__v1__block_placement__init(p);
+		p->index = i;
+		p->node_id = strdup(node);
+		p->data_address = strdup(data_address_of(c, node, addr, sizeof(addr)));
+		p->borrowed = strcmp(node, home) != 0;
+		p->tokens = run[i]->tokens;
+		coord_key_bytes(run[i]->key, kb[i]);
+		p->key.data = kb[i];
+		p->key.len = 16;
+		kvmesh__v1__block_handle__init(&h[i]);
+		h[i].slot = run[i]->h.slot;
+		h[i].generation = run[i]->h.generation;
+		h[i].tier = run[i]->h.tier;
+		out->ptrs[i] = p;
+		out->n++;
+	}
+	return 0;
+}
+
 int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
 {
 	kvm_coord *c = arg;
@@ -246,11 +405,43 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 	} else {
 		uint64_t tokens = r->n_prompt_tokens;
 		uint64_t blocks = (tokens + bt - 1) / bt;
+		/* The prompt's leading full blocks already in the cluster are shared;
+		 * the sequence then holds just those, and the client extends for the
+		 * rest. Without a match, every prompt block is placed here. */
+		uint32_t full = (uint32_t)(tokens / bt < MAX_SHARED ? tokens / bt : MAX_SHARED);
+		if (c->n_blks == 0)
+			full = 0; /* nothing to match: skip hashing the prompt */
+		blk_ent **run = full ? calloc(full, sizeof(*run)) : NULL;
+		uint32_t k = run ? coord_match_run(c, coord_model_hash(r->model_id), bt,
+						   r->prompt_tokens, r->n_prompt_tokens, run, full)
+				 : 0;
+		Kvmesh__V1__BlockHandle *sh = k ? calloc(k, sizeof(*sh)) : NULL;
+		uint8_t(*kb)[16] = k ? calloc(k, sizeof(*kb)) : NULL;
 		new_blocks nb;
-		int prc = place(c, home, 0, blocks, &nb);
+		int prc;
+		if (k && (!sh || !kb))
+			prc = -ENOMEM;
+		else if (k)
+			prc = shared_blocks(c, home, run, k, &nb, sh, kb);
+		else
+			prc = place(c, home, 0, blocks, &nb);
+		soft_seq *ss = prc == 0 ? coord_soft_add(c, id, home, r->model_id, bt) : NULL;
+		for (size_t i = 0; ss && i < nb.n; i++)
+			if (coord_soft_push(c, ss, nb.p[i].node_id) != 0) {
+				coord_soft_remove(c, ss);
+				ss = NULL;
+			}
+		if (prc == 0 && !ss) {
+			if (!k)
+				for (size_t i = 0; i < nb.n; i++)
+					kvm_ledger_release(c->ledger, home, nb.p[i].node_id, 1);
+			free_new_blocks(&nb);
+			prc = -ENOMEM;
+		}
 		if (prc != 0) {
 			rc = kvm_rpc_fail(call, prc == -ENOSPC ? KVM_RPC_RESOURCE_EXHAUSTED
-							       : KVM_RPC_FAILED_PRECONDITION,
+				  : prc == -ENOMEM ? KVM_RPC_RESOURCE_EXHAUSTED
+						   : KVM_RPC_FAILED_PRECONDITION,
 					  "sequence %s: %" PRIu64 " blocks: %s", id, blocks,
 					  place_error(prc));
 		} else {
@@ -258,23 +449,45 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 			s.id = id;
 			s.model_id = r->model_id;
 			s.home_node = (char *)home;
-			s.tokens = tokens;
+			s.tokens = k ? (uint64_t)k * bt : tokens;
 			s.n_blocks = nb.n;
 			s.blocks = nb.ptrs;
-			set_block_tokens(nb.ptrs, nb.n, tokens, bt);
+			s.shared_prefix_blocks = k;
+			s.data_id = ss->data_id;
+			if (!k)
+				set_block_tokens(nb.ptrs, nb.n, tokens, bt);
 			int src = store_seq(c, &s, &ticket);
 			if (src != 0) {
-				for (size_t i = 0; i < nb.n; i++)
-					kvm_ledger_release(c->ledger, home, nb.p[i].node_id, 1);
+				if (!k)
+					for (size_t i = 0; i < nb.n; i++)
+						kvm_ledger_release(c->ledger, home, nb.p[i].node_id, 1);
+				coord_soft_remove(c, ss);
 				rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s",
 						  strerror(-src));
 			} else {
+				for (uint32_t i = 0; i < k; i++) {
+					run[i]->refs++;
+					ss->slots[i].be = run[i];
+				}
+				store_writer_keys(c, run, k, &ticket);
 				emit_seq_event(c, id, KVMESH__V1__SEQUENCE_EVENT__KIND__CREATED, NULL, 0,
-					       "created");
+					       k ? "created sharing a prefix" : "created");
+				for (uint32_t i = 0; i < k; i++)
+					nb.p[i].handle = &sh[i]; /* soft: in the reply, not the record */
 				rc = coord_reply(call, &s.base);
+				for (uint32_t i = 0; i < k; i++)
+					nb.p[i].handle = NULL;
+				if (k)
+					kvm_log(KVM_LOG_INFO, "prefix_shared",
+						"sequence=%s blocks=%" PRIu32, id, k);
 			}
+			for (size_t i = 0; i < nb.n; i++) /* the keys are ours, not malloc'd */
+				nb.p[i].key.data = NULL;
 			free_new_blocks(&nb);
 		}
+		free(run);
+		free(sh);
+		free(kb);
 	}
 	pthread_mutex_unlock(&c->mu);
 	rc = durable(c, call, rc, ticket);
@@ -331,7 +544,15 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 				s->n_blocks = have + nb.n;
 				s->tokens = tokens;
 				set_block_tokens(all, s->n_blocks, tokens, bt);
-				int src = store_seq(c, s, &ticket);
+				soft_seq *ss = coord_soft_find(c, s->id);
+				size_t ss_n = ss ? ss->n : 0;
+				int src = 0;
+				for (size_t i = 0; ss && src == 0 && i < nb.n; i++)
+					src = coord_soft_push(c, ss, nb.p[i].node_id);
+				if (src == 0)
+					src = store_seq(c, s, &ticket);
+				if (src != 0 && ss)
+					ss->n = ss_n;
 				if (src != 0) {
 					for (size_t i = 0; i < nb.n; i++)
 						kvm_ledger_release(c->ledger, s->home_node,
@@ -347,7 +568,10 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 					resp.n_new_blocks = nb.n;
 					resp.new_blocks = nb.ptrs;
 					resp.sequence = s;
+					overlay ov;
+					overlay_apply(c, s, &ov);
 					rc = coord_reply(call, &resp.base);
+					overlay_undo(s, &ov);
 				}
 				s->blocks = saved; /* give protobuf-c back its own array */
 				s->n_blocks = saved_n;
@@ -370,15 +594,88 @@ int coord_get_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 	Kvmesh__V1__GetSequenceRequest *r = kvmesh__v1__get_sequence_request__unpack(NULL, len, req);
 	if (!r)
 		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed GetSequenceRequest");
+	int rc;
+	Kvmesh__V1__Sequence *s = NULL;
 	pthread_mutex_lock(&c->mu);
-	Kvmesh__V1__Sequence *s = load_seq(c, r->sequence_id);
-	int rc = s ? coord_reply(call, &s->base)
-		   : kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown sequence \"%s\"", r->sequence_id);
+	if (r->sequence_id[0]) {
+		s = load_seq(c, r->sequence_id);
+		rc = s ? KVM_RPC_OK
+		       : kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown sequence \"%s\"",
+				      r->sequence_id);
+	} else if (r->data_id) {
+		/* Agents name sequences by data_id on the data plane. */
+		soft_seq *ss = coord_soft_find_data(c, r->data_id);
+		s = ss ? load_seq(c, ss->id) : NULL;
+		rc = s ? KVM_RPC_OK
+		       : kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "no sequence has data_id %" PRIu64,
+				      r->data_id);
+	} else {
+		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+				  "sequence_id or data_id is required");
+	}
+	if (s) {
+		overlay ov;
+		overlay_apply(c, s, &ov);
+		rc = coord_reply(call, &s->base);
+		overlay_undo(s, &ov);
+	}
 	pthread_mutex_unlock(&c->mu);
 	if (s)
 		kvmesh__v1__sequence__free_unpacked(s, NULL);
 	kvmesh__v1__get_sequence_request__free_unpacked(r, NULL);
 	return rc;
+}
+
+/* Adds a handle to the ReleaseBlocks command for `node` in rel[] (made on
+ * first use, room for cap handles). Without memory the handle is skipped:
+ * the holder's next full report finds it as an orphan. */
+static void add_release(kvm_coord *c, cmd_rec **rel, uint32_t node, size_t cap,
+			const Kvmesh__V1__BlockHandle *h)
+{
+	if (!rel || node >= c->n_nodes)
+		return;
+	if (!rel[node]) {
+		cmd_rec *m = calloc(1, sizeof(*m));
+		if (m)
+			m->handles = calloc(cap + 1, sizeof(*m->handles));
+		if (!m || !m->handles) {
+			coord_cmd_free(m);
+			return;
+		}
+		m->kind = KVMESH__V1__COMMAND__KIND_RELEASE;
+		rel[node] = m;
+	}
+	Kvmesh__V1__BlockHandle *d = &rel[node]->handles[rel[node]->n++];
+	kvmesh__v1__block_handle__init(d);
+	d->slot = h->slot;
+	d->generation = h->generation;
+	d->tier = h->tier;
+}
+
+/* Drops one placement's reference. Returns whether its ledger count was
+ * released now; a block no one references any more is queued for release on
+ * its holder (when its handle is known). */
+static bool unref_slot(kvm_coord *c, const char *home, const Kvmesh__V1__BlockPlacement *p,
+		       soft_slot *sl, cmd_rec **rel, size_t cap)
+{
+	blk_ent *be = sl ? sl->be : NULL;
+	if (be) {
+		if (--be->refs > 0)
+			return false;
+		/* The last reference: the charge goes, once, from whoever made it. */
+		if (be->charged && be->charge_home < c->n_nodes && be->node < c->n_nodes)
+			kvm_ledger_release(c->ledger, c->nodes[be->charge_home].id,
+					   c->nodes[be->node].id, 1);
+		if (be->known)
+			add_release(c, rel, be->node, cap, &be->h);
+		coord_blk_remove(c, be);
+		sl->be = NULL;
+		return true;
+	}
+	kvm_ledger_release(c->ledger, home, p->node_id, 1);
+	if (sl && sl->known)
+		add_release(c, rel, sl->node, cap, &sl->h);
+	return true;
 }
 
 int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
@@ -401,13 +698,41 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 		if (src != 0) {
 			rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
 		} else {
-			for (size_t i = 0; i < s->n_blocks; i++)
-				kvm_ledger_release(c->ledger, s->home_node, s->blocks[i]->node_id, 1);
+			soft_seq *ss = coord_soft_find(c, s->id);
+			/* One ReleaseBlocks per holder; a node without memory for its
+			 * command gets none (its next full report finds the orphans). */
+			cmd_rec **rel = calloc(c->n_nodes + 1, sizeof(*rel));
+			uint32_t freed = 0;
+			for (size_t i = 0; i < s->n_blocks; i++) {
+				soft_slot *sl = ss && i < ss->n ? &ss->slots[i] : NULL;
+				freed += unref_slot(c, s->home_node, s->blocks[i], sl, rel,
+						    s->n_blocks);
+			}
+			for (size_t i = 0; rel && i < c->n_nodes; i++) {
+				if (rel[i] && rel[i]->n)
+					coord_queue_cmd(c, (uint32_t)i, rel[i]);
+				else
+					coord_cmd_free(rel[i]);
+			}
+			free(rel);
+			uint32_t home = coord_node_ix(c, s->home_node);
+			cmd_rec *rs = calloc(1, sizeof(*rs));
+			if (rs) {
+				rs->kind = KVMESH__V1__COMMAND__KIND_RELEASE_SEQUENCE;
+				rs->sequence_id = strdup(s->id);
+				rs->data_id = coord_data_id(s->id);
+				if (rs->sequence_id)
+					coord_queue_cmd(c, home, rs);
+				else
+					coord_cmd_free(rs);
+			}
+			if (ss)
+				coord_soft_remove(c, ss);
 			emit_seq_event(c, s->id, KVMESH__V1__SEQUENCE_EVENT__KIND__RELEASED, NULL, 0,
 				       "released");
 			Kvmesh__V1__ReleaseSequenceResponse resp =
 				KVMESH__V1__RELEASE_SEQUENCE_RESPONSE__INIT;
-			resp.freed_blocks = (uint32_t)s->n_blocks;
+			resp.freed_blocks = freed;
 			rc = coord_reply(call, &resp.base);
 		}
 	}
@@ -419,22 +744,104 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 	return rc;
 }
 
-static int charge_seq(void *arg, const char *key, const void *val, size_t len)
+/* Recovery: the models' block_tokens (a scan cannot read the store). */
+typedef struct recover_ctx {
+	kvm_coord *c;
+	struct {
+		char id[64];
+		uint32_t bt;
+	} *models;
+	size_t n_models, cap_models;
+	int err;
+} recover_ctx;
+
+static int collect_bt(void *arg, const char *key, const void *val, size_t len)
 {
 	(void)key;
-	kvm_coord *c = arg;
+	recover_ctx *x = arg;
+	Kvmesh__V1__Model *m = kvmesh__v1__model__unpack(NULL, len, val);
+	if (!m)
+		return 0;
+	if (x->n_models == x->cap_models) {
+		size_t cap = x->cap_models ? x->cap_models * 2 : 8;
+		void *p = realloc(x->models, cap * sizeof(*x->models));
+		if (!p) {
+			kvmesh__v1__model__free_unpacked(m, NULL);
+			return -ENOMEM;
+		}
+		x->models = p;
+		x->cap_models = cap;
+	}
+	snprintf(x->models[x->n_models].id, 64, "%s", m->id);
+	x->models[x->n_models++].bt = m->geometry ? m->geometry->block_tokens : 0;
+	kvmesh__v1__model__free_unpacked(m, NULL);
+	return 0;
+}
+
+/* Charges the ledger for the blocks a stored sequence owns (not those it
+ * shares), and rebuilds its soft entry and the refs of its shared blocks. */
+static int recover_seq(void *arg, const char *key, const void *val, size_t len)
+{
+	(void)key;
+	recover_ctx *x = arg;
+	kvm_coord *c = x->c;
 	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, val);
 	if (!s)
 		return 0; /* unreadable: skipped, not fatal */
-	for (size_t i = 0; i < s->n_blocks; i++)
-		kvm_ledger_charge(c->ledger, s->home_node, s->blocks[i]->node_id, 1);
+	uint32_t bt = 0;
+	for (size_t i = 0; i < x->n_models; i++)
+		if (strcmp(x->models[i].id, s->model_id) == 0)
+			bt = x->models[i].bt;
+	soft_seq *ss = coord_soft_add(c, s->id, s->home_node, s->model_id, bt);
+	int rc = ss ? 0 : -ENOMEM;
+	for (size_t i = 0; i < s->n_blocks && rc == 0; i++) {
+		const Kvmesh__V1__BlockPlacement *p = s->blocks[i];
+		bool owned = i >= s->shared_prefix_blocks;
+		if (owned)
+			kvm_ledger_charge(c->ledger, s->home_node, p->node_id, 1);
+		rc = coord_soft_push(c, ss, p->node_id);
+		kvs_key k;
+		if (rc != 0 || coord_key_from(&p->key, &k) != 0)
+			continue; /* unkeyed in the record: not shared */
+		blk_ent *be = coord_blk_find(c, k);
+		if (!be && !(be = coord_blk_add(c, k, coord_node_ix(c, p->node_id)))) {
+			rc = -ENOMEM;
+			break;
+		}
+		be->refs++;
+		be->tokens = p->tokens;
+		ss->slots[i].be = be;
+		if (owned) {
+			be->charged = true;
+			be->charge_home = ss->home;
+			be->writer = ss;
+			be->writer_index = (uint32_t)i;
+			be->writer_key_stored = true;
+		} else if (!be->charged && be->charge_home == NO_NODE) {
+			be->charge_home = ss->home; /* if its writer is gone: see below */
+		}
+	}
 	kvmesh__v1__sequence__free_unpacked(s, NULL);
-	return 0;
+	return rc;
 }
 
 int coord_recover_sequences(kvm_coord *c)
 {
-	return kvm_state_scan(c->st, "seqs/", charge_seq, c);
+	recover_ctx x = {.c = c};
+	int rc = kvm_state_scan(c->st, "models/", collect_bt, &x);
+	if (rc == 0)
+		rc = kvm_state_scan(c->st, "seqs/", recover_seq, &x);
+	/* A shared block whose writer was released is charged once, to the home
+	 * of the first sequence (in key order) that still shares it. */
+	for (size_t b = 0; rc == 0 && b < c->blk_buckets; b++)
+		for (blk_ent *e = c->blks[b]; e; e = e->next)
+			if (!e->charged && e->charge_home < c->n_nodes && e->node < c->n_nodes) {
+				kvm_ledger_charge(c->ledger, c->nodes[e->charge_home].id,
+						  c->nodes[e->node].id, 1);
+				e->charged = true;
+			}
+	free(x.models);
+	return rc;
 }
 
 /* Collects the ids of sequences with blocks on a node, for marking. */
@@ -471,6 +878,23 @@ static int collect_on_node(void *arg, const char *key, const void *val, size_t l
 	return 0;
 }
 
+void coord_degrade(kvm_coord *c, const char *id, const uint32_t *lost, size_t n, const char *why)
+{
+	Kvmesh__V1__Sequence *s = load_seq(c, id);
+	if (!s)
+		return;
+	if (!s->degraded) {
+		s->degraded = 1;
+		uint64_t ticket;
+		store_seq(c, s, &ticket); /* made durable by the next sync or snapshot */
+	}
+	emit_seq_event(c, s->id, KVMESH__V1__SEQUENCE_EVENT__KIND__DEGRADED, (uint32_t *)lost, n,
+		       why);
+	kvm_log(KVM_LOG_WARN, "sequence_degraded", "sequence=%s lost_blocks=%zu reason=\"%s\"",
+		s->id, n, why);
+	kvmesh__v1__sequence__free_unpacked(s, NULL);
+}
+
 void coord_node_lost(kvm_coord *c, const char *node_id)
 {
 	id_list l = {.node = node_id};
@@ -484,14 +908,9 @@ void coord_node_lost(kvm_coord *c, const char *node_id)
 		for (size_t b = 0; lost && b < s->n_blocks; b++)
 			if (strcmp(s->blocks[b]->node_id, node_id) == 0)
 				lost[n++] = s->blocks[b]->index;
-		s->degraded = 1;
-		uint64_t ticket;
-		store_seq(c, s, &ticket); /* made durable by the next sync or snapshot */
 		char why[160];
 		snprintf(why, sizeof(why), "%zu blocks were on node %s, which died", n, node_id);
-		emit_seq_event(c, s->id, KVMESH__V1__SEQUENCE_EVENT__KIND__DEGRADED, lost, n, why);
-		kvm_log(KVM_LOG_WARN, "sequence_degraded", "sequence=%s node=%s lost_blocks=%zu", s->id,
-			node_id, n);
+		coord_degrade(c, s->id, lost, n, why);
 		free(lost);
 		kvmesh__v1__sequence__free_unpacked(s, NULL);
 	}

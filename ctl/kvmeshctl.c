@@ -232,11 +232,18 @@ static int cmd_seq(ctl *c, const char *id)
 	free(resp);
 	if (!s)
 		return EXIT_REFUSED;
-	printf("sequence %s model %s home %s tokens %" PRIu64 "%s\n", s->id, s->model_id,
-	       s->home_node, s->tokens, s->degraded ? " DEGRADED" : "");
-	for (size_t i = 0; i < s->n_blocks; i++)
-		printf("  block %u on %s%s (%u tokens)\n", s->blocks[i]->index, s->blocks[i]->node_id,
-		       s->blocks[i]->borrowed ? " borrowed" : "", s->blocks[i]->tokens);
+	printf("sequence %s model %s home %s tokens %" PRIu64 " data_id %" PRIu64 "%s\n", s->id,
+	       s->model_id, s->home_node, s->tokens, s->data_id, s->degraded ? " DEGRADED" : "");
+	if (s->shared_prefix_blocks)
+		printf("  shares its first %u blocks\n", s->shared_prefix_blocks);
+	for (size_t i = 0; i < s->n_blocks; i++) {
+		const Kvmesh__V1__BlockPlacement *b = s->blocks[i];
+		char h[48] = "unwritten"; /* no handle reported yet */
+		if (b->handle)
+			snprintf(h, sizeof(h), "handle %u/%u", b->handle->slot, b->handle->generation);
+		printf("  block %u on %s%s (%u tokens) %s\n", b->index, b->node_id,
+		       b->borrowed ? " borrowed" : "", b->tokens, h);
+	}
 	kvmesh__v1__sequence__free_unpacked(s, NULL);
 	return EXIT_OK;
 }

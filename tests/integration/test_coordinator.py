@@ -128,7 +128,7 @@ def test_models_validated_and_durable_across_restart():
         c.close()
 
 
-def test_bad_input_and_unimplemented_are_clear():
+def test_bad_input_is_clear():
     c = Coordinator()
     try:
         expect_error(grpc.StatusCode.INVALID_ARGUMENT, c.stub.RegisterNode,
@@ -138,8 +138,8 @@ def test_bad_input_and_unimplemented_are_clear():
         raw = c.channel.unary_unary("/kvmesh.v1.Coordinator/RegisterNode")
         expect_error(grpc.StatusCode.INVALID_ARGUMENT, raw, b"\xff\xff\xff\xff",
                      contains="malformed")
-        expect_error(grpc.StatusCode.UNIMPLEMENTED, c.stub.MatchPrefix,
-                     pb.MatchPrefixRequest(model_id="m"), contains="issue 5")
+        expect_error(grpc.StatusCode.NOT_FOUND, c.stub.MatchPrefix,
+                     pb.MatchPrefixRequest(model_id="m"), contains="unknown model")
     finally:
         c.close()
 
@@ -213,6 +213,6 @@ def test_kvmeshctl_tables_json_and_exit_codes():
 if __name__ == "__main__":
     run_tests([test_register_heartbeat_list, test_silent_node_dies_and_watchers_hear_it,
                test_cordon_and_drain, test_models_validated_and_durable_across_restart,
-               test_bad_input_and_unimplemented_are_clear,
+               test_bad_input_is_clear,
                test_second_coordinator_on_same_data_dir_refused,
                test_kvmeshctl_tables_json_and_exit_codes])
