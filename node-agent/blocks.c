@@ -656,7 +656,7 @@ static int dp_append(void *ctx, const wire_append_ref *ref, const void *k, const
 {
 	agent *a = ctx;
 	if (ref->h.arena != WIRE_ARENA_SEQUENCE)
-		return -EOPNOTSUPP; /* full blocks are immutable; only sequences grow */
+		return -ENOSYS; /* NOTSUP: full blocks are immutable; only sequences grow */
 	return homeseq_append_wire(a, ref, k, v);
 }
 
