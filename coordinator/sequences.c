@@ -538,7 +538,8 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 			if (!all) {
 				rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
 			} else {
-				memcpy(all, s->blocks, have * sizeof(*all));
+				if (have) /* a fresh sequence has no array (memcpy from NULL is UB) */
+					memcpy(all, s->blocks, have * sizeof(*all));
 				memcpy(all + have, nb.ptrs, nb.n * sizeof(*all));
 				s->blocks = all;
 				s->n_blocks = have + nb.n;
