@@ -241,11 +241,10 @@ int main(void)
 		local_cluster_stop(lc, 1);
 		return 1;
 	}
-	/* The agents count both ends of home-peer traffic and the server end
-	 * of the client's; halve the agents' sum (every byte is counted by its
-	 * sender and its receiver) and add nothing for the client (its bytes
-	 * are counted by the home it talks to). */
-	double net = net0 >= 0 && net1 >= 0 ? (net1 - net0) / 2
+	/* Every data-plane byte crosses one agent's data server once: the
+	 * client's requests and replies at the home, the home's at its peers;
+	 * so the agents' server counters add up to the traffic. */
+	double net = net0 >= 0 && net1 >= 0 ? net1 - net0
 					    : (double)(cs1.data_bytes_in + cs1.data_bytes_out - cs0.data_bytes_in -
 						       cs0.data_bytes_out);
 	double per_call = net / rounds;

@@ -20,11 +20,6 @@
 #include "proto/kvmesh.pb-c.h"
 #include "transport/transport.h"
 
-/* The data-plane arena that names whole sequences (docs/cluster-attention.md). */
-#ifndef WIRE_ARENA_SEQUENCE
-#define WIRE_ARENA_SEQUENCE 64
-#endif
-
 #define ID_MAX 64
 #define MAX_LAYERS 1024
 

@@ -33,6 +33,7 @@
 #include "coordinator/links.h"
 #include "node-agent/agent.h"
 #include "transport/nic.h"
+#include "transport/transport.h"
 #include <xxhash.h>
 
 static int rpc_call(kvm_rpc_channel *ch, const char *path, const ProtobufCMessage *req,
@@ -328,17 +329,24 @@ static int agent_stats(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 	kvs_store_get_stats(a->store, &st);
 	Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&host};
 	fill_capacity(a, &host);
-#define N_COUNTERS 10
+	/* The data server's traffic: every data-plane byte this node received
+	 * or sent as a server (clients and other agents' requests to it). */
+	xport_stats xs = {0};
+	if (a->data_srv)
+		xport_server_stats(a->data_srv, &xs);
+#define N_COUNTERS 14
 	Kvmesh__V1__StatsResponse__CountersEntry e[N_COUNTERS];
 	Kvmesh__V1__StatsResponse__CountersEntry *ep[N_COUNTERS];
 	const char *names[N_COUNTERS] = {"sequences", "indexed_blocks", "prefix_hits",
 					 "prefix_misses", "evictions", "meta_bytes_per_block",
 					 "pinned_blocks", "tail_blocks", "home_sequences",
-					 "slots_used"};
+					 "slots_used", "data_bytes_in", "data_bytes_out",
+					 "data_frames_in", "data_proto_errors"};
 	double vals[N_COUNTERS] = {st.n_seqs, st.n_indexed, (double)st.hits, (double)st.misses,
 				   (double)st.evictions, st.meta_bytes_per_block,
 				   blocks_pinned(a), st.tier[0].tails, homeseq_count(a),
-				   st.tier[0].used};
+				   st.tier[0].used, (double)xs.bytes_in, (double)xs.bytes_out,
+				   (double)xs.frames_in, (double)xs.proto_errors};
 	for (int i = 0; i < N_COUNTERS; i++) {
 		kvmesh__v1__stats_response__counters_entry__init(&e[i]);
 		e[i].key = (char *)names[i];

@@ -319,6 +319,7 @@ int main(int argc, char **argv)
 	}
 	progress_tty = isatty(2) && !o.quiet;
 	setvbuf(stdout, NULL, _IOLBF, 0); /* summary lines interleave with progress on stderr */
+
 	uint32_t bt = (uint32_t)o.block_tokens, P = (uint32_t)o.prompt, G = (uint32_t)o.steps;
 	uint32_t NS = (uint32_t)o.sequences;
 
@@ -368,6 +369,11 @@ int main(int argc, char **argv)
 		printf("local cluster: coordinator %s, %u agents with %s of KV each, up in %.1f s (logs: %s)\n", coord,
 		       local_cluster_agents(lc), o.pool, now_s() - t0, local_cluster_dir(lc));
 	}
+
+	/* The library's connection lines are noise here; warnings still show.
+	 * Set after the daemons started, so that their logs keep info lines. */
+	if (!getenv("KVMESH_LOG_LEVEL"))
+		setenv("KVMESH_LOG_LEVEL", "warn", 1);
 
 	/* Prompts: a shared system prefix, then each sequence's own tokens. */
 	uint32_t *prompts = malloc((size_t)NS * P * sizeof(uint32_t));
