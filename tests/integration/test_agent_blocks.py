@@ -174,26 +174,37 @@ def test_bad_put_blocks_store_nothing():
 
 
 def test_full_pool_is_resource_exhausted_and_the_reserve_is_kept():
-    # 64 slots of 2 KiB in 128 KiB; 4 of them kept for tails.
+    # 64 slots of 2 KiB in 128 KiB; 4 of them kept for tails, 60 offered.
     cl = Cluster(["128KiB"], **{"tail-reserve": "4"})
     try:
         s = cl.stub("n0")
         host = [t for t in nodes(cl.c)["n0"].capacity if t.tier == pb.TIER_HOST][0]
         assert host.total_blocks == 60, host
+        c = cl.c.stub
+        c.CreateSequence(pb.CreateSequenceRequest(model_id="tiny", sequence_id="x", home_node="n0"),
+                         timeout=5)
+        c.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="x", tokens=8 * 60), timeout=5)
         r = s.PutBlocks(pb.PutBlocksRequest(model_id="tiny", sequence_id="x", first_index=0,
                                             blocks=[pb.BlockData(data=block(i))
-                                                    for i in range(64)]), timeout=10)
-        assert len(r.handles) == 64
+                                                    for i in range(60)]), timeout=10)
+        assert len(r.handles) == 60
+        # The ledger offers no more: the tails' reserve is not lent out.
         try:
-            s.PutBlocks(pb.PutBlocksRequest(model_id="tiny", sequence_id="x", first_index=64,
-                                            blocks=[pb.BlockData(data=block(9))]), timeout=10)
-            raise AssertionError("stored beyond the pool")
+            c.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="x", tokens=8), timeout=5)
+            raise AssertionError("extended beyond the pool")
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
-            assert "index 64" in e.details(), e.details()
+        st = s.Stats(pb.StatsRequest(), timeout=5)
+        assert st.counters["pinned_blocks"] == 60 and st.counters["slots_used"] == 60, st
         wait_for("heartbeat shows the pool full",
                  lambda: [t for t in nodes(cl.c)["n0"].capacity
                           if t.tier == pb.TIER_HOST][0].free_blocks == 0)
+        # Blocks put for a sequence the coordinator does not know are
+        # released again (orphans), so they cannot leak the pool.
+        s.PutBlocks(pb.PutBlocksRequest(model_id="tiny", sequence_id="nobody", first_index=0,
+                                        blocks=[pb.BlockData(data=block(99))]), timeout=10)
+        wait_for("the orphan released",
+                 lambda: s.Stats(pb.StatsRequest(), timeout=5).counters["pinned_blocks"] == 60)
     finally:
         cl.close()
 
