@@ -440,6 +440,33 @@ int homeseq_append_wire(agent *a, const wire_append_ref *ref, const void *k, con
 	return rc;
 }
 
+/* Learns every peer's gRPC and data-plane addresses from ListNodes (a
+ * placement read from the coordinator's store before the node registered
+ * again carries no data address). Returns the call's status code. */
+static int peers_refresh(agent *a, char *msg, size_t msg_len)
+{
+	homeseqs *hs = a->hs;
+	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
+	void *resp = NULL;
+	size_t len;
+	int code = agent_coord_call(a, "ListNodes", &req.base, &resp, &len, msg, msg_len);
+	Kvmesh__V1__ListNodesResponse *r =
+		code == KVM_RPC_OK ? kvmesh__v1__list_nodes_response__unpack(NULL, len, resp) : NULL;
+	free(resp);
+	pthread_mutex_lock(&hs->mu);
+	for (size_t i = 0; r && i < r->n_nodes; i++)
+		for (uint32_t k = 0; k < hs->n_peers; k++)
+			if (strcmp(hs->peers[k].node_id, r->nodes[i]->id) == 0) {
+				snprintf(hs->peers[k].grpc_addr, ID_MAX, "%s", r->nodes[i]->grpc_address);
+				if (r->nodes[i]->data_address[0])
+					snprintf(hs->peers[k].data_addr, ID_MAX, "%s", r->nodes[i]->data_address);
+			}
+	pthread_mutex_unlock(&hs->mu);
+	if (r)
+		kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
+	return code;
+}
+
 static kvm_rpc_channel *peer_channel(agent *a, int p, char *err, size_t err_len)
 {
 	homeseqs *hs = a->hs;
@@ -447,24 +474,8 @@ static kvm_rpc_channel *peer_channel(agent *a, int p, char *err, size_t err_len)
 	if (pe->ch)
 		return pe->ch;
 	if (!pe->grpc_addr[0]) {
-		/* Learn every node's gRPC address at once (cached). */
-		Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
-		void *resp = NULL;
-		size_t len;
 		char msg[512];
-		int code = agent_coord_call(a, "ListNodes", &req.base, &resp, &len, msg, sizeof msg);
-		Kvmesh__V1__ListNodesResponse *r =
-			code == KVM_RPC_OK ? kvmesh__v1__list_nodes_response__unpack(NULL, len, resp) : NULL;
-		free(resp);
-		pthread_mutex_lock(&hs->mu);
-		for (size_t i = 0; r && i < r->n_nodes; i++)
-			for (uint32_t k = 0; k < hs->n_peers; k++)
-				if (strcmp(hs->peers[k].node_id, r->nodes[i]->id) == 0)
-					snprintf(hs->peers[k].grpc_addr, ID_MAX, "%s",
-						 r->nodes[i]->grpc_address);
-		pthread_mutex_unlock(&hs->mu);
-		if (r)
-			kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
+		int code = peers_refresh(a, msg, sizeof msg);
 		if (!pe->grpc_addr[0]) {
 			snprintf(err, err_len, "node %.120s: gRPC address unknown (%.120s)", pe->node_id,
 				 code == KVM_RPC_OK ? "not listed" : msg);
@@ -672,6 +683,10 @@ static xport_peer *peer_conn(agent *a, int p, int *rc)
 		return pe->xp;
 	char host[256];
 	uint16_t port;
+	if (!pe->data_addr[0]) {
+		char msg[512];
+		peers_refresh(a, msg, sizeof msg);
+	}
 	if ((*rc = agent_split_addr(pe->data_addr, host, sizeof host, &port)) != 0)
 		return NULL;
 	xport_opts o;
