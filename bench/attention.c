@@ -28,10 +28,9 @@
 #include <time.h>
 
 #include "client/demo/launch.h"
+#include "client/demo/nodes.h"
 #include "client/kvmesh.h"
-#include "common/rpc.h"
 #include "kernels/distattn.h"
-#include "proto/kvmesh.pb-c.h"
 
 static double now_s(void)
 {
@@ -58,35 +57,16 @@ static uint64_t env_u64(const char *name, uint64_t def)
 	return v && *v ? strtoull(v, NULL, 10) : def;
 }
 
-/* Sum of the agents' data-plane byte counters (Agent.Stats). */
+/* Sum of the agents' data-plane byte counters (Agent.Stats); -1 if none. */
 static double agents_data_bytes(local_cluster *lc)
 {
-	double sum = 0;
-	int found = 0;
-	for (unsigned i = 0; i < local_cluster_agents(lc); i++) {
-		kvm_rpc_channel *ch;
-		if (kvm_rpc_channel_open(local_cluster_agent_grpc(lc, i), &ch) != 0)
-			continue;
-		Kvmesh__V1__StatsRequest req = KVMESH__V1__STATS_REQUEST__INIT;
-		uint8_t buf[16];
-		size_t n = kvmesh__v1__stats_request__pack(&req, buf);
-		void *resp = NULL;
-		size_t len = 0;
-		kvm_rpc_status st;
-		if (kvm_rpc_unary(ch, "/kvmesh.v1.Agent/Stats", buf, n, 3000, &resp, &len, &st) == 0 &&
-		    st.code == KVM_RPC_OK) {
-			Kvmesh__V1__StatsResponse *r = kvmesh__v1__stats_response__unpack(NULL, len, resp);
-			for (size_t k = 0; r && k < r->n_counters; k++)
-				if (!strcmp(r->counters[k]->key, "data_bytes_in") ||
-				    !strcmp(r->counters[k]->key, "data_bytes_out"))
-					sum += r->counters[k]->value, found = 1;
-			if (r)
-				kvmesh__v1__stats_response__free_unpacked(r, NULL);
-		}
-		free(resp);
-		kvm_rpc_channel_close(ch);
-	}
-	return found ? sum : -1;
+	demo_node nodes[LC_MAX_AGENTS];
+	int n = demo_list_nodes(local_cluster_coordinator(lc), true, nodes, LC_MAX_AGENTS);
+	double sum = -1;
+	for (int i = 0; i < n && i < LC_MAX_AGENTS; i++)
+		if (nodes[i].data_bytes >= 0)
+			sum = (sum < 0 ? 0 : sum) + nodes[i].data_bytes;
+	return sum;
 }
 
 /* Fills a block with random fp16 values in [-1, 1). */

@@ -484,6 +484,24 @@ static void data_peer_drop(kvm_client *c, const char *addr)
 	pthread_mutex_unlock(&c->mu);
 }
 
+/* Finishes a one-request wait: submit_rc is what the request function
+ * returned (its callback does not run when it refused), then waits for the
+ * request and frees the waiter. */
+static int waiter_finish(xport_waiter *w, int submit_rc)
+{
+	if (submit_rc)
+		xport_waiter_cb(w, submit_rc);
+	int rc = xport_waiter_wait(w);
+	xport_waiter_destroy(w);
+	return rc;
+}
+
+static void waiter_start(xport_waiter *w)
+{
+	xport_waiter_init(w);
+	xport_waiter_add(w, 1);
+}
+
 /* ---- sequences ------------------------------------------------------------------- */
 
 static uint64_t data_id_of(const char *id)
@@ -861,14 +879,8 @@ static void explain_failure(kvm_client *c, const char *seq_id, int status, char 
 			prc = data_peer_get(c, data, &peer);
 		if (prc == 0) {
 			xport_waiter w;
-			xport_waiter_init(&w);
-			xport_waiter_add(&w, 1);
-			prc = xport_ping(peer, 1000, xport_waiter_cb, &w);
-			if (prc == 0)
-				prc = xport_waiter_wait(&w);
-			else
-				xport_waiter_cb(&w, prc), xport_waiter_wait(&w);
-			xport_waiter_destroy(&w);
+			waiter_start(&w);
+			prc = waiter_finish(&w, xport_ping(peer, 1000, xport_waiter_cb, &w));
 			if (prc != 0)
 				data_peer_drop(c, data);
 		}
@@ -1121,13 +1133,8 @@ int kvm_append_kv(kvm_client *c, const char *seq_id, uint32_t layer, uint32_t n_
 				     .k = (const uint8_t *)k + done * row,
 				     .v = (const uint8_t *)v + done * row};
 		xport_waiter w;
-		xport_waiter_init(&w);
-		xport_waiter_add(&w, 1);
-		rc = xport_append(peer, &a, 1, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb, &w);
-		if (rc)
-			xport_waiter_cb(&w, rc);
-		rc = xport_waiter_wait(&w);
-		xport_waiter_destroy(&w);
+		waiter_start(&w);
+		rc = waiter_finish(&w, xport_append(peer, &a, 1, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb, &w));
 		if (rc == 0)
 			rc = a.status;
 		c->bytes_out += WIRE_HDR_LEN + wire_append_req_size(1) + 2ull * take * row;
@@ -1179,13 +1186,9 @@ int kvm_seq_read_blocks(kvm_client *c, const char *seq_id, uint32_t first, uint3
 					     .len = (uint32_t)bb},
 				     .buf = bufs[i - first]};
 		xport_waiter w;
-		xport_waiter_init(&w);
-		xport_waiter_add(&w, 1);
-		rc = xport_get_blocks(peer, &io, 1, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb, &w);
-		if (rc)
-			xport_waiter_cb(&w, rc);
-		rc = xport_waiter_wait(&w);
-		xport_waiter_destroy(&w);
+		waiter_start(&w);
+		rc = waiter_finish(&w, xport_get_blocks(peer, &io, 1, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb,
+							&w));
 		if (rc == 0)
 			rc = io.status;
 		c->bytes_in += WIRE_HDR_LEN + bb;

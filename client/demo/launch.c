@@ -18,8 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "common/rpc.h"
-#include "proto/kvmesh.pb-c.h"
+#include "client/demo/nodes.h"
 
 #define MAX_ARGS 40
 #define ARG_MAX_LEN 512
@@ -135,30 +134,12 @@ static double now_s(void)
 /* Ready nodes the coordinator lists (negative errno if it does not answer). */
 static int ready_nodes(const local_cluster *lc)
 {
-	kvm_rpc_channel *ch;
-	if (kvm_rpc_channel_open(lc->coord.grpc, &ch) != 0)
-		return -EINVAL;
-	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
-	uint8_t buf[16];
-	size_t n = kvmesh__v1__list_nodes_request__pack(&req, buf);
-	void *resp = NULL;
-	size_t len = 0;
-	kvm_rpc_status st;
-	int rc = kvm_rpc_unary(ch, "/kvmesh.v1.Coordinator/ListNodes", buf, n, 1000, &resp, &len, &st);
-	kvm_rpc_channel_close(ch);
-	if (rc || st.code != KVM_RPC_OK) {
-		free(resp);
-		return rc ? rc : -EAGAIN;
-	}
-	Kvmesh__V1__ListNodesResponse *r = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
-	free(resp);
-	if (!r)
-		return -EPROTO;
+	demo_node nodes[LC_MAX_AGENTS + 16];
+	int n = demo_list_nodes(lc->coord.grpc, false, nodes, LC_MAX_AGENTS + 16);
 	int ready = 0;
-	for (size_t i = 0; i < r->n_nodes; i++)
-		ready += r->nodes[i]->state == KVMESH__V1__NODE_STATE__NODE_READY;
-	kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
-	return ready;
+	for (int i = 0; i < n && i < LC_MAX_AGENTS + 16; i++)
+		ready += nodes[i].ready;
+	return n < 0 ? n : ready;
 }
 
 int local_cluster_start(const char *const *extra, local_cluster **out, char *err, size_t err_len)

@@ -22,11 +22,10 @@
 
 #include "client/demo/launch.h"
 #include "client/demo/model.h"
+#include "client/demo/nodes.h"
 #include "client/kvmesh.h"
 #include "common/config.h"
-#include "common/rpc.h"
 #include "kernels/distattn.h"
-#include "proto/kvmesh.pb-c.h"
 
 typedef struct demo_opts {
 	char coordinator[KVM_OPT_STRING_MAX];
@@ -190,71 +189,6 @@ static int local_step(da_ctx *ctx, const demo_model *m, uint32_t bt, local_kv *k
 	}
 	demo_logits(m, x, logits);
 	return 0;
-}
-
-/* ---- the cluster's view, for the summary ------------------------------------------ */
-
-typedef struct node_view {
-	char id[64];
-	uint64_t total, used, lent, borrowed;
-	double data_bytes;
-} node_view;
-
-static int list_nodes(const char *coordinator, node_view *out, int cap)
-{
-	kvm_rpc_channel *ch;
-	if (kvm_rpc_channel_open(coordinator, &ch) != 0)
-		return -EINVAL;
-	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
-	uint8_t buf[16];
-	size_t n = kvmesh__v1__list_nodes_request__pack(&req, buf);
-	void *resp = NULL;
-	size_t len = 0;
-	kvm_rpc_status st;
-	int rc = kvm_rpc_unary(ch, "/kvmesh.v1.Coordinator/ListNodes", buf, n, 3000, &resp, &len, &st);
-	int count = 0;
-	if (rc == 0 && st.code == KVM_RPC_OK) {
-		Kvmesh__V1__ListNodesResponse *r = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
-		for (size_t i = 0; r && i < r->n_nodes && count < cap; i++) {
-			const Kvmesh__V1__Node *nd = r->nodes[i];
-			node_view *v = &out[count++];
-			memset(v, 0, sizeof(*v));
-			snprintf(v->id, sizeof(v->id), "%s", nd->id);
-			for (size_t c = 0; c < nd->n_capacity; c++) {
-				v->total += nd->capacity[c]->total_blocks;
-				v->used += nd->capacity[c]->used_blocks;
-			}
-			v->lent = nd->lent_blocks;
-			v->borrowed = nd->borrowed_blocks;
-			/* The agent's data-plane traffic, from its Stats. */
-			kvm_rpc_channel *ach;
-			if (kvm_rpc_channel_open(nd->grpc_address, &ach) == 0) {
-				Kvmesh__V1__StatsRequest sreq = KVMESH__V1__STATS_REQUEST__INIT;
-				size_t sn = kvmesh__v1__stats_request__pack(&sreq, buf);
-				void *sresp = NULL;
-				size_t slen = 0;
-				kvm_rpc_status sst;
-				if (kvm_rpc_unary(ach, "/kvmesh.v1.Agent/Stats", buf, sn, 3000, &sresp, &slen, &sst) == 0 &&
-				    sst.code == KVM_RPC_OK) {
-					Kvmesh__V1__StatsResponse *sr =
-						kvmesh__v1__stats_response__unpack(NULL, slen, sresp);
-					for (size_t k = 0; sr && k < sr->n_counters; k++)
-						if (!strcmp(sr->counters[k]->key, "data_bytes_in") ||
-						    !strcmp(sr->counters[k]->key, "data_bytes_out"))
-							v->data_bytes += sr->counters[k]->value;
-					if (sr)
-						kvmesh__v1__stats_response__free_unpacked(sr, NULL);
-				}
-				free(sresp);
-				kvm_rpc_channel_close(ach);
-			}
-		}
-		if (r)
-			kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
-	}
-	free(resp);
-	kvm_rpc_channel_close(ch);
-	return rc ? rc : st.code == KVM_RPC_OK ? count : -EIO;
 }
 
 static void human_bytes(double b, char *out, size_t cap)
@@ -518,14 +452,14 @@ int main(int argc, char **argv)
 			       tokens[(size_t)s * (G + 1)], tokens[(size_t)s * (G + 1) + 1],
 			       tokens[(size_t)s * (G + 1) + 2], tokens[(size_t)s * (G + 1) + 3]);
 	}
-	node_view nodes[LC_MAX_AGENTS + 8];
-	int nn = list_nodes(coord, nodes, LC_MAX_AGENTS + 8);
+	demo_node nodes[LC_MAX_AGENTS + 8];
+	int nn = demo_list_nodes(coord, true, nodes, LC_MAX_AGENTS + 8);
 	double net = 0;
-	for (int i = 0; i < nn; i++) {
+	for (int i = 0; i < nn && i < LC_MAX_AGENTS + 8; i++) {
 		printf("node %-10s %4" PRIu64 " of %4" PRIu64 " blocks used: %4" PRIu64 " for its own sequences, %4" PRIu64
 		       " lent to others\n",
 		       nodes[i].id, nodes[i].used, nodes[i].total, nodes[i].used - nodes[i].lent, nodes[i].lent);
-		net += nodes[i].data_bytes;
+		net += nodes[i].data_bytes > 0 ? nodes[i].data_bytes : 0;
 	}
 	kvm_client_stats cs;
 	kvm_client_get_stats(c, &cs);
