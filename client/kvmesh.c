@@ -21,7 +21,6 @@
 #include "transport/transport.h"
 
 #define ID_MAX 64
-#define MAX_LAYERS 1024
 
 /* What the client remembers of a sequence it works on: where its home agent
  * listens, its data-plane name, and the next token position of each layer
@@ -32,6 +31,7 @@ typedef struct seq_state {
 	char home[ID_MAX];
 	char home_data[128];
 	uint64_t data_id;
+	uint32_t layers;
 	uint32_t *pos; /* [layers] */
 	struct seq_state *next;
 } seq_state;
@@ -558,6 +558,7 @@ static int seq_learn(kvm_client *c, const Kvmesh__V1__Sequence *p)
 		snprintf(s->id, sizeof(s->id), "%s", p->id);
 		snprintf(s->model, sizeof(s->model), "%s", p->model_id);
 		s->data_id = data_id_of(p->id);
+		s->layers = m.layers;
 		s->pos = pos;
 		/* A sequence created with a shared prefix starts after it. */
 		for (uint32_t l = 0; l < m.layers; l++)
@@ -824,6 +825,11 @@ static int seq_ref_get(kvm_client *c, const char *id, uint32_t layer, seq_ref *o
 	for (int attempt = 0; attempt < 2; attempt++) {
 		pthread_mutex_lock(&c->mu);
 		seq_state *s = seq_find(c, id);
+		if (s && layer >= s->layers) {
+			uint32_t layers = s->layers;
+			pthread_mutex_unlock(&c->mu);
+			return fail(c, -EINVAL, "layer %u of a model with %u layers", layer, layers);
+		}
 		if (s) {
 			snprintf(out->home, sizeof(out->home), "%s", s->home);
 			snprintf(out->home_data, sizeof(out->home_data), "%s", s->home_data);
@@ -961,7 +967,7 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 			rc = fail(c, -EINVAL, "attend_append: query %u has a NULL pointer", i);
 			goto out;
 		}
-		if ((rc = seq_ref_get(c, q[i].seq_id, layer < MAX_LAYERS ? layer : 0, &refs[i])) != 0)
+		if ((rc = seq_ref_get(c, q[i].seq_id, layer, &refs[i])) != 0)
 			goto out;
 		pthread_mutex_lock(&c->mu);
 		seq_state *s = seq_find(c, q[i].seq_id);

@@ -1,3 +1,4 @@
+#!/usr/bin/python3
 """kvmesh-demo, the main job (`make run`), end to end: a real local cluster
 (coordinator and agents as processes), a synthetic transformer whose decode
 runs attention on the agents holding the KV, checked by the demo itself
