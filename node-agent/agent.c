@@ -10,6 +10,7 @@
  * and the data plane on --data-address. Heartbeat responses carry commands:
  * ReleaseBlocks (unpin), ReleaseSequence (drop a home sequence), Drain.
  * SIGTERM: stop serving, say so in the health service, exit cleanly. */
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -173,6 +174,21 @@ static double load_now(void)
 	return getloadavg(l, 1) == 1 && n > 0 ? l[0] / (double)n : 0.0;
 }
 
+/* NUMA nodes the kernel reports (sysfs, as transport/nic.c reads a NIC's
+ * node); 1 where there is no NUMA information. */
+static uint32_t numa_nodes(void)
+{
+	uint32_t n = 0;
+	DIR *d = opendir("/sys/devices/system/node");
+	struct dirent *e;
+	while (d && (e = readdir(d)) != NULL)
+		if (strncmp(e->d_name, "node", 4) == 0 && e->d_name[4] >= '0' && e->d_name[4] <= '9')
+			n++;
+	if (d)
+		closedir(d);
+	return n ? n : 1;
+}
+
 static int register_node(agent *a)
 {
 	Kvmesh__V1__Node node = KVMESH__V1__NODE__INIT;
@@ -182,7 +198,7 @@ static int register_node(agent *a)
 	sysinfo(&si);
 	hw.cores = (uint32_t)sysconf(_SC_NPROCESSORS_ONLN);
 	hw.memory_bytes = (uint64_t)si.totalram * si.mem_unit;
-	hw.numa_nodes = 1;
+	hw.numa_nodes = numa_nodes();
 	/* The NICs decide how the coordinator ranks this node as a creditor and
 	 * which transport peers use. */
 	static nic_report nics;
