@@ -142,6 +142,7 @@ void coord_emit(kvm_coord *c, Kvmesh__V1__Event *ev);
 int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_get_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
+int coord_list_sequences(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_recover_sequences(kvm_coord *c);
 void coord_node_lost(kvm_coord *c, const char *node_id);
