@@ -680,7 +680,7 @@ int kvm_match_prefix(kvm_client *c, const char *model_id, const uint32_t *tokens
 #define PUT_BATCH_BYTES (16u << 20)
 
 static int put_blocks(kvm_client *c, const char *node, const char *model, const char *seq, uint32_t first,
-		      uint32_t n, const void *const *blocks, const kvs_key *keys, size_t block_bytes)
+		      uint32_t n, const void *const *blocks, uint8_t (*keys)[16], size_t block_bytes)
 {
 	kvm_rpc_channel *ch;
 	int rc = node_lookup(c, node, &ch, NULL, 0);
@@ -695,8 +695,8 @@ static int put_blocks(kvm_client *c, const char *node, const char *model, const 
 	}
 	for (uint32_t i = 0; i < n; i++) {
 		kvmesh__v1__block_data__init(&bd[i]);
-		bd[i].key.data = (uint8_t *)&keys[i];
-		bd[i].key.len = sizeof(kvs_key);
+		bd[i].key.data = keys[i];
+		bd[i].key.len = 16;
 		bd[i].data.data = (uint8_t *)blocks[i];
 		bd[i].data.len = block_bytes;
 		bp[i] = &bd[i];
@@ -759,16 +759,17 @@ int kvm_seq_write_blocks(kvm_client *c, const char *seq_id, const uint32_t *toke
 	}
 	if ((rc = seq_learn(c, s)) != 0)
 		goto out;
-	kvs_key *keys = malloc((n_blocks ? n_blocks : 1) * sizeof(*keys));
+	uint8_t(*keys)[16] = malloc((n_blocks ? n_blocks : 1) * sizeof(*keys));
 	if (!keys) {
 		rc = -ENOMEM;
 		goto out;
 	}
 	uint64_t model_hash = XXH3_64bits(m.id, strlen(m.id));
 	kvs_key parent = KVS_KEY_ROOT;
-	for (uint32_t i = 0; i < n_blocks; i++)
-		parent = keys[i] = kvs_key_chain(parent, model_hash, tokens + (size_t)i * m.block_tokens,
-						 m.block_tokens);
+	for (uint32_t i = 0; i < n_blocks; i++) {
+		parent = kvs_key_chain(parent, model_hash, tokens + (size_t)i * m.block_tokens, m.block_tokens);
+		kvs_key_to_bytes(parent, keys[i]);
+	}
 	size_t bb = kvm_block_bytes(&m);
 	uint32_t per_call = (uint32_t)(PUT_BATCH_BYTES / bb) ? (uint32_t)(PUT_BATCH_BYTES / bb) : 1;
 	/* Runs of consecutive unwritten blocks on one node go in one call. */

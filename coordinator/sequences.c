@@ -260,14 +260,14 @@ static void overlay_apply(kvm_coord *c, Kvmesh__V1__Sequence *s, overlay *o)
 		if (sl->be && sl->be->known) {
 			h = &sl->be->h;
 			p->tokens = sl->be->tokens;
-			coord_key_bytes(sl->be->key, o->kb[i]);
+			kvs_key_to_bytes(sl->be->key, o->kb[i]);
 			p->key.data = o->kb[i];
 			p->key.len = 16;
 		} else if (!sl->be && sl->known) {
 			h = &sl->h;
 			p->tokens = sl->tokens;
 			if (sl->keyed) {
-				coord_key_bytes(sl->key, o->kb[i]);
+				kvs_key_to_bytes(sl->key, o->kb[i]);
 				p->key.data = o->kb[i];
 				p->key.len = 16;
 			}
@@ -317,7 +317,7 @@ static void store_writer_keys(kvm_coord *c, blk_ent **run, uint32_t k, uint64_t 
 				if (run[j]->writer != w || run[j]->writer_key_stored ||
 				    run[j]->writer_index >= s->n_blocks)
 					continue;
-				coord_key_bytes(run[j]->key, kb[run[j]->writer_index]);
+				kvs_key_to_bytes(run[j]->key, kb[run[j]->writer_index]);
 				s->blocks[run[j]->writer_index]->key.data = kb[run[j]->writer_index];
 				s->blocks[run[j]->writer_index]->key.len = 16;
 				run[j]->writer_key_stored = true;
@@ -357,7 +357,7 @@ static int shared_blocks(kvm_coord *c, const char *home, blk_ent **run, uint32_t
 		p->data_address = strdup(data_address_of(c, node, addr, sizeof(addr)));
 		p->borrowed = strcmp(node, home) != 0;
 		p->tokens = run[i]->tokens;
-		coord_key_bytes(run[i]->key, kb[i]);
+		kvs_key_to_bytes(run[i]->key, kb[i]);
 		p->key.data = kb[i];
 		p->key.len = 16;
 		kvmesh__v1__block_handle__init(&h[i]);

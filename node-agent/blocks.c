@@ -71,24 +71,6 @@ uint32_t blocks_pinned(agent *a)
 	return n;
 }
 
-static void key_to_bytes(kvs_key k, uint8_t out[16])
-{
-	for (int i = 0; i < 8; i++) {
-		out[i] = (uint8_t)(k.lo >> (8 * i));
-		out[8 + i] = (uint8_t)(k.hi >> (8 * i));
-	}
-}
-
-static kvs_key key_from_bytes(const uint8_t in[16])
-{
-	kvs_key k = {0, 0};
-	for (int i = 0; i < 8; i++) {
-		k.lo |= (uint64_t)in[i] << (8 * i);
-		k.hi |= (uint64_t)in[8 + i] << (8 * i);
-	}
-	return k;
-}
-
 int blocks_store(agent *a, const char *seq_id, uint32_t index, const kvs_key *key,
 		 const void *bytes, kvs_handle *h)
 {
@@ -118,7 +100,7 @@ int blocks_store(agent *a, const char *seq_id, uint32_t index, const kvs_key *ke
 		e->tokens = a->geom.block_tokens;
 		e->keyed = key != NULL;
 		if (key)
-			key_to_bytes(*key, e->key);
+			kvs_key_to_bytes(*key, e->key);
 		snprintf(e->seq_id, sizeof e->seq_id, "%s", seq_id);
 		b->by_slot[slot] = e;
 	}
@@ -374,7 +356,7 @@ int blocks_rpc_put(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len
 		const Kvmesh__V1__BlockData *d = r->blocks[stored];
 		kvs_key k;
 		if (d->key.len == 16)
-			k = key_from_bytes(d->key.data);
+			k = kvs_key_from_bytes(d->key.data);
 		int src = blocks_store(a, r->sequence_id, r->first_index + (uint32_t)stored,
 				       d->key.len == 16 ? &k : NULL, d->data.data, &hs[stored]);
 		if (src == -ENOSPC && !retried) {
