@@ -43,11 +43,14 @@ static double now_s(void)
 	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
-static bool progress_tty;
+static bool progress_tty, progress_quiet;
 
-/* One progress line, rewritten in place on a terminal. */
-__attribute__((format(printf, 1, 2))) static void progress(const char *fmt, ...)
+/* One progress line, rewritten in place on a terminal (a log gets fewer:
+ * the caller says which lines matter with `milestone`). */
+__attribute__((format(printf, 2, 3))) static void progress_at(bool milestone, const char *fmt, ...)
 {
+	if (progress_quiet || (!progress_tty && !milestone))
+		return;
 	char line[256];
 	va_list ap;
 	va_start(ap, fmt);
@@ -59,9 +62,11 @@ __attribute__((format(printf, 1, 2))) static void progress(const char *fmt, ...)
 		fprintf(stderr, "%s\n", line);
 }
 
+#define progress(...) progress_at(true, __VA_ARGS__)
+
 static void progress_done(void)
 {
-	if (progress_tty)
+	if (progress_tty && !progress_quiet)
 		fputc('\n', stderr);
 }
 
@@ -251,7 +256,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "kvmesh-demo: %s\n", err);
 		return 2;
 	}
-	progress_tty = isatty(2) && !o.quiet;
+	progress_tty = isatty(2);
+	progress_quiet = o.quiet;
 	setvbuf(stdout, NULL, _IOLBF, 0); /* summary lines interleave with progress on stderr */
 
 	uint32_t bt = (uint32_t)o.block_tokens, P = (uint32_t)o.prompt, G = (uint32_t)o.steps;
@@ -410,7 +416,8 @@ int main(int argc, char **argv)
 			tokens[(size_t)s * (G + 1) + g + 1] = demo_argmax(logits + (size_t)s * m.vocab, m.vocab);
 		}
 		double el = now_s() - t_decode;
-		progress("decode: step %u/%u, %.1f tokens/s", g + 1, G, (g + 1) * NS / el);
+		progress_at((g + 1) % 8 == 0 || g + 1 == G, "decode: step %u/%u, %.1f tokens/s", g + 1, G,
+			    (g + 1) * NS / el);
 	}
 	t_decode = now_s() - t_decode;
 	progress_done();
