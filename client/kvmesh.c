@@ -921,27 +921,9 @@ typedef struct home_batch {
 	xport_append_io *app;
 	xport_attend_query *att;
 	wire_handle *h;
-	xport_waiter w;
-	int rc;
+	xport_waiter w_app, w_att; /* the APPEND_KV and the ATTEND */
+	int rc, rc_app;
 } home_batch;
-
-static int run_append(kvm_client *c, home_batch *hb, uint32_t n_homes)
-{
-	for (uint32_t b = 0; b < n_homes; b++) {
-		home_batch *h = &hb[b];
-		if (h->rc)
-			continue;
-		xport_waiter_add(&h->w, 1);
-		int rc = xport_append(h->peer, h->app, h->n, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb, &h->w);
-		if (rc)
-			xport_waiter_cb(&h->w, rc);
-	}
-	int first = 0;
-	for (uint32_t b = 0; b < n_homes; b++)
-		if (!hb[b].rc && (hb[b].rc = xport_waiter_wait(&hb[b].w)) != 0 && !first)
-			first = hb[b].rc;
-	return first;
-}
 
 int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q, uint32_t n)
 {
@@ -998,7 +980,8 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 			;
 		if (b == n_homes) {
 			snprintf(hb[b].addr, sizeof(hb[b].addr), "%s", refs[i].home_data);
-			xport_waiter_init(&hb[b].w);
+			xport_waiter_init(&hb[b].w_app);
+			xport_waiter_init(&hb[b].w_att);
 			n_homes++;
 		}
 	}
@@ -1030,12 +1013,6 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 							    .o = q[i].o,
 							    .lse = q[i].lse};
 		}
-	/* 1. the new K/V rows, to every home at once; 2. the queries. */
-	run_append(c, hb, n_homes);
-	for (uint32_t b = 0; b < n_homes; b++)
-		for (uint32_t k = 0; !hb[b].rc && k < hb[b].n; k++)
-			if (hb[b].app[k].status == 0)
-				seq_advance(c, q[hb[b].qi[k]].seq_id, layer, 1);
 	wire_shape shape = {.q_heads = m.q_heads,
 			    .kv_heads = m.kv_heads,
 			    .head_dim = m.head_dim,
@@ -1043,40 +1020,50 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 			    .layer = layer,
 			    .kv_dtype = m.dtype == KVM_F32 ? 0u : m.dtype == KVM_F16 ? 1u : 2u,
 			    .scale = scale};
+	/* To every home at once: the new K/V rows, then the queries right
+	 * behind them on the same connection (one round trip). The home
+	 * applies an APPEND_KV when its frame arrives, before it reads the
+	 * next frame, so the ATTEND sees the row; an append that fails makes
+	 * the attend fail too, and the append's error is the one reported. */
 	for (uint32_t b = 0; b < n_homes; b++) {
 		home_batch *hh = &hb[b];
 		if (hh->rc)
 			continue;
-		/* Queries whose append failed do not attend. */
-		uint32_t keep = 0;
-		for (uint32_t k = 0; k < hh->n; k++)
-			if (hh->app[k].status == 0)
-				keep++;
-		if (keep != hh->n) {
-			hh->rc = hh->app[0].status ? hh->app[0].status : -EIO;
-			for (uint32_t k = 0; k < hh->n; k++)
-				if (hh->app[k].status)
-					hh->rc = hh->app[k].status;
+		uint32_t t = (uint32_t)c->opts.data_timeout_ms;
+		xport_waiter_add(&hh->w_app, 1);
+		int arc = xport_append(hh->peer, hh->app, hh->n, t, xport_waiter_cb, &hh->w_app);
+		if (arc) {
+			xport_waiter_cb(&hh->w_app, arc);
 			continue;
 		}
-		xport_waiter_add(&hh->w, 1);
-		int arc = xport_attend(hh->peer, &shape, hh->att, hh->n, (uint32_t)c->opts.data_timeout_ms,
-				       xport_waiter_cb, &hh->w);
-		if (arc)
-			xport_waiter_cb(&hh->w, arc);
+		xport_waiter_add(&hh->w_att, 1);
+		if ((arc = xport_attend(hh->peer, &shape, hh->att, hh->n, t, xport_waiter_cb, &hh->w_att)) != 0)
+			xport_waiter_cb(&hh->w_att, arc);
+	}
+	for (uint32_t b = 0; b < n_homes; b++) {
+		home_batch *hh = &hb[b];
+		if (hh->rc)
+			continue;
+		hh->rc_app = xport_waiter_wait(&hh->w_app);
+		hh->rc = xport_waiter_wait(&hh->w_att);
+		for (uint32_t k = 0; !hh->rc_app && k < hh->n; k++)
+			if (hh->app[k].status == 0)
+				seq_advance(c, q[hh->qi[k]].seq_id, layer, 1);
+		if (hh->rc_app)
+			hh->rc = hh->rc_app;
 	}
 	uint64_t qbytes = (uint64_t)m.q_heads * m.head_dim * 4, obytes = qbytes + (uint64_t)m.q_heads * 4;
 	for (uint32_t b = 0; b < n_homes; b++) {
 		home_batch *hh = &hb[b];
-		if (!hh->rc)
-			hh->rc = xport_waiter_wait(&hh->w);
 		c->bytes_out += 2 * (WIRE_HDR_LEN + wire_append_req_size(hh->n)) +
 				(uint64_t)hh->n * (2 * row + qbytes + 12 + 8) +
 				wire_attend_req_size(hh->n, hh->n);
 		c->bytes_in += 2 * (WIRE_HDR_LEN + wire_status_reply_size(hh->n)) + (uint64_t)hh->n * obytes;
 		for (uint32_t k = 0; k < hh->n; k++) {
 			uint32_t i = hh->qi[k];
-			int st = hh->rc ? hh->rc : hh->app[k].status ? hh->app[k].status : hh->att[k].status;
+			int st = hh->rc_app ? hh->rc_app
+				 : hh->app[k].status ? hh->app[k].status
+				 : hh->rc ? hh->rc : hh->att[k].status;
 			q[i].status = st;
 		}
 	}
@@ -1090,8 +1077,10 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 		}
 out:
 	for (uint32_t b = 0; hb && b < n; b++)
-		if (hb[b].addr[0])
-			xport_waiter_destroy(&hb[b].w);
+		if (hb[b].addr[0]) {
+			xport_waiter_destroy(&hb[b].w_app);
+			xport_waiter_destroy(&hb[b].w_att);
+		}
 	free(refs);
 	free(hb);
 	free(qi);
