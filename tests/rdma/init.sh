@@ -119,6 +119,19 @@ for t in /tests/*; do
 	wait $peer
 	sed 's/^/peer| /' /tmp/$name-peer.log
 done
+# The real daemons: a coordinator and three agents, started by the test program
+# from /cluster (KVMESH_BIN_DIR), gRPC on loopback, the agents' data servers on
+# veth0's address so that each serves and dials over rxe0 (the device holding it).
+for t in /cluster/test_*; do
+	[ -x "$t" ] || continue
+	name=$(basename "$t")
+	echo "guest: === $name, a coordinator and three agents, data plane on 10.0.0.1 (rxe0)"
+	KVMESH_BIN_DIR=/cluster KVMESH_KEEP_LOGS=1 TMPDIR=/tmp timeout 240 "$t" --data-host 10.0.0.1 \
+		--expect rdma --rdma on >/tmp/$name.log 2>&1
+	rc=$?
+	cat /tmp/$name.log
+	count /tmp/$name.log $rc
+done
 echo "guest: tests done after $(cut -d' ' -f1 /proc/uptime) s"
 [ "$failed" -eq 0 ] || dmesg | tail -n 30
 finish
