@@ -232,6 +232,90 @@ static int free_port(const char *host)
 	return port;
 }
 
+/* Starts agent n+1 with its data server on host, and `rdma` (--rdma=...). */
+static bool add_agent(const char *host, const char *rdma, const char *model)
+{
+	char data_flag[128], rdma_flag[64], err[4096];
+	int port = free_port(host);
+	snprintf(data_flag, sizeof data_flag, "--data-address=%s:%d", host, port);
+	snprintf(rdma_flag, sizeof rdma_flag, "--rdma=%s", rdma);
+	const char *flags[] = {data_flag, rdma_flag, "--attend-timeout=4s", "--call-timeout=10s", NULL};
+	return check(port > 0, "no free port on %s", host) &&
+	       check(local_cluster_add_agents(g_lc, 1, model, "512KiB", flags, err, sizeof err) == 0, "agent: %s",
+		     err);
+}
+
+/* A peer that serves TCP only (--rdma=off) among RDMA agents: the home's RDMA
+ * dial fails, it falls back to TCP, says so once, and decode stays right. */
+static void fallback_case(const char *host, const kvm_model *m)
+{
+	double t0 = now_s();
+	kvm_client_close(g_c);
+	g_c = NULL;
+	local_cluster_stop(g_lc, 0);
+	g_lc = NULL;
+	char err[4096];
+	const char *coord_flags[] = {"--heartbeat=200ms", "--dead-after=3s", NULL};
+	kvm_client_opts co = {.control_timeout_ms = 10000, .data_timeout_ms = 20000};
+	bool ok = check(local_cluster_start(coord_flags, &g_lc, err, sizeof err) == 0, "coordinator: %s", err) &&
+		  check(kvm_client_open(local_cluster_coordinator(g_lc), &co, &g_c) == 0, "client open") &&
+		  check(kvm_model_register(g_c, m) == 0, "model: %s", kvm_client_error(g_c)) &&
+		  add_agent(host, "on", m->id) && add_agent(host, "off", m->id);
+	ref_seq r = {.m = m, .rng = 21};
+	uint32_t n = 40 * 16 + 3, full = n / 16, rest = n % 16, written = 0;
+	uint32_t *prompt = malloc(n * sizeof *prompt);
+	for (uint32_t i = 0; i < n; i++) {
+		prompt[i] = (i * 2246822519u + 5) % 50000;
+		ref_append(&r);
+	}
+	kvm_seq_info info;
+	ok = ok && check(kvm_seq_create(g_c, m->id, "fb", prompt, n, "agent-1", &info) == 0, "seq_create: %s",
+			 kvm_client_error(g_c)) &&
+	     check(kvm_seq_write_blocks(g_c, "fb", prompt, full, (const void *const *)r.blocks, &written) == 0,
+		   "write_blocks: %s", kvm_client_error(g_c));
+	for (uint32_t l = 0; ok && l < m->layers; l++)
+		ok = check(kvm_append_kv(g_c, "fb", l, rest, ref_row(&r, l, full * 16, 0), ref_row(&r, l, full * 16, 1)) ==
+				   0,
+			   "append_kv: %s", kvm_client_error(g_c));
+	ok = ok && check(agent_counter(1, "pinned_blocks") > 0, "agent-2 holds no block");
+	uint32_t QD = m->q_heads * m->head_dim;
+	float *q = malloc(QD * 4), *o = malloc(QD * 4), *lse = malloc(m->q_heads * 4);
+	float *ro = malloc(QD * 4), *rl = malloc(m->q_heads * 4);
+	uint64_t s = 5;
+	for (uint32_t step = 0; ok && step < 3; step++) {
+		ref_append(&r);
+		for (uint32_t l = 0; ok && l < m->layers; l++) {
+			for (uint32_t k = 0; k < QD; k++)
+				q[k] = frand(&s);
+			uint32_t pos = r.tokens - 1;
+			kvm_attend a = {.seq_id = "fb", .q = q, .k_new = ref_row(&r, l, pos, 0),
+					.v_new = ref_row(&r, l, pos, 1), .o = o, .lse = lse};
+			ok = check(kvm_attend_append(g_c, l, 0, &a, 1) == 0, "step %u layer %u: %s", step, l,
+				   kvm_client_error(g_c)) &&
+			     check(ref_attend(&r, l, q, ro, rl) == 0, "reference kernel");
+			double sc, sl, d = ok ? max_diff(o, ro, QD, &sc) : 0, dl = ok ? max_diff(lse, rl, m->q_heads, &sl) : 0;
+			ok = ok && check(d <= 2e-3 * sc && dl <= 2e-3 * sl, "step %u layer %u: o differs by %.3g, lse by %.3g",
+					 step, l, d, dl);
+		}
+	}
+	if (ok) {
+		double peers = agent_counter(0, "rdma_peers"), fb = agent_counter(0, "rdma_fallbacks");
+		int lines = log_lines(0, "peer_rdma_fallback", "peer=agent-2", NULL);
+		print_log(0, "peer_");
+		print_log(1, "data_server");
+		ok = check(log_lines(1, "data_server", "transport=tcp", NULL) == 1, "agent-2 does not serve TCP") &&
+		     check(peers == 0 && fb == 1, "agent-1: rdma_peers %g, rdma_fallbacks %g (want 0, 1)", peers, fb) &&
+		     check(lines == 1, "agent-1 logged the fallback %d times, not once", lines);
+	}
+	if (!ok) {
+		print_log(0, NULL);
+		print_log(1, NULL);
+	}
+	result("a TCP-only peer: the home falls back to TCP, logs it once, decode stays right", ok, t0);
+	free(q), free(o), free(lse), free(ro), free(rl), free(prompt);
+	ref_free(&r);
+}
+
 int main(int argc, char **argv)
 {
 	const char *data_host = "127.0.0.1", *expect = NULL, *rdma = "auto";
@@ -390,12 +474,21 @@ int main(int argc, char **argv)
 		      check(strstr(msg, "agent-3") && strstr(msg, "blocks"), "the error does not name the peer: %s",
 			    msg) &&
 		      check(took < 15.0, "the failure took %.1f s", took);
+		/* The home itself saw the peer fail on its data-plane connection. */
+		int seen = 0;
+		for (int w = 0; w < 50 && !seen; w++, usleep(100000))
+			seen = log_lines(0, "attend_peer_failed", "peer=agent-3", NULL);
+		print_log(0, "attend_peer_failed");
+		ok3 = ok3 && check(seen > 0, "agent-1 logged no attend_peer_failed for agent-3");
 	}
 	result("a killed peer gives an error naming it", ok3, t0);
 	free(q), free(o), free(lse), free(ro), free(rl), free(prompt);
 	ref_free(&r);
+	if (want_rdma)
+		fallback_case(data_host, &m);
 out:
 	kvm_client_close(g_c);
+	g_c = NULL;
 	if (g_lc)
 		local_cluster_stop(g_lc, g_failed && getenv("KVMESH_KEEP_LOGS") != NULL);
 	printf("%d passed, %d failed\n", g_passed, g_failed);
