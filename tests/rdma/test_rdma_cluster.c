@@ -15,8 +15,12 @@
  * A plain program (it runs inside the guest's initramfs): prints
  * "N passed, N failed", exits 0 only if nothing failed.
  *
- *   test_rdma_cluster [--data-host 10.0.0.1] [--expect rdma|tcp] [--rdma auto|on|off]
+ *   test_rdma_cluster [--data-host 10.0.0.1] [--data-host3 10.0.0.2] [--expect rdma|tcp]
+ *                     [--rdma auto|on|off]
  *
+ * --data-host3 puts agent-3 on another address (in the guest: veth1's, so that it
+ * serves on rxe1 and its traffic with agent-1 crosses the veth pair between two
+ * RDMA devices; agent-1 and agent-2 share rxe0).
  * On a host without RDMA, `--expect tcp` (the default when --data-host is
  * 127.0.0.1) checks that the agents serve and dial TCP as before. */
 #include <errno.h>
@@ -318,10 +322,12 @@ static void fallback_case(const char *host, const kvm_model *m)
 
 int main(int argc, char **argv)
 {
-	const char *data_host = "127.0.0.1", *expect = NULL, *rdma = "auto";
+	const char *data_host = "127.0.0.1", *data_host3 = NULL, *expect = NULL, *rdma = "auto";
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--data-host") && i + 1 < argc)
 			data_host = argv[++i];
+		else if (!strcmp(argv[i], "--data-host3") && i + 1 < argc)
+			data_host3 = argv[++i];
 		else if (!strcmp(argv[i], "--expect") && i + 1 < argc)
 			expect = argv[++i];
 		else if (!strcmp(argv[i], "--rdma") && i + 1 < argc)
@@ -329,7 +335,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--dev") || !strcmp(argv[i], "--netdev") || !strcmp(argv[i], "--tag"))
 			i++; /* the guest's runner passes these to every test */
 		else {
-			fprintf(stderr, "usage: %s [--data-host IP] [--expect rdma|tcp] [--rdma auto|on|off]\n",
+			fprintf(stderr, "usage: %s [--data-host IP] [--data-host3 IP] [--expect rdma|tcp] [--rdma auto|on|off]\n",
 				argv[0]);
 			return 2;
 		}
@@ -354,12 +360,13 @@ int main(int argc, char **argv)
 	snprintf(rdma_flag, sizeof rdma_flag, "--rdma=%s", rdma);
 	for (unsigned i = 0; ok && i < 3; i++) {
 		char data_flag[128];
-		int port = free_port(data_host);
-		snprintf(data_flag, sizeof data_flag, "--data-address=%s:%d", data_host, port);
+		const char *h = i == 2 && data_host3 ? data_host3 : data_host;
+		int port = free_port(h);
+		snprintf(data_flag, sizeof data_flag, "--data-address=%s:%d", h, port);
 		/* 32 slots each, a share of them lendable: a 52-block sequence needs all three. */
 		const char *agent_flags[] = {data_flag, rdma_flag, "--attend-timeout=4s", "--call-timeout=10s",
 					     NULL};
-		ok = check(port > 0, "no free port on %s", data_host) &&
+		ok = check(port > 0, "no free port on %s", h) &&
 		     check(local_cluster_add_agents(g_lc, 1, m.id, "512KiB", agent_flags, err, sizeof err) == 0,
 			   "agent %u: %s", i + 1, err);
 	}
