@@ -497,7 +497,7 @@ out:
 	kvm_client_close(g_c);
 	g_c = NULL;
 	if (g_lc)
-		local_cluster_stop(g_lc, g_failed && getenv("KVMESH_KEEP_LOGS") != NULL);
+		local_cluster_stop(g_lc, getenv("KVMESH_KEEP_LOGS") != NULL);
 	printf("%d passed, %d failed\n", g_passed, g_failed);
 	return g_failed ? 1 : 0;
 }
