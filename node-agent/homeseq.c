@@ -719,19 +719,18 @@ static xport_peer *peer_conn(agent *a, int p, int *rc)
 	xport_opts_default(&o);
 	o.node_id = agent_data_id(a->node_id);
 	o.connect_timeout_ms = (uint32_t)a->attend_timeout_ms;
-	int li = -1, ri = -1;
 	bool rdma = a->data_rdma && a->rdma_cli_dev && !pe->rdma_refused && pe->nics &&
-		    xport_choose(&a->nics, pe->nics, &li, &ri) == XPORT_KIND_RDMA;
+		    xport_choose(&a->nics, pe->nics, NULL, NULL) == XPORT_KIND_RDMA;
 	if (rdma) {
 		xport_rdma_cfg cfg = {.dev = a->rdma_cli_dev, .mr = a->rdma_cli_mr};
 		*rc = xport_rdma_connect(a->loop, host, port, &o, &cfg, &pe->xp);
 		if (*rc == 0) {
 			pe->xp_rdma = true;
 			__atomic_fetch_add(&a->rdma_peers, 1, __ATOMIC_RELAXED);
-			kvm_log(KVM_LOG_INFO, "peer_transport",
-				"peer=%s addr=%s transport=rdma device=%s remote_device=%s",
-				pe->node_id, pe->data_addr, xrdma_dev_name(a->rdma_cli_dev),
-				ri >= 0 ? pe->nics->nics[ri].rdma_dev : "?");
+			/* Not the peer's device: xport_choose's pick among the
+			 * peer's NICs need not be the one its server uses. */
+			kvm_log(KVM_LOG_INFO, "peer_transport", "peer=%s addr=%s transport=rdma device=%s",
+				pe->node_id, pe->data_addr, xrdma_dev_name(a->rdma_cli_dev));
 			return pe->xp;
 		}
 		pe->xp = NULL;
