@@ -133,6 +133,18 @@ for t in /cluster/test_*; do
 	rc=$?
 	cat /tmp/$name.log
 	count /tmp/$name.log $rc
+	# The daemons' logs are kept (KVMESH_KEEP_LOGS): under SAN=... a sanitizer
+	# report of a daemon, at exit included, fails the run.
+	nlogs=0
+	for l in /tmp/kvmesh-demo-*/*.log; do
+		[ -f "$l" ] || continue
+		nlogs=$((nlogs + 1))
+		if grep -q "Sanitizer\|runtime error" "$l"; then
+			fail "$name: sanitizer report in $l"
+			cat "$l"
+		fi
+	done
+	echo "guest: $nlogs daemon logs checked for sanitizer reports"
 done
 echo "guest: tests done after $(cut -d' ' -f1 /proc/uptime) s"
 [ "$failed" -eq 0 ] || dmesg | tail -n 30

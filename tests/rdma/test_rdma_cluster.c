@@ -256,7 +256,7 @@ static void fallback_case(const char *host, const kvm_model *m)
 	double t0 = now_s();
 	kvm_client_close(g_c);
 	g_c = NULL;
-	local_cluster_stop(g_lc, 0);
+	local_cluster_stop(g_lc, getenv("KVMESH_KEEP_LOGS") != NULL);
 	g_lc = NULL;
 	char err[4096];
 	const char *coord_flags[] = {"--heartbeat=200ms", "--dead-after=3s", NULL};
