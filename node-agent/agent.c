@@ -350,19 +350,23 @@ static int agent_stats(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 	xport_stats xs = {0};
 	if (a->data_srv)
 		xport_server_stats(a->data_srv, &xs);
-#define N_COUNTERS 14
+#define N_COUNTERS 17
 	Kvmesh__V1__StatsResponse__CountersEntry e[N_COUNTERS];
 	Kvmesh__V1__StatsResponse__CountersEntry *ep[N_COUNTERS];
 	const char *names[N_COUNTERS] = {"sequences", "indexed_blocks", "prefix_hits",
 					 "prefix_misses", "evictions", "meta_bytes_per_block",
 					 "pinned_blocks", "tail_blocks", "home_sequences",
 					 "slots_used", "data_bytes_in", "data_bytes_out",
-					 "data_frames_in", "data_proto_errors"};
+					 "data_frames_in", "data_proto_errors",
+					 "data_server_rdma", "rdma_peers", "rdma_fallbacks"};
 	double vals[N_COUNTERS] = {st.n_seqs, st.n_indexed, (double)st.hits, (double)st.misses,
 				   (double)st.evictions, st.meta_bytes_per_block,
 				   blocks_pinned(a), st.tier[0].tails, homeseq_count(a),
 				   st.tier[0].used, (double)xs.bytes_in, (double)xs.bytes_out,
-				   (double)xs.frames_in, (double)xs.proto_errors};
+				   (double)xs.frames_in, (double)xs.proto_errors,
+				   a->data_rdma ? 1.0 : 0.0,
+				   (double)__atomic_load_n(&a->rdma_peers, __ATOMIC_RELAXED),
+				   (double)__atomic_load_n(&a->rdma_fallbacks, __ATOMIC_RELAXED)};
 	for (int i = 0; i < N_COUNTERS; i++) {
 		kvmesh__v1__stats_response__counters_entry__init(&e[i]);
 		e[i].key = (char *)names[i];
@@ -421,6 +425,10 @@ int main(int argc, char **argv)
 		 "slots kept for tails, not offered to the ledger (-1: max(2, slots/16))"},
 		{"workers", KVM_OPT_INT, &a.workers_opt, "2",
 		 "threads running attention kernels over this node's blocks"},
+		{"rdma", KVM_OPT_STRING, a.rdma_opt, "auto",
+		 "data plane over RDMA: auto (when this node has an up RDMA port), on (or fail), off"},
+		{"rdma-device", KVM_OPT_STRING, a.rdma_device, "",
+		 "RDMA device or interface to serve on (default: the one holding --data-address)"},
 	};
 	const size_t n_opts = sizeof(opts) / sizeof(opts[0]);
 	char err[512];
@@ -543,6 +551,7 @@ int main(int argc, char **argv)
 	dataplane_stop(&a);
 	homeseq_destroy(&a);
 	xport_loop_destroy(a.loop);
+	dataplane_rdma_free(&a);
 	blocks_destroy(&a);
 	kvs_store_destroy(a.store);
 	kvs_arena_destroy(a.arena);

@@ -27,6 +27,8 @@
 #include "kvstore/arena.h"
 #include "kvstore/store.h"
 #include "proto/kvmesh.pb-c.h"
+#include "transport/nic.h"
+#include "transport/rdma.h"
 #include "transport/transport.h"
 
 /* ---- worker pools (workers.c) ----------------------------------------------- */
@@ -54,6 +56,8 @@ typedef struct agent {
 	int64_t call_timeout_ms, attend_timeout_ms;
 	int64_t tail_reserve_opt; /* -1: max(2, slots / 16) */
 	int64_t workers_opt;
+	char rdma_opt[KVM_OPT_STRING_MAX];    /* --rdma: auto, on, off */
+	char rdma_device[KVM_OPT_STRING_MAX]; /* --rdma-device: "" picks one */
 
 	kvm_rpc_channel *coord;
 	kvs_geom geom;
@@ -67,6 +71,18 @@ typedef struct agent {
 	wpool *kernels, *home;
 	blocks *blk;
 	homeseqs *hs;
+
+	/* The data plane's transport (dataplane_start). With RDMA the server
+	 * serves the host arena, registered whole (srv_mr), and the home pool
+	 * dials peers with its own device handle and a small region (cli_*):
+	 * ATTEND goes by SEND/RECV and needs no block buffers. */
+	nic_report nics;              /* this node's, discovered at start */
+	bool data_rdma;               /* the data server is xport_rdma_listen */
+	struct xrdma_dev *rdma_srv_dev, *rdma_cli_dev;
+	struct xrdma_mr *rdma_srv_mr, *rdma_cli_mr;
+	void *rdma_cli_buf;
+	uint32_t rdma_peers;          /* peers connected by RDMA now (atomic) */
+	uint64_t rdma_fallbacks;      /* RDMA dials that fell back to TCP (atomic) */
 
 	pthread_mutex_t mu; /* guards epoch, registered, stopping */
 	pthread_cond_t cv;
@@ -112,9 +128,14 @@ void blocks_unread(agent *a, void *pin);
 /* gRPC Agent.PutBlocks, Agent.GetBlocks. */
 int blocks_rpc_put(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int blocks_rpc_get(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
-/* Starts the data server on --data-address. */
+/* Starts the data server on --data-address: over RDMA (xport_rdma_listen, the
+ * host arena registered as arena WIRE_ARENA_HOST) when --rdma allows it and
+ * this node has an up RDMA port, else TCP. Logs data_server transport=... */
 int dataplane_start(agent *a);
+/* Closes the data server (before homeseq_destroy). */
 void dataplane_stop(agent *a);
+/* Frees the RDMA device handles and regions (after the peers and the loop). */
+void dataplane_rdma_free(agent *a);
 /* A wire shape checked against this agent's model. -EINVAL. */
 int agent_shape(agent *a, const wire_shape *w, da_shape *out);
 /* Splits "host:port" ("[v6]:port"). -EINVAL. */

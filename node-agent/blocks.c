@@ -6,7 +6,10 @@
  * Handles given out are arena slots (slot, generation; arena 0 = the host
  * arena). A block read by GET or ATTEND holds a reader count, so a release
  * that arrives meanwhile unpins it only once the last reader is done. */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -15,6 +18,7 @@
 
 #include "common/log.h"
 #include "node-agent/agent.h"
+#include "transport/rdma_xport.h"
 
 #define SEQ_ID_MAX 256
 
@@ -669,6 +673,96 @@ int agent_split_addr(const char *addr, char *host, size_t cap, uint16_t *port)
 	return 0;
 }
 
+/* The RDMA NIC to serve on: --rdma-device if given; else the up RDMA NIC
+ * whose interface holds the data address's IP (so that the GID peers reach
+ * is the address they dial); else the first up RDMA NIC. NULL: none. */
+static const nic_info *rdma_nic(agent *a, const char *host)
+{
+	const nic_report *r = &a->nics;
+	if (a->rdma_device[0]) {
+		for (uint32_t i = 0; i < r->n && i < NIC_MAX; i++)
+			if (r->nics[i].is_rdma && (strcmp(r->nics[i].rdma_dev, a->rdma_device) == 0 ||
+						   strcmp(r->nics[i].name, a->rdma_device) == 0))
+				return &r->nics[i];
+		return NULL;
+	}
+	struct in_addr want;
+	struct ifaddrs *ifs = NULL;
+	if (inet_pton(AF_INET, host, &want) == 1 && want.s_addr != htonl(INADDR_ANY) &&
+	    getifaddrs(&ifs) == 0) {
+		for (struct ifaddrs *f = ifs; f; f = f->ifa_next) {
+			if (!f->ifa_addr || f->ifa_addr->sa_family != AF_INET ||
+			    ((struct sockaddr_in *)f->ifa_addr)->sin_addr.s_addr != want.s_addr)
+				continue;
+			for (uint32_t i = 0; i < r->n && i < NIC_MAX; i++)
+				if (r->nics[i].is_rdma && r->nics[i].is_up &&
+				    strcmp(r->nics[i].name, f->ifa_name) == 0) {
+					freeifaddrs(ifs);
+					return &r->nics[i];
+				}
+		}
+		freeifaddrs(ifs);
+	}
+	for (uint32_t i = 0; i < r->n && i < NIC_MAX; i++)
+		if (r->nics[i].is_rdma && r->nics[i].is_up)
+			return &r->nics[i];
+	return NULL;
+}
+
+#define RDMA_CLI_BYTES (64u << 10)
+
+/* Opens the device twice (the server's handle is used on the loop thread,
+ * the client's on the home pool) and registers the host arena and the
+ * client's small region. Returns 0 or -errno with the reason in msg. */
+static int rdma_setup(agent *a, const nic_info *ni, char *msg, size_t msg_len)
+{
+	/* By interface name when there is one: xrdma_dev_open then takes the
+	 * device with a GID on it, as nic_discover matched them. */
+	const char *name = ni->rdma_dev[0] ? ni->rdma_dev : ni->name;
+	int rc = xrdma_dev_open(name, &a->rdma_srv_dev, msg, msg_len);
+	if (rc == 0)
+		rc = xrdma_dev_open(name, &a->rdma_cli_dev, msg, msg_len);
+	if (rc)
+		return rc;
+	kvs_arena_info ai;
+	kvs_arena_get_info(a->arena, &ai);
+	if (ai.kind != KVS_ARENA_HOST || ai.slot_bytes != a->block_bytes) {
+		snprintf(msg, msg_len, "the arena is not a host arena of block-sized slots");
+		return -EINVAL;
+	}
+	rc = xrdma_mr_reg(a->rdma_srv_dev, ai.base, (size_t)ai.n_slots * ai.slot_bytes,
+			  &a->rdma_srv_mr);
+	if (rc) {
+		snprintf(msg, msg_len, "registering the host arena (%zu bytes): %s",
+			 (size_t)ai.n_slots * ai.slot_bytes, xrdma_dev_error(a->rdma_srv_dev));
+		return rc;
+	}
+	if (posix_memalign(&a->rdma_cli_buf, 4096, RDMA_CLI_BYTES) != 0) {
+		a->rdma_cli_buf = NULL;
+		snprintf(msg, msg_len, "out of memory");
+		return -ENOMEM;
+	}
+	memset(a->rdma_cli_buf, 0, RDMA_CLI_BYTES);
+	rc = xrdma_mr_reg(a->rdma_cli_dev, a->rdma_cli_buf, RDMA_CLI_BYTES, &a->rdma_cli_mr);
+	if (rc)
+		snprintf(msg, msg_len, "registering the client region: %s",
+			 xrdma_dev_error(a->rdma_cli_dev));
+	return rc;
+}
+
+void dataplane_rdma_free(agent *a)
+{
+	xrdma_mr_dereg(a->rdma_cli_mr);
+	xrdma_mr_dereg(a->rdma_srv_mr);
+	xrdma_dev_close(a->rdma_cli_dev);
+	xrdma_dev_close(a->rdma_srv_dev);
+	free(a->rdma_cli_buf);
+	a->rdma_cli_mr = a->rdma_srv_mr = NULL;
+	a->rdma_cli_dev = a->rdma_srv_dev = NULL;
+	a->rdma_cli_buf = NULL;
+	a->data_rdma = false;
+}
+
 int dataplane_start(agent *a)
 {
 	char host[256];
@@ -679,20 +773,67 @@ int dataplane_start(agent *a)
 			a->data_address);
 		return rc;
 	}
-	if ((rc = xport_loop_create(&a->loop)) != 0)
+	bool want = strcmp(a->rdma_opt, "off") != 0, must = strcmp(a->rdma_opt, "on") == 0;
+	if (strcmp(a->rdma_opt, "auto") != 0 && want && !must) {
+		kvm_log(KVM_LOG_ERROR, "rdma_option", "rdma=%s error=\"not auto, on or off\"",
+			a->rdma_opt);
+		return -EINVAL;
+	}
+	if (want && nic_discover(&a->nics) != 0)
+		memset(&a->nics, 0, sizeof a->nics);
+	const nic_info *ni = want ? rdma_nic(a, host) : NULL;
+	if (want && ni) {
+		char msg[512] = "";
+		rc = rdma_setup(a, ni, msg, sizeof msg);
+		if (rc) {
+			kvm_log(must ? KVM_LOG_ERROR : KVM_LOG_WARN, "rdma_unavailable",
+				"device=%s netdev=%s error=\"%s\"%s", ni->rdma_dev, ni->name,
+				msg[0] ? msg : strerror(-rc), must ? "" : " fallback=tcp");
+			dataplane_rdma_free(a);
+			if (must)
+				return rc;
+		} else {
+			a->data_rdma = true;
+		}
+	} else if (must) {
+		kvm_log(KVM_LOG_ERROR, "rdma_unavailable", "error=\"%s\"",
+			a->rdma_device[0] ? "no RDMA NIC by the name of --rdma-device"
+					  : "no up RDMA port on this node (--rdma=on)");
+		return -ENODEV;
+	}
+	if ((rc = xport_loop_create(&a->loop)) != 0) {
+		dataplane_rdma_free(a);
 		return rc;
+	}
 	xport_opts o;
 	xport_opts_default(&o);
 	o.node_id = agent_data_id(a->node_id);
-	rc = xport_listen(&xport_tcp_ops, a->loop, host, port, &o, &dp_handlers, a, &a->data_srv);
+	if (a->data_rdma) {
+		xport_rdma_cfg cfg = {.dev = a->rdma_srv_dev,
+				      .mr = a->rdma_srv_mr,
+				      .slot_bytes = a->block_bytes,
+				      .arena = WIRE_ARENA_HOST};
+		rc = xport_rdma_listen(a->loop, host, port, &o, &cfg, &dp_handlers, a, &a->data_srv);
+	} else {
+		rc = xport_listen(&xport_tcp_ops, a->loop, host, port, &o, &dp_handlers, a,
+				  &a->data_srv);
+	}
 	if (rc) {
-		kvm_log(KVM_LOG_ERROR, "data_listen_failed", "addr=%s error=\"%s\"", a->data_address,
-			strerror(-rc));
+		kvm_log(KVM_LOG_ERROR, "data_listen_failed", "addr=%s transport=%s error=\"%s\"",
+			a->data_address, a->data_rdma ? "rdma" : "tcp", strerror(-rc));
 		xport_loop_destroy(a->loop);
 		a->loop = NULL;
+		dataplane_rdma_free(a);
 		return rc;
 	}
-	kvm_log(KVM_LOG_INFO, "data_serving", "addr=%s transport=tcp", a->data_address);
+	if (a->data_rdma)
+		kvm_log(KVM_LOG_INFO, "data_server", "addr=%s transport=rdma device=%s netdev=%s "
+			"gid_index=%d arena_bytes=%zu",
+			a->data_address, xrdma_dev_name(a->rdma_srv_dev), ni->name,
+			xrdma_dev_gid_index(a->rdma_srv_dev), xrdma_mr_len(a->rdma_srv_mr));
+	else
+		kvm_log(KVM_LOG_INFO, "data_server", "addr=%s transport=tcp device=none rdma=%s",
+			a->data_address, a->rdma_opt);
 	return 0;
 }
 

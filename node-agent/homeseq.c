@@ -26,7 +26,9 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "coordinator/links.h"
 #include "node-agent/agent.h"
+#include "transport/rdma_xport.h"
 
 #define HS_MAX_PEERS 256
 #define HS_BUCKETS 1024
@@ -38,6 +40,9 @@ struct peer {
 	char grpc_addr[ID_MAX];
 	xport_peer *xp;       /* home pool only */
 	kvm_rpc_channel *ch;  /* home pool only */
+	nic_report *nics;     /* from ListNodes; NULL: not learned yet */
+	bool xp_rdma;         /* xp is an RDMA peer (home pool only) */
+	bool rdma_refused;    /* an RDMA dial failed where TCP worked: TCP from now on */
 };
 
 enum { HB_LOCAL = 0, HB_REMOTE = 1, HB_SEALING = 2 };
@@ -98,6 +103,18 @@ static int peer_of(homeseqs *hs, const char *node, const char *data_addr)
 	snprintf(p->node_id, ID_MAX, "%s", node);
 	snprintf(p->data_addr, ID_MAX, "%s", data_addr ? data_addr : "");
 	return (int)hs->n_peers++;
+}
+
+/* Closes a peer's data-plane connection (home pool, or at the end). */
+static void peer_drop(agent *a, struct peer *p)
+{
+	if (!p->xp)
+		return;
+	xport_close(p->xp);
+	p->xp = NULL;
+	if (p->xp_rdma)
+		__atomic_fetch_sub(&a->rdma_peers, 1, __ATOMIC_RELAXED);
+	p->xp_rdma = false;
 }
 
 static void hseq_free(agent *a, struct hseq *q)
@@ -176,10 +193,10 @@ void homeseq_destroy(agent *a)
 			hseq_free(a, q);
 		}
 	for (uint32_t i = 0; i < hs->n_peers; i++) {
-		if (hs->peers[i].xp)
-			xport_close(hs->peers[i].xp);
+		peer_drop(a, &hs->peers[i]);
 		if (hs->peers[i].ch)
 			kvm_rpc_channel_close(hs->peers[i].ch);
+		free(hs->peers[i].nics);
 	}
 	pthread_mutex_destroy(&hs->mu);
 	free(hs->dummy_tokens);
@@ -460,6 +477,11 @@ static int peers_refresh(agent *a, char *msg, size_t msg_len)
 				snprintf(hs->peers[k].grpc_addr, ID_MAX, "%s", r->nodes[i]->grpc_address);
 				if (r->nodes[i]->data_address[0])
 					snprintf(hs->peers[k].data_addr, ID_MAX, "%s", r->nodes[i]->data_address);
+				/* The NICs it registered decide the transport to it. */
+				if (!hs->peers[k].nics)
+					hs->peers[k].nics = malloc(sizeof(nic_report));
+				if (hs->peers[k].nics)
+					kvm_nics_from_proto(r->nodes[i]->hardware, hs->peers[k].nics);
 			}
 	pthread_mutex_unlock(&hs->mu);
 	if (r)
@@ -676,6 +698,10 @@ static bool conn_error(int rc)
 	       rc == -EBADMSG || rc == -ECONNREFUSED || rc == -EHOSTUNREACH;
 }
 
+/* Dials peer p's data server: over RDMA when this agent serves RDMA, the peer
+ * registered an up RDMA port on a common fabric (xport_choose), and no earlier
+ * RDMA dial to it failed where TCP worked; else over TCP. A failed RDMA dial
+ * falls back to TCP at once, logged once per peer. */
 static xport_peer *peer_conn(agent *a, int p, int *rc)
 {
 	struct peer *pe = &a->hs->peers[p];
@@ -683,7 +709,7 @@ static xport_peer *peer_conn(agent *a, int p, int *rc)
 		return pe->xp;
 	char host[256];
 	uint16_t port;
-	if (!pe->data_addr[0]) {
+	if (!pe->data_addr[0] || (a->data_rdma && !pe->nics)) {
 		char msg[512];
 		peers_refresh(a, msg, sizeof msg);
 	}
@@ -693,8 +719,42 @@ static xport_peer *peer_conn(agent *a, int p, int *rc)
 	xport_opts_default(&o);
 	o.node_id = agent_data_id(a->node_id);
 	o.connect_timeout_ms = (uint32_t)a->attend_timeout_ms;
+	bool rdma = a->data_rdma && a->rdma_cli_dev && !pe->rdma_refused && pe->nics &&
+		    xport_choose(&a->nics, pe->nics, NULL, NULL) == XPORT_KIND_RDMA;
+	if (rdma) {
+		xport_rdma_cfg cfg = {.dev = a->rdma_cli_dev, .mr = a->rdma_cli_mr};
+		*rc = xport_rdma_connect(a->loop, host, port, &o, &cfg, &pe->xp);
+		if (*rc == 0) {
+			pe->xp_rdma = true;
+			__atomic_fetch_add(&a->rdma_peers, 1, __ATOMIC_RELAXED);
+			/* Not the peer's device: xport_choose's pick among the
+			 * peer's NICs need not be the one its server uses. */
+			kvm_log(KVM_LOG_INFO, "peer_transport", "peer=%s addr=%s transport=rdma device=%s",
+				pe->node_id, pe->data_addr, xrdma_dev_name(a->rdma_cli_dev));
+			return pe->xp;
+		}
+		pe->xp = NULL;
+		int rrc = *rc;
+		*rc = xport_connect(&xport_tcp_ops, a->loop, host, port, &o, &pe->xp);
+		if (*rc) {
+			pe->xp = NULL;
+			return NULL; /* the peer is unreachable, not only its RDMA */
+		}
+		pe->rdma_refused = true;
+		__atomic_fetch_add(&a->rdma_fallbacks, 1, __ATOMIC_RELAXED);
+		kvm_log(KVM_LOG_WARN, "peer_rdma_fallback",
+			"peer=%s addr=%s transport=tcp error=\"%s\" (RDMA dial failed; TCP from now on)",
+			pe->node_id, pe->data_addr, strerror(-rrc));
+		return pe->xp;
+	}
 	*rc = xport_connect(&xport_tcp_ops, a->loop, host, port, &o, &pe->xp);
-	return *rc ? NULL : pe->xp;
+	if (*rc) {
+		pe->xp = NULL;
+		return NULL;
+	}
+	kvm_log(KVM_LOG_DEBUG, "peer_transport", "peer=%s addr=%s transport=tcp", pe->node_id,
+		pe->data_addr);
+	return pe->xp;
 }
 
 static void append_indexes(char *buf, size_t cap, const uint32_t *idx, uint32_t n)
@@ -960,10 +1020,8 @@ static void attend_batch(agent *a, da_ctx *ctx, const da_shape *sh, struct hq *q
 		struct pcall *c = &pc[p];
 		/* A dead connection is dropped here (never from a callback); the
 		 * next batch dials again. */
-		if (c->n && conn_error(c->status) && hs->peers[p].xp) {
-			xport_close(hs->peers[p].xp);
-			hs->peers[p].xp = NULL;
-		}
+		if (c->n && conn_error(c->status) && hs->peers[p].xp)
+			peer_drop(a, &hs->peers[p]);
 		if (c->indexes)
 			free(c->indexes[0]);
 		free(c->qs);

@@ -28,7 +28,16 @@ RDMA_XPORT_OBJS := tests/rdma/test_rdma_xport.o transport/rdma_xport.o transport
 $(RDMA_XPORT_BIN): $(addprefix $(BUILD)/,$(RDMA_XPORT_OBJS))
 	$(CC) $(LDFLAGS) $^ -o $@ -libverbs -lxxhash -lpthread
 
-all: $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN)
+# The real daemons over RDMA: a plain program that starts a coordinator and three
+# agents (client/demo/launch.c) and drives them with the client library. In the
+# guest it runs from /cluster, next to kvmesh-coordinator and kvmesh-agent.
+RDMA_CLUSTER_BIN := $(BUILD)/tests/rdma/test_rdma_cluster
+$(RDMA_CLUSTER_BIN): $(BUILD)/tests/rdma/test_rdma_cluster.o $(BUILD)/client/kvmesh.o \
+		     $(BUILD)/client/demo/launch.o $(BUILD)/client/demo/nodes.o $(CORE_LIB)
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+RDMA_DAEMONS := $(BUILD)/bin/kvmesh-coordinator $(BUILD)/bin/kvmesh-agent
+
+all: $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN) $(RDMA_CLUSTER_BIN)
 
 # Boots Debian's stock kernel under QEMU (pure emulation) with rdma_rxe and runs
 # the verbs tests there, one node and two nodes. Last line: the guest's
@@ -36,5 +45,6 @@ all: $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN)
 # build flavour (SAN=...), so not under $(BUILD).
 RDMA_VM_DIR ?= build/rdma-vm
 .PHONY: test-rdma
-test-rdma: $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN)
-	RDMA_VM_DIR=$(RDMA_VM_DIR) tests/rdma/run-qemu.sh $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN)
+test-rdma: $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN) $(RDMA_CLUSTER_BIN) $(RDMA_DAEMONS)
+	RDMA_VM_DIR=$(RDMA_VM_DIR) tests/rdma/run-qemu.sh $(RDMA_TEST_BIN) $(RDMA_XPORT_BIN) \
+		--cluster $(RDMA_CLUSTER_BIN) $(RDMA_DAEMONS)

@@ -215,7 +215,8 @@ def test_data_server_listens_on_the_data_address():
     try:
         host, port = cl.agents["n0"].flags["data-address"].rsplit(":", 1)
         socket.create_connection((host, int(port)), timeout=2).close()
-        assert "data_serving" in cl.agents["n0"].read_log()
+        assert "data_server" in cl.agents["n0"].read_log()
+        assert "transport=tcp" in cl.agents["n0"].read_log()
     finally:
         cl.close()
 

@@ -119,6 +119,33 @@ for t in /tests/*; do
 	wait $peer
 	sed 's/^/peer| /' /tmp/$name-peer.log
 done
+# The real daemons: a coordinator and three agents, started by the test program
+# from /cluster (KVMESH_BIN_DIR), gRPC on loopback, the agents' data servers on
+# veth0's address so that they serve and dial over rxe0 (the device holding it),
+# except agent-3 on veth1's (rxe1): agent-1 <-> agent-2 is two processes on one rxe
+# device, agent-1 <-> agent-3 crosses the veth pair between two devices.
+for t in /cluster/test_*; do
+	[ -x "$t" ] || continue
+	name=$(basename "$t")
+	echo "guest: === $name, a coordinator and three agents, data plane on 10.0.0.1 (rxe0) and 10.0.0.2 (rxe1)"
+	KVMESH_BIN_DIR=/cluster KVMESH_KEEP_LOGS=1 TMPDIR=/tmp timeout 240 "$t" --data-host 10.0.0.1 \
+		--data-host3 10.0.0.2 --expect rdma --rdma on >/tmp/$name.log 2>&1
+	rc=$?
+	cat /tmp/$name.log
+	count /tmp/$name.log $rc
+	# The daemons' logs are kept (KVMESH_KEEP_LOGS): under SAN=... a sanitizer
+	# report of a daemon, at exit included, fails the run.
+	nlogs=0
+	for l in /tmp/kvmesh-demo-*/*.log; do
+		[ -f "$l" ] || continue
+		nlogs=$((nlogs + 1))
+		if grep -q "Sanitizer\|runtime error" "$l"; then
+			fail "$name: sanitizer report in $l"
+			cat "$l"
+		fi
+	done
+	echo "guest: $nlogs daemon logs checked for sanitizer reports"
+done
 echo "guest: tests done after $(cut -d' ' -f1 /proc/uptime) s"
 [ "$failed" -eq 0 ] || dmesg | tail -n 30
 finish

@@ -5,7 +5,12 @@
 # console. The last line is the guest's "N passed, N failed". Exits non-zero if
 # anything failed or the guest never printed its summary (docs/rdma.md).
 #
-#   tests/rdma/run-qemu.sh TEST_BINARY...
+#   tests/rdma/run-qemu.sh TEST_BINARY... [--cluster CLUSTER_TEST... DAEMON...]
+#
+# TEST_BINARY programs go to /tests and run one node and two nodes (init.sh). What
+# follows --cluster goes to /cluster with its ldd closure: the programs named test_*
+# run once, with KVMESH_BIN_DIR=/cluster so that they find the daemons (the other
+# files: kvmesh-coordinator, kvmesh-agent) and start a cluster inside the guest.
 #
 # Environment:
 #   RDMA_VM_DIR      work and cache folder (default build/rdma-vm); downloaded .debs
@@ -17,9 +22,15 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 vm=${RDMA_VM_DIR:-build/rdma-vm}
 timeout_s=${RDMA_VM_TIMEOUT:-300}
-[ $# -ge 1 ] || { echo "usage: $0 TEST_BINARY..." >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 TEST_BINARY... [--cluster CLUSTER_TEST... DAEMON...]" >&2; exit 2; }
+tests=() cluster=() into=tests
 for b in "$@"; do
+	if [ "$b" = "--cluster" ]; then
+		into=cluster
+		continue
+	fi
 	[ -x "$b" ] || { echo "run-qemu: $b: not an executable" >&2; exit 2; }
+	if [ "$into" = tests ]; then tests+=("$b"); else cluster+=("$b"); fi
 done
 for tool in qemu-system-x86_64 cpio dpkg-deb gzip apt-get ldd; do
 	command -v "$tool" >/dev/null || { echo "run-qemu: $tool not found (deploy/deps.sh installs it)" >&2; exit 2; }
@@ -99,7 +110,7 @@ log "kernel $(basename "$kernel_deb"), $(basename "$bb_deb")"
 # --- 3. the initramfs ---------------------------------------------------------------
 root=$(mktemp -d "${TMPDIR:-/tmp}/kvmesh-rdma-root.XXXXXX")
 trap 'rm -rf "$root"' EXIT
-mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/lib/x86_64-linux-gnu,usr/lib64,etc/libibverbs.d,lib/modules,proc,sys,dev,tmp,run,var/run/netns,tests}
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,usr/lib/x86_64-linux-gnu,usr/lib64,etc/libibverbs.d,lib/modules,proc,sys,dev,tmp,run,var/run/netns,tests,cluster}
 # Debian 12 is /usr-merged: ldd names /lib/x86_64-linux-gnu/..., the ELF interpreter is
 # /lib64/ld-linux-x86-64.so.2, and the rxe provider is looked up under /usr/lib.
 ln -s usr/lib64 "$root/lib64"
@@ -139,10 +150,18 @@ provider=$(ls /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav*.so | head -n1) 
 	log "rxe provider not found (install ibverbs-providers)"; exit 2; }
 put_with_libs "$provider"
 cp /etc/libibverbs.d/rxe.driver "$root/etc/libibverbs.d/"
-for b in "$@"; do
+for b in ${tests[@]+"${tests[@]}"}; do
 	put_libs "$b"
 	cp -L "$b" "$root/tests/"
 done
+for b in ${cluster[@]+"${cluster[@]}"}; do
+	put_libs "$b"
+	cp -L "$b" "$root/cluster/"
+done
+# gRPC (the daemons' control plane) resolves only IP literals in the guest; give
+# its resolver the files it reads anyway.
+printf '127.0.0.1 localhost\n' >"$root/etc/hosts"
+: >"$root/etc/resolv.conf"
 cp "$here/init.sh" "$root/init"
 chmod 755 "$root/init"
 
