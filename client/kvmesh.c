@@ -20,13 +20,7 @@
 #include "proto/kvmesh.pb-c.h"
 #include "transport/transport.h"
 
-/* The data-plane arena that names whole sequences (docs/cluster-attention.md). */
-#ifndef WIRE_ARENA_SEQUENCE
-#define WIRE_ARENA_SEQUENCE 64
-#endif
-
 #define ID_MAX 64
-#define MAX_LAYERS 1024
 
 /* What the client remembers of a sequence it works on: where its home agent
  * listens, its data-plane name, and the next token position of each layer
@@ -37,6 +31,7 @@ typedef struct seq_state {
 	char home[ID_MAX];
 	char home_data[128];
 	uint64_t data_id;
+	uint32_t layers;
 	uint32_t *pos; /* [layers] */
 	struct seq_state *next;
 } seq_state;
@@ -489,6 +484,24 @@ static void data_peer_drop(kvm_client *c, const char *addr)
 	pthread_mutex_unlock(&c->mu);
 }
 
+/* Finishes a one-request wait: submit_rc is what the request function
+ * returned (its callback does not run when it refused), then waits for the
+ * request and frees the waiter. */
+static int waiter_finish(xport_waiter *w, int submit_rc)
+{
+	if (submit_rc)
+		xport_waiter_cb(w, submit_rc);
+	int rc = xport_waiter_wait(w);
+	xport_waiter_destroy(w);
+	return rc;
+}
+
+static void waiter_start(xport_waiter *w)
+{
+	xport_waiter_init(w);
+	xport_waiter_add(w, 1);
+}
+
 /* ---- sequences ------------------------------------------------------------------- */
 
 static uint64_t data_id_of(const char *id)
@@ -545,6 +558,7 @@ static int seq_learn(kvm_client *c, const Kvmesh__V1__Sequence *p)
 		snprintf(s->id, sizeof(s->id), "%s", p->id);
 		snprintf(s->model, sizeof(s->model), "%s", p->model_id);
 		s->data_id = data_id_of(p->id);
+		s->layers = m.layers;
 		s->pos = pos;
 		/* A sequence created with a shared prefix starts after it. */
 		for (uint32_t l = 0; l < m.layers; l++)
@@ -666,7 +680,7 @@ int kvm_match_prefix(kvm_client *c, const char *model_id, const uint32_t *tokens
 #define PUT_BATCH_BYTES (16u << 20)
 
 static int put_blocks(kvm_client *c, const char *node, const char *model, const char *seq, uint32_t first,
-		      uint32_t n, const void *const *blocks, const kvs_key *keys, size_t block_bytes)
+		      uint32_t n, const void *const *blocks, uint8_t (*keys)[16], size_t block_bytes)
 {
 	kvm_rpc_channel *ch;
 	int rc = node_lookup(c, node, &ch, NULL, 0);
@@ -681,8 +695,8 @@ static int put_blocks(kvm_client *c, const char *node, const char *model, const 
 	}
 	for (uint32_t i = 0; i < n; i++) {
 		kvmesh__v1__block_data__init(&bd[i]);
-		bd[i].key.data = (uint8_t *)&keys[i];
-		bd[i].key.len = sizeof(kvs_key);
+		bd[i].key.data = keys[i];
+		bd[i].key.len = 16;
 		bd[i].data.data = (uint8_t *)blocks[i];
 		bd[i].data.len = block_bytes;
 		bp[i] = &bd[i];
@@ -745,16 +759,17 @@ int kvm_seq_write_blocks(kvm_client *c, const char *seq_id, const uint32_t *toke
 	}
 	if ((rc = seq_learn(c, s)) != 0)
 		goto out;
-	kvs_key *keys = malloc((n_blocks ? n_blocks : 1) * sizeof(*keys));
+	uint8_t(*keys)[16] = malloc((n_blocks ? n_blocks : 1) * sizeof(*keys));
 	if (!keys) {
 		rc = -ENOMEM;
 		goto out;
 	}
 	uint64_t model_hash = XXH3_64bits(m.id, strlen(m.id));
 	kvs_key parent = KVS_KEY_ROOT;
-	for (uint32_t i = 0; i < n_blocks; i++)
-		parent = keys[i] = kvs_key_chain(parent, model_hash, tokens + (size_t)i * m.block_tokens,
-						 m.block_tokens);
+	for (uint32_t i = 0; i < n_blocks; i++) {
+		parent = kvs_key_chain(parent, model_hash, tokens + (size_t)i * m.block_tokens, m.block_tokens);
+		kvs_key_to_bytes(parent, keys[i]);
+	}
 	size_t bb = kvm_block_bytes(&m);
 	uint32_t per_call = (uint32_t)(PUT_BATCH_BYTES / bb) ? (uint32_t)(PUT_BATCH_BYTES / bb) : 1;
 	/* Runs of consecutive unwritten blocks on one node go in one call. */
@@ -811,6 +826,11 @@ static int seq_ref_get(kvm_client *c, const char *id, uint32_t layer, seq_ref *o
 	for (int attempt = 0; attempt < 2; attempt++) {
 		pthread_mutex_lock(&c->mu);
 		seq_state *s = seq_find(c, id);
+		if (s && layer >= s->layers) {
+			uint32_t layers = s->layers;
+			pthread_mutex_unlock(&c->mu);
+			return fail(c, -EINVAL, "layer %u of a model with %u layers", layer, layers);
+		}
 		if (s) {
 			snprintf(out->home, sizeof(out->home), "%s", s->home);
 			snprintf(out->home_data, sizeof(out->home_data), "%s", s->home_data);
@@ -866,14 +886,8 @@ static void explain_failure(kvm_client *c, const char *seq_id, int status, char 
 			prc = data_peer_get(c, data, &peer);
 		if (prc == 0) {
 			xport_waiter w;
-			xport_waiter_init(&w);
-			xport_waiter_add(&w, 1);
-			prc = xport_ping(peer, 1000, xport_waiter_cb, &w);
-			if (prc == 0)
-				prc = xport_waiter_wait(&w);
-			else
-				xport_waiter_cb(&w, prc), xport_waiter_wait(&w);
-			xport_waiter_destroy(&w);
+			waiter_start(&w);
+			prc = waiter_finish(&w, xport_ping(peer, 1000, xport_waiter_cb, &w));
 			if (prc != 0)
 				data_peer_drop(c, data);
 		}
@@ -907,27 +921,9 @@ typedef struct home_batch {
 	xport_append_io *app;
 	xport_attend_query *att;
 	wire_handle *h;
-	xport_waiter w;
-	int rc;
+	xport_waiter w_app, w_att; /* the APPEND_KV and the ATTEND */
+	int rc, rc_app;
 } home_batch;
-
-static int run_append(kvm_client *c, home_batch *hb, uint32_t n_homes)
-{
-	for (uint32_t b = 0; b < n_homes; b++) {
-		home_batch *h = &hb[b];
-		if (h->rc)
-			continue;
-		xport_waiter_add(&h->w, 1);
-		int rc = xport_append(h->peer, h->app, h->n, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb, &h->w);
-		if (rc)
-			xport_waiter_cb(&h->w, rc);
-	}
-	int first = 0;
-	for (uint32_t b = 0; b < n_homes; b++)
-		if (!hb[b].rc && (hb[b].rc = xport_waiter_wait(&hb[b].w)) != 0 && !first)
-			first = hb[b].rc;
-	return first;
-}
 
 int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q, uint32_t n)
 {
@@ -954,7 +950,7 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 			rc = fail(c, -EINVAL, "attend_append: query %u has a NULL pointer", i);
 			goto out;
 		}
-		if ((rc = seq_ref_get(c, q[i].seq_id, layer < MAX_LAYERS ? layer : 0, &refs[i])) != 0)
+		if ((rc = seq_ref_get(c, q[i].seq_id, layer, &refs[i])) != 0)
 			goto out;
 		pthread_mutex_lock(&c->mu);
 		seq_state *s = seq_find(c, q[i].seq_id);
@@ -984,7 +980,8 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 			;
 		if (b == n_homes) {
 			snprintf(hb[b].addr, sizeof(hb[b].addr), "%s", refs[i].home_data);
-			xport_waiter_init(&hb[b].w);
+			xport_waiter_init(&hb[b].w_app);
+			xport_waiter_init(&hb[b].w_att);
 			n_homes++;
 		}
 	}
@@ -1016,12 +1013,6 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 							    .o = q[i].o,
 							    .lse = q[i].lse};
 		}
-	/* 1. the new K/V rows, to every home at once; 2. the queries. */
-	run_append(c, hb, n_homes);
-	for (uint32_t b = 0; b < n_homes; b++)
-		for (uint32_t k = 0; !hb[b].rc && k < hb[b].n; k++)
-			if (hb[b].app[k].status == 0)
-				seq_advance(c, q[hb[b].qi[k]].seq_id, layer, 1);
 	wire_shape shape = {.q_heads = m.q_heads,
 			    .kv_heads = m.kv_heads,
 			    .head_dim = m.head_dim,
@@ -1029,40 +1020,50 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 			    .layer = layer,
 			    .kv_dtype = m.dtype == KVM_F32 ? 0u : m.dtype == KVM_F16 ? 1u : 2u,
 			    .scale = scale};
+	/* To every home at once: the new K/V rows, then the queries right
+	 * behind them on the same connection (one round trip). The home
+	 * applies an APPEND_KV when its frame arrives, before it reads the
+	 * next frame, so the ATTEND sees the row; an append that fails makes
+	 * the attend fail too, and the append's error is the one reported. */
 	for (uint32_t b = 0; b < n_homes; b++) {
 		home_batch *hh = &hb[b];
 		if (hh->rc)
 			continue;
-		/* Queries whose append failed do not attend. */
-		uint32_t keep = 0;
-		for (uint32_t k = 0; k < hh->n; k++)
-			if (hh->app[k].status == 0)
-				keep++;
-		if (keep != hh->n) {
-			hh->rc = hh->app[0].status ? hh->app[0].status : -EIO;
-			for (uint32_t k = 0; k < hh->n; k++)
-				if (hh->app[k].status)
-					hh->rc = hh->app[k].status;
+		uint32_t t = (uint32_t)c->opts.data_timeout_ms;
+		xport_waiter_add(&hh->w_app, 1);
+		int arc = xport_append(hh->peer, hh->app, hh->n, t, xport_waiter_cb, &hh->w_app);
+		if (arc) {
+			xport_waiter_cb(&hh->w_app, arc);
 			continue;
 		}
-		xport_waiter_add(&hh->w, 1);
-		int arc = xport_attend(hh->peer, &shape, hh->att, hh->n, (uint32_t)c->opts.data_timeout_ms,
-				       xport_waiter_cb, &hh->w);
-		if (arc)
-			xport_waiter_cb(&hh->w, arc);
+		xport_waiter_add(&hh->w_att, 1);
+		if ((arc = xport_attend(hh->peer, &shape, hh->att, hh->n, t, xport_waiter_cb, &hh->w_att)) != 0)
+			xport_waiter_cb(&hh->w_att, arc);
+	}
+	for (uint32_t b = 0; b < n_homes; b++) {
+		home_batch *hh = &hb[b];
+		if (hh->rc)
+			continue;
+		hh->rc_app = xport_waiter_wait(&hh->w_app);
+		hh->rc = xport_waiter_wait(&hh->w_att);
+		for (uint32_t k = 0; !hh->rc_app && k < hh->n; k++)
+			if (hh->app[k].status == 0)
+				seq_advance(c, q[hh->qi[k]].seq_id, layer, 1);
+		if (hh->rc_app)
+			hh->rc = hh->rc_app;
 	}
 	uint64_t qbytes = (uint64_t)m.q_heads * m.head_dim * 4, obytes = qbytes + (uint64_t)m.q_heads * 4;
 	for (uint32_t b = 0; b < n_homes; b++) {
 		home_batch *hh = &hb[b];
-		if (!hh->rc)
-			hh->rc = xport_waiter_wait(&hh->w);
 		c->bytes_out += 2 * (WIRE_HDR_LEN + wire_append_req_size(hh->n)) +
 				(uint64_t)hh->n * (2 * row + qbytes + 12 + 8) +
 				wire_attend_req_size(hh->n, hh->n);
 		c->bytes_in += 2 * (WIRE_HDR_LEN + wire_status_reply_size(hh->n)) + (uint64_t)hh->n * obytes;
 		for (uint32_t k = 0; k < hh->n; k++) {
 			uint32_t i = hh->qi[k];
-			int st = hh->rc ? hh->rc : hh->app[k].status ? hh->app[k].status : hh->att[k].status;
+			int st = hh->rc_app ? hh->rc_app
+				 : hh->app[k].status ? hh->app[k].status
+				 : hh->rc ? hh->rc : hh->att[k].status;
 			q[i].status = st;
 		}
 	}
@@ -1076,8 +1077,10 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 		}
 out:
 	for (uint32_t b = 0; hb && b < n; b++)
-		if (hb[b].addr[0])
-			xport_waiter_destroy(&hb[b].w);
+		if (hb[b].addr[0]) {
+			xport_waiter_destroy(&hb[b].w_app);
+			xport_waiter_destroy(&hb[b].w_att);
+		}
 	free(refs);
 	free(hb);
 	free(qi);
@@ -1126,13 +1129,8 @@ int kvm_append_kv(kvm_client *c, const char *seq_id, uint32_t layer, uint32_t n_
 				     .k = (const uint8_t *)k + done * row,
 				     .v = (const uint8_t *)v + done * row};
 		xport_waiter w;
-		xport_waiter_init(&w);
-		xport_waiter_add(&w, 1);
-		rc = xport_append(peer, &a, 1, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb, &w);
-		if (rc)
-			xport_waiter_cb(&w, rc);
-		rc = xport_waiter_wait(&w);
-		xport_waiter_destroy(&w);
+		waiter_start(&w);
+		rc = waiter_finish(&w, xport_append(peer, &a, 1, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb, &w));
 		if (rc == 0)
 			rc = a.status;
 		c->bytes_out += WIRE_HDR_LEN + wire_append_req_size(1) + 2ull * take * row;
@@ -1184,13 +1182,9 @@ int kvm_seq_read_blocks(kvm_client *c, const char *seq_id, uint32_t first, uint3
 					     .len = (uint32_t)bb},
 				     .buf = bufs[i - first]};
 		xport_waiter w;
-		xport_waiter_init(&w);
-		xport_waiter_add(&w, 1);
-		rc = xport_get_blocks(peer, &io, 1, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb, &w);
-		if (rc)
-			xport_waiter_cb(&w, rc);
-		rc = xport_waiter_wait(&w);
-		xport_waiter_destroy(&w);
+		waiter_start(&w);
+		rc = waiter_finish(&w, xport_get_blocks(peer, &io, 1, (uint32_t)c->opts.data_timeout_ms, xport_waiter_cb,
+							&w));
 		if (rc == 0)
 			rc = io.status;
 		c->bytes_in += WIRE_HDR_LEN + bb;

@@ -32,14 +32,16 @@ $(CLIENT_LIB_A): $(CLIENT_PIC)
 BINS += $(CLIENT_LIB_A) $(CLIENT_LIB_SO)
 
 # kvmesh-demo: a local cluster doing real distributed attention (`make run`).
-DEMO_OBJS := $(BUILD)/client/demo/main.o $(BUILD)/client/demo/model.o $(BUILD)/client/demo/launch.o
+DEMO_OBJS := $(BUILD)/client/demo/main.o $(BUILD)/client/demo/model.o $(BUILD)/client/demo/launch.o \
+	$(BUILD)/client/demo/nodes.o
 BINS += $(BUILD)/bin/kvmesh-demo
 $(BUILD)/bin/kvmesh-demo: $(DEMO_OBJS) $(BUILD)/client/kvmesh.o $(CORE_LIB)
 	@mkdir -p $(@D)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 # The attention benchmark starts a cluster the same way and links the client.
-$(BUILD)/bench/attention: $(BUILD)/bench/attention.o $(BUILD)/client/demo/launch.o $(BUILD)/client/kvmesh.o \
+$(BUILD)/bench/attention: $(BUILD)/bench/attention.o $(BUILD)/client/demo/launch.o $(BUILD)/client/demo/nodes.o \
+		$(BUILD)/client/kvmesh.o \
 		$(CORE_LIB)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
@@ -51,5 +53,5 @@ run:
 
 # The client's tests start a local cluster (launch.c) and link the client.
 $(BUILD)/tests/unit/test_client: $(BUILD)/tests/unit/test_client.o $(BUILD)/client/kvmesh.o \
-		$(BUILD)/client/demo/launch.o $(CORE_LIB)
+		$(BUILD)/client/demo/launch.o $(BUILD)/client/demo/nodes.o $(CORE_LIB)
 	$(CC) $(LDFLAGS) $^ -o $@ $(CRITERION_LIBS) $(LDLIBS)

@@ -37,25 +37,13 @@ uint32_t coord_node_ix(kvm_coord *c, const char *id)
 	return NO_NODE;
 }
 
-/* The wire form of a key: lo then hi, each little-endian (what a memcpy of
- * kvs_key gives on the little-endian hosts kvstore supports). */
-void coord_key_bytes(kvs_key k, uint8_t out[16])
-{
-	for (int i = 0; i < 8; i++) {
-		out[i] = (uint8_t)(k.lo >> (8 * i));
-		out[8 + i] = (uint8_t)(k.hi >> (8 * i));
-	}
-}
-
+/* A key from its 16-byte proto form (kvs_key_from_bytes); -EINVAL for
+ * another length. */
 int coord_key_from(const ProtobufCBinaryData *b, kvs_key *out)
 {
 	if (b->len != 16)
 		return -EINVAL;
-	out->lo = out->hi = 0;
-	for (int i = 0; i < 8; i++) {
-		out->lo |= (uint64_t)b->data[i] << (8 * i);
-		out->hi |= (uint64_t)b->data[8 + i] << (8 * i);
-	}
+	*out = kvs_key_from_bytes(b->data);
 	return 0;
 }
 
@@ -572,7 +560,7 @@ int coord_match_prefix(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 		kvmesh__v1__block_placement__init(&p[i]);
 		kvmesh__v1__block_handle__init(&h[i]);
 		set_handle(&h[i], &run[i]->h);
-		coord_key_bytes(run[i]->key, kb[i]);
+		kvs_key_to_bytes(run[i]->key, kb[i]);
 		Kvmesh__V1__Node *reg = kvmesh__v1__node__unpack(NULL, nd->reg_len, nd->reg);
 		addr[i] = strdup(reg ? reg->data_address : "");
 		if (reg)

@@ -142,6 +142,7 @@ void coord_emit(kvm_coord *c, Kvmesh__V1__Event *ev);
 int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_get_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
+int coord_list_sequences(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_recover_sequences(kvm_coord *c);
 void coord_node_lost(kvm_coord *c, const char *node_id);
@@ -172,7 +173,6 @@ void coord_blk_remove(kvm_coord *c, blk_ent *be);
  * live handle: fills out[0..k) and returns k (at most cap). */
 uint32_t coord_match_run(kvm_coord *c, uint64_t model, uint32_t bt, const uint32_t *tokens,
 			 size_t n, blk_ent **out, uint32_t cap);
-void coord_key_bytes(kvs_key k, uint8_t out[16]);
 int coord_key_from(const ProtobufCBinaryData *b, kvs_key *out);
 /* Takes ownership of cmd: queues it for node ix (freed if dropped). */
 void coord_queue_cmd(kvm_coord *c, uint32_t node, cmd_rec *cmd);

@@ -725,6 +725,7 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 		{"CreateSequence", false, coord_create_sequence},
 		{"ExtendSequence", false, coord_extend_sequence},
 		{"GetSequence", false, coord_get_sequence},
+		{"ListSequences", false, coord_list_sequences},
 		{"MatchPrefix", false, coord_match_prefix},
 		{"ReleaseSequence", false, coord_release_sequence},
 		{"ListNodes", false, list_nodes},

@@ -260,14 +260,14 @@ static void overlay_apply(kvm_coord *c, Kvmesh__V1__Sequence *s, overlay *o)
 		if (sl->be && sl->be->known) {
 			h = &sl->be->h;
 			p->tokens = sl->be->tokens;
-			coord_key_bytes(sl->be->key, o->kb[i]);
+			kvs_key_to_bytes(sl->be->key, o->kb[i]);
 			p->key.data = o->kb[i];
 			p->key.len = 16;
 		} else if (!sl->be && sl->known) {
 			h = &sl->h;
 			p->tokens = sl->tokens;
 			if (sl->keyed) {
-				coord_key_bytes(sl->key, o->kb[i]);
+				kvs_key_to_bytes(sl->key, o->kb[i]);
 				p->key.data = o->kb[i];
 				p->key.len = 16;
 			}
@@ -317,7 +317,7 @@ static void store_writer_keys(kvm_coord *c, blk_ent **run, uint32_t k, uint64_t 
 				if (run[j]->writer != w || run[j]->writer_key_stored ||
 				    run[j]->writer_index >= s->n_blocks)
 					continue;
-				coord_key_bytes(run[j]->key, kb[run[j]->writer_index]);
+				kvs_key_to_bytes(run[j]->key, kb[run[j]->writer_index]);
 				s->blocks[run[j]->writer_index]->key.data = kb[run[j]->writer_index];
 				s->blocks[run[j]->writer_index]->key.len = 16;
 				run[j]->writer_key_stored = true;
@@ -357,7 +357,7 @@ static int shared_blocks(kvm_coord *c, const char *home, blk_ent **run, uint32_t
 		p->data_address = strdup(data_address_of(c, node, addr, sizeof(addr)));
 		p->borrowed = strcmp(node, home) != 0;
 		p->tokens = run[i]->tokens;
-		coord_key_bytes(run[i]->key, kb[i]);
+		kvs_key_to_bytes(run[i]->key, kb[i]);
 		p->key.data = kb[i];
 		p->key.len = 16;
 		kvmesh__v1__block_handle__init(&h[i]);
@@ -538,7 +538,8 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 			if (!all) {
 				rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
 			} else {
-				memcpy(all, s->blocks, have * sizeof(*all));
+				if (have) /* a fresh sequence has no array (memcpy from NULL is UB) */
+					memcpy(all, s->blocks, have * sizeof(*all));
 				memcpy(all + have, nb.ptrs, nb.n * sizeof(*all));
 				s->blocks = all;
 				s->n_blocks = have + nb.n;
@@ -623,6 +624,91 @@ int coord_get_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 	if (s)
 		kvmesh__v1__sequence__free_unpacked(s, NULL);
 	kvmesh__v1__get_sequence_request__free_unpacked(r, NULL);
+	return rc;
+}
+
+/* ListSequences: the durable records under "seqs/", sorted by id (the scan's
+ * order is the store's; sorted here so that paging by id works). */
+typedef struct list_acc {
+	const char *model, *after;
+	Kvmesh__V1__Sequence **seqs;
+	size_t n, cap;
+	int err;
+} list_acc;
+
+static int list_visit(void *arg, const char *key, const void *val, size_t len)
+{
+	list_acc *a = arg;
+	(void)key;
+	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, val);
+	if (!s)
+		return 0; /* a record this version cannot read is skipped, not fatal */
+	if ((a->model[0] && strcmp(s->model_id, a->model) != 0) || (a->after[0] && strcmp(s->id, a->after) <= 0)) {
+		kvmesh__v1__sequence__free_unpacked(s, NULL);
+		return 0;
+	}
+	if (a->n == a->cap) {
+		size_t cap = a->cap ? a->cap * 2 : 64;
+		Kvmesh__V1__Sequence **p = realloc(a->seqs, cap * sizeof(*p));
+		if (!p) {
+			kvmesh__v1__sequence__free_unpacked(s, NULL);
+			a->err = -ENOMEM;
+			return -ENOMEM;
+		}
+		a->seqs = p, a->cap = cap;
+	}
+	a->seqs[a->n++] = s;
+	return 0;
+}
+
+static int seq_id_cmp(const void *x, const void *y)
+{
+	return strcmp((*(Kvmesh__V1__Sequence *const *)x)->id, (*(Kvmesh__V1__Sequence *const *)y)->id);
+}
+
+int coord_list_sequences(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	kvm_coord *c = arg;
+	Kvmesh__V1__ListSequencesRequest *r = kvmesh__v1__list_sequences_request__unpack(NULL, len, req);
+	if (!r)
+		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed ListSequencesRequest");
+	uint32_t limit = r->limit ? r->limit : 1000;
+	if (limit > 100000) {
+		kvmesh__v1__list_sequences_request__free_unpacked(r, NULL);
+		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "limit %u is above 100000", r->limit);
+	}
+	list_acc a = {.model = r->model_id, .after = r->after};
+	pthread_mutex_lock(&c->mu);
+	int src = kvm_state_scan(c->st, "seqs/", list_visit, &a);
+	pthread_mutex_unlock(&c->mu);
+	int rc;
+	if (src || a.err) {
+		rc = kvm_rpc_fail(call, KVM_RPC_INTERNAL, "state store: %s", strerror(-(src ? src : a.err)));
+	} else {
+		qsort(a.seqs, a.n, sizeof(*a.seqs), seq_id_cmp);
+		size_t n = a.n < limit ? a.n : limit;
+		/* Blocks are left out: block_count says how many. */
+		size_t *saved = calloc(n ? n : 1, sizeof(*saved));
+		for (size_t i = 0; saved && i < n; i++) {
+			Kvmesh__V1__Sequence *s = a.seqs[i];
+			s->data_id = coord_data_id(s->id);
+			s->block_count = (uint32_t)s->n_blocks;
+			saved[i] = s->n_blocks;
+			s->n_blocks = 0;
+		}
+		Kvmesh__V1__ListSequencesResponse resp = KVMESH__V1__LIST_SEQUENCES_RESPONSE__INIT;
+		resp.sequences = a.seqs;
+		resp.n_sequences = n;
+		resp.more = a.n > n;
+		rc = saved ? coord_reply(call, &resp.base) : kvm_rpc_fail(call, KVM_RPC_INTERNAL, "out of memory");
+		for (size_t i = 0; saved && i < n; i++)
+			a.seqs[i]->n_blocks = saved[i];
+		free(saved);
+	}
+	for (size_t i = 0; i < a.n; i++)
+		kvmesh__v1__sequence__free_unpacked(a.seqs[i], NULL);
+	free(a.seqs);
+	kvmesh__v1__list_sequences_request__free_unpacked(r, NULL);
 	return rc;
 }
 

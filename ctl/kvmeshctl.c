@@ -28,7 +28,7 @@ static const char *usage_text =
 	"commands:\n"
 	"  nodes           list nodes: state, capacity, blocks lent and borrowed\n"
 	"  models          list registered models and their block geometry\n"
-	"  sequences       list sequences\n"
+	"  sequences [MODEL]  list sequences (of MODEL): home, tokens, blocks\n"
 	"  seq SEQ         one sequence's block map\n"
 	"  cordon NODE     no new blocks on NODE\n"
 	"  drain NODE      no new blocks on NODE, and release what it holds\n"
@@ -232,6 +232,30 @@ static int cmd_seq(ctl *c, const char *id)
 	free(resp);
 	if (!s)
 		return EXIT_REFUSED;
+	if (c->json) {
+		printf("{\"id\":");
+		json_str(s->id);
+		printf(",\"model\":");
+		json_str(s->model_id);
+		printf(",\"home\":");
+		json_str(s->home_node);
+		printf(",\"tokens\":%" PRIu64 ",\"data_id\":%" PRIu64 ",\"degraded\":%s,"
+		       "\"shared_prefix_blocks\":%u,\"blocks\":[",
+		       s->tokens, s->data_id, s->degraded ? "true" : "false", s->shared_prefix_blocks);
+		for (size_t i = 0; i < s->n_blocks; i++) {
+			const Kvmesh__V1__BlockPlacement *b = s->blocks[i];
+			printf("%s{\"index\":%u,\"node\":", i ? "," : "", b->index);
+			json_str(b->node_id);
+			printf(",\"borrowed\":%s,\"tokens\":%u", b->borrowed ? "true" : "false", b->tokens);
+			if (b->handle)
+				printf(",\"handle\":{\"slot\":%u,\"generation\":%u}", b->handle->slot,
+				       b->handle->generation);
+			printf("}");
+		}
+		printf("]}\n");
+		kvmesh__v1__sequence__free_unpacked(s, NULL);
+		return EXIT_OK;
+	}
 	printf("sequence %s model %s home %s tokens %" PRIu64 " data_id %" PRIu64 "%s\n", s->id,
 	       s->model_id, s->home_node, s->tokens, s->data_id, s->degraded ? " DEGRADED" : "");
 	if (s->shared_prefix_blocks)
@@ -248,12 +272,61 @@ static int cmd_seq(ctl *c, const char *id)
 	return EXIT_OK;
 }
 
-static int cmd_sequences(ctl *c)
+static int cmd_sequences(ctl *c, const char *model)
 {
-	(void)c;
-	fprintf(stderr, "kvmeshctl: sequences: the coordinator has no ListSequences call yet; "
-			"use `kvmeshctl seq SEQ` for one sequence\n");
-	return EXIT_REFUSED;
+	/* Pages of 1000 until the coordinator says there are no more. */
+	char after[256] = "";
+	bool first = true;
+	if (c->json)
+		printf("[");
+	else
+		printf("%-28s %-20s %-16s %10s %7s %7s %s\n", "SEQUENCE", "MODEL", "HOME", "TOKENS", "BLOCKS",
+		       "SHARED", "STATE");
+	for (;;) {
+		Kvmesh__V1__ListSequencesRequest req = KVMESH__V1__LIST_SEQUENCES_REQUEST__INIT;
+		req.model_id = (char *)(model ? model : "");
+		req.after = after;
+		void *resp;
+		size_t len;
+		int rc = call(c, "ListSequences", &req.base, &resp, &len);
+		if (rc != EXIT_OK)
+			return rc;
+		Kvmesh__V1__ListSequencesResponse *r = kvmesh__v1__list_sequences_response__unpack(NULL, len, resp);
+		free(resp);
+		if (!r) {
+			fprintf(stderr, "kvmeshctl: ListSequences: malformed response\n");
+			return EXIT_REFUSED;
+		}
+		for (size_t i = 0; i < r->n_sequences; i++) {
+			const Kvmesh__V1__Sequence *s = r->sequences[i];
+			if (c->json) {
+				printf("%s{\"id\":", first ? "" : ",");
+				json_str(s->id);
+				printf(",\"model\":");
+				json_str(s->model_id);
+				printf(",\"home\":");
+				json_str(s->home_node);
+				printf(",\"tokens\":%" PRIu64 ",\"blocks\":%u,\"shared_prefix_blocks\":%u,"
+				       "\"degraded\":%s,\"data_id\":%" PRIu64 "}",
+				       s->tokens, s->block_count, s->shared_prefix_blocks,
+				       s->degraded ? "true" : "false", s->data_id);
+			} else {
+				printf("%-28s %-20s %-16s %10" PRIu64 " %7u %7u %s\n", s->id, s->model_id, s->home_node,
+				       s->tokens, s->block_count, s->shared_prefix_blocks,
+				       s->degraded ? "degraded" : "ok");
+			}
+			first = false;
+		}
+		bool more = r->more && r->n_sequences > 0;
+		if (more)
+			snprintf(after, sizeof(after), "%s", r->sequences[r->n_sequences - 1]->id);
+		kvmesh__v1__list_sequences_response__free_unpacked(r, NULL);
+		if (!more)
+			break;
+	}
+	if (c->json)
+		printf("]\n");
+	return EXIT_OK;
 }
 
 static int cmd_node_state(ctl *c, const char *method, const char *node)
@@ -363,6 +436,9 @@ int main(int argc, char **argv)
 	c.timeout_ms = (int)timeout_ms;
 	const char *cmd = argv[1];
 	int want_args = (!strcmp(cmd, "seq") || !strcmp(cmd, "cordon") || !strcmp(cmd, "drain")) ? 1 : 0;
+	/* `sequences` takes an optional model. */
+	if (!strcmp(cmd, "sequences") && argc == 3)
+		want_args = 1;
 	bool known = want_args || !strcmp(cmd, "nodes") || !strcmp(cmd, "models") ||
 		     !strcmp(cmd, "sequences") || !strcmp(cmd, "watch");
 	if (!known) {
@@ -383,7 +459,7 @@ int main(int argc, char **argv)
 	else if (!strcmp(cmd, "models"))
 		rc = cmd_models(&c);
 	else if (!strcmp(cmd, "sequences"))
-		rc = cmd_sequences(&c);
+		rc = cmd_sequences(&c, argc == 3 ? argv[2] : NULL);
 	else if (!strcmp(cmd, "seq"))
 		rc = cmd_seq(&c, argv[2]);
 	else if (!strcmp(cmd, "cordon"))

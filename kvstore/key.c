@@ -34,3 +34,21 @@ kvs_key kvs_key_chain(kvs_key parent, uint64_t model, const uint32_t *tokens, ui
 	}
 	return (kvs_key){h.low64, h.high64};
 }
+
+void kvs_key_to_bytes(kvs_key k, uint8_t out[16])
+{
+	for (int i = 0; i < 8; i++) {
+		out[i] = (uint8_t)(k.lo >> (8 * i));
+		out[8 + i] = (uint8_t)(k.hi >> (8 * i));
+	}
+}
+
+kvs_key kvs_key_from_bytes(const uint8_t in[16])
+{
+	kvs_key k = {0, 0};
+	for (int i = 0; i < 8; i++) {
+		k.lo |= (uint64_t)in[i] << (8 * i);
+		k.hi |= (uint64_t)in[8 + i] << (8 * i);
+	}
+	return k;
+}

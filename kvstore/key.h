@@ -26,6 +26,11 @@ typedef struct kvs_key {
 /* The key of the block holding tokens[0..n) after the block keyed `parent`. */
 kvs_key kvs_key_chain(kvs_key parent, uint64_t model, const uint32_t *tokens, uint32_t n);
 
+/* The 16-byte form of a key in protos and on the wire: lo then hi, each
+ * little-endian (the coordinator, the agents and clients all use it). */
+void kvs_key_to_bytes(kvs_key k, uint8_t out[16]);
+kvs_key kvs_key_from_bytes(const uint8_t in[16]);
+
 static inline bool kvs_key_eq(kvs_key a, kvs_key b)
 {
 	return a.lo == b.lo && a.hi == b.hi;

@@ -16,7 +16,9 @@
 
 #define NIL UINT32_MAX
 
-enum { BLK_FREE = 0, BLK_TAIL = 1, BLK_FULL = 2 };
+/* LOOSE: a full block stored unkeyed by kvs_block_put: pinned, never in
+ * the index or the LRU list, freed by its last unpin. */
+enum { BLK_FREE = 0, BLK_TAIL = 1, BLK_FULL = 2, BLK_LOOSE = 3 };
 
 /* One block record: 56 bytes. The key must stay first (the index reads it). */
 struct blk {
@@ -70,6 +72,7 @@ struct kvs_store {
 	struct tier tiers[KVS_MAX_TIERS];
 
 	struct blk *blks;
+	uint32_t *pins;    /* per record: kvs_block_put pins (part of refs) */
 	uint32_t n_recs;   /* capacity: one record per slot of every tier */
 	uint32_t rec_free; /* free-list head */
 	struct kvs_index index;
@@ -82,7 +85,8 @@ struct kvs_store {
 	/* Prefix-index counters: also bumped by lock-free matches. */
 	_Atomic uint64_t hits, misses;
 	uint64_t seals, dedups, evictions, demotions, promotions, moves,
-		csum_failures, enospc;
+		csum_failures, enospc, puts;
+	uint32_t n_pins; /* pins held, over all records */
 
 	void (*log)(void *arg, const char *line);
 	void *log_arg;
@@ -156,6 +160,7 @@ static void rec_drop(kvs_store *s, uint32_t r)
 	b->gen++;
 	b->state = BLK_FREE;
 	b->refs = 0;
+	s->pins[r] = 0;
 	b->slot = KVS_HANDLE_NONE;
 	b->next = s->rec_free;
 	s->rec_free = r;
@@ -233,7 +238,8 @@ static int move_rec(kvs_store *s, uint32_t r, unsigned dst)
 {
 	struct blk *b = &s->blks[r];
 	int rc;
-	if (b->state == BLK_FULL && (rc = verify(s, r)))
+	int sealed = b->state == BLK_FULL || b->state == BLK_LOOSE;
+	if (sealed && (rc = verify(s, r)))
 		return rc;
 	kvs_handle h;
 	if ((rc = slot_get(s, dst, &h)))
@@ -241,7 +247,7 @@ static int move_rec(kvs_store *s, uint32_t r, unsigned dst)
 	struct tier *from = &s->tiers[b->tier], *to = &s->tiers[dst];
 	to->used++;
 	rc = kvs_arena_copy(to->arena, h, from->arena, b->slot);
-	if (!rc && b->state == BLK_FULL) {
+	if (!rc && sealed) {
 		uint64_t c;
 		rc = kvs_arena_checksum(to->arena, h, &c);
 		if (!rc && c != b->csum) {
@@ -424,13 +430,14 @@ int kvs_store_create(const kvs_store_config *c, kvs_store **out)
 	}
 	s->n_recs = (uint32_t)total;
 	s->blks = calloc(total, sizeof *s->blks);
+	s->pins = calloc(total, sizeof *s->pins);
 	uint32_t seq_cap = 16;
 	while (seq_cap < 2 * c->max_seqs)
 		seq_cap <<= 1;
 	s->seq_tab = calloc(seq_cap, sizeof *s->seq_tab);
 	s->seq_mask = seq_cap - 1;
 	int rc = -ENOMEM;
-	if (!s->blks || !s->seq_tab)
+	if (!s->blks || !s->pins || !s->seq_tab)
 		goto fail;
 	for (uint32_t r = 0; r < s->n_recs; r++)
 		s->blks[r].next = r + 1 < s->n_recs ? r + 1 : NIL;
@@ -446,6 +453,7 @@ int kvs_store_create(const kvs_store_config *c, kvs_store **out)
 	return 0;
 fail:
 	free(s->seq_tab);
+	free(s->pins);
 	free(s->blks);
 	free(s);
 	return rc;
@@ -478,6 +486,7 @@ void kvs_store_destroy(kvs_store *s)
 	kvs_index_fini(&s->index);
 	pthread_mutex_destroy(&s->mu);
 	free(s->seq_tab);
+	free(s->pins);
 	free(s->blks);
 	free(s);
 }
@@ -724,7 +733,7 @@ static void fill_ref(kvs_store *s, uint32_t r, kvs_block_ref *o)
 	kvs_arena_ptr(s->tiers[b->tier].arena, b->slot, &o->ptr);
 	o->key = b->key;
 	o->refs = b->refs;
-	o->sealed = b->state == BLK_FULL;
+	o->sealed = b->state == BLK_FULL || b->state == BLK_LOOSE;
 }
 
 int kvs_seq_blocks(kvs_store *s, kvs_seq_id id, uint32_t first, kvs_block_ref *out, uint32_t cap,
@@ -773,7 +782,7 @@ int kvs_block_verify(kvs_store *s, kvs_block_id id)
 	uint32_t r = blk_resolve(s, id);
 	if (r == NIL) {
 		rc = -ESTALE;
-	} else if (s->blks[r].state != BLK_FULL) {
+	} else if (s->blks[r].state == BLK_TAIL) {
 		rc = -EBUSY;
 	} else {
 		rc = verify(s, r);
@@ -793,7 +802,7 @@ int kvs_block_move(kvs_store *s, kvs_block_id id, unsigned tier)
 		rc = -ESTALE;
 	} else if (tier >= s->n_tiers) {
 		rc = -EINVAL;
-	} else if (s->blks[r].state != BLK_FULL) {
+	} else if (s->blks[r].state == BLK_TAIL) {
 		rc = -EBUSY;
 	} else if (s->blks[r].tier == tier) {
 		rc = 0;
@@ -809,6 +818,97 @@ int kvs_block_move(kvs_store *s, kvs_block_id id, unsigned tier)
 			s->evictions++;
 		} else if (was_lru) {
 			lru_push_front(s, r);
+		}
+	}
+	pthread_mutex_unlock(&s->mu);
+	return rc;
+}
+
+/* Takes a fresh slot for a block: the fastest tier with room (making room
+ * there by demotion or eviction of unreferenced blocks), then slower ones. */
+static int slot_any(kvs_store *s, unsigned *tier, kvs_handle *h)
+{
+	int rc;
+	unsigned t = 0;
+	while ((rc = slot_get(s, t, h)) == -ENOSPC && t + 1 < s->n_tiers)
+		t++;
+	*tier = t;
+	return rc;
+}
+
+static int do_block_put(kvs_store *s, const kvs_key *key, const void *bytes, kvs_block_ref *out)
+{
+	if (key) {
+		uint32_t dup = kvs_index_find(&s->index, *key);
+		/* The same key is the same content: pin the stored copy. One that
+		 * fails its checksum on the way is dropped, and ours is stored. */
+		if (dup != NIL && blk_take(s, dup) == 0) {
+			s->pins[dup]++;
+			s->n_pins++;
+			s->dedups++;
+			fill_ref(s, dup, out);
+			return 0;
+		}
+	}
+	kvs_handle h;
+	unsigned t;
+	int rc = slot_any(s, &t, &h);
+	if (rc) {
+		if (rc == -ENOSPC) {
+			s->enospc++;
+			log_full(s, "block_put", 0);
+		}
+		return rc;
+	}
+	struct tier *ti = &s->tiers[t];
+	uint64_t c;
+	if ((rc = kvs_arena_write(ti->arena, h, 0, bytes, s->block_bytes)) ||
+	    (rc = kvs_arena_checksum(ti->arena, h, &c))) {
+		kvs_arena_free(ti->arena, h);
+		return rc;
+	}
+	ti->used++;
+	uint32_t r = rec_new(s, t, h, key ? BLK_FULL : BLK_LOOSE);
+	struct blk *b = &s->blks[r];
+	b->csum = c;
+	if (key) {
+		b->key = *key;
+		kvs_index_insert(&s->index, *key, r); /* cannot fail: one entry per record */
+	}
+	s->pins[r] = 1;
+	s->n_pins++;
+	s->puts++;
+	fill_ref(s, r, out);
+	return 0;
+}
+
+int kvs_block_put(kvs_store *s, const kvs_key *key, const void *bytes, kvs_block_ref *out)
+{
+	if (!bytes || !out)
+		return -EINVAL;
+	pthread_mutex_lock(&s->mu);
+	int rc = do_block_put(s, key, bytes, out);
+	pthread_mutex_unlock(&s->mu);
+	return rc;
+}
+
+int kvs_block_unpin(kvs_store *s, kvs_block_id id)
+{
+	int rc = 0;
+	pthread_mutex_lock(&s->mu);
+	uint32_t r = blk_resolve(s, id);
+	if (r == NIL) {
+		rc = -ESTALE;
+	} else if (s->pins[r] == 0) {
+		rc = -EINVAL;
+	} else {
+		s->pins[r]--;
+		s->n_pins--;
+		if (s->blks[r].state == BLK_LOOSE) {
+			if (--s->blks[r].refs == 0)
+				rec_drop(s, r);
+		} else {
+			blk_put(s, r); /* keyed: stays cached, evictable once unreferenced */
 		}
 	}
 	pthread_mutex_unlock(&s->mu);
@@ -915,7 +1015,8 @@ int kvs_store_evict(kvs_store *s, unsigned tier, uint32_t n, uint32_t *n_evicted
 
 static size_t meta_bytes(const kvs_store *s)
 {
-	size_t m = sizeof *s + (size_t)s->n_recs * sizeof *s->blks + kvs_index_bytes(&s->index) +
+	size_t m = sizeof *s + (size_t)s->n_recs * (sizeof *s->blks + sizeof *s->pins) +
+		   kvs_index_bytes(&s->index) +
 		   ((size_t)s->seq_mask + 1) * sizeof *s->seq_tab;
 	for (unsigned t = 0; t < s->n_tiers; t++) {
 		kvs_arena_info ai;
@@ -952,6 +1053,8 @@ void kvs_store_get_stats(kvs_store *s, kvs_store_stats *o)
 	o->moves = s->moves;
 	o->csum_failures = s->csum_failures;
 	o->enospc = s->enospc;
+	o->puts = s->puts;
+	o->pins = s->n_pins;
 	o->meta_bytes = meta_bytes(s);
 	o->meta_bytes_per_block = (double)o->meta_bytes / s->n_recs;
 	pthread_mutex_unlock(&s->mu);
@@ -1018,7 +1121,7 @@ int kvs_store_check(kvs_store *s, unsigned flags)
 
 	/* Records: slot ownership, refs, index membership, tier counters. */
 	uint32_t used[KVS_MAX_TIERS] = {0}, tails[KVS_MAX_TIERS] = {0}, lru[KVS_MAX_TIERS] = {0};
-	uint32_t n_full = 0, n_free = 0;
+	uint32_t n_full = 0, n_free = 0, n_pins = 0;
 	for (uint32_t r = 0; r < s->n_recs; r++) {
 		struct blk *b = &s->blks[r];
 		if (b->state == BLK_FREE) {
@@ -1036,15 +1139,22 @@ int kvs_store_check(kvs_store *s, unsigned flags)
 		      seen[gslot] - 1);
 		seen[gslot] = r + 1;
 		used[b->tier]++;
-		CHECK(b->refs == refs[r], "what=refcount rec=%u has=%u want=%u", r, b->refs,
-		      refs[r]);
+		CHECK(b->refs == refs[r] + s->pins[r], "what=refcount rec=%u has=%u want=%u+%u pins",
+		      r, b->refs, refs[r], s->pins[r]);
+		n_pins += s->pins[r];
 		if (b->state == BLK_TAIL) {
 			tails[b->tier]++;
 			CHECK(!b->in_lru && b->refs == 1, "what=tail_state rec=%u", r);
 			continue;
 		}
-		n_full++;
-		CHECK(kvs_index_find(&s->index, b->key) == r, "what=not_indexed rec=%u", r);
+		if (b->state == BLK_LOOSE) {
+			CHECK(!b->in_lru && refs[r] == 0 && s->pins[r] > 0 &&
+				      kvs_index_find(&s->index, b->key) != r,
+			      "what=loose_state rec=%u", r);
+		} else {
+			n_full++;
+			CHECK(kvs_index_find(&s->index, b->key) == r, "what=not_indexed rec=%u", r);
+		}
 		CHECK(b->in_lru == (b->refs == 0), "what=lru_membership rec=%u refs=%u", r,
 		      b->refs);
 		if (flags & KVS_CHECK_CSUM) {
@@ -1053,6 +1163,7 @@ int kvs_store_check(kvs_store *s, unsigned flags)
 			      "what=checksum rec=%u", r);
 		}
 	}
+	CHECK(n_pins == s->n_pins, "what=pin_count has=%u want=%u", s->n_pins, n_pins);
 	CHECK(n_full == s->index.count, "what=index_count has=%u want=%u", s->index.count, n_full);
 	uint32_t fl = 0;
 	for (uint32_t r = s->rec_free; r != NIL && fl <= s->n_recs; r = s->blks[r].next)

@@ -140,7 +140,7 @@ typedef struct kvs_block_ref {
 	kvs_handle slot;
 	void *ptr;
 	kvs_key key;        /* zero for the tail and remote entries */
-	uint32_t refs;      /* sequences listing it (1 for a tail) */
+	uint32_t refs;      /* sequences listing it (1 for a tail), plus pins */
 	int sealed;         /* 0 only for the tail */
 } kvs_block_ref;
 
@@ -172,6 +172,23 @@ int kvs_block_verify(kvs_store *s, kvs_block_id b);
  * pointer change; readers must not hold them. -ENOSPC, -EIO, -ESTALE,
  * -EBUSY for a tail, -EINVAL for a missing tier. */
 int kvs_block_move(kvs_store *s, kvs_block_id b, unsigned tier);
+
+/* Stores one full block of a cluster sequence (PutBlocks, or a sealed tail
+ * of a home sequence) and pins it: it is never moved to make room nor
+ * evicted while pinned, and pins count as references in the statistics and
+ * in kvs_store_check. bytes (block_bytes of them, host memory, caller's) are
+ * copied into a slot of the fastest tier with room (unreferenced cached
+ * blocks may be demoted or evicted for it) and checksummed. A keyed block
+ * enters the prefix index; if an equal key is already stored, that block is
+ * pinned instead and nothing is copied (deduplication). key NULL: an
+ * unkeyed block (written by decode), never indexed or shared. *out
+ * describes the pinned block. -ENOSPC, -EIO, -EINVAL. */
+int kvs_block_put(kvs_store *s, const kvs_key *key, const void *bytes, kvs_block_ref *out);
+
+/* Drops one pin of kvs_block_put. A keyed block with no references left
+ * stays cached and evictable; an unkeyed one is freed. -ESTALE, -EINVAL if
+ * the block holds no pin. */
+int kvs_block_unpin(kvs_store *s, kvs_block_id b);
 
 /* ---- prefix index --------------------------------------------------------- */
 
@@ -219,6 +236,8 @@ typedef struct kvs_store_stats {
 	uint64_t moves;       /* every tier move, including the above */
 	uint64_t csum_failures;
 	uint64_t enospc;      /* requests refused for lack of space */
+	uint64_t puts;        /* blocks stored by kvs_block_put (not deduplicated) */
+	uint32_t pins;        /* pins held now */
 	size_t meta_bytes;    /* metadata memory: records, index, arenas' slot
 				 bookkeeping, sequence table (not the blocks) */
 	double meta_bytes_per_block; /* meta_bytes / slots of all tiers */

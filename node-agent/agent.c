@@ -5,9 +5,12 @@
  * from the coordinator, sizes its block pool from --host-pool, registers,
  * heartbeats its capacity and load, and registers again whenever the
  * coordinator no longer knows it (a coordinator restart, or being declared
- * dead). It serves the health service and Agent.Stats; the block and
- * attention calls and the data plane arrive with the transport (issue 5).
+ * dead). After every registration it reports the blocks it holds in full.
+ * It serves the health service, Agent.* over gRPC (blocks.c, homeseq.c)
+ * and the data plane on --data-address. Heartbeat responses carry commands:
+ * ReleaseBlocks (unpin), ReleaseSequence (drop a home sequence), Drain.
  * SIGTERM: stop serving, say so in the health service, exit cleanly. */
+#include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -29,42 +32,21 @@
 #include "kvstore/store.h"
 #include "proto/kvmesh.pb-c.h"
 #include "coordinator/links.h"
+#include "node-agent/agent.h"
 #include "transport/nic.h"
+#include "transport/transport.h"
 #include <xxhash.h>
 
-typedef struct agent {
-	char node_id[KVM_OPT_STRING_MAX], coordinator[KVM_OPT_STRING_MAX];
-	char listen[KVM_OPT_STRING_MAX], data_address[KVM_OPT_STRING_MAX];
-	char model_id[KVM_OPT_STRING_MAX];
-	uint64_t host_pool_bytes;
-	int64_t call_timeout_ms;
-
-	kvm_rpc_channel *coord;
-	kvs_geom geom;
-	kvs_arena *arena;
-	kvs_store *store;
-	uint64_t epoch;
-	uint32_t heartbeat_ms;
-
-	pthread_mutex_t mu;
-	pthread_cond_t cv;
-	bool stopping;
-} agent;
-
-/* Calls the coordinator: returns the gRPC status code (or UNAVAILABLE when
- * the call could not be made); *resp is malloc'd on success. */
-static int coord_call(agent *a, const char *method, const ProtobufCMessage *req, void **resp,
-		      size_t *len, char *msg, size_t msg_len)
+static int rpc_call(kvm_rpc_channel *ch, const char *path, const ProtobufCMessage *req,
+		    int64_t timeout_ms, void **resp, size_t *len, char *msg, size_t msg_len)
 {
 	size_t n = protobuf_c_message_get_packed_size(req);
 	uint8_t *buf = malloc(n ? n : 1);
 	if (!buf)
 		return KVM_RPC_RESOURCE_EXHAUSTED;
 	protobuf_c_message_pack(req, buf);
-	char path[128];
-	snprintf(path, sizeof(path), "/kvmesh.v1.Coordinator/%s", method);
 	kvm_rpc_status st;
-	int rc = kvm_rpc_unary(a->coord, path, buf, n, (int)a->call_timeout_ms, resp, len, &st);
+	int rc = kvm_rpc_unary(ch, path, buf, n, (int)timeout_ms, resp, len, &st);
 	free(buf);
 	if (rc != 0) {
 		snprintf(msg, msg_len, "%s", strerror(-rc));
@@ -72,6 +54,41 @@ static int coord_call(agent *a, const char *method, const ProtobufCMessage *req,
 	}
 	snprintf(msg, msg_len, "%s", st.message);
 	return st.code;
+}
+
+int agent_coord_call(agent *a, const char *method, const ProtobufCMessage *req, void **resp,
+		     size_t *len, char *msg, size_t msg_len)
+{
+	char path[128];
+	snprintf(path, sizeof(path), "/kvmesh.v1.Coordinator/%s", method);
+	return rpc_call(a->coord, path, req, a->call_timeout_ms, resp, len, msg, msg_len);
+}
+
+int agent_peer_call(agent *a, kvm_rpc_channel *ch, const char *method, const ProtobufCMessage *req,
+		    void **resp, size_t *len, char *msg, size_t msg_len)
+{
+	char path[128];
+	snprintf(path, sizeof(path), "/kvmesh.v1.Agent/%s", method);
+	return rpc_call(ch, path, req, a->call_timeout_ms, resp, len, msg, msg_len);
+}
+
+static int coord_call(agent *a, const char *method, const ProtobufCMessage *req, void **resp,
+		      size_t *len, char *msg, size_t msg_len)
+{
+	return agent_coord_call(a, method, req, resp, len, msg, msg_len);
+}
+
+uint64_t agent_data_id(const char *seq_id)
+{
+	return XXH3_64bits(seq_id, strlen(seq_id));
+}
+
+uint64_t agent_epoch(agent *a)
+{
+	pthread_mutex_lock(&a->mu);
+	uint64_t e = a->epoch;
+	pthread_mutex_unlock(&a->mu);
+	return e;
 }
 
 /* Sleeps up to ms, or until the agent stops; returns true if stopping. */
@@ -110,6 +127,7 @@ static int fetch_model(agent *a)
 				if (strcmp(m->id, a->model_id) != 0 || !m->geometry)
 					continue;
 				static const da_dtype dt[] = {DA_F32, DA_F32, DA_F16, DA_BF16};
+				a->q_heads = m->q_heads;
 				a->geom = (kvs_geom){.layers = m->geometry->layers,
 						     .kv_heads = m->geometry->kv_heads,
 						     .head_dim = m->geometry->head_dim,
@@ -135,11 +153,18 @@ static void fill_capacity(agent *a, Kvmesh__V1__TierCapacity *host)
 {
 	kvs_store_stats st;
 	kvs_store_get_stats(a->store, &st);
+	/* The tail reserve is never offered to the ledger: tails live on the
+	 * home node even when the ledger placed their block elsewhere. */
+	uint32_t cap = st.tier[0].capacity, res = a->tail_reserve;
+	uint32_t res_left = res > st.tier[0].tails ? res - st.tier[0].tails : 0;
+	uint32_t total = cap > res ? cap - res : 0;
+	uint32_t free_ = st.tier[0].free > res_left ? st.tier[0].free - res_left : 0;
 	host->tier = KVMESH__V1__TIER__TIER_HOST;
-	host->total_blocks = st.tier[0].capacity;
-	host->used_blocks = st.tier[0].used - st.tier[0].evictable;
+	host->total_blocks = total;
+	host->free_blocks = free_ < total ? free_ : total;
 	host->evictable_blocks = st.tier[0].evictable;
-	host->free_blocks = st.tier[0].free;
+	uint64_t used = (uint64_t)total - host->free_blocks;
+	host->used_blocks = used > st.tier[0].evictable ? used - st.tier[0].evictable : 0;
 }
 
 static double load_now(void)
@@ -147,6 +172,21 @@ static double load_now(void)
 	double l[1];
 	long n = sysconf(_SC_NPROCESSORS_ONLN);
 	return getloadavg(l, 1) == 1 && n > 0 ? l[0] / (double)n : 0.0;
+}
+
+/* NUMA nodes the kernel reports (sysfs, as transport/nic.c reads a NIC's
+ * node); 1 where there is no NUMA information. */
+static uint32_t numa_nodes(void)
+{
+	uint32_t n = 0;
+	DIR *d = opendir("/sys/devices/system/node");
+	struct dirent *e;
+	while (d && (e = readdir(d)) != NULL)
+		if (strncmp(e->d_name, "node", 4) == 0 && e->d_name[4] >= '0' && e->d_name[4] <= '9')
+			n++;
+	if (d)
+		closedir(d);
+	return n ? n : 1;
 }
 
 static int register_node(agent *a)
@@ -158,7 +198,7 @@ static int register_node(agent *a)
 	sysinfo(&si);
 	hw.cores = (uint32_t)sysconf(_SC_NPROCESSORS_ONLN);
 	hw.memory_bytes = (uint64_t)si.totalram * si.mem_unit;
-	hw.numa_nodes = 1;
+	hw.numa_nodes = numa_nodes();
 	/* The NICs decide how the coordinator ranks this node as a creditor and
 	 * which transport peers use. */
 	static nic_report nics;
@@ -193,7 +233,10 @@ static int register_node(agent *a)
 	free(resp);
 	if (!r)
 		return -EPROTO;
+	pthread_mutex_lock(&a->mu);
 	a->epoch = r->epoch;
+	a->registered = true;
+	pthread_mutex_unlock(&a->mu);
 	a->heartbeat_ms = r->heartbeat_ms ? r->heartbeat_ms : 1000;
 	kvmesh__v1__register_node_response__free_unpacked(r, NULL);
 	kvm_log(KVM_LOG_INFO, "registered", "node=%s epoch=%" PRIu64 " heartbeat_ms=%u blocks=%" PRIu64,
@@ -201,53 +244,94 @@ static int register_node(agent *a)
 	return 0;
 }
 
-/* Registers, then heartbeats; registers again when told to. */
+static void apply_commands(agent *a, const Kvmesh__V1__HeartbeatResponse *r)
+{
+	for (size_t i = 0; i < r->n_commands; i++) {
+		const Kvmesh__V1__Command *c = r->commands[i];
+		switch (c->kind_case) {
+		case KVMESH__V1__COMMAND__KIND_RELEASE: {
+			uint32_t bad = 0;
+			for (size_t k = 0; k < c->release->n_handles; k++) {
+				const Kvmesh__V1__BlockHandle *h = c->release->handles[k];
+				if (blocks_release(a, (kvs_handle)h->generation << 32 | h->slot) != 0)
+					bad++;
+			}
+			kvm_log(bad ? KVM_LOG_WARN : KVM_LOG_DEBUG, "release_blocks",
+				"blocks=%zu not_held=%u", c->release->n_handles, bad);
+			break;
+		}
+		case KVMESH__V1__COMMAND__KIND_RELEASE_SEQUENCE:
+			homeseq_release(a, c->release_sequence->sequence_id,
+					c->release_sequence->data_id);
+			break;
+		case KVMESH__V1__COMMAND__KIND_DRAIN:
+			kvm_log(KVM_LOG_INFO, "drain_requested", "reason=\"%s\"", c->drain->reason);
+			break;
+		default:
+			break;
+		}
+	}
+}
+
+void agent_heartbeat_now(agent *a)
+{
+	pthread_mutex_lock(&a->hb_mu);
+	Kvmesh__V1__HeartbeatRequest req = KVMESH__V1__HEARTBEAT_REQUEST__INIT;
+	Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&host};
+	fill_capacity(a, &host);
+	req.node_id = a->node_id;
+	req.epoch = agent_epoch(a);
+	req.n_capacity = 1;
+	req.capacity = caps;
+	req.load = load_now();
+	void *resp = NULL;
+	size_t len;
+	char msg[512];
+	int code = coord_call(a, "Heartbeat", &req.base, &resp, &len, msg, sizeof(msg));
+	if (code == KVM_RPC_NOT_FOUND || code == KVM_RPC_FAILED_PRECONDITION) {
+		kvm_log(KVM_LOG_INFO, "reregistering", "reason=\"%s\"", msg);
+		pthread_mutex_lock(&a->mu);
+		a->registered = false;
+		pthread_mutex_unlock(&a->mu);
+	} else if (code != KVM_RPC_OK) {
+		kvm_log(KVM_LOG_WARN, "heartbeat_failed", "code=%d reason=\"%s\"", code, msg);
+	} else {
+		Kvmesh__V1__HeartbeatResponse *r =
+			kvmesh__v1__heartbeat_response__unpack(NULL, len, resp);
+		if (r) {
+			apply_commands(a, r);
+			kvmesh__v1__heartbeat_response__free_unpacked(r, NULL);
+		}
+	}
+	free(resp);
+	pthread_mutex_unlock(&a->hb_mu);
+}
+
+/* Registers (then reports every block held), then heartbeats; registers
+ * again when told to. */
 static void *heartbeat_main(void *arg)
 {
 	agent *a = arg;
-	bool registered = false;
 	int64_t backoff = 200;
 	for (;;) { /* until nap() says the agent stops */
+		pthread_mutex_lock(&a->mu);
+		bool registered = a->registered;
+		pthread_mutex_unlock(&a->mu);
 		if (!registered) {
-			registered = register_node(a) == 0;
-			if (!registered) {
+			if (register_node(a) != 0) {
 				if (nap(a, backoff))
 					break;
 				backoff = backoff < 5000 ? backoff * 2 : 5000;
 				continue;
 			}
 			backoff = 200;
+			/* The coordinator's block index is soft state: rebuilt from
+			 * this report after its restart or our re-registration. */
+			blocks_report_all(a);
 		}
 		if (nap(a, a->heartbeat_ms))
 			break;
-		Kvmesh__V1__HeartbeatRequest req = KVMESH__V1__HEARTBEAT_REQUEST__INIT;
-		Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&host};
-		fill_capacity(a, &host);
-		req.node_id = a->node_id;
-		req.epoch = a->epoch;
-		req.n_capacity = 1;
-		req.capacity = caps;
-		req.load = load_now();
-		void *resp = NULL;
-		size_t len;
-		char msg[512];
-		int code = coord_call(a, "Heartbeat", &req.base, &resp, &len, msg, sizeof(msg));
-		if (code == KVM_RPC_NOT_FOUND || code == KVM_RPC_FAILED_PRECONDITION) {
-			kvm_log(KVM_LOG_INFO, "reregistering", "reason=\"%s\"", msg);
-			registered = false;
-		} else if (code != KVM_RPC_OK) {
-			kvm_log(KVM_LOG_WARN, "heartbeat_failed", "code=%d reason=\"%s\"", code, msg);
-		} else {
-			Kvmesh__V1__HeartbeatResponse *r =
-				kvmesh__v1__heartbeat_response__unpack(NULL, len, resp);
-			for (size_t i = 0; r && i < r->n_commands; i++)
-				if (r->commands[i]->kind_case == KVMESH__V1__COMMAND__KIND_DRAIN)
-					kvm_log(KVM_LOG_INFO, "drain_requested", "reason=\"%s\"",
-						r->commands[i]->drain->reason);
-			if (r)
-				kvmesh__v1__heartbeat_response__free_unpacked(r, NULL);
-		}
-		free(resp);
+		agent_heartbeat_now(a);
 	}
 	return NULL;
 }
@@ -261,13 +345,25 @@ static int agent_stats(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 	kvs_store_get_stats(a->store, &st);
 	Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&host};
 	fill_capacity(a, &host);
-	Kvmesh__V1__StatsResponse__CountersEntry e[6];
-	Kvmesh__V1__StatsResponse__CountersEntry *ep[6];
-	const char *names[6] = {"sequences", "indexed_blocks", "prefix_hits", "prefix_misses",
-				"evictions", "meta_bytes_per_block"};
-	double vals[6] = {st.n_seqs,    st.n_indexed, (double)st.hits, (double)st.misses,
-			  (double)st.evictions, st.meta_bytes_per_block};
-	for (int i = 0; i < 6; i++) {
+	/* The data server's traffic: every data-plane byte this node received
+	 * or sent as a server (clients and other agents' requests to it). */
+	xport_stats xs = {0};
+	if (a->data_srv)
+		xport_server_stats(a->data_srv, &xs);
+#define N_COUNTERS 14
+	Kvmesh__V1__StatsResponse__CountersEntry e[N_COUNTERS];
+	Kvmesh__V1__StatsResponse__CountersEntry *ep[N_COUNTERS];
+	const char *names[N_COUNTERS] = {"sequences", "indexed_blocks", "prefix_hits",
+					 "prefix_misses", "evictions", "meta_bytes_per_block",
+					 "pinned_blocks", "tail_blocks", "home_sequences",
+					 "slots_used", "data_bytes_in", "data_bytes_out",
+					 "data_frames_in", "data_proto_errors"};
+	double vals[N_COUNTERS] = {st.n_seqs, st.n_indexed, (double)st.hits, (double)st.misses,
+				   (double)st.evictions, st.meta_bytes_per_block,
+				   blocks_pinned(a), st.tier[0].tails, homeseq_count(a),
+				   st.tier[0].used, (double)xs.bytes_in, (double)xs.bytes_out,
+				   (double)xs.frames_in, (double)xs.proto_errors};
+	for (int i = 0; i < N_COUNTERS; i++) {
 		kvmesh__v1__stats_response__counters_entry__init(&e[i]);
 		e[i].key = (char *)names[i];
 		e[i].value = vals[i];
@@ -276,21 +372,12 @@ static int agent_stats(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 	Kvmesh__V1__StatsResponse resp = KVMESH__V1__STATS_RESPONSE__INIT;
 	resp.n_capacity = 1;
 	resp.capacity = caps;
-	resp.n_counters = 6;
+	resp.n_counters = N_COUNTERS;
 	resp.counters = ep;
-	uint8_t buf[1024];
+	uint8_t buf[2048];
 	size_t n = kvmesh__v1__stats_response__pack(&resp, buf);
 	kvm_rpc_reply(call, buf, n);
 	return KVM_RPC_OK;
-}
-
-static int not_yet(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
-{
-	(void)arg;
-	(void)req;
-	(void)len;
-	return kvm_rpc_fail(call, KVM_RPC_UNIMPLEMENTED,
-			    "block and attention calls arrive with the data plane (issue 5)");
 }
 
 struct sig_args {
@@ -327,7 +414,13 @@ int main(int argc, char **argv)
 		{"host-pool", KVM_OPT_BYTES, &a.host_pool_bytes, "1GiB",
 		 "host memory for KV blocks"},
 		{"call-timeout", KVM_OPT_DURATION, &a.call_timeout_ms, "3s",
-		 "deadline of calls to the coordinator"},
+		 "deadline of calls to the coordinator and to other agents"},
+		{"attend-timeout", KVM_OPT_DURATION, &a.attend_timeout_ms, "2s",
+		 "deadline of a home agent's ATTEND to the peers holding its blocks"},
+		{"tail-reserve", KVM_OPT_INT, &a.tail_reserve_opt, "-1",
+		 "slots kept for tails, not offered to the ledger (-1: max(2, slots/16))"},
+		{"workers", KVM_OPT_INT, &a.workers_opt, "2",
+		 "threads running attention kernels over this node's blocks"},
 	};
 	const size_t n_opts = sizeof(opts) / sizeof(opts[0]);
 	char err[512];
@@ -349,6 +442,7 @@ int main(int argc, char **argv)
 	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 	pthread_mutex_init(&a.mu, NULL);
 	pthread_cond_init(&a.cv, NULL);
+	pthread_mutex_init(&a.hb_mu, NULL);
 
 	if (kvm_rpc_channel_open(a.coordinator, &a.coord) != 0) {
 		fprintf(stderr, "kvmesh-agent: bad --coordinator \"%s\"\n", a.coordinator);
@@ -393,6 +487,22 @@ int main(int argc, char **argv)
 		kvm_log(KVM_LOG_ERROR, "store_failed", "error=\"%s\"", strerror(-rc));
 		return 1;
 	}
+	a.block_bytes = block_bytes;
+	a.n_slots = (uint32_t)slots;
+	a.tail_reserve = a.tail_reserve_opt >= 0 ? (uint32_t)(a.tail_reserve_opt < (int64_t)slots
+								? a.tail_reserve_opt : (int64_t)slots)
+						 : (uint32_t)(slots / 16 > 2 ? slots / 16 : 2);
+	if (a.tail_reserve > slots)
+		a.tail_reserve = (uint32_t)slots;
+	unsigned nw = a.workers_opt > 0 && a.workers_opt <= 256 ? (unsigned)a.workers_opt : 2;
+	if ((rc = blocks_create(&a)) != 0 || (rc = homeseq_create(&a)) != 0 ||
+	    (rc = wpool_create(nw, "kernels", &a.kernels)) != 0 ||
+	    (rc = wpool_create(1, "home", &a.home)) != 0) {
+		kvm_log(KVM_LOG_ERROR, "setup_failed", "error=\"%s\"", strerror(-rc));
+		return 1;
+	}
+	if ((rc = dataplane_start(&a)) != 0)
+		return 1;
 
 	kvm_rpc_server *srv;
 	kvm_health *health;
@@ -403,17 +513,19 @@ int main(int argc, char **argv)
 	}
 	kvm_health_register(srv, &health);
 	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/Stats", false, agent_stats, &a);
-	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/PutBlocks", false, not_yet, &a);
-	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/GetBlocks", false, not_yet, &a);
-	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/AttendAppend", false, not_yet, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/PutBlocks", false, blocks_rpc_put, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/GetBlocks", false, blocks_rpc_get, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/AttendAppend", false,
+				  homeseq_rpc_attend_append, &a);
 	if ((rc = kvm_rpc_server_start(srv)) != 0) {
 		kvm_log(KVM_LOG_ERROR, "start_failed", "error=\"%s\"", strerror(-rc));
 		return 1;
 	}
 	kvm_health_set(health, "", true);
 	kvm_health_set(health, "kvmesh.v1.Agent", true);
-	kvm_log(KVM_LOG_INFO, "serving", "node=%s addr=%s model=%s blocks=%" PRIu64 " block_bytes=%zu",
-		a.node_id, a.listen, a.model_id, slots, block_bytes);
+	kvm_log(KVM_LOG_INFO, "serving",
+		"node=%s addr=%s data=%s model=%s blocks=%" PRIu64 " tail_reserve=%u block_bytes=%zu",
+		a.node_id, a.listen, a.data_address, a.model_id, slots, a.tail_reserve, block_bytes);
 	sd_notify(0, "READY=1"); /* Type=notify units start dependants now */
 
 	pthread_t hb;
@@ -424,6 +536,14 @@ int main(int argc, char **argv)
 	pthread_join(hb, NULL);
 	kvm_rpc_server_destroy(srv, 2000);
 	kvm_health_destroy(health);
+	/* Queued kernels finish (their replies still go out), then the data
+	 * server closes, then the home sequences' peers. */
+	wpool_destroy(a.kernels);
+	wpool_destroy(a.home);
+	dataplane_stop(&a);
+	homeseq_destroy(&a);
+	xport_loop_destroy(a.loop);
+	blocks_destroy(&a);
 	kvs_store_destroy(a.store);
 	kvs_arena_destroy(a.arena);
 	kvm_rpc_channel_close(a.coord);

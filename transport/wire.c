@@ -622,9 +622,15 @@ int wire_decode_attend_req(const uint8_t *m, size_t len, uint32_t bulk_len, cons
 		handles += nb;
 		if (handles > lim->max_blocks)
 			return -EMSGSIZE;
-		/* n_tokens must fit the blocks: (nb-1)*bt < nt <= nb*bt, or both 0. */
-		if (nb == 0 ? nt != 0
-			    : (nt > (uint64_t)nb * s->block_tokens || nt <= (uint64_t)(nb - 1) * s->block_tokens))
+		/* n_tokens must fit the blocks: (nb-1)*bt < nt <= nb*bt, or both 0.
+		 * A query naming a whole sequence (one handle in arena
+		 * WIRE_ARENA_SEQUENCE) carries the sequence's length, >= 1. */
+		int whole = nb == 1 && (size_t)(end - p) >= ATTEND_Q_LEN + HANDLE_LEN &&
+			    p[ATTEND_Q_LEN + 8] == WIRE_ARENA_SEQUENCE;
+		if (whole ? nt == 0
+			  : nb == 0 ? nt != 0
+				    : (nt > (uint64_t)nb * s->block_tokens ||
+				       nt <= (uint64_t)(nb - 1) * s->block_tokens))
 			return -EPROTO;
 		p += ATTEND_Q_LEN;
 		if ((size_t)(end - p) < (size_t)nb * HANDLE_LEN)

@@ -115,6 +115,11 @@ typedef struct wire_handle {
 	uint8_t arena;
 } wire_handle;
 
+/* Arena 64 names a sequence, not a slot: slot = low 32 bits and gen = high
+ * 32 bits of its data_id (XXH3-64 of the sequence id). APPEND_KV and ATTEND
+ * on such a handle go to the sequence's home agent (docs/wire.md). */
+#define WIRE_ARENA_SEQUENCE 64
+
 /* A byte range of one block: GET_BLOCKS and PUT_BLOCKS entries. */
 typedef struct wire_block_ref {
 	wire_handle h;

@@ -18,12 +18,17 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "common/rpc.h"
-#include "proto/kvmesh.pb-c.h"
+#include "client/demo/nodes.h"
+
+#define MAX_ARGS 40
+#define ARG_MAX_LEN 512
 
 typedef struct daemon_proc {
 	char name[32];
 	char grpc[64];
+	const char *prog;
+	char args[MAX_ARGS][ARG_MAX_LEN]; /* kept, to start it again */
+	int n_args;
 	pid_t pid;
 } daemon_proc;
 
@@ -67,10 +72,26 @@ static void log_tail(const local_cluster *lc, const char *name, char *out, size_
 	fclose(f);
 }
 
-static int spawn(local_cluster *lc, daemon_proc *d, const char *prog, char *const *args)
+static void add_arg(daemon_proc *d, const char *a)
+{
+	if (d->n_args < MAX_ARGS - 1) {
+		size_t n = strlen(a);
+		if (n > ARG_MAX_LEN - 1)
+			n = ARG_MAX_LEN - 1;
+		memcpy(d->args[d->n_args], a, n);
+		d->args[d->n_args++][n] = '\0';
+	}
+}
+
+static int spawn(local_cluster *lc, daemon_proc *d)
 {
 	char path[PATH_MAX + 64], logp[PATH_MAX + 64];
-	snprintf(path, sizeof(path), "%s/%s", lc->bin_dir, prog);
+	char *args[MAX_ARGS + 1];
+	args[0] = (char *)d->prog;
+	for (int i = 0; i < d->n_args; i++)
+		args[i + 1] = d->args[i];
+	args[d->n_args + 1] = NULL;
+	snprintf(path, sizeof(path), "%s/%s", lc->bin_dir, d->prog);
 	snprintf(logp, sizeof(logp), "%s/%s.log", lc->dir, d->name);
 	int fd = open(logp, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
 	if (fd < 0)
@@ -113,30 +134,12 @@ static double now_s(void)
 /* Ready nodes the coordinator lists (negative errno if it does not answer). */
 static int ready_nodes(const local_cluster *lc)
 {
-	kvm_rpc_channel *ch;
-	if (kvm_rpc_channel_open(lc->coord.grpc, &ch) != 0)
-		return -EINVAL;
-	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
-	uint8_t buf[16];
-	size_t n = kvmesh__v1__list_nodes_request__pack(&req, buf);
-	void *resp = NULL;
-	size_t len = 0;
-	kvm_rpc_status st;
-	int rc = kvm_rpc_unary(ch, "/kvmesh.v1.Coordinator/ListNodes", buf, n, 1000, &resp, &len, &st);
-	kvm_rpc_channel_close(ch);
-	if (rc || st.code != KVM_RPC_OK) {
-		free(resp);
-		return rc ? rc : -EAGAIN;
-	}
-	Kvmesh__V1__ListNodesResponse *r = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
-	free(resp);
-	if (!r)
-		return -EPROTO;
+	demo_node nodes[LC_MAX_AGENTS + 16];
+	int n = demo_list_nodes(lc->coord.grpc, false, nodes, LC_MAX_AGENTS + 16);
 	int ready = 0;
-	for (size_t i = 0; i < r->n_nodes; i++)
-		ready += r->nodes[i]->state == KVMESH__V1__NODE_STATE__NODE_READY;
-	kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
-	return ready;
+	for (int i = 0; i < n && i < LC_MAX_AGENTS + 16; i++)
+		ready += nodes[i].ready;
+	return n < 0 ? n : ready;
 }
 
 int local_cluster_start(const char *const *extra, local_cluster **out, char *err, size_t err_len)
@@ -194,15 +197,15 @@ int local_cluster_start(const char *const *extra, local_cluster **out, char *err
 	}
 	snprintf(lc->coord.name, sizeof(lc->coord.name), "coordinator");
 	snprintf(lc->coord.grpc, sizeof(lc->coord.grpc), "127.0.0.1:%d", port);
-	char listen[96], data[PATH_MAX + 32];
-	snprintf(listen, sizeof(listen), "--listen=%s", lc->coord.grpc);
-	snprintf(data, sizeof(data), "--data-dir=%s/coordinator", lc->dir);
-	char *args[32] = {"kvmesh-coordinator", listen, data};
-	int a = 3;
-	for (int i = 0; extra && extra[i] && a < 31; i++)
-		args[a++] = (char *)extra[i];
-	args[a] = NULL;
-	int rc = spawn(lc, &lc->coord, "kvmesh-coordinator", args);
+	char flag[PATH_MAX + 32];
+	lc->coord.prog = "kvmesh-coordinator";
+	snprintf(flag, sizeof(flag), "--listen=%s", lc->coord.grpc);
+	add_arg(&lc->coord, flag);
+	snprintf(flag, sizeof(flag), "--data-dir=%s/coordinator", lc->dir);
+	add_arg(&lc->coord, flag);
+	for (int i = 0; extra && extra[i]; i++)
+		add_arg(&lc->coord, extra[i]);
+	int rc = spawn(lc, &lc->coord);
 	if (rc) {
 		snprintf(err, err_len, "cannot start the coordinator: %s", strerror(-rc));
 		local_cluster_stop(lc, 0);
@@ -241,19 +244,24 @@ int local_cluster_add_agents(local_cluster *lc, unsigned n, const char *model_id
 			return gport < 0 ? gport : dport;
 		snprintf(d->name, sizeof(d->name), "agent-%u", lc->n_agents + 1);
 		snprintf(d->grpc, sizeof(d->grpc), "127.0.0.1:%d", gport);
-		char f_id[64], f_coord[96], f_listen[96], f_data[96], f_model[128], f_pool[64];
-		snprintf(f_id, sizeof(f_id), "--node-id=%s", d->name);
-		snprintf(f_coord, sizeof(f_coord), "--coordinator=%s", lc->coord.grpc);
-		snprintf(f_listen, sizeof(f_listen), "--listen=%s", d->grpc);
-		snprintf(f_data, sizeof(f_data), "--data-address=127.0.0.1:%d", dport);
-		snprintf(f_model, sizeof(f_model), "--model=%s", model_id);
-		snprintf(f_pool, sizeof(f_pool), "--host-pool=%s", host_pool);
-		char *args[40] = {"kvmesh-agent", f_id, f_coord, f_listen, f_data, f_model, f_pool};
-		int a = 7;
-		for (int i = 0; extra && extra[i] && a < 39; i++)
-			args[a++] = (char *)extra[i];
-		args[a] = NULL;
-		int rc = spawn(lc, d, "kvmesh-agent", args);
+		char flag[256];
+		d->prog = "kvmesh-agent";
+		d->n_args = 0;
+		snprintf(flag, sizeof(flag), "--node-id=%s", d->name);
+		add_arg(d, flag);
+		snprintf(flag, sizeof(flag), "--coordinator=%s", lc->coord.grpc);
+		add_arg(d, flag);
+		snprintf(flag, sizeof(flag), "--listen=%s", d->grpc);
+		add_arg(d, flag);
+		snprintf(flag, sizeof(flag), "--data-address=127.0.0.1:%d", dport);
+		add_arg(d, flag);
+		snprintf(flag, sizeof(flag), "--model=%.200s", model_id);
+		add_arg(d, flag);
+		snprintf(flag, sizeof(flag), "--host-pool=%.200s", host_pool);
+		add_arg(d, flag);
+		for (int i = 0; extra && extra[i]; i++)
+			add_arg(d, extra[i]);
+		int rc = spawn(lc, d);
 		if (rc) {
 			snprintf(err, err_len, "cannot start %s: %s", d->name, strerror(-rc));
 			return rc;
@@ -274,6 +282,44 @@ int local_cluster_add_agents(local_cluster *lc, unsigned n, const char *model_id
 			}
 		usleep(50000);
 	}
+}
+
+int local_cluster_restart_coordinator(local_cluster *lc, char *err, size_t err_len)
+{
+	if (lc->coord.pid > 0) {
+		kill(lc->coord.pid, SIGKILL);
+		waitpid(lc->coord.pid, NULL, 0);
+	}
+	int rc = spawn(lc, &lc->coord);
+	if (rc) {
+		snprintf(err, err_len, "cannot start the coordinator again: %s", strerror(-rc));
+		return rc;
+	}
+	for (double until = now_s() + 15; ready_nodes(lc) < 0;) {
+		if (!alive(lc->coord.pid) || now_s() > until) {
+			char tail[1024];
+			log_tail(lc, "coordinator", tail, sizeof(tail));
+			snprintf(err, err_len, "the coordinator did not start again; its log ends:\n%s", tail);
+			return -ETIMEDOUT;
+		}
+		usleep(20000);
+	}
+	return 0;
+}
+
+int local_cluster_restart_agent(local_cluster *lc, unsigned i, char *err, size_t err_len)
+{
+	if (i >= lc->n_agents)
+		return -EINVAL;
+	daemon_proc *d = &lc->agents[i];
+	if (d->pid > 0) {
+		kill(d->pid, SIGKILL);
+		waitpid(d->pid, NULL, 0);
+	}
+	int rc = spawn(lc, d);
+	if (rc)
+		snprintf(err, err_len, "cannot start %s again: %s", d->name, strerror(-rc));
+	return rc;
 }
 
 const char *local_cluster_coordinator(const local_cluster *lc)

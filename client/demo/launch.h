@@ -28,6 +28,13 @@ const char *local_cluster_coordinator(const local_cluster *lc);
 int local_cluster_add_agents(local_cluster *lc, unsigned n, const char *model_id, const char *host_pool,
 			     const char *const *extra_flags, char *err, size_t err_len);
 
+/* Kills the coordinator (SIGKILL) and starts it again with the same data
+ * directory and port; waits until it answers. */
+int local_cluster_restart_coordinator(local_cluster *lc, char *err, size_t err_len);
+/* Kills agent i (SIGKILL, if running) and starts it again, same flags; does
+ * not wait for it to register. */
+int local_cluster_restart_agent(local_cluster *lc, unsigned i, char *err, size_t err_len);
+
 unsigned local_cluster_agents(const local_cluster *lc);
 const char *local_cluster_agent_id(const local_cluster *lc, unsigned i);
 const char *local_cluster_agent_grpc(const local_cluster *lc, unsigned i);

@@ -22,11 +22,10 @@
 
 #include "client/demo/launch.h"
 #include "client/demo/model.h"
+#include "client/demo/nodes.h"
 #include "client/kvmesh.h"
 #include "common/config.h"
-#include "common/rpc.h"
 #include "kernels/distattn.h"
-#include "proto/kvmesh.pb-c.h"
 
 typedef struct demo_opts {
 	char coordinator[KVM_OPT_STRING_MAX];
@@ -44,11 +43,14 @@ static double now_s(void)
 	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
-static bool progress_tty;
+static bool progress_tty, progress_quiet;
 
-/* One progress line, rewritten in place on a terminal. */
-__attribute__((format(printf, 1, 2))) static void progress(const char *fmt, ...)
+/* One progress line, rewritten in place on a terminal (a log gets fewer:
+ * the caller says which lines matter with `milestone`). */
+__attribute__((format(printf, 2, 3))) static void progress_at(bool milestone, const char *fmt, ...)
 {
+	if (progress_quiet || (!progress_tty && !milestone))
+		return;
 	char line[256];
 	va_list ap;
 	va_start(ap, fmt);
@@ -60,9 +62,11 @@ __attribute__((format(printf, 1, 2))) static void progress(const char *fmt, ...)
 		fprintf(stderr, "%s\n", line);
 }
 
+#define progress(...) progress_at(true, __VA_ARGS__)
+
 static void progress_done(void)
 {
-	if (progress_tty)
+	if (progress_tty && !progress_quiet)
 		fputc('\n', stderr);
 }
 
@@ -192,71 +196,6 @@ static int local_step(da_ctx *ctx, const demo_model *m, uint32_t bt, local_kv *k
 	return 0;
 }
 
-/* ---- the cluster's view, for the summary ------------------------------------------ */
-
-typedef struct node_view {
-	char id[64];
-	uint64_t total, used, lent, borrowed;
-	double data_bytes;
-} node_view;
-
-static int list_nodes(const char *coordinator, node_view *out, int cap)
-{
-	kvm_rpc_channel *ch;
-	if (kvm_rpc_channel_open(coordinator, &ch) != 0)
-		return -EINVAL;
-	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
-	uint8_t buf[16];
-	size_t n = kvmesh__v1__list_nodes_request__pack(&req, buf);
-	void *resp = NULL;
-	size_t len = 0;
-	kvm_rpc_status st;
-	int rc = kvm_rpc_unary(ch, "/kvmesh.v1.Coordinator/ListNodes", buf, n, 3000, &resp, &len, &st);
-	int count = 0;
-	if (rc == 0 && st.code == KVM_RPC_OK) {
-		Kvmesh__V1__ListNodesResponse *r = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
-		for (size_t i = 0; r && i < r->n_nodes && count < cap; i++) {
-			const Kvmesh__V1__Node *nd = r->nodes[i];
-			node_view *v = &out[count++];
-			memset(v, 0, sizeof(*v));
-			snprintf(v->id, sizeof(v->id), "%s", nd->id);
-			for (size_t c = 0; c < nd->n_capacity; c++) {
-				v->total += nd->capacity[c]->total_blocks;
-				v->used += nd->capacity[c]->used_blocks;
-			}
-			v->lent = nd->lent_blocks;
-			v->borrowed = nd->borrowed_blocks;
-			/* The agent's data-plane traffic, from its Stats. */
-			kvm_rpc_channel *ach;
-			if (kvm_rpc_channel_open(nd->grpc_address, &ach) == 0) {
-				Kvmesh__V1__StatsRequest sreq = KVMESH__V1__STATS_REQUEST__INIT;
-				size_t sn = kvmesh__v1__stats_request__pack(&sreq, buf);
-				void *sresp = NULL;
-				size_t slen = 0;
-				kvm_rpc_status sst;
-				if (kvm_rpc_unary(ach, "/kvmesh.v1.Agent/Stats", buf, sn, 3000, &sresp, &slen, &sst) == 0 &&
-				    sst.code == KVM_RPC_OK) {
-					Kvmesh__V1__StatsResponse *sr =
-						kvmesh__v1__stats_response__unpack(NULL, slen, sresp);
-					for (size_t k = 0; sr && k < sr->n_counters; k++)
-						if (!strcmp(sr->counters[k]->key, "data_bytes_in") ||
-						    !strcmp(sr->counters[k]->key, "data_bytes_out"))
-							v->data_bytes += sr->counters[k]->value;
-					if (sr)
-						kvmesh__v1__stats_response__free_unpacked(sr, NULL);
-				}
-				free(sresp);
-				kvm_rpc_channel_close(ach);
-			}
-		}
-		if (r)
-			kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
-	}
-	free(resp);
-	kvm_rpc_channel_close(ch);
-	return rc ? rc : st.code == KVM_RPC_OK ? count : -EIO;
-}
-
 static void human_bytes(double b, char *out, size_t cap)
 {
 	const char *u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -317,8 +256,10 @@ int main(int argc, char **argv)
 		fprintf(stderr, "kvmesh-demo: %s\n", err);
 		return 2;
 	}
-	progress_tty = isatty(2) && !o.quiet;
+	progress_tty = isatty(2);
+	progress_quiet = o.quiet;
 	setvbuf(stdout, NULL, _IOLBF, 0); /* summary lines interleave with progress on stderr */
+
 	uint32_t bt = (uint32_t)o.block_tokens, P = (uint32_t)o.prompt, G = (uint32_t)o.steps;
 	uint32_t NS = (uint32_t)o.sequences;
 
@@ -368,6 +309,11 @@ int main(int argc, char **argv)
 		printf("local cluster: coordinator %s, %u agents with %s of KV each, up in %.1f s (logs: %s)\n", coord,
 		       local_cluster_agents(lc), o.pool, now_s() - t0, local_cluster_dir(lc));
 	}
+
+	/* The library's connection lines are noise here; warnings still show.
+	 * Set after the daemons started, so that their logs keep info lines. */
+	if (!getenv("KVMESH_LOG_LEVEL"))
+		setenv("KVMESH_LOG_LEVEL", "warn", 1);
 
 	/* Prompts: a shared system prefix, then each sequence's own tokens. */
 	uint32_t *prompts = malloc((size_t)NS * P * sizeof(uint32_t));
@@ -470,7 +416,8 @@ int main(int argc, char **argv)
 			tokens[(size_t)s * (G + 1) + g + 1] = demo_argmax(logits + (size_t)s * m.vocab, m.vocab);
 		}
 		double el = now_s() - t_decode;
-		progress("decode: step %u/%u, %.1f tokens/s", g + 1, G, (g + 1) * NS / el);
+		progress_at((g + 1) % 8 == 0 || g + 1 == G, "decode: step %u/%u, %.1f tokens/s", g + 1, G,
+			    (g + 1) * NS / el);
 	}
 	t_decode = now_s() - t_decode;
 	progress_done();
@@ -512,14 +459,14 @@ int main(int argc, char **argv)
 			       tokens[(size_t)s * (G + 1)], tokens[(size_t)s * (G + 1) + 1],
 			       tokens[(size_t)s * (G + 1) + 2], tokens[(size_t)s * (G + 1) + 3]);
 	}
-	node_view nodes[LC_MAX_AGENTS + 8];
-	int nn = list_nodes(coord, nodes, LC_MAX_AGENTS + 8);
+	demo_node nodes[LC_MAX_AGENTS + 8];
+	int nn = demo_list_nodes(coord, true, nodes, LC_MAX_AGENTS + 8);
 	double net = 0;
-	for (int i = 0; i < nn; i++) {
+	for (int i = 0; i < nn && i < LC_MAX_AGENTS + 8; i++) {
 		printf("node %-10s %4" PRIu64 " of %4" PRIu64 " blocks used: %4" PRIu64 " for its own sequences, %4" PRIu64
 		       " lent to others\n",
 		       nodes[i].id, nodes[i].used, nodes[i].total, nodes[i].used - nodes[i].lent, nodes[i].lent);
-		net += nodes[i].data_bytes;
+		net += nodes[i].data_bytes > 0 ? nodes[i].data_bytes : 0;
 	}
 	kvm_client_stats cs;
 	kvm_client_get_stats(c, &cs);

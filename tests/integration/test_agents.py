@@ -15,6 +15,12 @@ MODEL = pb.Model(id="tiny", q_heads=8, geometry=pb.BlockGeometry(
 BLOCK_BYTES = 4 * 2 * 16 * 2 * 64 * 2  # layers * (k,v) * tokens * kv_heads * head_dim * fp16
 
 
+def offered(pool_bytes):
+    """Blocks an agent offers the ledger: its slots less the tail reserve."""
+    slots = pool_bytes // BLOCK_BYTES
+    return slots - max(2, slots // 16)
+
+
 def nodes(c):
     return {n.id: n for n in c.stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
 
@@ -34,7 +40,7 @@ def test_three_agents_register_with_pools_sized_from_the_model():
         ns = wait_for("three ready agents", lambda: ready(c, ["agent0", "agent1", "agent2"]))
         for i, pool in enumerate([16, 32, 64]):
             host = [t for t in ns["agent%d" % i].capacity if t.tier == pb.TIER_HOST][0]
-            assert host.total_blocks == (pool << 20) // BLOCK_BYTES, host
+            assert host.total_blocks == offered(pool << 20), host
             assert host.free_blocks == host.total_blocks
         assert ns["agent0"].hardware.cores >= 1 and ns["agent0"].hardware.memory_bytes > 0
         # The agent's NICs as discovered here (loopback is left out).
@@ -45,7 +51,7 @@ def test_three_agents_register_with_pools_sized_from_the_model():
         # Agent.Stats over gRPC, from the agent itself.
         ch = grpc.insecure_channel("127.0.0.1:%d" % agents[2].port)
         st = pbg.AgentStub(ch).Stats(pb.StatsRequest(), timeout=5)
-        assert st.capacity[0].total_blocks == (64 << 20) // BLOCK_BYTES
+        assert st.capacity[0].total_blocks == offered(64 << 20)
         assert "sequences" in st.counters
         ch.close()
         # Heartbeats keep them alive well past dead-after.

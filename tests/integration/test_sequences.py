@@ -89,6 +89,30 @@ def test_home_then_creditors_by_bandwidth_within_caps():
                            capture_output=True, text=True, timeout=20)
         assert p.returncode == 0 and "home n1" in p.stdout and "block 169 on n2 borrowed" in \
             p.stdout, p.stdout
+        # The list: table and JSON through kvmeshctl, paging through the API.
+        c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="b"), timeout=5)
+        ctl = [os.path.join(BUILD, "bin", "kvmeshctl"), "--coordinator=127.0.0.1:%d" % c.port]
+        p = subprocess.run(ctl + ["sequences"], capture_output=True, text=True, timeout=20)
+        rows = [line.split() for line in p.stdout.splitlines()[1:]]
+        assert p.returncode == 0 and [r[0] for r in rows] == ["a", "b"], p.stdout
+        assert rows[0][1:6] == ["m", "n1", str(170 * BT - 5), "170", "0"], rows
+        import json
+        p = subprocess.run(ctl + ["-o", "json", "sequences", "m"], capture_output=True, text=True,
+                           timeout=20)
+        js = json.loads(p.stdout)
+        assert [x["id"] for x in js] == ["a", "b"] and js[0]["blocks"] == 170, js
+        p = subprocess.run(ctl + ["sequences", "no-such-model"], capture_output=True, text=True,
+                           timeout=20)
+        assert p.returncode == 0 and len(p.stdout.splitlines()) == 1, p.stdout
+        p = subprocess.run(ctl + ["-o", "json", "seq", "a"], capture_output=True, text=True,
+                           timeout=20)
+        one = json.loads(p.stdout)
+        assert one["home"] == "n1" and len(one["blocks"]) == 170 and one["blocks"][169]["borrowed"]
+        page = c.stub.ListSequences(pb.ListSequencesRequest(limit=1), timeout=5)
+        assert [x.id for x in page.sequences] == ["a"] and page.more and not page.sequences[0].blocks
+        page = c.stub.ListSequences(pb.ListSequencesRequest(limit=1, after="a"), timeout=5)
+        assert [x.id for x in page.sequences] == ["b"] and not page.more
+        c.stub.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="b"), timeout=5)
         # A crash loses nothing: placements and the ledger's books come back.
         c.stop(sig="KILL")
         c.start()

@@ -25,7 +25,9 @@ static void teardown(void)
 {
 	kvm_client_close(g_c);
 	g_c = NULL;
-	local_cluster_stop(g_lc, 0);
+	/* KVMESH_KEEP_LOGS=1 keeps the daemons' logs (the path is in each
+	 * failure message of the launcher). */
+	local_cluster_stop(g_lc, getenv("KVMESH_KEEP_LOGS") != NULL);
 	g_lc = NULL;
 }
 
@@ -406,4 +408,70 @@ Test(client, bad_input)
 	cr_assert_eq(kvm_append_kv(g_c, "ok", 0, 0, k, v), -EINVAL);
 	cr_assert_eq(kvm_seq_release(g_c, "ok"), 0);
 	cr_assert_eq(kvm_seq_release(g_c, "ok"), -ENOENT);
+}
+
+/* The coordinator dies and comes back from its store during decode: models
+ * and sequences come back, the agents register again and report their
+ * blocks, and decode goes on with the same results (new blocks are placed
+ * again once the tail fills). */
+Test(client, coordinator_restart_mid_decode)
+{
+	kvm_model m = {.id = "crash", .layers = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+		       .block_tokens = 16, .dtype = KVM_F16};
+	start(3, "512KiB", &m, 5000);
+	uint32_t n = 45 * 16 + 9;
+	uint32_t *prompt = tokens_of(n, 21);
+	ref_seq r;
+	kvm_seq_info before, after;
+	make_seq(&r, &m, "c1", "agent-1", prompt, n, 31, &before);
+	const char *ids[] = {"c1"};
+	decode_and_check(&r, ids, 1, 2, 2e-3);
+	cr_assert_eq(kvm_seq_get(g_c, "c1", &before), 0);
+	char err[2048];
+	cr_assert_eq(local_cluster_restart_coordinator(g_lc, err, sizeof(err)), 0, "%s", err);
+	/* Handles come back with the agents' reports (heartbeat 200 ms). */
+	for (int i = 0; i < 100; i++) {
+		cr_assert_eq(kvm_seq_get(g_c, "c1", &after), 0, "%s", kvm_client_error(g_c));
+		if (after.written_blocks == before.written_blocks)
+			break;
+		usleep(100000);
+	}
+	cr_assert_eq(after.blocks, before.blocks);
+	cr_assert_eq(after.written_blocks, before.written_blocks, "block handles did not come back");
+	cr_assert_eq(after.degraded, 0);
+	decode_and_check(&r, ids, 1, 12, 2e-3); /* crosses a block boundary */
+	ref_free(&r);
+	free(prompt);
+}
+
+/* An agent killed and started again comes back empty: it registers again,
+ * the sequences that had blocks there are degraded, and decode on them says
+ * so instead of answering. */
+Test(client, restarted_agent_degrades_its_sequences)
+{
+	kvm_model m = {.id = "again", .layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+		       .block_tokens = 16, .dtype = KVM_F16};
+	start(3, "256KiB", &m, 5000);
+	uint32_t n = 50 * 16;
+	uint32_t *prompt = tokens_of(n, 22);
+	ref_seq r;
+	kvm_seq_info info;
+	make_seq(&r, &m, "d1", "agent-1", prompt, n, 32, &info);
+	char err[2048];
+	cr_assert_eq(local_cluster_restart_agent(g_lc, 2, err, sizeof(err)), 0, "%s", err);
+	/* Its full report is empty: the blocks it held are gone. */
+	for (int i = 0; i < 100 && !info.degraded; i++) {
+		usleep(100000);
+		cr_assert_eq(kvm_seq_get(g_c, "d1", &info), 0);
+	}
+	cr_assert(info.degraded, "the sequence is not degraded after its creditor lost its blocks");
+	ref_append(&r);
+	float q[256] = {0}, o[256], lse[4];
+	kvm_attend a = {.seq_id = "d1", .q = q, .k_new = ref_row(&r, 0, r.tokens - 1, 0),
+			.v_new = ref_row(&r, 0, r.tokens - 1, 1), .o = o, .lse = lse};
+	cr_assert_neq(kvm_attend_append(g_c, 0, 0, &a, 1), 0, "decode over lost blocks answered");
+	cr_assert(strstr(kvm_client_error(g_c), "degraded") || strstr(kvm_client_error(g_c), "agent-3"),
+		  "%s", kvm_client_error(g_c));
+	ref_free(&r);
+	free(prompt);
 }

@@ -1,0 +1,22 @@
+/* What the coordinator and the agents say about the cluster, for the demo's
+ * summary, the launcher's readiness check and the benchmarks. */
+#ifndef KVMESH_CLIENT_DEMO_NODES_H
+#define KVMESH_CLIENT_DEMO_NODES_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef struct demo_node {
+	char id[64];
+	char grpc[128];
+	bool ready;
+	uint64_t total, used, lent, borrowed; /* blocks, from the coordinator */
+	double data_bytes;                    /* agent Stats: data-plane bytes in + out (-1: none) */
+} demo_node;
+
+/* Lists up to cap nodes of the coordinator at `coordinator`; with_stats also
+ * asks each agent for its data-plane counters. Returns the number of nodes
+ * (it may exceed cap; only cap are filled) or a negative errno. */
+int demo_list_nodes(const char *coordinator, bool with_stats, demo_node *out, int cap);
+
+#endif

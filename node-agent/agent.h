@@ -1,0 +1,144 @@
+/* Internal to kvmesh-agent: the agent's state and the seams between its files.
+ *
+ *   agent.c    main, registration, heartbeats and their commands, Stats
+ *   workers.c  worker pools (kernels run there, never on the xport loop)
+ *   blocks.c   pinned blocks: PutBlocks/GetBlocks, block reports, the data
+ *              server's GET and ATTEND over block handles
+ *   homeseq.c  home sequences: tails, APPEND_KV, fan-out ATTEND, sealing,
+ *              AttendAppend
+ *
+ * Threads: the gRPC pool runs Agent.* handlers; the heartbeat thread
+ * registers, heartbeats and applies commands; the xport loop thread runs the
+ * data server's handlers (quick ones only); the kernel pool runs ATTEND over
+ * block handles (never waits on anything); the home pool (one thread) runs
+ * everything of home sequences that may wait: fan-out attends, seals, the
+ * drop of a released sequence. It owns the data-plane connections to peers,
+ * so no other thread submits to or closes them. */
+#ifndef KVMESH_NODE_AGENT_AGENT_H
+#define KVMESH_NODE_AGENT_AGENT_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/config.h"
+#include "common/rpc.h"
+#include "kernels/distattn.h"
+#include "kvstore/arena.h"
+#include "kvstore/store.h"
+#include "proto/kvmesh.pb-c.h"
+#include "transport/transport.h"
+
+/* ---- worker pools (workers.c) ----------------------------------------------- */
+
+typedef struct wpool wpool;
+/* A job gets its worker's own kernel context. */
+typedef void (*wjob_fn)(void *arg, da_ctx *ctx);
+/* n threads, each with a one-thread da_ctx. */
+int wpool_create(unsigned n, const char *name, wpool **out);
+/* Queues fn(arg): 0, -ECANCELED once the pool stops, -ENOMEM. */
+int wpool_submit(wpool *p, wjob_fn fn, void *arg);
+/* Runs what is queued, then joins and frees. */
+void wpool_destroy(wpool *p);
+
+/* ---- the agent ----------------------------------------------------------------- */
+
+typedef struct blocks blocks;   /* blocks.c */
+typedef struct homeseqs homeseqs; /* homeseq.c */
+
+typedef struct agent {
+	char node_id[KVM_OPT_STRING_MAX], coordinator[KVM_OPT_STRING_MAX];
+	char listen[KVM_OPT_STRING_MAX], data_address[KVM_OPT_STRING_MAX];
+	char model_id[KVM_OPT_STRING_MAX];
+	uint64_t host_pool_bytes;
+	int64_t call_timeout_ms, attend_timeout_ms;
+	int64_t tail_reserve_opt; /* -1: max(2, slots / 16) */
+	int64_t workers_opt;
+
+	kvm_rpc_channel *coord;
+	kvs_geom geom;
+	uint32_t q_heads;
+	size_t block_bytes;
+	uint32_t n_slots, tail_reserve;
+	kvs_arena *arena;
+	kvs_store *store;
+	xport_loop *loop;
+	xport_server *data_srv;
+	wpool *kernels, *home;
+	blocks *blk;
+	homeseqs *hs;
+
+	pthread_mutex_t mu; /* guards epoch, registered, stopping */
+	pthread_cond_t cv;
+	uint64_t epoch;
+	uint32_t heartbeat_ms;
+	bool registered;
+	bool stopping;
+	pthread_mutex_t hb_mu; /* one heartbeat at a time (thread or ENOSPC retry) */
+	bool report_unimplemented_logged;
+} agent;
+
+/* Calls a coordinator method: returns the gRPC status code (UNAVAILABLE when
+ * the call could not be made); *resp is malloc'd on success. */
+int agent_coord_call(agent *a, const char *method, const ProtobufCMessage *req, void **resp,
+		     size_t *len, char *msg, size_t msg_len);
+/* The same to another agent's Agent service at target (host:port). */
+int agent_peer_call(agent *a, kvm_rpc_channel *ch, const char *method, const ProtobufCMessage *req,
+		    void **resp, size_t *len, char *msg, size_t msg_len);
+/* Heartbeats now and applies the commands that come back (a PutBlocks that
+ * ran out of slots fetches pending releases this way). */
+void agent_heartbeat_now(agent *a);
+uint64_t agent_epoch(agent *a);
+
+/* ---- pinned blocks (blocks.c) -------------------------------------------------- */
+
+int blocks_create(agent *a);
+void blocks_destroy(agent *a);
+/* Stores and pins one full block written for sequence seq_id at index;
+ * key NULL: unkeyed. *h gets its arena handle. No report. */
+int blocks_store(agent *a, const char *seq_id, uint32_t index, const kvs_key *key,
+		 const void *bytes, kvs_handle *h);
+/* Reports blocks (by handle) to the coordinator, incrementally. Returns the
+ * gRPC code; UNIMPLEMENTED (an older coordinator) is logged and taken as OK. */
+int blocks_report(agent *a, const kvs_handle *hs, uint32_t n, char *msg, size_t msg_len);
+/* The full report after a (re)registration, in chunks. */
+int blocks_report_all(agent *a);
+/* Drops one pin of the block at handle h (a ReleaseBlocks command). */
+int blocks_release(agent *a, kvs_handle h);
+/* Reads a pinned block: *ptr stays valid until blocks_unread(a, *pin).
+ * -ESTALE (generation), -ENOENT (not a pinned block here). */
+int blocks_read(agent *a, const wire_handle *h, const void **ptr, void **pin);
+void blocks_unread(agent *a, void *pin);
+/* gRPC Agent.PutBlocks, Agent.GetBlocks. */
+int blocks_rpc_put(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
+int blocks_rpc_get(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
+/* Starts the data server on --data-address. */
+int dataplane_start(agent *a);
+void dataplane_stop(agent *a);
+/* A wire shape checked against this agent's model. -EINVAL. */
+int agent_shape(agent *a, const wire_shape *w, da_shape *out);
+/* Splits "host:port" ("[v6]:port"). -EINVAL. */
+int agent_split_addr(const char *addr, char *host, size_t cap, uint16_t *port);
+/* Pins held, for Stats. */
+uint32_t blocks_pinned(agent *a);
+
+/* ---- home sequences (homeseq.c) ------------------------------------------------ */
+
+int homeseq_create(agent *a);
+void homeseq_destroy(agent *a); /* after the home pool stopped */
+/* APPEND_KV entry on a sequence handle (loop thread). */
+int homeseq_append_wire(agent *a, const wire_append_ref *ref, const void *k, const void *v);
+/* ATTEND batch with sequence handles: defers to the home pool. */
+int homeseq_attend_wire(agent *a, const wire_attend_view *v, const float *q, float *o, float *lse,
+			int *st, xport_attend_token *tok);
+/* A ReleaseSequence command (heartbeat thread): queued on the home pool. */
+void homeseq_release(agent *a, const char *seq_id, uint64_t data_id);
+int homeseq_rpc_attend_append(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
+uint32_t homeseq_count(agent *a);
+
+/* XXH3-64 of a sequence id: its name on the data plane. */
+uint64_t agent_data_id(const char *seq_id);
+
+#define WIRE_ARENA_HOST 0 /* the host arena's handles on the wire */
+
+#endif

@@ -1,0 +1,1249 @@
+/* Home sequences: this agent is the home (rManager) of a sequence when the
+ * coordinator made it so. It keeps the sequence's block table (fetched once
+ * with GetSequence: node and handle of every full block) and its mutable
+ * tail, which is always local: a kvs tail of its own kvs sequence, with one
+ * fill position per layer.
+ *
+ * Appends write into the tail under hs->mu (the loop thread or the home
+ * pool). When the tail is full and another token arrives, the tail becomes a
+ * SEALING entry of the table (its bytes stay local and attention reads them
+ * there) and a new tail starts; a seal job on the home pool then makes sure
+ * the coordinator has a placement for that index (ExtendSequence), stores the
+ * block there (locally, or with the holder's Agent.PutBlocks), and swaps the
+ * entry for the stored handle. A seal that fails leaves the block SEALING:
+ * still correct, just not where the ledger wanted it; it is logged.
+ *
+ * Attends run on the home pool (one thread, FIFO: a seal queued before an
+ * attend has finished when the attend runs, and nothing else frees a tail):
+ * the local partial (local blocks, SEALING blocks, the tail) plus one ATTEND
+ * per peer holding blocks of the batch, all in flight at once, merged local
+ * first and then by node id. */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "node-agent/agent.h"
+
+#define HS_MAX_PEERS 256
+#define HS_BUCKETS 1024
+#define ID_MAX 256
+
+struct peer {
+	char node_id[ID_MAX];
+	char data_addr[ID_MAX];
+	char grpc_addr[ID_MAX];
+	xport_peer *xp;       /* home pool only */
+	kvm_rpc_channel *ch;  /* home pool only */
+};
+
+enum { HB_LOCAL = 0, HB_REMOTE = 1, HB_SEALING = 2 };
+
+struct hblock {
+	uint8_t where;
+	int peer;          /* REMOTE */
+	wire_handle h;     /* LOCAL, REMOTE */
+	kvs_seq_id tail_id; /* SEALING: the old tail's kvs sequence */
+	void *ptr;          /* SEALING: its bytes */
+};
+
+struct hseq {
+	uint64_t data_id;
+	char id[ID_MAX];
+	struct hblock *blk;
+	uint32_t n_full, cap;
+	char **placed; /* the coordinator's node for each index */
+	uint32_t n_placed, cap_placed;
+	kvs_seq_id tail_id;
+	void *tail; /* NULL: no tail yet */
+	uint32_t *fill; /* per layer */
+	struct hseq *next;
+};
+
+struct homeseqs {
+	pthread_mutex_t mu; /* the map, every sequence's table and tail, peer names */
+	struct hseq *bucket[HS_BUCKETS];
+	uint32_t count;
+	struct peer peers[HS_MAX_PEERS];
+	uint32_t n_peers;
+	kvs_seq_id next_tail_id;
+	uint32_t *dummy_tokens; /* block_tokens zeros: kvs tails want token ids */
+};
+
+/* ---- the map and peers (under hs->mu) ---------------------------------------- */
+
+static struct hseq *hs_find(homeseqs *hs, uint64_t id)
+{
+	struct hseq *q = hs->bucket[id % HS_BUCKETS];
+	while (q && q->data_id != id)
+		q = q->next;
+	return q;
+}
+
+static int peer_of(homeseqs *hs, const char *node, const char *data_addr)
+{
+	for (uint32_t i = 0; i < hs->n_peers; i++)
+		if (strcmp(hs->peers[i].node_id, node) == 0) {
+			if (data_addr && data_addr[0])
+				snprintf(hs->peers[i].data_addr, ID_MAX, "%s", data_addr);
+			return (int)i;
+		}
+	if (hs->n_peers == HS_MAX_PEERS)
+		return -ENOSPC;
+	struct peer *p = &hs->peers[hs->n_peers];
+	memset(p, 0, sizeof *p);
+	snprintf(p->node_id, ID_MAX, "%s", node);
+	snprintf(p->data_addr, ID_MAX, "%s", data_addr ? data_addr : "");
+	return (int)hs->n_peers++;
+}
+
+static void hseq_free(agent *a, struct hseq *q)
+{
+	for (uint32_t i = 0; i < q->n_full; i++)
+		if (q->blk[i].where == HB_SEALING)
+			kvs_seq_release(a->store, q->blk[i].tail_id);
+	if (q->tail)
+		kvs_seq_release(a->store, q->tail_id);
+	for (uint32_t i = 0; i < q->n_placed; i++)
+		free(q->placed[i]);
+	free(q->placed);
+	free(q->blk);
+	free(q->fill);
+	free(q);
+}
+
+static int placed_set(struct hseq *q, uint32_t index, const char *node)
+{
+	if (index >= q->cap_placed) {
+		uint32_t cap = q->cap_placed ? q->cap_placed : 8;
+		while (cap <= index)
+			cap *= 2;
+		char **p = realloc(q->placed, cap * sizeof *p);
+		if (!p)
+			return -ENOMEM;
+		memset(p + q->cap_placed, 0, (cap - q->cap_placed) * sizeof *p);
+		q->placed = p;
+		q->cap_placed = cap;
+	}
+	free(q->placed[index]);
+	if (!(q->placed[index] = strdup(node)))
+		return -ENOMEM;
+	if (index >= q->n_placed)
+		q->n_placed = index + 1;
+	return 0;
+}
+
+static int blk_reserve(struct hseq *q)
+{
+	if (q->n_full < q->cap)
+		return 0;
+	uint32_t cap = q->cap ? q->cap * 2 : 8;
+	struct hblock *b = realloc(q->blk, cap * sizeof *b);
+	if (!b)
+		return -ENOMEM;
+	q->blk = b;
+	q->cap = cap;
+	return 0;
+}
+
+int homeseq_create(agent *a)
+{
+	homeseqs *hs = calloc(1, sizeof *hs);
+	if (!hs || !(hs->dummy_tokens = calloc(a->geom.block_tokens, sizeof(uint32_t)))) {
+		free(hs);
+		return -ENOMEM;
+	}
+	pthread_mutex_init(&hs->mu, NULL);
+	/* Tails' kvs sequence ids: far from anything else that could use the
+	 * store's sequence table. */
+	hs->next_tail_id = 1ull << 62;
+	a->hs = hs;
+	return 0;
+}
+
+void homeseq_destroy(agent *a)
+{
+	homeseqs *hs = a->hs;
+	if (!hs)
+		return;
+	for (uint32_t b = 0; b < HS_BUCKETS; b++)
+		while (hs->bucket[b]) {
+			struct hseq *q = hs->bucket[b];
+			hs->bucket[b] = q->next;
+			hseq_free(a, q);
+		}
+	for (uint32_t i = 0; i < hs->n_peers; i++) {
+		if (hs->peers[i].xp)
+			xport_close(hs->peers[i].xp);
+		if (hs->peers[i].ch)
+			kvm_rpc_channel_close(hs->peers[i].ch);
+	}
+	pthread_mutex_destroy(&hs->mu);
+	free(hs->dummy_tokens);
+	free(hs);
+	a->hs = NULL;
+}
+
+uint32_t homeseq_count(agent *a)
+{
+	pthread_mutex_lock(&a->hs->mu);
+	uint32_t n = a->hs->count;
+	pthread_mutex_unlock(&a->hs->mu);
+	return n;
+}
+
+/* ---- learning a sequence from the coordinator ------------------------------------ */
+
+/* Finds the sequence, or fetches it with GetSequence (by id when seq_id is
+ * given, else by data_id). Blocks while it asks. 0, or a negative errno with
+ * err saying why. */
+static int hs_get(agent *a, const char *seq_id, uint64_t data_id, struct hseq **out, char *err,
+		  size_t err_len)
+{
+	homeseqs *hs = a->hs;
+	if (seq_id)
+		data_id = agent_data_id(seq_id);
+	pthread_mutex_lock(&hs->mu);
+	struct hseq *q = hs_find(hs, data_id);
+	pthread_mutex_unlock(&hs->mu);
+	if (q) {
+		*out = q;
+		return 0;
+	}
+	Kvmesh__V1__GetSequenceRequest req = KVMESH__V1__GET_SEQUENCE_REQUEST__INIT;
+	req.sequence_id = (char *)(seq_id ? seq_id : "");
+	req.data_id = seq_id ? 0 : data_id;
+	void *resp = NULL;
+	size_t len;
+	char msg[512];
+	int code = agent_coord_call(a, "GetSequence", &req.base, &resp, &len, msg, sizeof msg);
+	if (code != KVM_RPC_OK) {
+		snprintf(err, err_len, "sequence %.120s (data_id %#" PRIx64 "): coordinator: %.120s",
+			 seq_id ? seq_id : "?", data_id, msg);
+		return code == KVM_RPC_NOT_FOUND ? -ENOENT : -EAGAIN;
+	}
+	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, resp);
+	free(resp);
+	if (!s) {
+		snprintf(err, err_len, "coordinator: malformed Sequence");
+		return -EPROTO;
+	}
+	int rc = 0;
+	uint32_t bt = a->geom.block_tokens;
+	q = calloc(1, sizeof *q);
+	if (!q || !(q->fill = calloc(a->geom.layers, sizeof *q->fill))) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	q->data_id = agent_data_id(s->id);
+	snprintf(q->id, sizeof q->id, "%s", s->id);
+	if (strcmp(s->model_id, a->model_id) != 0 || strcmp(s->home_node, a->node_id) != 0 ||
+	    q->data_id != data_id) {
+		snprintf(err, err_len, "sequence %.80s: model %.80s, home %.80s: not this agent's (%.80s, %.80s)",
+			 s->id, s->model_id, s->home_node, a->model_id, a->node_id);
+		rc = -EINVAL;
+		goto out;
+	}
+	pthread_mutex_lock(&hs->mu);
+	/* Full blocks are the leading run that holders have reported. */
+	for (size_t i = 0; rc == 0 && i < s->n_blocks; i++) {
+		const Kvmesh__V1__BlockPlacement *p = s->blocks[i];
+		if ((rc = placed_set(q, p->index, p->node_id)))
+			break;
+		if (p->index != q->n_full || !p->handle || !(p->handle->generation & 1) ||
+		    p->tokens != bt)
+			continue;
+		if ((rc = blk_reserve(q)))
+			break;
+		struct hblock *b = &q->blk[q->n_full];
+		memset(b, 0, sizeof *b);
+		b->h = (wire_handle){.slot = p->handle->slot, .gen = p->handle->generation,
+				     .arena = WIRE_ARENA_HOST};
+		if (strcmp(p->node_id, a->node_id) == 0) {
+			b->where = HB_LOCAL;
+		} else {
+			b->where = HB_REMOTE;
+			if ((b->peer = peer_of(hs, p->node_id, p->data_address)) < 0) {
+				rc = b->peer;
+				break;
+			}
+		}
+		q->n_full++;
+	}
+	struct hseq *other = hs_find(hs, q->data_id);
+	if (rc == 0 && !other) {
+		q->next = hs->bucket[q->data_id % HS_BUCKETS];
+		hs->bucket[q->data_id % HS_BUCKETS] = q;
+		hs->count++;
+		*out = q;
+		kvm_log(KVM_LOG_INFO, "home_sequence", "seq=%s data_id=%#" PRIx64 " full_blocks=%u placed=%u",
+			q->id, q->data_id, q->n_full, q->n_placed);
+		q = NULL;
+	} else if (rc == 0) {
+		*out = other; /* another thread learnt it meanwhile */
+	}
+	pthread_mutex_unlock(&hs->mu);
+	if (rc == -ENOMEM)
+		snprintf(err, err_len, "out of memory");
+out:
+	if (q)
+		hseq_free(a, q);
+	kvmesh__v1__sequence__free_unpacked(s, NULL);
+	return rc;
+}
+
+/* ---- appending and sealing ---------------------------------------------------------- */
+
+struct seal_job {
+	agent *a;
+	uint64_t data_id;
+	uint32_t index;
+};
+
+static void seal_run(void *arg, da_ctx *ctx);
+
+/* Under hs->mu. */
+static int tail_new(agent *a, struct hseq *q)
+{
+	homeseqs *hs = a->hs;
+	kvs_seq_id id = hs->next_tail_id++;
+	int rc = kvs_seq_create(a->store, id);
+	kvs_tail_view v;
+	if (rc == 0 &&
+	    (rc = kvs_seq_append(a->store, id, hs->dummy_tokens, a->geom.block_tokens, &v)) != 0)
+		kvs_seq_release(a->store, id);
+	if (rc)
+		return rc;
+	q->tail_id = id;
+	q->tail = v.ptr;
+	memset(q->fill, 0, a->geom.layers * sizeof *q->fill);
+	return 0;
+}
+
+/* Appends n tokens of one layer at position token (-1: the next one). Under
+ * hs->mu; *n_seals gets the indexes whose seal must be queued. */
+static int append_locked(agent *a, struct hseq *q, uint32_t layer, int64_t token, uint32_t n,
+			 const uint8_t *k, const uint8_t *v, uint32_t *seals, uint32_t *n_seals,
+			 char *err, size_t err_len)
+{
+	const kvs_geom *g = &a->geom;
+	uint32_t bt = g->block_tokens;
+	size_t row = (size_t)g->kv_heads * g->head_dim * kvs_geom_elem_bytes(g);
+	uint64_t next = (uint64_t)q->n_full * bt + (q->tail ? q->fill[layer] : 0);
+	if (token >= 0 && (uint64_t)token != next) {
+		snprintf(err, err_len, "sequence %.120s layer %u: token %" PRId64 ", the next is %" PRIu64,
+			 q->id, layer, token, next);
+		return -EINVAL;
+	}
+	for (uint32_t t = 0; t < n; t++) {
+		if (q->tail && q->fill[layer] == bt) {
+			for (uint32_t l = 0; l < g->layers; l++)
+				if (q->fill[l] != bt) {
+					snprintf(err, err_len,
+						 "sequence %.120s: layer %u starts a new block while layer %u "
+						 "has %u of %u tokens",
+						 q->id, layer, l, q->fill[l], bt);
+					return -EINVAL;
+				}
+			int rc = blk_reserve(q);
+			if (rc)
+				return rc;
+			q->blk[q->n_full++] = (struct hblock){.where = HB_SEALING,
+							      .tail_id = q->tail_id,
+							      .ptr = q->tail};
+			seals[(*n_seals)++] = q->n_full - 1;
+			q->tail = NULL;
+		}
+		if (!q->tail) {
+			int rc = tail_new(a, q);
+			if (rc) {
+				snprintf(err, err_len, "sequence %.120s: no slot for a new tail: %.120s", q->id,
+					 strerror(-rc));
+				return rc;
+			}
+		}
+		uint8_t *base = q->tail;
+		uint32_t pos = q->fill[layer];
+		memcpy(base + kvs_geom_offset(g, layer, 0, pos, 0), k + t * row, row);
+		memcpy(base + kvs_geom_offset(g, layer, 1, pos, 0), v + t * row, row);
+		q->fill[layer]++;
+	}
+	return 0;
+}
+
+static void queue_seals(agent *a, uint64_t data_id, const uint32_t *seals, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		struct seal_job *j = malloc(sizeof *j);
+		if (j)
+			*j = (struct seal_job){a, data_id, seals[i]};
+		if (!j || wpool_submit(a->home, seal_run, j) != 0) {
+			free(j);
+			kvm_log(KVM_LOG_WARN, "seal_not_queued", "data_id=%#" PRIx64 " index=%u", data_id,
+				seals[i]);
+		}
+	}
+}
+
+/* An append of n tokens seals at most n / block_tokens + 1 blocks. */
+static int append(agent *a, const char *seq_id, uint64_t data_id, uint32_t layer, int64_t token,
+		  uint32_t n, const void *k, const void *v, char *err, size_t err_len)
+{
+	struct hseq *q;
+	int rc = hs_get(a, seq_id, data_id, &q, err, err_len);
+	if (rc)
+		return rc;
+	uint32_t cap = n / a->geom.block_tokens + 2, n_seals = 0;
+	uint32_t *seals = malloc(cap * sizeof *seals);
+	if (!seals)
+		return -ENOMEM;
+	uint64_t did = seq_id ? agent_data_id(seq_id) : data_id;
+	pthread_mutex_lock(&a->hs->mu);
+	/* Looked up again: a ReleaseSequence may have dropped it meanwhile. */
+	if (hs_find(a->hs, did) != q) {
+		snprintf(err, err_len, "sequence %.120s was released", seq_id ? seq_id : "?");
+		rc = -ENOENT;
+	} else {
+		data_id = q->data_id;
+		rc = append_locked(a, q, layer, token, n, k, v, seals, &n_seals, err, err_len);
+	}
+	pthread_mutex_unlock(&a->hs->mu);
+	queue_seals(a, data_id, seals, n_seals);
+	free(seals);
+	return rc;
+}
+
+int homeseq_append_wire(agent *a, const wire_append_ref *ref, const void *k, const void *v)
+{
+	const kvs_geom *g = &a->geom;
+	uint64_t data_id = (uint64_t)ref->h.gen << 32 | ref->h.slot;
+	size_t row = (size_t)g->kv_heads * g->head_dim * kvs_geom_elem_bytes(g);
+	char err[512] = "";
+	int rc;
+	if (ref->layer >= g->layers || ref->n_tokens == 0 ||
+	    (uint64_t)ref->bytes != (uint64_t)ref->n_tokens * row) {
+		snprintf(err, sizeof err, "layer %u, %u tokens, %u bytes: want layer < %u and %zu bytes a token",
+			 ref->layer, ref->n_tokens, ref->bytes, g->layers, row);
+		rc = -EINVAL;
+	} else {
+		/* A sequence not known yet is fetched here, on the loop thread: one
+		 * coordinator round trip, once per sequence. */
+		rc = append(a, NULL, data_id, ref->layer, ref->token, ref->n_tokens, k, v, err,
+			    sizeof err);
+	}
+	if (rc)
+		kvm_log(KVM_LOG_WARN, "append_refused", "data_id=%#" PRIx64 " error=\"%s\"", data_id,
+			err[0] ? err : strerror(-rc));
+	return rc;
+}
+
+/* Learns every peer's gRPC and data-plane addresses from ListNodes (a
+ * placement read from the coordinator's store before the node registered
+ * again carries no data address). Returns the call's status code. */
+static int peers_refresh(agent *a, char *msg, size_t msg_len)
+{
+	homeseqs *hs = a->hs;
+	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
+	void *resp = NULL;
+	size_t len;
+	int code = agent_coord_call(a, "ListNodes", &req.base, &resp, &len, msg, msg_len);
+	Kvmesh__V1__ListNodesResponse *r =
+		code == KVM_RPC_OK ? kvmesh__v1__list_nodes_response__unpack(NULL, len, resp) : NULL;
+	free(resp);
+	pthread_mutex_lock(&hs->mu);
+	for (size_t i = 0; r && i < r->n_nodes; i++)
+		for (uint32_t k = 0; k < hs->n_peers; k++)
+			if (strcmp(hs->peers[k].node_id, r->nodes[i]->id) == 0) {
+				snprintf(hs->peers[k].grpc_addr, ID_MAX, "%s", r->nodes[i]->grpc_address);
+				if (r->nodes[i]->data_address[0])
+					snprintf(hs->peers[k].data_addr, ID_MAX, "%s", r->nodes[i]->data_address);
+			}
+	pthread_mutex_unlock(&hs->mu);
+	if (r)
+		kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
+	return code;
+}
+
+static kvm_rpc_channel *peer_channel(agent *a, int p, char *err, size_t err_len)
+{
+	homeseqs *hs = a->hs;
+	struct peer *pe = &hs->peers[p];
+	if (pe->ch)
+		return pe->ch;
+	if (!pe->grpc_addr[0]) {
+		char msg[512];
+		int code = peers_refresh(a, msg, sizeof msg);
+		if (!pe->grpc_addr[0]) {
+			snprintf(err, err_len, "node %.120s: gRPC address unknown (%.120s)", pe->node_id,
+				 code == KVM_RPC_OK ? "not listed" : msg);
+			return NULL;
+		}
+	}
+	if (kvm_rpc_channel_open(pe->grpc_addr, &pe->ch) != 0) {
+		snprintf(err, err_len, "node %.120s: bad gRPC address %.120s", pe->node_id, pe->grpc_addr);
+		return NULL;
+	}
+	return pe->ch;
+}
+
+/* Stores a sealed block remotely with the holder's Agent.PutBlocks. */
+static int seal_remote(agent *a, const char *seq_id, uint32_t index, const void *bytes, int p,
+		       wire_handle *h, char *err, size_t err_len)
+{
+	kvm_rpc_channel *ch = peer_channel(a, p, err, err_len);
+	if (!ch)
+		return -EHOSTUNREACH;
+	Kvmesh__V1__BlockData bd = KVMESH__V1__BLOCK_DATA__INIT, *bdp = &bd;
+	bd.data.data = (uint8_t *)bytes;
+	bd.data.len = a->block_bytes;
+	Kvmesh__V1__PutBlocksRequest req = KVMESH__V1__PUT_BLOCKS_REQUEST__INIT;
+	req.model_id = a->model_id;
+	req.sequence_id = (char *)seq_id;
+	req.first_index = index;
+	req.n_blocks = 1;
+	req.blocks = &bdp;
+	void *resp = NULL;
+	size_t len;
+	char msg[512];
+	int code = agent_peer_call(a, ch, "PutBlocks", &req.base, &resp, &len, msg, sizeof msg);
+	Kvmesh__V1__PutBlocksResponse *r =
+		code == KVM_RPC_OK ? kvmesh__v1__put_blocks_response__unpack(NULL, len, resp) : NULL;
+	free(resp);
+	int rc = 0;
+	if (!r || r->n_handles != 1) {
+		snprintf(err, err_len, "node %.120s: PutBlocks: %.120s", a->hs->peers[p].node_id,
+			 code == KVM_RPC_OK ? "malformed reply" : msg);
+		rc = -EIO;
+	} else {
+		*h = (wire_handle){.slot = r->handles[0]->slot, .gen = r->handles[0]->generation,
+				   .arena = WIRE_ARENA_HOST};
+	}
+	if (r)
+		kvmesh__v1__put_blocks_response__free_unpacked(r, NULL);
+	return rc;
+}
+
+/* Asks the coordinator to place block `index` (ExtendSequence by one block's
+ * tokens) and records the placements it returns. */
+static int place_block(agent *a, struct hseq *q, const char *seq_id, char *err, size_t err_len)
+{
+	Kvmesh__V1__ExtendSequenceRequest req = KVMESH__V1__EXTEND_SEQUENCE_REQUEST__INIT;
+	req.sequence_id = (char *)seq_id;
+	req.tokens = a->geom.block_tokens;
+	void *resp = NULL;
+	size_t len;
+	char msg[512];
+	int code = agent_coord_call(a, "ExtendSequence", &req.base, &resp, &len, msg, sizeof msg);
+	Kvmesh__V1__ExtendSequenceResponse *r =
+		code == KVM_RPC_OK ? kvmesh__v1__extend_sequence_response__unpack(NULL, len, resp)
+				   : NULL;
+	free(resp);
+	if (!r) {
+		snprintf(err, err_len, "ExtendSequence: %.120s", code == KVM_RPC_OK ? "malformed" : msg);
+		return -EAGAIN;
+	}
+	int rc = 0;
+	pthread_mutex_lock(&a->hs->mu);
+	for (size_t i = 0; rc == 0 && i < r->n_new_blocks; i++) {
+		rc = placed_set(q, r->new_blocks[i]->index, r->new_blocks[i]->node_id);
+		if (rc == 0 && strcmp(r->new_blocks[i]->node_id, a->node_id) != 0)
+			peer_of(a->hs, r->new_blocks[i]->node_id, r->new_blocks[i]->data_address);
+	}
+	pthread_mutex_unlock(&a->hs->mu);
+	kvmesh__v1__extend_sequence_response__free_unpacked(r, NULL);
+	return rc;
+}
+
+static void seal_run(void *arg, da_ctx *ctx)
+{
+	struct seal_job *j = arg;
+	agent *a = j->a;
+	homeseqs *hs = a->hs;
+	(void)ctx;
+	char err[512] = "", seq_id[ID_MAX], node[ID_MAX] = "";
+	const void *bytes = NULL;
+	/* Only this thread drops sequences or seals: q and the SEALING bytes stay. */
+	pthread_mutex_lock(&hs->mu);
+	struct hseq *q = hs_find(hs, j->data_id);
+	if (q && j->index < q->n_full && q->blk[j->index].where == HB_SEALING) {
+		bytes = q->blk[j->index].ptr;
+		snprintf(seq_id, sizeof seq_id, "%s", q->id);
+	}
+	bool placed = q && j->index < q->n_placed && q->placed[j->index];
+	pthread_mutex_unlock(&hs->mu);
+	if (!bytes) {
+		free(j);
+		return; /* released meanwhile */
+	}
+	int rc = 0;
+	if (!placed && (rc = place_block(a, q, seq_id, err, sizeof err)) == 0) {
+		pthread_mutex_lock(&hs->mu);
+		placed = j->index < q->n_placed && q->placed[j->index];
+		pthread_mutex_unlock(&hs->mu);
+		if (!placed) {
+			snprintf(err, sizeof err, "the coordinator placed no block %u", j->index);
+			rc = -ENOENT;
+		}
+	}
+	struct hblock nb = {0};
+	if (rc == 0) {
+		pthread_mutex_lock(&hs->mu);
+		snprintf(node, sizeof node, "%s", q->placed[j->index]);
+		int p = strcmp(node, a->node_id) == 0 ? -1 : peer_of(hs, node, NULL);
+		pthread_mutex_unlock(&hs->mu);
+		if (p == -1) {
+			kvs_handle h;
+			rc = blocks_store(a, seq_id, j->index, NULL, bytes, &h);
+			if (rc == 0) {
+				char msg[512];
+				if (blocks_report(a, &h, 1, msg, sizeof msg) != KVM_RPC_OK)
+					kvm_log(KVM_LOG_WARN, "seal_report_failed", "seq=%s index=%u reason=\"%s\"",
+						seq_id, j->index, msg);
+				nb = (struct hblock){.where = HB_LOCAL,
+						     .h = {.slot = kvs_handle_slot(h),
+							   .gen = kvs_handle_gen(h),
+							   .arena = WIRE_ARENA_HOST}};
+			} else {
+				snprintf(err, sizeof err, "local store: %.120s", strerror(-rc));
+			}
+		} else if (p < 0) {
+			rc = p;
+			snprintf(err, sizeof err, "too many peers");
+		} else {
+			nb.where = HB_REMOTE;
+			nb.peer = p;
+			rc = seal_remote(a, seq_id, j->index, bytes, p, &nb.h, err, sizeof err);
+		}
+	}
+	if (rc == 0) {
+		pthread_mutex_lock(&hs->mu);
+		kvs_seq_id old = q->blk[j->index].tail_id;
+		q->blk[j->index] = nb;
+		kvs_seq_release(a->store, old);
+		pthread_mutex_unlock(&hs->mu);
+		kvm_log(KVM_LOG_DEBUG, "sealed", "seq=%s index=%u node=%s", seq_id, j->index, node);
+	} else {
+		kvm_log(KVM_LOG_WARN, "seal_failed",
+			"seq=%s index=%u node=%s error=\"%s\" msg=\"the block stays on its home\"",
+			seq_id, j->index, node, err);
+	}
+	free(j);
+}
+
+/* ---- attention --------------------------------------------------------------------- */
+
+/* One query of a home ATTEND. */
+struct hq {
+	const char *seq_id; /* NULL: by data_id */
+	uint64_t data_id;
+	int64_t n_tokens; /* expected, or -1 */
+	const float *q;
+	float *o, *lse;
+	int st;
+	char err[512];
+	/* filled while it runs */
+	struct hseq *seq;
+	uint32_t n_local, n_tok_local;
+	uint32_t first_local; /* into the local block arrays */
+};
+
+/* One peer's part of a batch. */
+struct pcall {
+	int peer;
+	uint32_t n;                 /* queries */
+	xport_attend_query *qs;
+	uint32_t *qidx;             /* batch index of each */
+	wire_handle *handles;       /* all queries' handles, in order */
+	uint32_t **indexes;         /* per query: block indexes (for messages) */
+	float *o, *lse;
+	int status;
+	xport_waiter *w;
+};
+
+static void pcall_cb(void *arg, int status)
+{
+	struct pcall *c = arg;
+	c->status = status;
+	xport_waiter_cb(c->w, status);
+}
+
+static bool conn_error(int rc)
+{
+	return rc == -ECONNRESET || rc == -ENOTCONN || rc == -ECANCELED || rc == -EPROTO ||
+	       rc == -EBADMSG || rc == -ECONNREFUSED || rc == -EHOSTUNREACH;
+}
+
+static xport_peer *peer_conn(agent *a, int p, int *rc)
+{
+	struct peer *pe = &a->hs->peers[p];
+	if (pe->xp)
+		return pe->xp;
+	char host[256];
+	uint16_t port;
+	if (!pe->data_addr[0]) {
+		char msg[512];
+		peers_refresh(a, msg, sizeof msg);
+	}
+	if ((*rc = agent_split_addr(pe->data_addr, host, sizeof host, &port)) != 0)
+		return NULL;
+	xport_opts o;
+	xport_opts_default(&o);
+	o.node_id = agent_data_id(a->node_id);
+	o.connect_timeout_ms = (uint32_t)a->attend_timeout_ms;
+	*rc = xport_connect(&xport_tcp_ops, a->loop, host, port, &o, &pe->xp);
+	return *rc ? NULL : pe->xp;
+}
+
+static void append_indexes(char *buf, size_t cap, const uint32_t *idx, uint32_t n)
+{
+	size_t o = strlen(buf);
+	for (uint32_t i = 0; i < n && o + 16 < cap; i++)
+		o += (size_t)snprintf(buf + o, cap - o, "%s%u", i ? "," : "", idx[i]);
+	if (o + 16 >= cap && cap > 4)
+		snprintf(buf + cap - 4, 4, "...");
+}
+
+/* Runs a batch of home queries of one shape (on the home pool). */
+static void attend_batch(agent *a, da_ctx *ctx, const da_shape *sh, struct hq *qs, uint32_t nq)
+{
+	homeseqs *hs = a->hs;
+	uint32_t bt = a->geom.block_tokens;
+	size_t row = (size_t)sh->q_heads * sh->head_dim;
+	for (uint32_t i = 0; i < nq; i++)
+		if (qs[i].st == 0)
+			qs[i].st = hs_get(a, qs[i].seq_id, qs[i].data_id, &qs[i].seq, qs[i].err,
+					  sizeof qs[i].err);
+	/* Snapshot the tables under the lock: local pointers, per-peer handles. */
+	uint32_t total = 0;
+	pthread_mutex_lock(&hs->mu);
+	for (uint32_t i = 0; i < nq; i++)
+		if (qs[i].st == 0)
+			total += qs[i].seq->n_full + 1;
+	uint32_t np = hs->n_peers;
+	const void **lptr = calloc(total + 1, sizeof *lptr);
+	void **lpin = calloc(total + 1, sizeof *lpin);
+	wire_handle *lh = calloc(total + 1, sizeof *lh);
+	uint32_t *lstart = calloc(nq + 1, sizeof *lstart), *ltok = calloc(nq + 1, sizeof *ltok);
+	struct pcall *pc = calloc(np + 1, sizeof *pc);
+	/* per (query, peer): block count, then offsets */
+	uint32_t *cnt = calloc((size_t)nq * (np + 1), sizeof *cnt);
+	wire_handle *rh = calloc(total + 1, sizeof *rh);    /* remote handles, grouped per query */
+	uint32_t *ridx = calloc(total + 1, sizeof *ridx);   /* their block indexes */
+	int *rpeer = calloc(total + 1, sizeof *rpeer);
+	uint32_t *rstart = calloc(nq + 1, sizeof *rstart);
+	bool oom = !lptr || !lpin || !lh || !lstart || !ltok || !pc || !cnt || !rh || !ridx ||
+		   !rpeer || !rstart;
+	uint32_t nl = 0, nr = 0;
+	uint8_t *is_local_handle = calloc(total + 1, 1);
+	oom = oom || !is_local_handle;
+	for (uint32_t i = 0; i < nq && !oom; i++) {
+		lstart[i] = nl;
+		rstart[i] = nr;
+		struct hq *h = &qs[i];
+		if (h->st)
+			continue;
+		struct hseq *q = h->seq;
+		if (hs_find(hs, q->data_id) != q) {
+			h->st = -ENOENT;
+			snprintf(h->err, sizeof h->err, "sequence %.120s was released", q->id);
+			continue;
+		}
+		uint32_t fill = q->tail ? q->fill[sh->layer] : 0;
+		uint64_t tokens = (uint64_t)q->n_full * bt + fill;
+		if (h->n_tokens >= 0 && (uint64_t)h->n_tokens != tokens) {
+			h->st = -EINVAL;
+			snprintf(h->err, sizeof h->err, "sequence %.120s layer %u: n_tokens %" PRId64 ", it has %" PRIu64,
+				 q->id, sh->layer, h->n_tokens, tokens);
+			continue;
+		}
+		for (uint32_t b = 0; b < q->n_full; b++) {
+			const struct hblock *e = &q->blk[b];
+			if (e->where == HB_SEALING) {
+				lptr[nl++] = e->ptr;
+			} else if (e->where == HB_LOCAL) {
+				lh[nl] = e->h;
+				is_local_handle[nl] = 1;
+				nl++;
+			} else {
+				rh[nr] = e->h;
+				ridx[nr] = b;
+				rpeer[nr] = e->peer;
+				cnt[(size_t)i * (np + 1) + e->peer]++;
+				nr++;
+			}
+		}
+		h->n_local = nl - lstart[i];
+		if (fill)
+			lptr[nl++] = q->tail;
+		ltok[i] = h->n_local * bt + fill;
+	}
+	lstart[nq] = nl;
+	rstart[nq] = nr;
+	pthread_mutex_unlock(&hs->mu);
+	if (oom) {
+		for (uint32_t i = 0; i < nq; i++)
+			if (qs[i].st == 0) {
+				qs[i].st = -ENOMEM;
+				snprintf(qs[i].err, sizeof qs[i].err, "out of memory");
+			}
+		goto out;
+	}
+	/* Local full blocks are read under a reader count (a release may come). */
+	uint32_t n_pins = 0;
+	for (uint32_t i = 0; i < nq; i++) {
+		if (qs[i].st)
+			continue;
+		for (uint32_t k = lstart[i]; k < lstart[i + 1]; k++) {
+			if (!is_local_handle[k])
+				continue;
+			int rc = blocks_read(a, &lh[k], &lptr[k], &lpin[n_pins]);
+			if (rc) {
+				qs[i].st = rc;
+				snprintf(qs[i].err, sizeof qs[i].err,
+					 "sequence %.120s: local block (slot %u) is gone: %.120s", qs[i].seq->id,
+					 lh[k].slot, strerror(-rc));
+				break;
+			}
+			n_pins++;
+		}
+	}
+	/* One ATTEND per peer, every query with that peer's blocks, all in flight. */
+	xport_waiter w;
+	xport_waiter_init(&w);
+	wire_shape ws = {.q_heads = sh->q_heads, .kv_heads = sh->kv_heads, .head_dim = sh->head_dim,
+			 .block_tokens = bt, .layer = sh->layer, .kv_dtype = (uint32_t)sh->kv_dtype,
+			 .scale = sh->scale};
+	for (uint32_t p = 0; p < np; p++) {
+		struct pcall *c = &pc[p];
+		c->peer = (int)p;
+		c->w = &w;
+		for (uint32_t i = 0; i < nq; i++)
+			if (qs[i].st == 0 && cnt[(size_t)i * (np + 1) + p])
+				c->n++;
+		if (!c->n)
+			continue;
+		c->qs = calloc(c->n, sizeof *c->qs);
+		c->qidx = calloc(c->n, sizeof *c->qidx);
+		c->indexes = calloc(c->n, sizeof *c->indexes);
+		c->handles = calloc(nr, sizeof *c->handles);
+		c->o = calloc((size_t)c->n * row, sizeof(float));
+		c->lse = calloc((size_t)c->n * sh->q_heads, sizeof(float));
+		uint32_t *idxs = calloc(nr, sizeof *idxs);
+		if (!c->qs || !c->qidx || !c->indexes || !c->handles || !c->o || !c->lse || !idxs) {
+			free(idxs);
+			c->status = -ENOMEM;
+			continue;
+		}
+		c->indexes[0] = idxs; /* one array, sliced per query */
+		uint32_t k = 0, off = 0;
+		for (uint32_t i = 0; i < nq; i++) {
+			uint32_t m = cnt[(size_t)i * (np + 1) + p];
+			if (qs[i].st || !m)
+				continue;
+			uint32_t at = off;
+			for (uint32_t r = rstart[i]; r < rstart[i + 1]; r++)
+				if (rpeer[r] == (int)p) {
+					c->handles[off] = rh[r];
+					idxs[off++] = ridx[r];
+				}
+			c->qs[k] = (xport_attend_query){.n_tokens = m * bt, .n_blocks = m,
+							.blocks = c->handles + at, .q = qs[i].q,
+							.o = c->o + (size_t)k * row,
+							.lse = c->lse + (size_t)k * sh->q_heads};
+			c->indexes[k] = idxs + at;
+			c->qidx[k++] = i;
+		}
+		int rc;
+		xport_peer *xp = peer_conn(a, (int)p, &rc);
+		if (!xp) {
+			c->status = rc;
+			continue;
+		}
+		/* The callback may run before xport_attend returns: it owns
+		 * c->status once the request is accepted. */
+		xport_waiter_add(&w, 1);
+		rc = xport_attend(xp, &ws, c->qs, c->n, (uint32_t)a->attend_timeout_ms, pcall_cb, c);
+		if (rc) /* not accepted: the callback never runs */
+			pcall_cb(c, rc);
+	}
+	/* Our own partial meanwhile. */
+	float *lo = calloc((size_t)nq * row + 1, sizeof(float));
+	float *ll = calloc((size_t)nq * sh->q_heads + 1, sizeof(float));
+	int krc = -ENOMEM;
+	if (lo && ll) {
+		for (uint32_t i = 0; i < nq; i++)
+			if (qs[i].st)
+				ltok[i] = 0;
+		/* Failed queries get empty lists: the starts are rebuilt. */
+		const void **bp = calloc(nl + 1, sizeof *bp);
+		uint32_t *st2 = calloc(nq + 1, sizeof *st2);
+		float *qbuf = calloc((size_t)nq * row + 1, sizeof(float));
+		if (bp && st2 && qbuf) {
+			uint32_t m = 0;
+			for (uint32_t i = 0; i < nq; i++) {
+				st2[i] = m;
+				memcpy(qbuf + i * row, qs[i].q, row * sizeof(float));
+				if (qs[i].st)
+					continue;
+				for (uint32_t k = lstart[i]; k < lstart[i + 1]; k++)
+					bp[m++] = lptr[k];
+			}
+			st2[nq] = m;
+			da_batch b = {.n_queries = nq, .q = qbuf, .blocks = bp, .block_start = st2,
+				      .n_tokens = ltok};
+			krc = da_partial_cpu(ctx, sh, &b, lo, ll);
+		}
+		free(bp);
+		free(st2);
+		free(qbuf);
+	}
+	xport_waiter_wait(&w);
+	xport_waiter_destroy(&w);
+	/* Merge, or fail each query that lost a peer. */
+	uint32_t *order = calloc(np + 1, sizeof *order);
+	for (uint32_t p = 0; order && p < np; p++)
+		order[p] = p;
+	for (uint32_t x = 1; order && x < np; x++) /* by node id: a fixed merge order */
+		for (uint32_t y = x; y > 0 && strcmp(hs->peers[order[y - 1]].node_id,
+						     hs->peers[order[y]].node_id) > 0; y--) {
+			uint32_t t = order[y];
+			order[y] = order[y - 1];
+			order[y - 1] = t;
+		}
+	const float **op = calloc(np + 2, sizeof *op), **lp = calloc(np + 2, sizeof *lp);
+	for (uint32_t i = 0; i < nq; i++) {
+		struct hq *h = &qs[i];
+		if (h->st)
+			continue;
+		if (krc || !order || !op || !lp) {
+			h->st = krc ? krc : -ENOMEM;
+			snprintf(h->err, sizeof h->err, "local attention: %.120s", strerror(-h->st));
+			continue;
+		}
+		uint32_t n = 0;
+		op[n] = lo + i * row;
+		lp[n++] = ll + (size_t)i * sh->q_heads;
+		for (uint32_t x = 0; x < np && !h->st; x++) {
+			struct pcall *c = &pc[order[x]];
+			for (uint32_t k = 0; k < c->n; k++) {
+				if (c->qidx[k] != i)
+					continue;
+				int rc = c->status ? c->status : c->qs ? c->qs[k].status : -ENOMEM;
+				if (rc) {
+					h->st = rc == -ETIMEDOUT ? -ETIMEDOUT : -EHOSTUNREACH;
+					const struct peer *pe = &hs->peers[c->peer];
+					snprintf(h->err, sizeof h->err,
+						 "sequence %.80s: peer %.80s (%.80s): %.80s; lost blocks ", h->seq->id,
+						 pe->node_id, pe->data_addr, strerror(-rc));
+					append_indexes(h->err, sizeof h->err, c->indexes[k],
+						       c->qs[k].n_blocks);
+					kvm_log(KVM_LOG_WARN, "attend_peer_failed", "seq=%s peer=%s addr=%s error=\"%s\" msg=\"%s\"",
+						h->seq->id, pe->node_id, pe->data_addr, strerror(-rc), h->err);
+					break;
+				}
+				op[n] = c->o + (size_t)k * row;
+				lp[n++] = c->lse + (size_t)k * sh->q_heads;
+			}
+		}
+		if (!h->st)
+			h->st = da_merge_cpu(n, sh->q_heads, sh->head_dim, op, lp, h->o, h->lse);
+	}
+	free(op);
+	free(lp);
+	free(order);
+	free(lo);
+	free(ll);
+	for (uint32_t p = 0; p < np; p++) {
+		struct pcall *c = &pc[p];
+		/* A dead connection is dropped here (never from a callback); the
+		 * next batch dials again. */
+		if (c->n && conn_error(c->status) && hs->peers[p].xp) {
+			xport_close(hs->peers[p].xp);
+			hs->peers[p].xp = NULL;
+		}
+		if (c->indexes)
+			free(c->indexes[0]);
+		free(c->qs);
+		free(c->qidx);
+		free(c->indexes);
+		free(c->handles);
+		free(c->o);
+		free(c->lse);
+	}
+	for (uint32_t k = 0; k < n_pins; k++)
+		blocks_unread(a, lpin[k]);
+out:
+	free(lptr);
+	free(lpin);
+	free(lh);
+	free(lstart);
+	free(ltok);
+	free(pc);
+	free(cnt);
+	free(rh);
+	free(ridx);
+	free(rpeer);
+	free(rstart);
+	free(is_local_handle);
+}
+
+/* ---- the data plane's ATTEND on sequence handles ----------------------------------- */
+
+struct wire_job {
+	agent *a;
+	const wire_attend_view *v;
+	const float *q;
+	float *o, *lse;
+	int *st;
+	xport_attend_token *tok;
+};
+
+static void wire_attend_run(void *arg, da_ctx *ctx)
+{
+	struct wire_job *j = arg;
+	agent *a = j->a;
+	const wire_attend_view *v = j->v;
+	da_shape sh;
+	int rc = agent_shape(a, &v->shape, &sh);
+	struct hq *qs = rc ? NULL : calloc(v->n_queries, sizeof *qs);
+	if (!rc && !qs)
+		rc = -ENOMEM;
+	if (rc == 0) {
+		size_t row = (size_t)sh.q_heads * sh.head_dim;
+		const uint8_t *cur = v->queries;
+		for (uint32_t i = 0; i < v->n_queries; i++) {
+			wire_attend_query wq;
+			wire_attend_next(v, &cur, &wq);
+			wire_handle h = {0};
+			if (wq.n_blocks == 1)
+				wire_attend_handle(&wq, 0, &h);
+			qs[i] = (struct hq){.data_id = (uint64_t)h.gen << 32 | h.slot,
+					    .n_tokens = wq.n_tokens, .q = j->q + i * row,
+					    .o = j->o + i * row, .lse = j->lse + (size_t)i * sh.q_heads};
+			if (wq.n_blocks != 1 || h.arena != WIRE_ARENA_SEQUENCE) {
+				qs[i].st = -EINVAL;
+				snprintf(qs[i].err, sizeof qs[i].err,
+					 "a query naming a sequence has exactly one handle (arena %d)",
+					 WIRE_ARENA_SEQUENCE);
+			}
+		}
+		attend_batch(a, ctx, &sh, qs, v->n_queries);
+		for (uint32_t i = 0; i < v->n_queries; i++) {
+			j->st[i] = qs[i].st;
+			if (qs[i].st) {
+				memset(qs[i].o, 0, row * sizeof(float));
+				memset(qs[i].lse, 0, sh.q_heads * sizeof(float));
+				kvm_log(KVM_LOG_WARN, "attend_failed", "data_id=%#" PRIx64 " error=\"%s\"",
+					qs[i].data_id, qs[i].err[0] ? qs[i].err : strerror(-qs[i].st));
+			}
+		}
+	}
+	free(qs);
+	xport_attend_complete(j->tok, rc);
+	free(j);
+}
+
+int homeseq_attend_wire(agent *a, const wire_attend_view *v, const float *q, float *o, float *lse,
+			int *st, xport_attend_token *tok)
+{
+	struct wire_job *j = malloc(sizeof *j);
+	if (!j)
+		return -ENOMEM;
+	*j = (struct wire_job){a, v, q, o, lse, st, tok};
+	int rc = wpool_submit(a->home, wire_attend_run, j);
+	if (rc) {
+		free(j);
+		return rc;
+	}
+	return XPORT_DEFERRED;
+}
+
+/* ---- ReleaseSequence ------------------------------------------------------------------ */
+
+struct drop_job {
+	agent *a;
+	uint64_t data_id;
+};
+
+static void drop_run(void *arg, da_ctx *ctx)
+{
+	struct drop_job *j = arg;
+	homeseqs *hs = j->a->hs;
+	(void)ctx;
+	pthread_mutex_lock(&hs->mu);
+	struct hseq **pp = &hs->bucket[j->data_id % HS_BUCKETS];
+	while (*pp && (*pp)->data_id != j->data_id)
+		pp = &(*pp)->next;
+	struct hseq *q = *pp;
+	if (q) {
+		*pp = q->next;
+		hs->count--;
+		kvm_log(KVM_LOG_INFO, "home_sequence_released", "seq=%s full_blocks=%u", q->id,
+			q->n_full);
+		hseq_free(j->a, q);
+	}
+	pthread_mutex_unlock(&hs->mu);
+	free(j);
+}
+
+void homeseq_release(agent *a, const char *seq_id, uint64_t data_id)
+{
+	struct drop_job *j = malloc(sizeof *j);
+	if (!j)
+		return;
+	*j = (struct drop_job){a, seq_id && seq_id[0] ? agent_data_id(seq_id) : data_id};
+	/* On the home pool, after the attends and seals queued before it. */
+	if (wpool_submit(a->home, drop_run, j) != 0)
+		free(j);
+}
+
+/* ---- gRPC Agent.AttendAppend ------------------------------------------------------------ */
+
+struct rpc_job {
+	agent *a;
+	Kvmesh__V1__AttendAppendRequest *r;
+	da_shape sh;
+	struct hq *qs;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	bool done;
+};
+
+static void rpc_run(void *arg, da_ctx *ctx)
+{
+	struct rpc_job *j = arg;
+	agent *a = j->a;
+	for (size_t i = 0; i < j->r->n_queries; i++) {
+		const Kvmesh__V1__AttendQuery *aq = j->r->queries[i];
+		struct hq *h = &j->qs[i];
+		h->st = append(a, aq->sequence_id, 0, j->r->layer, -1, 1, aq->k_new.data,
+			       aq->v_new.data, h->err, sizeof h->err);
+	}
+	attend_batch(a, ctx, &j->sh, j->qs, (uint32_t)j->r->n_queries);
+	pthread_mutex_lock(&j->mu);
+	j->done = true;
+	pthread_cond_signal(&j->cv);
+	pthread_mutex_unlock(&j->mu);
+}
+
+static int rpc_code(int err)
+{
+	switch (err) {
+	case -EINVAL:
+		return KVM_RPC_INVALID_ARGUMENT;
+	case -ENOENT:
+		return KVM_RPC_NOT_FOUND;
+	case -ENOSPC:
+	case -ENOMEM:
+		return KVM_RPC_RESOURCE_EXHAUSTED;
+	case -ETIMEDOUT:
+		return KVM_RPC_DEADLINE_EXCEEDED;
+	default:
+		return KVM_RPC_UNAVAILABLE;
+	}
+}
+
+int homeseq_rpc_attend_append(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	agent *a = arg;
+	const kvs_geom *g = &a->geom;
+	Kvmesh__V1__AttendAppendRequest *r = kvmesh__v1__attend_append_request__unpack(NULL, len, req);
+	if (!r)
+		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed AttendAppendRequest");
+	int rc = KVM_RPC_OK;
+	size_t row = (size_t)g->kv_heads * g->head_dim * kvs_geom_elem_bytes(g);
+	size_t qn = (size_t)a->q_heads * g->head_dim;
+	struct rpc_job j = {.a = a, .r = r};
+	float *out = NULL;
+	if (strcmp(r->model_id, a->model_id) != 0) {
+		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "model \"%s\": this agent holds %s",
+				  r->model_id, a->model_id);
+		goto done;
+	}
+	if (r->layer >= g->layers || r->n_queries == 0 || r->n_queries > 4096 ||
+	    !(r->scale >= 0) || !isfinite(r->scale)) {
+		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+				  "layer %u (model has %u), %zu queries (1..4096), scale %g", r->layer,
+				  g->layers, r->n_queries, (double)r->scale);
+		goto done;
+	}
+	for (size_t i = 0; i < r->n_queries; i++) {
+		const Kvmesh__V1__AttendQuery *q = r->queries[i];
+		if (!q->sequence_id[0] || q->n_q != qn || q->k_new.len != row || q->v_new.len != row) {
+			rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+					  "query %zu (sequence \"%s\"): q has %zu floats, k_new %zu and "
+					  "v_new %zu bytes; want %zu floats and %zu bytes",
+					  i, q->sequence_id, q->n_q, q->k_new.len, q->v_new.len, qn, row);
+			goto done;
+		}
+	}
+	j.sh = (da_shape){.q_heads = a->q_heads, .kv_heads = g->kv_heads, .head_dim = g->head_dim,
+			  .block_tokens = g->block_tokens, .layer = r->layer, .kv_dtype = g->dtype,
+			  .scale = r->scale > 0 ? r->scale : 1.0f / sqrtf((float)g->head_dim)};
+	j.qs = calloc(r->n_queries, sizeof *j.qs);
+	out = calloc(r->n_queries * (qn + a->q_heads), sizeof(float));
+	if (!j.qs || !out || da_shape_check(&j.sh)) {
+		rc = kvm_rpc_fail(call, j.qs && out ? KVM_RPC_FAILED_PRECONDITION
+						    : KVM_RPC_RESOURCE_EXHAUSTED,
+				  j.qs && out ? "model shape unusable (q_heads %u)" : "out of memory",
+				  a->q_heads);
+		goto done;
+	}
+	for (size_t i = 0; i < r->n_queries; i++)
+		j.qs[i] = (struct hq){.seq_id = r->queries[i]->sequence_id, .n_tokens = -1,
+				      .q = r->queries[i]->q, .o = out + i * qn,
+				      .lse = out + r->n_queries * qn + i * a->q_heads};
+	pthread_mutex_init(&j.mu, NULL);
+	pthread_cond_init(&j.cv, NULL);
+	if (wpool_submit(a->home, rpc_run, &j) != 0) {
+		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "the agent is stopping");
+	} else {
+		pthread_mutex_lock(&j.mu);
+		while (!j.done)
+			pthread_cond_wait(&j.cv, &j.mu);
+		pthread_mutex_unlock(&j.mu);
+		for (size_t i = 0; i < r->n_queries && rc == KVM_RPC_OK; i++)
+			if (j.qs[i].st)
+				rc = kvm_rpc_fail(call, rpc_code(j.qs[i].st), "query %zu: %s", i,
+						  j.qs[i].err[0] ? j.qs[i].err : strerror(-j.qs[i].st));
+	}
+	pthread_mutex_destroy(&j.mu);
+	pthread_cond_destroy(&j.cv);
+	if (rc == KVM_RPC_OK) {
+		Kvmesh__V1__AttendResult *res = calloc(r->n_queries, sizeof *res);
+		Kvmesh__V1__AttendResult **rp = calloc(r->n_queries, sizeof *rp);
+		uint8_t *buf = NULL;
+		if (res && rp) {
+			for (size_t i = 0; i < r->n_queries; i++) {
+				kvmesh__v1__attend_result__init(&res[i]);
+				res[i].sequence_id = r->queries[i]->sequence_id;
+				res[i].n_o = qn;
+				res[i].o = j.qs[i].o;
+				res[i].n_lse = a->q_heads;
+				res[i].lse = j.qs[i].lse;
+				rp[i] = &res[i];
+			}
+			Kvmesh__V1__AttendAppendResponse resp = KVMESH__V1__ATTEND_APPEND_RESPONSE__INIT;
+			resp.n_results = r->n_queries;
+			resp.results = rp;
+			size_t n = kvmesh__v1__attend_append_response__get_packed_size(&resp);
+			if ((buf = malloc(n ? n : 1))) {
+				kvmesh__v1__attend_append_response__pack(&resp, buf);
+				kvm_rpc_reply(call, buf, n);
+			}
+		}
+		if (!buf)
+			rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
+		free(buf);
+		free(res);
+		free(rp);
+	}
+done:
+	free(j.qs);
+	free(out);
+	kvmesh__v1__attend_append_request__free_unpacked(r, NULL);
+	return rc;
+}
