@@ -63,12 +63,8 @@ static inline __m128 reduce4_avx512(__m512 a, __m512 b, __m512 c, __m512 d)
 
 /* Tile sizes (see distattn_simd.inc): 16 accumulators for 4 heads x 4 tokens,
  * 8 tokens for MHA; 32 vector registers leave room for the operands. */
-#ifndef SCORE_TN
 #define SCORE_TN(gb) ((gb) == 1 ? 8 : 4)
-#endif
-#ifndef ACCUM_TN
 #define ACCUM_TN(gb) ((gb) == 1 ? 8 : 4)
-#endif
 #include "kernels/distattn_simd.inc"
 
 const da_isa da_isa_avx512 = {
