@@ -65,7 +65,6 @@ static inline __m128 reduce4_avx2(__m256 a, __m256 b, __m256 c, __m256 d)
 	return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 #define VREDUCE4(a, b, c, d) reduce4_avx2(a, b, c, d)
-#define TT 2
 
 #define VMAX(a, b) _mm256_max_ps(a, b)
 #define VHMAX(v) hmax8(v)
@@ -78,6 +77,9 @@ static inline float hmax8(__m256 v)
 	return _mm_cvtss_f32(s);
 }
 
+/* Tile sizes (see distattn_simd.inc), for 16 vector registers. */
+#define SCORE_TN(gb) ((gb) <= 2 ? 4 : 2)
+#define ACCUM_TN(gb) ((gb) == 1 ? 4 : 2)
 #include "kernels/distattn_simd.inc"
 
 const da_isa da_isa_avx2 = {

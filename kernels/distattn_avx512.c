@@ -57,11 +57,14 @@ static inline __m128 reduce4_avx512(__m512 a, __m512 b, __m512 c, __m512 d)
 	return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 #define VREDUCE4(a, b, c, d) reduce4_avx512(a, b, c, d)
-#define TT 4
 
 #define VMAX(a, b) _mm512_max_ps(a, b)
 #define VHMAX(v) _mm512_reduce_max_ps(v)
 
+/* Tile sizes (see distattn_simd.inc): 16 accumulators for 4 heads x 4 tokens,
+ * 8 tokens for MHA; 32 vector registers leave room for the operands. */
+#define SCORE_TN(gb) ((gb) == 1 ? 8 : 4)
+#define ACCUM_TN(gb) ((gb) == 1 ? 8 : 4)
 #include "kernels/distattn_simd.inc"
 
 const da_isa da_isa_avx512 = {

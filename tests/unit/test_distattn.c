@@ -237,10 +237,10 @@ static void sweep(const char *isa)
 	da_ctx *ctx;
 	cr_assert_eq(da_ctx_create(2, &ctx), 0);
 	uint64_t rng = 42;
-	static const uint32_t groups[] = {1, 2, 4, 5, 7, 8};
+	static const uint32_t groups[] = {1, 2, 3, 4, 5, 7, 8};
 	static const da_dtype types[] = {DA_F32, DA_F16, DA_BF16};
 	for (unsigned t = 0; t < 3; t++)
-		for (unsigned g = 0; g < 6; g++)
+		for (unsigned g = 0; g < 7; g++)
 			for (uint32_t D = 64; D <= 128; D += 64)
 				for (uint32_t bt = 16; bt <= 64; bt *= 4) {
 					uint32_t hkv = 1 + rng_below(&rng, 2);
