@@ -419,6 +419,14 @@ int da_partial_cpu(da_ctx *ctx, const da_shape *s, const da_batch *b, float *o, 
 	for (int i = ctx->n_isas - 1; i >= 0; i--)
 		if (s->head_dim % ctx->isas[i]->lanes == 0)
 			job.isa = ctx->isas[i];
+	/* MHA (one query head per K/V row) streams faster through the AVX2
+	 * loops on AVX-512 machines: measured from memory with make
+	 * bench-kernel, 0.79-0.88 of STREAM against 0.66-0.79 for the AVX-512
+	 * tiles in the same runs (docs/benchmarks.md). GQA keeps AVX-512. */
+	if (job.isa == &da_isa_avx512 && job.dims.group == 1)
+		for (int i = 0; i < ctx->n_isas; i++)
+			if (ctx->isas[i] == &da_isa_avx2 && s->head_dim % da_isa_avx2.lanes == 0)
+				job.isa = &da_isa_avx2;
 	job.k_offset = 2 * half_layer_bytes(s) * s->layer;
 	job.v_offset = job.k_offset + half_layer_bytes(s);
 
