@@ -685,7 +685,8 @@ int coord_list_sequences(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 	if (src || a.err) {
 		rc = kvm_rpc_fail(call, KVM_RPC_INTERNAL, "state store: %s", strerror(-(src ? src : a.err)));
 	} else {
-		qsort(a.seqs, a.n, sizeof(*a.seqs), seq_id_cmp);
+		if (a.n > 1) /* qsort on a NULL array is undefined, even of 0 items */
+			qsort(a.seqs, a.n, sizeof(*a.seqs), seq_id_cmp);
 		size_t n = a.n < limit ? a.n : limit;
 		/* Blocks are left out: block_count says how many. */
 		size_t *saved = calloc(n ? n : 1, sizeof(*saved));
