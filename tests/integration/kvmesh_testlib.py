@@ -135,6 +135,43 @@ class Agent:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def list_nodes(c):
+    """The coordinator's nodes by id."""
+    return {n.id: n for n in c.stub.ListNodes(kvmesh_pb2.ListNodesRequest(), timeout=5).nodes}
+
+
+class AgentCluster:
+    """A coordinator and agents n0, n1, ... (one per pool size) serving
+    `model`, all registered and ready; stub(node) is a gRPC Agent stub."""
+
+    def __init__(self, model, pools, coordinator_flags=None, **agent_flags):
+        self.c = Coordinator(**(coordinator_flags or {}))
+        self.agents, self.channels = {}, []
+        try:
+            self.c.stub.RegisterModel(model, timeout=5)
+            for i, pool in enumerate(pools):
+                self.agents["n%d" % i] = Agent(self.c, "n%d" % i, model.id, host_pool=str(pool),
+                                               **agent_flags)
+            wait_for("agents ready", lambda: all(
+                i in list_nodes(self.c) and list_nodes(self.c)[i].state == kvmesh_pb2.NODE_READY
+                for i in self.agents))
+        except Exception:
+            self.close()
+            raise
+
+    def stub(self, node):
+        ch = grpc.insecure_channel("127.0.0.1:%d" % self.agents[node].port)
+        self.channels.append(ch)
+        return kvmesh_pb2_grpc.AgentStub(ch)
+
+    def close(self):
+        for ch in self.channels:
+            ch.close()
+        for a in self.agents.values():
+            a.close()
+        self.c.close()
+
+
 def wait_for(what, fn, timeout=10):
     """Polls fn() until it returns a true value; fails naming `what`."""
     deadline = time.time() + timeout

@@ -6,7 +6,7 @@ import os
 
 import grpc
 
-from kvmesh_testlib import (Agent, Coordinator, kvmesh_pb2 as pb, kvmesh_pb2_grpc as pbg,
+from kvmesh_testlib import (AgentCluster, kvmesh_pb2 as pb, list_nodes,
                             run_tests, wait_for)
 
 MODEL = pb.Model(id="tiny", q_heads=4, geometry=pb.BlockGeometry(
@@ -14,13 +14,7 @@ MODEL = pb.Model(id="tiny", q_heads=4, geometry=pb.BlockGeometry(
 BLOCK_BYTES = 2 * 2 * 8 * 2 * 16 * 2
 
 
-def nodes(c):
-    return {n.id: n for n in c.stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
-
-
-def ready(c, ids):
-    ns = nodes(c)
-    return all(i in ns and ns[i].state == pb.NODE_READY for i in ids) and ns
+nodes = list_nodes
 
 
 def reports_supported(c):
@@ -34,32 +28,8 @@ def reports_supported(c):
     return True
 
 
-class Cluster:
-    def __init__(self, pools, **agent_flags):
-        self.c = Coordinator(heartbeat="200ms", **{"dead-after": "3s"})
-        self.agents = {}
-        self.channels = []
-        try:
-            self.c.stub.RegisterModel(MODEL, timeout=5)
-            for i, pool in enumerate(pools):
-                self.agents["n%d" % i] = Agent(self.c, "n%d" % i, "tiny", host_pool=pool,
-                                               **agent_flags)
-            wait_for("agents ready", lambda: ready(self.c, list(self.agents)))
-        except Exception:
-            self.close()
-            raise
-
-    def stub(self, node):
-        ch = grpc.insecure_channel("127.0.0.1:%d" % self.agents[node].port)
-        self.channels.append(ch)
-        return pbg.AgentStub(ch)
-
-    def close(self):
-        for ch in self.channels:
-            ch.close()
-        for a in self.agents.values():
-            a.close()
-        self.c.close()
+def Cluster(pools, **agent_flags):
+    return AgentCluster(MODEL, pools, {"heartbeat": "200ms", "dead-after": "3s"}, **agent_flags)
 
 
 def block(seed):

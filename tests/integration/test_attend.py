@@ -11,7 +11,7 @@ import time
 import grpc
 import numpy as np
 
-from kvmesh_testlib import (Agent, Coordinator, kvmesh_pb2 as pb, kvmesh_pb2_grpc as pbg,
+from kvmesh_testlib import (AgentCluster, kvmesh_pb2 as pb, list_nodes,
                             run_tests, wait_for)
 
 LAYERS, BT, HD = 2, 8, 16
@@ -27,8 +27,7 @@ def np_dtype(dtype):
     return np.float16 if dtype == pb.KV_DTYPE_F16 else np.float32
 
 
-def nodes(c):
-    return {n.id: n for n in c.stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
+nodes = list_nodes
 
 
 def reports_supported(c):
@@ -40,7 +39,7 @@ def reports_supported(c):
     return True
 
 
-class Cluster:
+class Cluster(AgentCluster):
     """Home n0 with a tiny pool; creditors n1, n2."""
 
     def __init__(self, m, home_slots=10, peer_slots=40):
@@ -49,32 +48,9 @@ class Cluster:
         self.kvh, self.qh = g.kv_heads, m.q_heads
         self.dt = np_dtype(g.dtype)
         self.block_bytes = LAYERS * 2 * BT * self.kvh * HD * np.dtype(self.dt).itemsize
-        self.c = Coordinator(heartbeat="200ms", **{"dead-after": "1500ms", "lend-share": "1"})
-        self.agents, self.channels = {}, []
-        try:
-            self.c.stub.RegisterModel(m, timeout=5)
-            for i, slots in enumerate([home_slots, peer_slots, peer_slots]):
-                self.agents["n%d" % i] = Agent(self.c, "n%d" % i, "m",
-                                               host_pool=str(slots * self.block_bytes),
-                                               **{"tail-reserve": "4", "attend-timeout": "2s"})
-            wait_for("agents ready", lambda: all(
-                i in nodes(self.c) and nodes(self.c)[i].state == pb.NODE_READY
-                for i in self.agents))
-        except Exception:
-            self.close()
-            raise
-
-    def stub(self, node):
-        ch = grpc.insecure_channel("127.0.0.1:%d" % self.agents[node].port)
-        self.channels.append(ch)
-        return pbg.AgentStub(ch)
-
-    def close(self):
-        for ch in self.channels:
-            ch.close()
-        for a in self.agents.values():
-            a.close()
-        self.c.close()
+        super().__init__(m, [slots * self.block_bytes for slots in (home_slots, peer_slots, peer_slots)],
+                         {"heartbeat": "200ms", "dead-after": "1500ms", "lend-share": "1"},
+                         **{"tail-reserve": "4", "attend-timeout": "2s"})
 
 
 class Seq:
