@@ -616,6 +616,32 @@ int kvm_seq_get(kvm_client *c, const char *seq_id, kvm_seq_info *info)
 	return 0;
 }
 
+int kvm_seq_blocks(kvm_client *c, const char *seq_id, kvm_block_info *out, uint32_t cap, uint32_t *total)
+{
+	clear_err(c);
+	if (!seq_id || (cap && !out) || !total)
+		return fail(c, -EINVAL, "seq_blocks: bad arguments");
+	Kvmesh__V1__Sequence *s = NULL;
+	int rc = get_seq_proto(c, seq_id, &s);
+	if (rc)
+		return rc;
+	*total = (uint32_t)s->n_blocks;
+	for (size_t i = 0; i < s->n_blocks && i < cap; i++) {
+		const Kvmesh__V1__BlockPlacement *p = s->blocks[i];
+		kvm_block_info *b = &out[i];
+		memset(b, 0, sizeof(*b));
+		b->index = p->index;
+		snprintf(b->node, sizeof(b->node), "%s", p->node_id);
+		b->borrowed = p->borrowed;
+		b->written = p->handle != NULL;
+		if (p->handle)
+			b->slot = p->handle->slot, b->generation = p->handle->generation;
+		b->tokens = p->tokens;
+	}
+	kvmesh__v1__sequence__free_unpacked(s, NULL);
+	return 0;
+}
+
 int kvm_seq_extend(kvm_client *c, const char *seq_id, uint32_t n, kvm_seq_info *info)
 {
 	clear_err(c);

@@ -100,6 +100,20 @@ int kvm_seq_create(kvm_client *c, const char *model_id, const char *seq_id, cons
 		   uint32_t n_prompt, const char *home, kvm_seq_info *info);
 /* The sequence as the coordinator knows it. */
 int kvm_seq_get(kvm_client *c, const char *seq_id, kvm_seq_info *info);
+/* Where one block of a sequence lives. */
+typedef struct kvm_block_info {
+	uint32_t index;
+	char node[64];       /* the node holding it */
+	int borrowed;        /* not on the sequence's home */
+	int written;         /* stored (has a handle); 0 for the tail and unwritten blocks */
+	uint32_t slot, generation; /* the handle, when written */
+	uint32_t tokens;
+} kvm_block_info;
+
+/* The sequence's block map: fills out[0 .. min(cap, total)) and sets *total
+ * to the number of blocks placed. */
+int kvm_seq_blocks(kvm_client *c, const char *seq_id, kvm_block_info *out, uint32_t cap, uint32_t *total);
+
 /* Reserves room for n more tokens (placing new blocks, borrowing from other
  * agents when the home is full); -ENOSPC when the cluster is full. */
 int kvm_seq_extend(kvm_client *c, const char *seq_id, uint32_t n, kvm_seq_info *info);

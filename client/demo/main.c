@@ -196,6 +196,11 @@ static int local_step(da_ctx *ctx, const demo_model *m, uint32_t bt, local_kv *k
 	return 0;
 }
 
+static int node_cmp(const void *a, const void *b)
+{
+	return strcmp(((const demo_node *)a)->id, ((const demo_node *)b)->id);
+}
+
 static void human_bytes(double b, char *out, size_t cap)
 {
 	const char *u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -459,13 +464,47 @@ int main(int argc, char **argv)
 			       tokens[(size_t)s * (G + 1)], tokens[(size_t)s * (G + 1) + 1],
 			       tokens[(size_t)s * (G + 1) + 2], tokens[(size_t)s * (G + 1) + 3]);
 	}
+	/* Blocks per node from the sequences' block maps (the coordinator's
+	 * placements, exact now; the nodes' heartbeats lag by a second): a
+	 * node's own blocks are those of sequences homed there, the rest it
+	 * lends. A shared block counts once, for the first sequence listing it. */
 	demo_node nodes[LC_MAX_AGENTS + 8];
 	int nn = demo_list_nodes(coord, true, nodes, LC_MAX_AGENTS + 8);
+	if (nn > LC_MAX_AGENTS + 8)
+		nn = LC_MAX_AGENTS + 8;
+	if (nn > 1)
+		qsort(nodes, (size_t)nn, sizeof(nodes[0]), node_cmp);
 	double net = 0;
-	for (int i = 0; i < nn && i < LC_MAX_AGENTS + 8; i++) {
-		printf("node %-10s %4" PRIu64 " of %4" PRIu64 " blocks used: %4" PRIu64 " for its own sequences, %4" PRIu64
-		       " lent to others\n",
-		       nodes[i].id, nodes[i].used, nodes[i].total, nodes[i].used - nodes[i].lent, nodes[i].lent);
+	for (int i = 0; i < nn; i++) {
+		uint64_t own = 0, lent = 0;
+		char seen[MAX_SEQS * 256][16];
+		uint32_t n_seen = 0;
+		for (uint32_t s = 0; s < NS; s++) {
+			kvm_block_info bi[256];
+			uint32_t total = 0;
+			if (kvm_seq_blocks(c, ids[s], bi, 256, &total) != 0)
+				continue;
+			for (uint32_t b = 0; b < total && b < 256; b++) {
+				if (strcmp(bi[b].node, nodes[i].id) != 0)
+					continue;
+				char key[16];
+				snprintf(key, sizeof(key), "%x/%x", bi[b].slot, bi[b].generation);
+				bool dup = false;
+				for (uint32_t k = 0; bi[b].written && k < n_seen && !dup; k++)
+					dup = strcmp(seen[k], key) == 0;
+				if (dup)
+					continue;
+				if (bi[b].written && n_seen < MAX_SEQS * 256)
+					snprintf(seen[n_seen++], 16, "%s", key);
+				if (bi[b].borrowed)
+					lent++;
+				else
+					own++;
+			}
+		}
+		printf("node %-10s %4" PRIu64 " blocks: %4" PRIu64 " for sequences homed here, %4" PRIu64
+		       " lent to sequences homed elsewhere (pool %" PRIu64 ")\n",
+		       nodes[i].id, own + lent, own, lent, nodes[i].total);
 		net += nodes[i].data_bytes > 0 ? nodes[i].data_bytes : 0;
 	}
 	kvm_client_stats cs;

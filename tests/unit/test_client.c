@@ -310,6 +310,18 @@ Test(client, read_blocks_back)
 		cr_assert_eq(memcmp(bufs[i], r.blocks[i], bb), 0, "block %d differs", i);
 		free(bufs[i]);
 	}
+	/* The block map: 40 written blocks, on agent-1 or borrowed from agent-2. */
+	kvm_block_info bi[64];
+	uint32_t total = 0, borrowed = 0;
+	cr_assert_eq(kvm_seq_blocks(g_c, "r1", bi, 64, &total), 0);
+	cr_assert_eq(total, 40);
+	for (uint32_t i = 0; i < total; i++) {
+		cr_assert_eq(bi[i].index, i);
+		cr_assert(bi[i].written, "block %u has no handle", i);
+		cr_assert_str_eq(bi[i].node, bi[i].borrowed ? "agent-2" : "agent-1");
+		borrowed += bi[i].borrowed;
+	}
+	cr_assert_gt(borrowed, 0);
 	void *one = malloc(bb);
 	cr_assert_eq(kvm_seq_read_blocks(g_c, "r1", 40, 1, &one), -ERANGE);
 	free(one);
