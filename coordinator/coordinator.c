@@ -436,7 +436,8 @@ static int list_nodes(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 }
 
 /* CordonNode and DrainNode: no new blocks on the node; drain also tells the
- * agent, on its next heartbeat, to release what it can. */
+ * agent, on its next heartbeat, to drop its cache (blocks of live sequences
+ * stay until the sequences are released: moving them is not built). */
 static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, size_t len,
 			  Kvmesh__V1__NodeState state)
 {

@@ -264,9 +264,16 @@ static void apply_commands(agent *a, const Kvmesh__V1__HeartbeatResponse *r)
 			homeseq_release(a, c->release_sequence->sequence_id,
 					c->release_sequence->data_id);
 			break;
-		case KVMESH__V1__COMMAND__KIND_DRAIN:
-			kvm_log(KVM_LOG_INFO, "drain_requested", "reason=\"%s\"", c->drain->reason);
+		case KVMESH__V1__COMMAND__KIND_DRAIN: {
+			/* The coordinator places nothing new here any more. What this
+			 * node can give up at once is its cache: blocks no live
+			 * sequence pins. Pinned blocks are served until released. */
+			uint32_t evicted = 0;
+			kvs_store_evict(a->store, KVS_TIER_FAST, UINT32_MAX, &evicted);
+			kvm_log(KVM_LOG_INFO, "drain_requested", "reason=\"%s\" evicted=%u pinned=%u", c->drain->reason,
+				evicted, blocks_pinned(a));
 			break;
+		}
 		default:
 			break;
 		}

@@ -191,9 +191,46 @@ def test_data_server_listens_on_the_data_address():
         cl.close()
 
 
+def test_drain_drops_the_cache_and_keeps_live_blocks():
+    cl = Cluster(["1MiB"])
+    try:
+        c, s = cl.c.stub, cl.stub("n0")
+        for seq in ("gone", "live"):
+            c.CreateSequence(pb.CreateSequenceRequest(model_id="tiny", sequence_id=seq, home_node="n0"),
+                             timeout=5)
+            c.ExtendSequence(pb.ExtendSequenceRequest(sequence_id=seq, tokens=8 * 3), timeout=5)
+            s.PutBlocks(pb.PutBlocksRequest(
+                model_id="tiny", sequence_id=seq, first_index=0,
+                blocks=[pb.BlockData(data=block(i + len(seq)), key=b"%s-%011d" % (seq.encode(), i))
+                        for i in range(3)]), timeout=5)
+        c.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="gone"), timeout=5)
+        # Released keyed blocks stay cached (evictable) once the agent unpins them.
+        wait_for("the released blocks unpinned",
+                 lambda: s.Stats(pb.StatsRequest(), timeout=5).counters["pinned_blocks"] == 3)
+        assert s.Stats(pb.StatsRequest(), timeout=5).counters["evictions"] == 0
+        c.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
+        wait_for("the cache dropped on drain",
+                 lambda: s.Stats(pb.StatsRequest(), timeout=5).counters["evictions"] == 3)
+        st = s.Stats(pb.StatsRequest(), timeout=5)
+        assert st.counters["pinned_blocks"] == 3, st
+        assert nodes(cl.c)["n0"].state == pb.NODE_DRAINING
+        # The live sequence's blocks are still served.
+        g = c.GetSequence(pb.GetSequenceRequest(sequence_id="live"), timeout=5)
+        got = s.GetBlocks(pb.GetBlocksRequest(handles=[b.handle for b in g.blocks]), timeout=5)
+        assert [b.data for b in got.blocks] == [block(i + 4) for i in range(3)]
+        # And nothing new goes there.
+        try:
+            c.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="live", tokens=8), timeout=5)
+            raise AssertionError("extended onto a draining node")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+    finally:
+        cl.close()
+
+
 if __name__ == "__main__":
     os.environ.setdefault("KVMESH_LOG_LEVEL", "info")
-    run_tests([test_put_get_blocks_where_the_coordinator_placed_them,
+    run_tests([test_drain_drops_the_cache_and_keeps_live_blocks, test_put_get_blocks_where_the_coordinator_placed_them,
                test_stale_and_unknown_handles_are_not_found,
                test_bad_put_blocks_store_nothing,
                test_full_pool_is_resource_exhausted_and_the_reserve_is_kept,
