@@ -1081,9 +1081,9 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 	uint64_t qbytes = (uint64_t)m.q_heads * m.head_dim * 4, obytes = qbytes + (uint64_t)m.q_heads * 4;
 	for (uint32_t b = 0; b < n_homes; b++) {
 		home_batch *hh = &hb[b];
-		c->bytes_out += 2 * (WIRE_HDR_LEN + wire_append_req_size(hh->n)) +
-				(uint64_t)hh->n * (2 * row + qbytes + 12 + 8) +
-				wire_attend_req_size(hh->n, hh->n);
+		/* The two requests (header, metadata, bulk) and their replies. */
+		c->bytes_out += WIRE_HDR_LEN + wire_append_req_size(hh->n) + (uint64_t)hh->n * 2 * row +
+				WIRE_HDR_LEN + wire_attend_req_size(hh->n, hh->n) + (uint64_t)hh->n * qbytes;
 		c->bytes_in += 2 * (WIRE_HDR_LEN + wire_status_reply_size(hh->n)) + (uint64_t)hh->n * obytes;
 		for (uint32_t k = 0; k < hh->n; k++) {
 			uint32_t i = hh->qi[k];
