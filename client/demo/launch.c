@@ -119,6 +119,22 @@ static int spawn(local_cluster *lc, daemon_proc *d)
 	return 0;
 }
 
+/* Whether the daemon's own log says it serves: a free port picked here may
+ * be taken by another process before the daemon binds it, and then whoever
+ * answers on it is not ours. */
+static bool log_says_serving(const local_cluster *lc, const char *name)
+{
+	char path[PATH_MAX + 64], line[2048];
+	snprintf(path, sizeof(path), "%s/%s.log", lc->dir, name);
+	FILE *f = fopen(path, "r");
+	bool yes = false;
+	while (f && !yes && fgets(line, sizeof(line), f))
+		yes = strstr(line, "event=serving") != NULL;
+	if (f)
+		fclose(f);
+	return yes;
+}
+
 static bool alive(pid_t pid)
 {
 	return pid > 0 && waitpid(pid, NULL, WNOHANG) == 0;
@@ -190,38 +206,54 @@ int local_cluster_start(const char *const *extra, local_cluster **out, char *err
 		free(lc);
 		return -e;
 	}
-	int port = free_port();
-	if (port < 0) {
-		free(lc);
-		return port;
-	}
-	snprintf(lc->coord.name, sizeof(lc->coord.name), "coordinator");
-	snprintf(lc->coord.grpc, sizeof(lc->coord.grpc), "127.0.0.1:%d", port);
-	char flag[PATH_MAX + 32];
-	lc->coord.prog = "kvmesh-coordinator";
-	snprintf(flag, sizeof(flag), "--listen=%s", lc->coord.grpc);
-	add_arg(&lc->coord, flag);
-	snprintf(flag, sizeof(flag), "--data-dir=%s/coordinator", lc->dir);
-	add_arg(&lc->coord, flag);
-	for (int i = 0; extra && extra[i]; i++)
-		add_arg(&lc->coord, extra[i]);
-	int rc = spawn(lc, &lc->coord);
-	if (rc) {
-		snprintf(err, err_len, "cannot start the coordinator: %s", strerror(-rc));
-		local_cluster_stop(lc, 0);
-		return rc;
-	}
-	for (double until = now_s() + 15;;) {
-		if (ready_nodes(lc) >= 0)
-			break;
-		if (!alive(lc->coord.pid) || now_s() > until) {
-			char tail[1024];
-			log_tail(lc, "coordinator", tail, sizeof(tail));
-			snprintf(err, err_len, "the coordinator did not start; its log ends:\n%s", tail);
-			local_cluster_stop(lc, 1);
-			return -ETIMEDOUT;
+	/* A port taken meanwhile by someone else makes the coordinator exit;
+	 * then try another. */
+	int rc = -EADDRINUSE;
+	for (int attempt = 0; attempt < 5 && rc == -EADDRINUSE; attempt++) {
+		int port = free_port();
+		if (port < 0) {
+			free(lc);
+			return port;
 		}
-		usleep(20000);
+		snprintf(lc->coord.name, sizeof(lc->coord.name), "coordinator");
+		snprintf(lc->coord.grpc, sizeof(lc->coord.grpc), "127.0.0.1:%d", port);
+		char flag[PATH_MAX + 32];
+		lc->coord.prog = "kvmesh-coordinator";
+		lc->coord.n_args = 0;
+		snprintf(flag, sizeof(flag), "--listen=%s", lc->coord.grpc);
+		add_arg(&lc->coord, flag);
+		snprintf(flag, sizeof(flag), "--data-dir=%s/coordinator", lc->dir);
+		add_arg(&lc->coord, flag);
+		for (int i = 0; extra && extra[i]; i++)
+			add_arg(&lc->coord, extra[i]);
+		if ((rc = spawn(lc, &lc->coord)) != 0) {
+			snprintf(err, err_len, "cannot start the coordinator: %s", strerror(-rc));
+			local_cluster_stop(lc, 0);
+			return rc;
+		}
+		for (double until = now_s() + 15;;) {
+			if (log_says_serving(lc, "coordinator") && ready_nodes(lc) >= 0) {
+				rc = 0;
+				break;
+			}
+			if (!alive(lc->coord.pid)) {
+				lc->coord.pid = 0;
+				rc = -EADDRINUSE; /* most likely; the log says */
+				break;
+			}
+			if (now_s() > until) {
+				rc = -ETIMEDOUT;
+				break;
+			}
+			usleep(20000);
+		}
+	}
+	if (rc != 0) {
+		char tail[1024];
+		log_tail(lc, "coordinator", tail, sizeof(tail));
+		snprintf(err, err_len, "the coordinator did not start; its log ends:\n%s", tail);
+		local_cluster_stop(lc, 1);
+		return rc;
 	}
 	*out = lc;
 	return 0;

@@ -353,6 +353,12 @@ static void peer_fault(int sig)
 	cr_assert_eq(nodes_holding("narrow", &now), 0);
 	/* Find a creditor of "wide" other than narrow's home. */
 	cr_assert_gt(nodes_holding("wide", &now), 0);
+	kvm_block_info bi[64];
+	uint32_t total = 0, on_victim = 0;
+	cr_assert_eq(kvm_seq_blocks(g_c, "wide", bi, 64, &total), 0);
+	for (uint32_t i = 0; i < total && i < 64; i++)
+		on_victim += strcmp(bi[i].node, "agent-3") == 0;
+	cr_assert_gt(on_victim, 0, "no block of the sequence is on agent-3");
 	pid_t victim = local_cluster_agent_pid(g_lc, 2); /* agent-3 */
 	const char *ids[] = {"wide", "narrow"};
 	decode_and_check(r, ids, 2, 1, 2e-3);
