@@ -58,6 +58,12 @@ for dir in "${dirs[@]}"; do
   done
 done
 
+# Why each one failed, again at the end: CI shows only the last lines.
+for name in "${broken[@]}"; do
+  echo "why $name failed:"
+  grep -E -A4 'Assertion Failed|\[FAIL\]|CRASH|^not ok|^FAIL|Traceback|Error' "$work/$name.log" | head -n 40 | sed 's/^/    | /'
+  tail -n 5 "$work/$name.log" | sed 's/^/    | /'
+done
 [ ${#broken[@]} -eq 0 ] || echo "failing: ${broken[*]}"
 echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ] && [ $((passed + skipped)) -gt 0 ]

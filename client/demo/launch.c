@@ -30,6 +30,7 @@ typedef struct daemon_proc {
 	char args[MAX_ARGS][ARG_MAX_LEN]; /* kept, to start it again */
 	int n_args;
 	pid_t pid;
+	int port_tries; /* starts again on other ports after losing one */
 } daemon_proc;
 
 struct local_cluster {
@@ -40,9 +41,45 @@ struct local_cluster {
 	unsigned n_agents;
 };
 
+/* Whether port is free to listen on at 127.0.0.1 now. */
+static bool port_free(int port)
+{
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return false;
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+				.sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	bool ok = bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+	close(fd);
+	return ok;
+}
+
+/* A port for a daemon to listen on. It is picked below the kernel's
+ * ephemeral range: a port from that range can be taken as the source port of
+ * any outgoing connection (the agents dial their coordinator and each other)
+ * between this check and the daemon's bind, and a restarted daemon binds its
+ * old port again. Random, so that clusters started at once rarely pick the
+ * same one; a daemon that still loses its port is started again on another. */
 static int free_port(void)
 {
-	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	static unsigned seed;
+	if (!seed)
+		seed = (unsigned)getpid() ^ (unsigned)time(NULL);
+	int low = 32768;
+	FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+	if (f) {
+		if (fscanf(f, "%d", &low) != 1)
+			low = 32768;
+		fclose(f);
+	}
+	int from = low - 12000 > 1024 ? low - 12000 : 1024;
+	for (int tries = 0; low - from > 100 && tries < 200; tries++) {
+		int port = from + (int)(rand_r(&seed) % (unsigned)(low - from));
+		if (port_free(port))
+			return port;
+	}
+	/* No room below the range: let the kernel pick one. */
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
 	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -81,6 +118,35 @@ static void add_arg(daemon_proc *d, const char *a)
 		memcpy(d->args[d->n_args], a, n);
 		d->args[d->n_args++][n] = '\0';
 	}
+}
+
+/* Replaces the argument that starts with prefix (adds it if missing). */
+static void set_arg(daemon_proc *d, const char *prefix, const char *value)
+{
+	char a[ARG_MAX_LEN];
+	snprintf(a, sizeof(a), "%s%s", prefix, value);
+	for (int i = 0; i < d->n_args; i++)
+		if (strncmp(d->args[i], prefix, strlen(prefix)) == 0) {
+			snprintf(d->args[i], ARG_MAX_LEN, "%s", a);
+			return;
+		}
+	add_arg(d, a);
+}
+
+/* New free ports for an agent's gRPC and data servers. */
+static int agent_ports(daemon_proc *d)
+{
+	int gport = free_port(), dport = free_port();
+	for (int i = 0; dport == gport && i < 10; i++)
+		dport = free_port();
+	if (gport < 0 || dport < 0)
+		return gport < 0 ? gport : dport;
+	char v[64];
+	snprintf(d->grpc, sizeof(d->grpc), "127.0.0.1:%d", gport);
+	set_arg(d, "--listen=", d->grpc);
+	snprintf(v, sizeof(v), "127.0.0.1:%d", dport);
+	set_arg(d, "--data-address=", v);
+	return 0;
 }
 
 static int spawn(local_cluster *lc, daemon_proc *d)
@@ -271,30 +337,25 @@ int local_cluster_add_agents(local_cluster *lc, unsigned n, const char *model_id
 		before = 0;
 	for (unsigned k = 0; k < n; k++) {
 		daemon_proc *d = &lc->agents[lc->n_agents];
-		int gport = free_port(), dport = free_port();
-		if (gport < 0 || dport < 0)
-			return gport < 0 ? gport : dport;
 		snprintf(d->name, sizeof(d->name), "agent-%u", lc->n_agents + 1);
-		snprintf(d->grpc, sizeof(d->grpc), "127.0.0.1:%d", gport);
 		char flag[256];
 		d->prog = "kvmesh-agent";
 		d->n_args = 0;
+		d->port_tries = 0;
 		snprintf(flag, sizeof(flag), "--node-id=%s", d->name);
 		add_arg(d, flag);
 		snprintf(flag, sizeof(flag), "--coordinator=%s", lc->coord.grpc);
 		add_arg(d, flag);
-		snprintf(flag, sizeof(flag), "--listen=%s", d->grpc);
-		add_arg(d, flag);
-		snprintf(flag, sizeof(flag), "--data-address=127.0.0.1:%d", dport);
-		add_arg(d, flag);
+		int rc = agent_ports(d);
+		if (rc)
+			return rc;
 		snprintf(flag, sizeof(flag), "--model=%.200s", model_id);
 		add_arg(d, flag);
 		snprintf(flag, sizeof(flag), "--host-pool=%.200s", host_pool);
 		add_arg(d, flag);
 		for (int i = 0; extra && extra[i]; i++)
 			add_arg(d, extra[i]);
-		int rc = spawn(lc, d);
-		if (rc) {
+		if ((rc = spawn(lc, d)) != 0) {
 			snprintf(err, err_len, "cannot start %s: %s", d->name, strerror(-rc));
 			return rc;
 		}
@@ -304,14 +365,22 @@ int local_cluster_add_agents(local_cluster *lc, unsigned n, const char *model_id
 		int ready = ready_nodes(lc);
 		if (ready >= before + (int)n)
 			return 0;
-		for (unsigned i = 0; i < lc->n_agents; i++)
-			if (!alive(lc->agents[i].pid) || now_s() > until) {
-				char tail[1024];
-				log_tail(lc, lc->agents[i].name, tail, sizeof(tail));
-				snprintf(err, err_len, "%s did not become ready; its log ends:\n%s", lc->agents[i].name,
-					 tail);
-				return -ETIMEDOUT;
+		for (unsigned i = 0; i < lc->n_agents; i++) {
+			daemon_proc *d = &lc->agents[i];
+			char tail[1024];
+			if (!alive(d->pid)) {
+				log_tail(lc, d->name, tail, sizeof(tail));
+				/* A port taken between our check and its bind. */
+				if (strstr(tail, "Address already in use") && d->port_tries++ < 5 &&
+				    agent_ports(d) == 0 && spawn(lc, d) == 0)
+					continue;
+			} else if (now_s() <= until) {
+				continue;
 			}
+			log_tail(lc, d->name, tail, sizeof(tail));
+			snprintf(err, err_len, "%s did not become ready; its log ends:\n%s", d->name, tail);
+			return -ETIMEDOUT;
+		}
 		usleep(50000);
 	}
 }
@@ -379,6 +448,27 @@ pid_t local_cluster_agent_pid(const local_cluster *lc, unsigned i)
 	return i < lc->n_agents ? lc->agents[i].pid : -1;
 }
 
+int local_cluster_signal_agent(local_cluster *lc, unsigned i, int sig)
+{
+	if (i >= lc->n_agents || lc->agents[i].pid <= 0)
+		return -EINVAL;
+	pid_t pid = lc->agents[i].pid;
+	if (kill(pid, sig) != 0)
+		return -errno;
+	/* kill() returns before the signal acts: a stop takes effect when one
+	 * of the process's threads is next scheduled, and meanwhile another
+	 * thread can still answer a request. WNOWAIT leaves the state to
+	 * whoever waits for the child later. */
+	int how = sig == SIGKILL ? WEXITED : sig == SIGSTOP ? WSTOPPED : sig == SIGCONT ? WCONTINUED : 0;
+	if (!how)
+		return 0;
+	siginfo_t si;
+	while (waitid(P_PID, (id_t)pid, &si, how | WNOWAIT) != 0)
+		if (errno != EINTR)
+			return -errno;
+	return 0;
+}
+
 const char *local_cluster_dir(const local_cluster *lc)
 {
 	return lc->dir;
@@ -389,6 +479,7 @@ static void stop_proc(daemon_proc *d)
 	if (d->pid <= 0)
 		return;
 	kill(d->pid, SIGTERM);
+	kill(d->pid, SIGCONT); /* a stopped one takes the SIGTERM now */
 	for (int i = 0; i < 500; i++) {
 		if (waitpid(d->pid, NULL, WNOHANG) != 0) {
 			d->pid = 0;

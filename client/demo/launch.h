@@ -39,6 +39,9 @@ unsigned local_cluster_agents(const local_cluster *lc);
 const char *local_cluster_agent_id(const local_cluster *lc, unsigned i);
 const char *local_cluster_agent_grpc(const local_cluster *lc, unsigned i);
 pid_t local_cluster_agent_pid(const local_cluster *lc, unsigned i);
+/* Sends sig to agent i and, for SIGKILL, SIGSTOP and SIGCONT, returns only
+ * once it took effect (the agent is dead, stopped, running again). */
+int local_cluster_signal_agent(local_cluster *lc, unsigned i, int sig);
 /* The temporary directory (daemon logs, the coordinator's store). */
 const char *local_cluster_dir(const local_cluster *lc);
 

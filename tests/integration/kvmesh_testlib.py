@@ -2,6 +2,7 @@
 loopback ports, driven by a real gRPC client (Debian's python3-grpcio) whose
 stubs are generated from proto/*.proto at run time."""
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,24 @@ import kvmesh_pb2_grpc  # noqa: E402,F401
 
 
 def free_port():
+    """A free port below the kernel's ephemeral range: one from that range can
+    become the source port of an outgoing connection (agents dial their
+    coordinator) before our daemon binds it, and a restarted daemon binds its
+    old port again. Random, so that tests run at once rarely pick the same."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    start = max(1024, low - 12000)
+    for _ in range(200 if low - start > 100 else 0):
+        port = random.randrange(start, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

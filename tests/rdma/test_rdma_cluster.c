@@ -465,7 +465,7 @@ int main(int argc, char **argv)
 	t0 = now_s();
 	bool ok3 = ok;
 	if (ok3) {
-		kill(local_cluster_agent_pid(g_lc, 2), SIGKILL); /* agent-3 */
+		local_cluster_signal_agent(g_lc, 2, SIGKILL); /* agent-3 */
 		usleep(100000);
 		ref_append(&r);
 		for (uint32_t k = 0; k < QD; k++)

@@ -359,10 +359,9 @@ static void peer_fault(int sig)
 	for (uint32_t i = 0; i < total && i < 64; i++)
 		on_victim += strcmp(bi[i].node, "agent-3") == 0;
 	cr_assert_gt(on_victim, 0, "no block of the sequence is on agent-3");
-	pid_t victim = local_cluster_agent_pid(g_lc, 2); /* agent-3 */
 	const char *ids[] = {"wide", "narrow"};
 	decode_and_check(r, ids, 2, 1, 2e-3);
-	kill(victim, sig);
+	cr_assert_eq(local_cluster_signal_agent(g_lc, 2, sig), 0);
 	uint32_t QD = m.q_heads * m.head_dim;
 	float q[2][256] = {{0}}, o[2][256], lse[2][4];
 	ref_append(&r[0]);
@@ -383,7 +382,7 @@ static void peer_fault(int sig)
 	cr_assert(strstr(msg, "agent-3") && strstr(msg, "blocks"), "the error does not name the peer: %s", msg);
 	cr_assert_lt(took, 8.0, "the failure took %.1f s", took);
 	if (sig == SIGSTOP)
-		kill(victim, SIGCONT);
+		local_cluster_signal_agent(g_lc, 2, SIGCONT);
 	ref_free(&r[0]);
 	ref_free(&r[1]);
 	free(p1), free(p2);
