@@ -225,6 +225,7 @@ void coord_cmd_free(cmd_rec *cmd)
 		return;
 	free(cmd->sequence_id);
 	free(cmd->handles);
+	free(cmd->moves);
 	free(cmd);
 }
 
@@ -270,6 +271,7 @@ void coord_soft_node_lost(kvm_coord *c, uint32_t node)
 	if (node >= c->n_nodes)
 		return;
 	drop_queue(&c->nodes[node]);
+	coord_moves_node_lost(c, node);
 	c->nodes[node].full_open = false;
 	for (size_t b = 0; b < c->blk_buckets; b++)
 		for (blk_ent *e = c->blks[b]; e; e = e->next)
@@ -301,6 +303,7 @@ void coord_soft_destroy(kvm_coord *c)
 		}
 	free(c->seqs);
 	free(c->blks);
+	coord_moves_destroy(c);
 }
 
 /* ---- ReportBlocks ------------------------------------------------------------------ */
@@ -394,12 +397,14 @@ static void sweep_full(kvm_coord *c, uint32_t node)
 
 /* Applies one checked entry; an orphan's handle goes to `orphans`. */
 static void apply_report(kvm_coord *c, uint32_t node, const Kvmesh__V1__BlockReport *b,
-			 cmd_rec *orphans)
+			 cmd_rec *orphans, uint64_t *ticket, cmd_rec **staged)
 {
 	uint32_t gen = c->nodes[node].report_gen;
 	soft_seq *s = coord_soft_find(c, b->sequence_id);
 	soft_slot *sl = s && b->index < s->n ? &s->slots[b->index] : NULL;
 	blk_ent *be = sl ? sl->be : NULL;
+	if (sl && (be ? be->node : sl->node) != node && coord_move_done(c, node, s, b->index, b, ticket, staged))
+		return;
 	if (!sl || (be ? be->node : sl->node) != node) {
 		kvmesh__v1__block_handle__init(&orphans->handles[orphans->n]);
 		set_handle(&orphans->handles[orphans->n++], b->handle);
@@ -449,6 +454,8 @@ int coord_report_blocks(void *arg, kvm_rpc_call *call, const uint8_t *req, size_
 	if (!r)
 		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed ReportBlocksRequest");
 	int rc = KVM_RPC_OK;
+	uint64_t ticket = 0;
+	cmd_rec *staged = NULL; /* releases of moved blocks' old copies */
 	cmd_rec *orphans = calloc(1, sizeof(*orphans));
 	if (orphans)
 		orphans->handles = calloc(r->n_blocks + 1, sizeof(*orphans->handles));
@@ -493,7 +500,7 @@ int coord_report_blocks(void *arg, kvm_rpc_call *call, const uint8_t *req, size_
 		nd->report_gen++;
 	}
 	for (size_t i = 0; i < r->n_blocks; i++)
-		apply_report(c, node, r->blocks[i], orphans);
+		apply_report(c, node, r->blocks[i], orphans, &ticket, &staged);
 	if (orphans->n) {
 		kvm_log(KVM_LOG_INFO, "orphan_blocks", "node=%s blocks=%zu", nd->id, orphans->n);
 		coord_queue_cmd(c, node, orphans);
@@ -507,6 +514,20 @@ int coord_report_blocks(void *arg, kvm_rpc_call *call, const uint8_t *req, size_
 out:
 	pthread_mutex_unlock(&c->mu);
 	coord_cmd_free(orphans);
+	if (staged) {
+		/* A moved block's old copy goes only once its new place is durable. */
+		int src = ticket ? kvm_state_sync(c->st, ticket) : 0;
+		pthread_mutex_lock(&c->mu);
+		while (staged) {
+			cmd_rec *nx = staged->next;
+			if (src == 0)
+				coord_queue_cmd(c, staged->to, staged);
+			else
+				coord_cmd_free(staged);
+			staged = nx;
+		}
+		pthread_mutex_unlock(&c->mu);
+	}
 	if (rc == KVM_RPC_OK) {
 		Kvmesh__V1__ReportBlocksResponse resp = KVMESH__V1__REPORT_BLOCKS_RESPONSE__INIT;
 		rc = coord_reply(call, &resp.base);

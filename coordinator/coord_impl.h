@@ -22,14 +22,28 @@
  * dropped (a full block report finds the orphans again). */
 #define CMD_QUEUE_MAX 4096
 
-/* A queued command for a node: ReleaseBlocks (handles) or ReleaseSequence. */
+/* One block of a MoveBlocks command. */
+typedef struct move_item {
+	Kvmesh__V1__BlockHandle h;
+	char sequence_id[64];
+	uint32_t index;
+	bool keyed;
+	uint8_t key[16];
+	char target[KVM_NODE_ID_MAX];
+	char target_address[256];
+} move_item;
+
+/* A queued command for a node: ReleaseBlocks (handles), ReleaseSequence or
+ * MoveBlocks (moves). */
 typedef struct cmd_rec {
 	struct cmd_rec *next;
 	Kvmesh__V1__Command__KindCase kind;
 	char *sequence_id; /* ReleaseSequence */
 	uint64_t data_id;
-	size_t n; /* ReleaseBlocks */
+	size_t n; /* ReleaseBlocks, MoveBlocks */
 	Kvmesh__V1__BlockHandle *handles;
+	move_item *moves;
+	uint32_t to; /* while staged before queueing (drain.c): the node */
 } cmd_rec;
 
 typedef struct soft_seq soft_seq;
@@ -52,6 +66,7 @@ typedef struct blk_ent {
 	soft_seq *writer;      /* the sequence it was written for, while it lives */
 	uint32_t writer_index;
 	bool writer_key_stored; /* the writer's durable record carries the key */
+	bool moving;           /* a drain is moving it (drain.c) */
 } blk_ent;
 
 /* Soft state for one placement of a live sequence. */
@@ -61,6 +76,7 @@ typedef struct soft_slot {
 	uint32_t mark;   /* report generation that last saw it */
 	uint32_t tokens;
 	bool known;      /* handle valid (unlinked placements) */
+	bool moving;     /* a drain is moving it (drain.c) */
 	bool keyed;
 	kvs_key key;
 	Kvmesh__V1__BlockHandle h;
@@ -79,6 +95,18 @@ struct soft_seq {
 	size_t n, cap;
 	soft_slot *slots;
 };
+
+/* A block in flight off a draining node (drain.c): reserved on dst for
+ * home; done when dst reports it, given up at deadline. */
+typedef struct move_rec {
+	uint64_t data_id; /* the sequence it moves under (private placements) */
+	uint32_t index;
+	bool shared;      /* a prefix-index block, found by key */
+	kvs_key key;
+	uint32_t src, dst, home; /* node indexes */
+	bool release_src; /* the ledger charges the block to src until it lands */
+	uint64_t deadline_ms;
+} move_rec;
 
 typedef struct node_rec {
 	char id[KVM_NODE_ID_MAX];
@@ -123,6 +151,10 @@ struct kvm_coord {
 	size_t seq_buckets, n_seqs;
 	blk_ent **blks;
 	size_t blk_buckets, n_blks;
+
+	/* Blocks moving off draining nodes (drain.c). */
+	move_rec *moves;
+	size_t n_moves, cap_moves;
 };
 
 uint64_t coord_now_ms(void);
@@ -180,5 +212,25 @@ void coord_cmd_free(cmd_rec *cmd);
 /* Drops a dead node's handles and queued commands. */
 void coord_soft_node_lost(kvm_coord *c, uint32_t node);
 void coord_soft_destroy(kvm_coord *c);
+
+/* drain.c: moving blocks off draining nodes; all with mu held. */
+/* Gives up expired moves, then plans more for `node` if it is draining. */
+void coord_drain_step(kvm_coord *c, uint32_t node);
+/* A report from `node` of placement (s, index) that the index puts on
+ * another node: when it completes a move, switches the placement, appends
+ * the old copy's release to *staged (queue it once *ticket is durable) and
+ * returns true. */
+bool coord_move_done(kvm_coord *c, uint32_t node, soft_seq *s, uint32_t index,
+		     const Kvmesh__V1__BlockReport *b, uint64_t *ticket, cmd_rec **staged);
+/* A node died: moves from or to it end. */
+void coord_moves_node_lost(kvm_coord *c, uint32_t node);
+/* For a draining node: blocks still to move, sequences homed there. */
+void coord_drain_progress(kvm_coord *c, uint32_t node, uint64_t *blocks_left, uint32_t *home_seqs);
+void coord_moves_destroy(kvm_coord *c);
+
+/* sequences.c: records that placement `index` of sequence id now lives on
+ * `node` (durable once *ticket is synced). */
+int coord_seq_set_node(kvm_coord *c, const char *id, uint32_t index, const char *node,
+		       uint64_t *ticket);
 
 #endif

@@ -263,10 +263,13 @@ static int reply_commands(kvm_rpc_call *call, bool drain, const cmd_rec *list, s
 	Kvmesh__V1__Command__ReleaseBlocks *rel = calloc(n + 1, sizeof(*rel));
 	Kvmesh__V1__Command__ReleaseSequence *rs = calloc(n + 1, sizeof(*rs));
 	Kvmesh__V1__BlockHandle ***hp = calloc(n + 1, sizeof(*hp));
+	Kvmesh__V1__Command__MoveBlocks *mv = calloc(n + 1, sizeof(*mv));
+	Kvmesh__V1__Command__MoveBlocks__Move **mp = calloc(n + 1, sizeof(*mp));
+	Kvmesh__V1__Command__MoveBlocks__Move ***mpp = calloc(n + 1, sizeof(*mpp));
 	Kvmesh__V1__Command__Drain d = KVMESH__V1__COMMAND__DRAIN__INIT;
 	int rc;
 	size_t k = 0, i = 0;
-	if (!cmds || !ptrs || !rel || !rs || !hp) {
+	if (!cmds || !ptrs || !rel || !rs || !hp || !mv || !mp || !mpp) {
 		rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
 		goto out;
 	}
@@ -291,6 +294,31 @@ static int reply_commands(kvm_rpc_call *call, bool drain, const cmd_rec *list, s
 			rel[i].handles = hp[i];
 			cmds[k].kind_case = KVMESH__V1__COMMAND__KIND_RELEASE;
 			cmds[k].release = &rel[i];
+		} else if (m->kind == KVMESH__V1__COMMAND__KIND_MOVE) {
+			kvmesh__v1__command__move_blocks__init(&mv[i]);
+			mp[i] = calloc(m->n + 1, sizeof(**mp));
+			mpp[i] = calloc(m->n + 1, sizeof(**mpp));
+			if (!mp[i] || !mpp[i])
+				continue;
+			for (size_t j = 0; j < m->n; j++) {
+				move_item *it = &m->moves[j];
+				Kvmesh__V1__Command__MoveBlocks__Move *o = &mp[i][j];
+				kvmesh__v1__command__move_blocks__move__init(o);
+				o->handle = &it->h;
+				o->sequence_id = it->sequence_id;
+				o->index = it->index;
+				if (it->keyed) {
+					o->key.data = it->key;
+					o->key.len = 16;
+				}
+				o->target_node = it->target;
+				o->target_address = it->target_address;
+				mpp[i][j] = o;
+			}
+			mv[i].n_moves = m->n;
+			mv[i].moves = mpp[i];
+			cmds[k].kind_case = KVMESH__V1__COMMAND__KIND_MOVE;
+			cmds[k].move = &mv[i];
 		} else {
 			kvmesh__v1__command__release_sequence__init(&rs[i]);
 			rs[i].sequence_id = m->sequence_id;
@@ -306,9 +334,18 @@ static int reply_commands(kvm_rpc_call *call, bool drain, const cmd_rec *list, s
 	resp.commands = ptrs;
 	rc = coord_reply(call, &resp.base);
 out:
-	for (size_t j = 0; hp && j < n; j++)
-		free(hp[j]);
+	for (size_t j = 0; j < n; j++) {
+		if (hp)
+			free(hp[j]);
+		if (mp)
+			free(mp[j]);
+		if (mpp)
+			free(mpp[j]);
+	}
 	free(hp);
+	free(mv);
+	free(mp);
+	free(mpp);
 	free(rs);
 	free(rel);
 	free(ptrs);
@@ -345,6 +382,7 @@ static int heartbeat(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t l
 		sync_ledger(c, nd);
 		drain = nd->drain_pending;
 		nd->drain_pending = false;
+		coord_drain_step(c, (uint32_t)(nd - c->nodes));
 		/* Every pending command, in the order issued. */
 		list = nd->cmd_head;
 		n_list = nd->n_cmds;
@@ -381,6 +419,9 @@ static Kvmesh__V1__Node *node_view(kvm_coord *c, node_rec *nd, Kvmesh__V1__TierC
 		v->borrowed_blocks = ln.borrowed_blocks;
 		v->lend_cap_blocks = ln.lend_cap_blocks;
 	}
+	if (nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING)
+		coord_drain_progress(c, (uint32_t)(nd - c->nodes), &v->drain_blocks_left,
+				     &v->drain_home_sequences);
 	/* Swap in the live capacity; the unpacked array is put back before free. */
 	*saved_n = v->n_capacity;
 	*saved = v->capacity;
@@ -436,8 +477,8 @@ static int list_nodes(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 }
 
 /* CordonNode and DrainNode: no new blocks on the node; drain also tells the
- * agent, on its next heartbeat, to drop its cache (blocks of live sequences
- * stay until the sequences are released: moving them is not built). */
+ * agent, on its next heartbeat, to drop its cache, and moves the blocks that
+ * sequences homed elsewhere keep there to other nodes (drain.c). */
 static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, size_t len,
 			  Kvmesh__V1__NodeState state)
 {
@@ -456,6 +497,7 @@ static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, 
 			nd->state = state;
 			nd->drain_pending = state == KVMESH__V1__NODE_STATE__NODE_DRAINING;
 			sync_ledger(c, nd);
+			coord_drain_step(c, (uint32_t)(nd - c->nodes));
 			emit_node_event(c, nd->id, nd->state,
 					state == KVMESH__V1__NODE_STATE__NODE_DRAINING ? "drain requested"
 										       : "cordoned");

@@ -938,6 +938,13 @@ typedef struct id_list {
 	const char *node;
 } id_list;
 
+/* Whether a placement's bytes are on its node: the partial tail lives at
+ * the home until it fills and is sealed there. */
+static bool holds_data(const Kvmesh__V1__BlockPlacement *p, uint32_t bt)
+{
+	return bt == 0 || p->tokens >= bt;
+}
+
 static int collect_on_node(void *arg, const char *key, const void *val, size_t len)
 {
 	(void)key;
@@ -945,7 +952,7 @@ static int collect_on_node(void *arg, const char *key, const void *val, size_t l
 	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, val);
 	if (!s)
 		return 0;
-	bool on = false;
+	bool on = false; /* (no store reads here: the scan holds the store) */
 	for (size_t i = 0; i < s->n_blocks && !on; i++)
 		on = strcmp(s->blocks[i]->node_id, l->node) == 0;
 	if (on && !s->degraded) {
@@ -963,6 +970,33 @@ static int collect_on_node(void *arg, const char *key, const void *val, size_t l
 	}
 	kvmesh__v1__sequence__free_unpacked(s, NULL);
 	return 0;
+}
+
+int coord_seq_set_node(kvm_coord *c, const char *id, uint32_t index, const char *node,
+		       uint64_t *ticket)
+{
+	Kvmesh__V1__Sequence *s = load_seq(c, id);
+	if (!s)
+		return -ENOENT;
+	int rc = -ENOENT;
+	for (size_t i = 0; i < s->n_blocks; i++) {
+		Kvmesh__V1__BlockPlacement *p = s->blocks[i];
+		if (p->index != index)
+			continue;
+		char addr[256];
+		/* The unpacked strings belong to protobuf-c: swap ours in to pack,
+		 * then put them back for free_unpacked. */
+		char *old_node = p->node_id, *old_addr = p->data_address;
+		p->node_id = (char *)node;
+		p->data_address = data_address_of(c, node, addr, sizeof(addr));
+		p->borrowed = strcmp(node, s->home_node) != 0;
+		rc = store_seq(c, s, ticket);
+		p->node_id = old_node;
+		p->data_address = old_addr;
+		break;
+	}
+	kvmesh__v1__sequence__free_unpacked(s, NULL);
+	return rc;
 }
 
 void coord_degrade(kvm_coord *c, const char *id, const uint32_t *lost, size_t n, const char *why)
@@ -992,12 +1026,14 @@ void coord_node_lost(kvm_coord *c, const char *node_id)
 			continue;
 		uint32_t *lost = calloc(s->n_blocks + 1, sizeof(uint32_t));
 		size_t n = 0;
+		uint32_t bt = block_tokens_of(c, s->model_id);
 		for (size_t b = 0; lost && b < s->n_blocks; b++)
-			if (strcmp(s->blocks[b]->node_id, node_id) == 0)
+			if (strcmp(s->blocks[b]->node_id, node_id) == 0 && holds_data(s->blocks[b], bt))
 				lost[n++] = s->blocks[b]->index;
 		char why[160];
 		snprintf(why, sizeof(why), "%zu blocks were on node %s, which died", n, node_id);
-		coord_degrade(c, s->id, lost, n, why);
+		if (n || !lost) /* none: only its unwritten tail's placement was there */
+			coord_degrade(c, s->id, lost, n, why);
 		free(lost);
 		kvmesh__v1__sequence__free_unpacked(s, NULL);
 	}

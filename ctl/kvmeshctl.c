@@ -130,9 +130,13 @@ static void print_node_json(const Kvmesh__V1__Node *n)
 	json_str(n->data_address);
 	printf(",\"total_blocks\":%" PRIu64 ",\"used_blocks\":%" PRIu64 ",\"lent_blocks\":%" PRIu64
 	       ",\"borrowed_blocks\":%" PRIu64 ",\"lend_cap_blocks\":%" PRIu64
-	       ",\"load\":%.3f,\"last_heartbeat_unix_ms\":%" PRIu64 "}",
+	       ",\"load\":%.3f,\"last_heartbeat_unix_ms\":%" PRIu64,
 	       total, used, n->lent_blocks, n->borrowed_blocks, n->lend_cap_blocks, n->load,
 	       n->last_heartbeat_unix_ms);
+	if (n->state == KVMESH__V1__NODE_STATE__NODE_DRAINING)
+		printf(",\"drain_blocks_left\":%" PRIu64 ",\"drain_home_sequences\":%u", n->drain_blocks_left,
+		       n->drain_home_sequences);
+	printf("}");
 }
 
 /* ---- Commands ----------------------------------------------------------------------- */
@@ -173,6 +177,18 @@ static int cmd_nodes(ctl *c)
 			       " %6.2f %8s\n",
 			       n->id, state_name(n->state), n->data_address, total, used, n->lent_blocks,
 			       n->borrowed_blocks, n->load, seen);
+		}
+		/* Drain progress under the table: what still keeps each node busy. */
+		for (size_t i = 0; i < r->n_nodes; i++) {
+			const Kvmesh__V1__Node *n = r->nodes[i];
+			if (n->state != KVMESH__V1__NODE_STATE__NODE_DRAINING)
+				continue;
+			if (n->drain_blocks_left == 0 && n->drain_home_sequences == 0)
+				printf("%s: drained (nothing left on it; it can be stopped)\n", n->id);
+			else
+				printf("%s: draining: %" PRIu64 " blocks of other nodes' sequences still to move, "
+				       "%u sequences homed here (they end with their sequences)\n",
+				       n->id, n->drain_blocks_left, n->drain_home_sequences);
 		}
 	}
 	kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);

@@ -274,6 +274,12 @@ static void apply_commands(agent *a, const Kvmesh__V1__HeartbeatResponse *r)
 				evicted, blocks_pinned(a));
 			break;
 		}
+		case KVMESH__V1__COMMAND__KIND_MOVE: {
+			int rc = blocks_move(a, c->move);
+			kvm_log(rc ? KVM_LOG_WARN : KVM_LOG_INFO, "move_blocks", "blocks=%zu error=\"%s\"",
+				c->move->n_moves, rc ? strerror(-rc) : "none");
+			break;
+		}
 		default:
 			break;
 		}
@@ -512,7 +518,8 @@ int main(int argc, char **argv)
 	unsigned nw = a.workers_opt > 0 && a.workers_opt <= 256 ? (unsigned)a.workers_opt : 2;
 	if ((rc = blocks_create(&a)) != 0 || (rc = homeseq_create(&a)) != 0 ||
 	    (rc = wpool_create(nw, "kernels", &a.kernels)) != 0 ||
-	    (rc = wpool_create(1, "home", &a.home)) != 0) {
+	    (rc = wpool_create(1, "home", &a.home)) != 0 ||
+	    (rc = wpool_create(1, "movers", &a.movers)) != 0) {
 		kvm_log(KVM_LOG_ERROR, "setup_failed", "error=\"%s\"", strerror(-rc));
 		return 1;
 	}
@@ -553,6 +560,7 @@ int main(int argc, char **argv)
 	kvm_health_destroy(health);
 	/* Queued kernels finish (their replies still go out), then the data
 	 * server closes, then the home sequences' peers. */
+	wpool_destroy(a.movers);
 	wpool_destroy(a.kernels);
 	wpool_destroy(a.home);
 	dataplane_stop(&a);

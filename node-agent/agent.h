@@ -68,7 +68,7 @@ typedef struct agent {
 	kvs_store *store;
 	xport_loop *loop;
 	xport_server *data_srv;
-	wpool *kernels, *home;
+	wpool *kernels, *home, *movers;
 	blocks *blk;
 	homeseqs *hs;
 
@@ -125,6 +125,10 @@ int blocks_release(agent *a, kvs_handle h);
  * -ESTALE (generation), -ENOENT (not a pinned block here). */
 int blocks_read(agent *a, const wire_handle *h, const void **ptr, void **pin);
 void blocks_unread(agent *a, void *pin);
+/* A MoveBlocks command (a drain): copies each block to its target with the
+ * target's Agent.PutBlocks, on the movers pool; the copy here stays until
+ * the coordinator releases it. */
+int blocks_move(agent *a, const Kvmesh__V1__Command__MoveBlocks *m);
 /* gRPC Agent.PutBlocks, Agent.GetBlocks. */
 int blocks_rpc_put(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int blocks_rpc_get(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);

@@ -843,3 +843,120 @@ void dataplane_stop(agent *a)
 		xport_server_close(a->data_srv);
 	a->data_srv = NULL;
 }
+
+/* ---- MoveBlocks (a drain) ---------------------------------------------------------- */
+
+struct move_job {
+	agent *a;
+	size_t n;
+	struct move_one {
+		wire_handle h;
+		char seq[SEQ_ID_MAX];
+		uint32_t index;
+		bool keyed;
+		uint8_t key[16];
+		char target[256], addr[256];
+	} *m;
+};
+
+/* Copies one block to its target; 0 or a negative errno (logged). */
+static int move_one(agent *a, const struct move_one *m, kvm_rpc_channel *ch)
+{
+	const void *ptr;
+	void *pin;
+	int rc = blocks_read(a, &m->h, &ptr, &pin);
+	if (rc) {
+		kvm_log(KVM_LOG_WARN, "move_failed", "sequence=%s index=%u to=%s error=\"%s\"", m->seq,
+			m->index, m->target, rc == -ESTALE ? "released meanwhile" : "not held here");
+		return rc;
+	}
+	Kvmesh__V1__BlockData bd = KVMESH__V1__BLOCK_DATA__INIT, *bdp = &bd;
+	bd.data.data = (uint8_t *)ptr;
+	bd.data.len = a->block_bytes;
+	if (m->keyed) {
+		bd.key.data = (uint8_t *)m->key;
+		bd.key.len = 16;
+	}
+	Kvmesh__V1__PutBlocksRequest req = KVMESH__V1__PUT_BLOCKS_REQUEST__INIT;
+	req.model_id = a->model_id;
+	req.sequence_id = (char *)m->seq;
+	req.first_index = m->index;
+	req.n_blocks = 1;
+	req.blocks = &bdp;
+	void *resp = NULL;
+	size_t len;
+	char msg[512];
+	int code = agent_peer_call(a, ch, "PutBlocks", &req.base, &resp, &len, msg, sizeof msg);
+	blocks_unread(a, pin);
+	free(resp);
+	if (code != KVM_RPC_OK) {
+		kvm_log(KVM_LOG_WARN, "move_failed", "sequence=%s index=%u to=%s error=\"%s\"", m->seq,
+			m->index, m->target, msg);
+		return -EIO;
+	}
+	return 0;
+}
+
+static void move_run(void *arg, da_ctx *ctx)
+{
+	(void)ctx;
+	struct move_job *j = arg;
+	size_t moved = 0;
+	/* One channel per target, in the order the moves name them. */
+	for (size_t i = 0; i < j->n; i++) {
+		if (!j->m[i].addr[0])
+			continue;
+		kvm_rpc_channel *ch = NULL;
+		if (kvm_rpc_channel_open(j->m[i].addr, &ch) != 0) {
+			kvm_log(KVM_LOG_WARN, "move_failed", "to=%s error=\"bad address %s\"", j->m[i].target,
+				j->m[i].addr);
+			continue;
+		}
+		char addr[256];
+		snprintf(addr, sizeof addr, "%s", j->m[i].addr);
+		for (size_t k = i; k < j->n; k++)
+			if (strcmp(j->m[k].addr, addr) == 0) {
+				moved += move_one(j->a, &j->m[k], ch) == 0;
+				j->m[k].addr[0] = '\0';
+			}
+		kvm_rpc_channel_close(ch);
+	}
+	kvm_log(KVM_LOG_INFO, "blocks_moved", "blocks=%zu of=%zu", moved, j->n);
+	free(j->m);
+	free(j);
+}
+
+int blocks_move(agent *a, const Kvmesh__V1__Command__MoveBlocks *m)
+{
+	struct move_job *j = calloc(1, sizeof *j);
+	if (j)
+		j->m = calloc(m->n_moves + 1, sizeof *j->m);
+	if (!j || !j->m) {
+		free(j);
+		return -ENOMEM;
+	}
+	j->a = a;
+	for (size_t i = 0; i < m->n_moves; i++) {
+		const Kvmesh__V1__Command__MoveBlocks__Move *mv = m->moves[i];
+		struct move_one *o = &j->m[j->n];
+		if (!mv->handle || !mv->sequence_id[0] || strlen(mv->sequence_id) >= SEQ_ID_MAX ||
+		    !mv->target_address[0] || (mv->key.len != 0 && mv->key.len != 16))
+			continue; /* the coordinator gives up on it and plans again */
+		o->h = (wire_handle){.slot = mv->handle->slot, .gen = mv->handle->generation,
+				     .arena = WIRE_ARENA_HOST};
+		snprintf(o->seq, sizeof o->seq, "%s", mv->sequence_id);
+		o->index = mv->index;
+		o->keyed = mv->key.len == 16;
+		if (o->keyed)
+			memcpy(o->key, mv->key.data, 16);
+		snprintf(o->target, sizeof o->target, "%s", mv->target_node);
+		snprintf(o->addr, sizeof o->addr, "%s", mv->target_address);
+		j->n++;
+	}
+	int rc = wpool_submit(a->movers, move_run, j);
+	if (rc) {
+		free(j->m);
+		free(j);
+	}
+	return rc;
+}

@@ -1048,6 +1048,92 @@ out:
 	free(is_local_handle);
 }
 
+/* ---- placements that moved (a drain) ------------------------------------------------ */
+
+/* Fetches q's placements again: a drain moves blocks to other nodes and
+ * then releases the old copies, which this table still names. Updates the
+ * full blocks whose node or handle changed (not SEALING ones: their bytes
+ * are here) and returns how many, or a negative errno. Home pool only. */
+static int hs_refresh(agent *a, struct hseq *q)
+{
+	Kvmesh__V1__GetSequenceRequest req = KVMESH__V1__GET_SEQUENCE_REQUEST__INIT;
+	req.sequence_id = q->id;
+	void *resp = NULL;
+	size_t len;
+	char msg[512];
+	int code = agent_coord_call(a, "GetSequence", &req.base, &resp, &len, msg, sizeof msg);
+	Kvmesh__V1__Sequence *s = code == KVM_RPC_OK ? kvmesh__v1__sequence__unpack(NULL, len, resp) : NULL;
+	free(resp);
+	if (!s)
+		return code == KVM_RPC_NOT_FOUND ? -ENOENT : -EAGAIN;
+	homeseqs *hs = a->hs;
+	int changed = 0;
+	pthread_mutex_lock(&hs->mu);
+	for (size_t i = 0; i < s->n_blocks && changed >= 0; i++) {
+		const Kvmesh__V1__BlockPlacement *p = s->blocks[i];
+		if (p->index >= q->n_full || !p->handle || !(p->handle->generation & 1) ||
+		    p->tokens != a->geom.block_tokens)
+			continue;
+		struct hblock *b = &q->blk[p->index];
+		if (b->where == HB_SEALING)
+			continue;
+		bool local = strcmp(p->node_id, a->node_id) == 0;
+		int peer = local ? 0 : peer_of(hs, p->node_id, p->data_address);
+		if (peer < 0) {
+			changed = peer;
+			break;
+		}
+		uint8_t where = local ? HB_LOCAL : HB_REMOTE;
+		if (b->where == where && (local || b->peer == peer) && b->h.slot == p->handle->slot &&
+		    b->h.gen == p->handle->generation)
+			continue;
+		b->where = where;
+		b->peer = peer;
+		b->h = (wire_handle){.slot = p->handle->slot, .gen = p->handle->generation,
+				     .arena = WIRE_ARENA_HOST};
+		placed_set(q, p->index, p->node_id);
+		changed++;
+	}
+	pthread_mutex_unlock(&hs->mu);
+	if (changed > 0)
+		kvm_log(KVM_LOG_INFO, "home_sequence_moved", "seq=%s blocks=%d", q->id, changed);
+	kvmesh__v1__sequence__free_unpacked(s, NULL);
+	return changed;
+}
+
+/* attend_batch, and once more for the queries that lost a peer or a local
+ * block if their placements changed meanwhile (a drain moved them). */
+static void attend_batch_moved(agent *a, da_ctx *ctx, const da_shape *sh, struct hq *qs, uint32_t nq)
+{
+	attend_batch(a, ctx, sh, qs, nq);
+	struct hq *again = NULL;
+	uint32_t *from = NULL, n = 0;
+	for (uint32_t i = 0; i < nq; i++) {
+		int st = qs[i].st;
+		if (!qs[i].seq || (st != -EHOSTUNREACH && st != -ETIMEDOUT && st != -ESTALE && st != -ENOENT))
+			continue;
+		if (hs_refresh(a, qs[i].seq) <= 0)
+			continue;
+		if (!again) {
+			again = calloc(nq, sizeof *again);
+			from = calloc(nq, sizeof *from);
+			if (!again || !from)
+				break;
+		}
+		again[n] = qs[i];
+		again[n].st = 0;
+		again[n].err[0] = '\0';
+		from[n++] = i;
+	}
+	if (again && from && n) {
+		attend_batch(a, ctx, sh, again, n);
+		for (uint32_t k = 0; k < n; k++)
+			qs[from[k]] = again[k];
+	}
+	free(again);
+	free(from);
+}
+
 /* ---- the data plane's ATTEND on sequence handles ----------------------------------- */
 
 struct wire_job {
@@ -1088,7 +1174,7 @@ static void wire_attend_run(void *arg, da_ctx *ctx)
 					 WIRE_ARENA_SEQUENCE);
 			}
 		}
-		attend_batch(a, ctx, &sh, qs, v->n_queries);
+		attend_batch_moved(a, ctx, &sh, qs, v->n_queries);
 		for (uint32_t i = 0; i < v->n_queries; i++) {
 			j->st[i] = qs[i].st;
 			if (qs[i].st) {
@@ -1180,7 +1266,7 @@ static void rpc_run(void *arg, da_ctx *ctx)
 		h->st = append(a, aq->sequence_id, 0, j->r->layer, -1, 1, aq->k_new.data,
 			       aq->v_new.data, h->err, sizeof h->err);
 	}
-	attend_batch(a, ctx, &j->sh, j->qs, (uint32_t)j->r->n_queries);
+	attend_batch_moved(a, ctx, &j->sh, j->qs, (uint32_t)j->r->n_queries);
 	pthread_mutex_lock(&j->mu);
 	j->done = true;
 	pthread_cond_signal(&j->cv);

@@ -15,6 +15,8 @@
 #include <unistd.h>
 
 #include "client/demo/launch.h"
+#include "common/rpc.h"
+#include "proto/kvmesh.pb-c.h"
 #include "client/kvmesh.h"
 #include "kernels/distattn.h"
 
@@ -425,6 +427,166 @@ Test(client, bad_input)
 	cr_assert_eq(kvm_append_kv(g_c, "ok", 0, 0, k, v), -EINVAL);
 	cr_assert_eq(kvm_seq_release(g_c, "ok"), 0);
 	cr_assert_eq(kvm_seq_release(g_c, "ok"), -ENOENT);
+}
+
+/* One call to the coordinator's gRPC service (what kvmeshctl does). */
+static Kvmesh__V1__Node *coord_node_call(const char *method, const char *node_id)
+{
+	kvm_rpc_channel *ch;
+	cr_assert_eq(kvm_rpc_channel_open(local_cluster_coordinator(g_lc), &ch), 0);
+	char path[96];
+	snprintf(path, sizeof path, "/kvmesh.v1.Coordinator/%s", method);
+	uint8_t buf[256];
+	size_t n;
+	bool list = strcmp(method, "ListNodes") == 0;
+	if (list) {
+		Kvmesh__V1__ListNodesRequest r = KVMESH__V1__LIST_NODES_REQUEST__INIT;
+		n = kvmesh__v1__list_nodes_request__pack(&r, buf);
+	} else {
+		Kvmesh__V1__NodeRequest r = KVMESH__V1__NODE_REQUEST__INIT;
+		r.node_id = (char *)node_id;
+		n = kvmesh__v1__node_request__pack(&r, buf);
+	}
+	void *resp = NULL;
+	size_t len = 0;
+	kvm_rpc_status st;
+	cr_assert_eq(kvm_rpc_unary(ch, path, buf, n, 5000, &resp, &len, &st), 0);
+	cr_assert_eq(st.code, KVM_RPC_OK, "%s: %s", method, st.message);
+	kvm_rpc_channel_close(ch);
+	Kvmesh__V1__Node *out = NULL;
+	if (list) {
+		Kvmesh__V1__ListNodesResponse *l = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
+		cr_assert(l);
+		for (size_t i = 0; i < l->n_nodes && !out; i++)
+			if (strcmp(l->nodes[i]->id, node_id) == 0) {
+				/* A copy that outlives the response. */
+				size_t m = kvmesh__v1__node__get_packed_size(l->nodes[i]);
+				uint8_t *b = malloc(m + 1);
+				kvmesh__v1__node__pack(l->nodes[i], b);
+				out = kvmesh__v1__node__unpack(NULL, m, b);
+				free(b);
+			}
+		kvmesh__v1__list_nodes_response__free_unpacked(l, NULL);
+	} else {
+		out = kvmesh__v1__node__unpack(NULL, len, resp);
+	}
+	free(resp);
+	cr_assert(out, "%s: node %s not in the answer", method, node_id);
+	return out;
+}
+
+/* One of agent i's Stats counters. */
+static double agent_counter(unsigned i, const char *name)
+{
+	kvm_rpc_channel *ch;
+	cr_assert_eq(kvm_rpc_channel_open(local_cluster_agent_grpc(g_lc, i), &ch), 0);
+	Kvmesh__V1__StatsRequest r = KVMESH__V1__STATS_REQUEST__INIT;
+	uint8_t buf[16];
+	size_t n = kvmesh__v1__stats_request__pack(&r, buf);
+	void *resp = NULL;
+	size_t len = 0;
+	kvm_rpc_status st;
+	cr_assert_eq(kvm_rpc_unary(ch, "/kvmesh.v1.Agent/Stats", buf, n, 5000, &resp, &len, &st), 0);
+	cr_assert_eq(st.code, KVM_RPC_OK, "Stats: %s", st.message);
+	kvm_rpc_channel_close(ch);
+	Kvmesh__V1__StatsResponse *s = kvmesh__v1__stats_response__unpack(NULL, len, resp);
+	free(resp);
+	cr_assert(s);
+	double v = -1;
+	for (size_t k = 0; k < s->n_counters; k++)
+		if (strcmp(s->counters[k]->key, name) == 0)
+			v = s->counters[k]->value;
+	kvmesh__v1__stats_response__free_unpacked(s, NULL);
+	cr_assert_geq(v, 0, "no counter %s", name);
+	return v;
+}
+
+/* Written blocks of seq on node (placements not written yet do not count). */
+static uint32_t blocks_on(const char *seq, const char *node, uint32_t *total)
+{
+	kvm_block_info bi[128];
+	*total = 0;
+	cr_assert_eq(kvm_seq_blocks(g_c, seq, bi, 128, total), 0, "%s", kvm_client_error(g_c));
+	uint32_t on = 0;
+	for (uint32_t i = 0; i < *total && i < 128; i++)
+		on += bi[i].written && strcmp(bi[i].node, node) == 0;
+	return on;
+}
+
+/* Draining a node moves the blocks that other nodes' sequences keep there
+ * to other nodes: decode goes on with the same results (the home finds the
+ * blocks' new places when the old ones are gone), and once drained the node
+ * can be killed without degrading anything. */
+Test(client, drain_moves_blocks_and_decode_goes_on)
+{
+	kvm_model m = {.id = "drain", .layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
+		       .block_tokens = 16, .dtype = KVM_F16};
+	start(3, "256KiB", &m, 5000); /* 32 blocks of 8 KiB */
+	/* A filler takes half the home, so that "wide" borrows from both
+	 * others (each lends at most half its pool); released, it leaves the
+	 * home room for what the drain moves. */
+	uint32_t n = 42 * 16 + 3;
+	uint32_t *p1 = tokens_of(n, 41), *p2 = tokens_of(48, 42), *p3 = tokens_of(16 * 16, 43);
+	ref_seq r[2], filler;
+	kvm_seq_info i1, i2, i3;
+	make_seq(&filler, &m, "filler", "agent-1", p3, 16 * 16, 53, &i3);
+	make_seq(&r[0], &m, "wide", "agent-1", p1, n, 51, &i1);
+	make_seq(&r[1], &m, "on3", "agent-3", p2, 48, 52, &i2);
+	cr_assert_eq(kvm_seq_release(g_c, "filler"), 0);
+	ref_free(&filler);
+	free(p3);
+	uint32_t total = 0, before = blocks_on("wide", "agent-3", &total);
+	cr_assert_gt(before, 0, "no block of the sequence is on agent-3");
+	const char *ids[] = {"wide", "on3"};
+	decode_and_check(r, ids, 2, 1, 2e-3);
+
+	Kvmesh__V1__Node *nd = coord_node_call("DrainNode", "agent-3");
+	cr_assert_eq(nd->state, KVMESH__V1__NODE_STATE__NODE_DRAINING);
+	kvmesh__v1__node__free_unpacked(nd, NULL);
+	uint64_t left = 1;
+	for (int i = 0; i < 100 && left; i++) {
+		usleep(100000);
+		nd = coord_node_call("ListNodes", "agent-3");
+		left = nd->drain_blocks_left;
+		cr_assert_eq(nd->drain_home_sequences, 1, "on3 is homed there");
+		kvmesh__v1__node__free_unpacked(nd, NULL);
+	}
+	cr_assert_eq(left, 0, "blocks of other nodes' sequences are still on the draining node");
+	uint32_t after_total;
+	cr_assert_eq(blocks_on("wide", "agent-3", &after_total), 0);
+	cr_assert_eq(after_total, total);
+	uint32_t on3 = blocks_on("on3", "agent-3", &after_total);
+	cr_assert_eq(on3, 3, "a sequence homed there stays (%u of its blocks there)", on3);
+	/* The old copies go once the new places are durable... */
+	double pinned = -1;
+	for (int i = 0; i < 50 && pinned != 3; i++) {
+		pinned = agent_counter(2, "pinned_blocks");
+		if (pinned != 3)
+			usleep(100000);
+	}
+	cr_assert_eq(pinned, 3, "agent-3 still pins %.0f blocks (its own sequence has 3)", pinned);
+	/* ...while the home still names them: its ATTEND finds them gone,
+	 * and it fetches the sequence again. */
+	decode_and_check(r, ids, 2, 3, 2e-3);
+
+	/* Drained: killing it loses nothing of "wide". */
+	cr_assert_eq(kvm_seq_release(g_c, "on3"), 0);
+	cr_assert_eq(local_cluster_signal_agent(g_lc, 2, SIGKILL), 0);
+	for (int i = 0; i < 60; i++) {
+		nd = coord_node_call("ListNodes", "agent-3");
+		bool dead = nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD;
+		kvmesh__v1__node__free_unpacked(nd, NULL);
+		if (dead)
+			break;
+		usleep(100000);
+	}
+	kvm_seq_info now;
+	cr_assert_eq(kvm_seq_get(g_c, "wide", &now), 0);
+	cr_assert_eq(now.degraded, 0, "the drained node's death degraded a sequence");
+	decode_and_check(r, ids, 1, 2, 2e-3);
+	ref_free(&r[0]);
+	ref_free(&r[1]);
+	free(p1), free(p2);
 }
 
 /* The coordinator dies and comes back from its store during decode: models
