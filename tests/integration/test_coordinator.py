@@ -187,6 +187,9 @@ def test_kvmeshctl_tables_json_and_exit_codes():
         assert rc == 0 and "cordoned" in out, out
         rc, out, _ = run("-o", "json", "drain", "node1")
         assert rc == 0 and json.loads(out)["state"] == "draining", out
+        assert json.loads(out)["drain_blocks_left"] == 0, out
+        rc, out, _ = run("nodes")
+        assert rc == 0 and "node1: drained" in out, out
         rc, _, err = run("cordon", "ghost")
         assert rc == 4 and "ghost" in err, err
         rc, _, err = run("frobnicate")
