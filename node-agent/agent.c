@@ -409,10 +409,88 @@ static void *signal_main(void *arg)
 	sigwait(&sa->sigs, &sig);
 	kvm_log(KVM_LOG_INFO, "stopping", "signal=%s", strsignal(sig));
 	pthread_mutex_lock(&sa->a->mu);
-	sa->a->stopping = true;
+	/* Once serving, main drains first; heartbeats go on meanwhile. */
+	if (!sa->a->serving)
+		sa->a->stopping = true;
 	pthread_cond_broadcast(&sa->a->cv);
 	pthread_mutex_unlock(&sa->a->mu);
 	return NULL;
+}
+
+/* This node as the coordinator lists it (NULL if it cannot say). */
+static Kvmesh__V1__ListNodesResponse *list_nodes(agent *a, const Kvmesh__V1__Node **self)
+{
+	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
+	void *resp = NULL;
+	size_t len;
+	char msg[512];
+	*self = NULL;
+	if (coord_call(a, "ListNodes", &req.base, &resp, &len, msg, sizeof msg) != KVM_RPC_OK)
+		return NULL;
+	Kvmesh__V1__ListNodesResponse *r = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
+	free(resp);
+	for (size_t i = 0; r && i < r->n_nodes && !*self; i++)
+		if (strcmp(r->nodes[i]->id, a->node_id) == 0)
+			*self = r->nodes[i];
+	return r;
+}
+
+/* SIGTERM drains before the agent stops: the coordinator moves the blocks
+ * that sequences homed elsewhere keep here, while this agent still serves
+ * them and heartbeats (moves come on heartbeats). The wait ends when none
+ * are left, at --drain-timeout, when nothing moved for 5 s (no room
+ * elsewhere, or the cluster is stopping too), or on a second signal.
+ * Sequences homed here end with this agent. */
+#define DRAIN_STUCK_MS 5000
+
+static int64_t mono_ms(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static void drain_before_exit(agent *a, const sigset_t *sigs)
+{
+	Kvmesh__V1__NodeRequest req = KVMESH__V1__NODE_REQUEST__INIT;
+	req.node_id = a->node_id;
+	void *resp = NULL;
+	size_t len;
+	char msg[512];
+	int code = coord_call(a, "DrainNode", &req.base, &resp, &len, msg, sizeof msg);
+	free(resp);
+	if (code != KVM_RPC_OK) {
+		kvm_log(KVM_LOG_WARN, "drain_skipped", "error=\"%s\"", msg);
+		return;
+	}
+	int64_t t0 = mono_ms(), moved_at = t0;
+	uint64_t last = UINT64_MAX;
+	for (;;) {
+		const Kvmesh__V1__Node *self;
+		Kvmesh__V1__ListNodesResponse *r = list_nodes(a, &self);
+		uint64_t left = self ? self->drain_blocks_left : UINT64_MAX;
+		uint32_t homed = self ? self->drain_home_sequences : 0;
+		if (r)
+			kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
+		int64_t now = mono_ms();
+		if (left != last) {
+			moved_at = now;
+			last = left;
+		}
+		const char *why = left == 0			  ? "drained"
+				  : now - t0 >= a->drain_timeout_ms ? "timeout"
+				  : now - moved_at >= DRAIN_STUCK_MS ? "no progress"
+								      : NULL;
+		struct timespec ts = {0, 200 * 1000000L};
+		if (!why && sigtimedwait(sigs, NULL, &ts) > 0)
+			why = "second signal";
+		if (why) {
+			kvm_log(left ? KVM_LOG_WARN : KVM_LOG_INFO, "drain_before_exit",
+				"result=\"%s\" blocks_left=%" PRIu64 " home_sequences=%u ms=%" PRId64, why,
+				left == UINT64_MAX ? 0 : left, homed, now - t0);
+			return;
+		}
+	}
 }
 
 int main(int argc, char **argv)
@@ -442,6 +520,8 @@ int main(int argc, char **argv)
 		 "data plane over RDMA: auto (when this node has an up RDMA port), on (or fail), off"},
 		{"rdma-device", KVM_OPT_STRING, a.rdma_device, "",
 		 "RDMA device or interface to serve on (default: the one holding --data-address)"},
+		{"drain-timeout", KVM_OPT_DURATION, &a.drain_timeout_ms, "30s",
+		 "on SIGTERM, wait this long for the blocks other nodes' sequences keep here to move (0: no drain)"},
 	};
 	const size_t n_opts = sizeof(opts) / sizeof(opts[0]);
 	char err[512];
@@ -550,9 +630,19 @@ int main(int argc, char **argv)
 		a.node_id, a.listen, a.data_address, a.model_id, slots, a.tail_reserve, block_bytes);
 	sd_notify(0, "READY=1"); /* Type=notify units start dependants now */
 
+	pthread_mutex_lock(&a.mu);
+	bool signalled = a.stopping; /* a signal during startup: no drain */
+	a.serving = !signalled;
+	pthread_mutex_unlock(&a.mu);
 	pthread_t hb;
 	pthread_create(&hb, NULL, heartbeat_main, &a);
 	pthread_join(sig_thread, NULL); /* returns once a signal said stop */
+	if (!signalled && a.drain_timeout_ms > 0)
+		drain_before_exit(&a, &sigs);
+	pthread_mutex_lock(&a.mu);
+	a.stopping = true;
+	pthread_cond_broadcast(&a.cv);
+	pthread_mutex_unlock(&a.mu);
 	sd_notify(0, "STOPPING=1");
 	kvm_health_set(health, "", false);
 	pthread_join(hb, NULL);

@@ -90,6 +90,8 @@ typedef struct agent {
 	uint32_t heartbeat_ms;
 	bool registered;
 	bool stopping;
+	bool serving;              /* past startup: a signal drains first */
+	int64_t drain_timeout_ms;  /* --drain-timeout */
 	pthread_mutex_t hb_mu; /* one heartbeat at a time (thread or ENOSPC retry) */
 	bool report_unimplemented_logged;
 } agent;

@@ -353,6 +353,9 @@ int local_cluster_add_agents(local_cluster *lc, unsigned n, const char *model_id
 		add_arg(d, flag);
 		snprintf(flag, sizeof(flag), "--host-pool=%.200s", host_pool);
 		add_arg(d, flag);
+		/* The whole cluster stops together: no drain first (extra may
+		 * ask for one). */
+		add_arg(d, "--drain-timeout=0");
 		for (int i = 0; extra && extra[i]; i++)
 			add_arg(d, extra[i]);
 		if ((rc = spawn(lc, d)) != 0) {
@@ -467,6 +470,22 @@ int local_cluster_signal_agent(local_cluster *lc, unsigned i, int sig)
 		if (errno != EINTR)
 			return -errno;
 	return 0;
+}
+
+int local_cluster_wait_agent(local_cluster *lc, unsigned i, int timeout_ms)
+{
+	if (i >= lc->n_agents || lc->agents[i].pid <= 0)
+		return -EINVAL;
+	for (double until = now_s() + timeout_ms / 1000.0;;) {
+		siginfo_t si = {0};
+		if (waitid(P_PID, (id_t)lc->agents[i].pid, &si, WEXITED | WNOHANG | WNOWAIT) != 0)
+			return -errno;
+		if (si.si_pid == lc->agents[i].pid)
+			return si.si_code == CLD_EXITED ? si.si_status : 128 + si.si_status;
+		if (now_s() > until)
+			return -ETIMEDOUT;
+		usleep(20000);
+	}
 }
 
 const char *local_cluster_dir(const local_cluster *lc)

@@ -42,6 +42,9 @@ pid_t local_cluster_agent_pid(const local_cluster *lc, unsigned i);
 /* Sends sig to agent i and, for SIGKILL, SIGSTOP and SIGCONT, returns only
  * once it took effect (the agent is dead, stopped, running again). */
 int local_cluster_signal_agent(local_cluster *lc, unsigned i, int sig);
+/* Waits up to timeout_ms for agent i to exit (it stays waitable): its exit
+ * status, 128 + the signal that killed it, or -ETIMEDOUT. */
+int local_cluster_wait_agent(local_cluster *lc, unsigned i, int timeout_ms);
 /* The temporary directory (daemon logs, the coordinator's store). */
 const char *local_cluster_dir(const local_cluster *lc);
 

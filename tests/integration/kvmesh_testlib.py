@@ -126,7 +126,9 @@ class Agent:
         self.flags = {"node-id": node_id, "coordinator": "127.0.0.1:%d" % coordinator.port,
                       "listen": "127.0.0.1:%d" % self.port,
                       "data-address": "127.0.0.1:%d" % free_port(),
-                      "model": model, "host-pool": host_pool}
+                      "model": model, "host-pool": host_pool,
+                      # tests stop agents at will: no drain first unless asked
+                      "drain-timeout": "0"}
         self.flags.update(flags)
         self.start()
 

@@ -6,6 +6,7 @@
  * result; bad input gets clear errors. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -33,8 +34,10 @@ static void teardown(void)
 	g_lc = NULL;
 }
 
-/* A cluster of n agents of `pool` each, with model m registered. */
-static void start(unsigned n, const char *pool, const kvm_model *m, int data_timeout_ms)
+/* A cluster of n agents of `pool` each, with model m registered; agent_flag
+ * (NULL: none) goes to every agent. */
+static void start_with(unsigned n, const char *pool, const kvm_model *m, int data_timeout_ms,
+		       const char *agent_flag)
 {
 	char err[2048];
 	const char *coord_flags[] = {"--heartbeat=200ms", "--dead-after=3s", NULL};
@@ -42,8 +45,13 @@ static void start(unsigned n, const char *pool, const kvm_model *m, int data_tim
 	kvm_client_opts o = {.control_timeout_ms = 5000, .data_timeout_ms = data_timeout_ms};
 	cr_assert_eq(kvm_client_open(local_cluster_coordinator(g_lc), &o, &g_c), 0);
 	cr_assert_eq(kvm_model_register(g_c, m), 0, "%s", kvm_client_error(g_c));
-	const char *agent_flags[] = {"--attend-timeout=1500ms", NULL};
+	const char *agent_flags[] = {"--attend-timeout=1500ms", agent_flag, NULL};
 	cr_assert_eq(local_cluster_add_agents(g_lc, n, m->id, pool, agent_flags, err, sizeof(err)), 0, "%s", err);
+}
+
+static void start(unsigned n, const char *pool, const kvm_model *m, int data_timeout_ms)
+{
+	start_with(n, pool, m, data_timeout_ms, NULL);
 }
 
 /* ---- a sequence's KV kept locally too, for the reference ------------------- */
@@ -517,28 +525,53 @@ static uint32_t blocks_on(const char *seq, const char *node, uint32_t *total)
  * to other nodes: decode goes on with the same results (the home finds the
  * blocks' new places when the old ones are gone), and once drained the node
  * can be killed without degrading anything. */
-Test(client, drain_moves_blocks_and_decode_goes_on)
+/* "wide" homed on agent-1 with blocks on agent-3, "on3" homed on agent-3;
+ * one decode step checked. A filler takes half the home first, so that
+ * "wide" borrows from both others (each lends at most half its pool);
+ * released, it leaves the home room for what a drain moves. */
+static const kvm_model drain_model = {.id = "drain", .layers = 1, .q_heads = 4, .kv_heads = 2,
+				      .head_dim = 64, .block_tokens = 16, .dtype = KVM_F16};
+static uint32_t drain_setup(ref_seq r[2], uint32_t *total)
 {
-	kvm_model m = {.id = "drain", .layers = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 64,
-		       .block_tokens = 16, .dtype = KVM_F16};
-	start(3, "256KiB", &m, 5000); /* 32 blocks of 8 KiB */
-	/* A filler takes half the home, so that "wide" borrows from both
-	 * others (each lends at most half its pool); released, it leaves the
-	 * home room for what the drain moves. */
+	const kvm_model *m = &drain_model;
 	uint32_t n = 42 * 16 + 3;
 	uint32_t *p1 = tokens_of(n, 41), *p2 = tokens_of(48, 42), *p3 = tokens_of(16 * 16, 43);
-	ref_seq r[2], filler;
+	ref_seq filler;
 	kvm_seq_info i1, i2, i3;
-	make_seq(&filler, &m, "filler", "agent-1", p3, 16 * 16, 53, &i3);
-	make_seq(&r[0], &m, "wide", "agent-1", p1, n, 51, &i1);
-	make_seq(&r[1], &m, "on3", "agent-3", p2, 48, 52, &i2);
+	make_seq(&filler, m, "filler", "agent-1", p3, 16 * 16, 53, &i3);
+	make_seq(&r[0], m, "wide", "agent-1", p1, n, 51, &i1);
+	make_seq(&r[1], m, "on3", "agent-3", p2, 48, 52, &i2);
 	cr_assert_eq(kvm_seq_release(g_c, "filler"), 0);
 	ref_free(&filler);
-	free(p3);
-	uint32_t total = 0, before = blocks_on("wide", "agent-3", &total);
+	free(p1), free(p2), free(p3);
+	uint32_t before = blocks_on("wide", "agent-3", total);
 	cr_assert_gt(before, 0, "no block of the sequence is on agent-3");
 	const char *ids[] = {"wide", "on3"};
 	decode_and_check(r, ids, 2, 1, 2e-3);
+	return before;
+}
+
+/* Waits until the coordinator lists node as dead. */
+static void wait_dead(const char *node)
+{
+	for (int i = 0; i < 100; i++) {
+		Kvmesh__V1__Node *nd = coord_node_call("ListNodes", node);
+		bool dead = nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD;
+		kvmesh__v1__node__free_unpacked(nd, NULL);
+		if (dead)
+			return;
+		usleep(100000);
+	}
+	cr_assert_fail("%s is not declared dead", node);
+}
+
+Test(client, drain_moves_blocks_and_decode_goes_on)
+{
+	start(3, "256KiB", &drain_model, 5000); /* 32 blocks of 8 KiB */
+	ref_seq r[2];
+	uint32_t total = 0;
+	drain_setup(r, &total);
+	const char *ids[] = {"wide", "on3"};
 
 	Kvmesh__V1__Node *nd = coord_node_call("DrainNode", "agent-3");
 	cr_assert_eq(nd->state, KVMESH__V1__NODE_STATE__NODE_DRAINING);
@@ -572,21 +605,46 @@ Test(client, drain_moves_blocks_and_decode_goes_on)
 	/* Drained: killing it loses nothing of "wide". */
 	cr_assert_eq(kvm_seq_release(g_c, "on3"), 0);
 	cr_assert_eq(local_cluster_signal_agent(g_lc, 2, SIGKILL), 0);
-	for (int i = 0; i < 60; i++) {
-		nd = coord_node_call("ListNodes", "agent-3");
-		bool dead = nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD;
-		kvmesh__v1__node__free_unpacked(nd, NULL);
-		if (dead)
-			break;
-		usleep(100000);
-	}
+	wait_dead("agent-3");
 	kvm_seq_info now;
 	cr_assert_eq(kvm_seq_get(g_c, "wide", &now), 0);
 	cr_assert_eq(now.degraded, 0, "the drained node's death degraded a sequence");
 	decode_and_check(r, ids, 1, 2, 2e-3);
 	ref_free(&r[0]);
 	ref_free(&r[1]);
-	free(p1), free(p2);
+}
+
+/* SIGTERM drains first: the agent asks for its own drain, serves until the
+ * blocks other nodes' sequences keep there have moved, then exits 0; those
+ * sequences decode on, not degraded. */
+Test(client, sigterm_drains_before_the_agent_exits)
+{
+	start_with(3, "256KiB", &drain_model, 5000, "--drain-timeout=20s");
+	ref_seq r[2];
+	uint32_t total = 0;
+	drain_setup(r, &total);
+	cr_assert_eq(local_cluster_signal_agent(g_lc, 2, SIGTERM), 0);
+	int st = local_cluster_wait_agent(g_lc, 2, 25000);
+	cr_assert_eq(st, 0, "agent-3 exit status %d", st);
+	char path[PATH_MAX + 32], line[1024];
+	snprintf(path, sizeof path, "%s/agent-3.log", local_cluster_dir(g_lc));
+	FILE *f = fopen(path, "r");
+	cr_assert(f);
+	bool drained = false;
+	while (!drained && fgets(line, sizeof line, f))
+		drained = strstr(line, "event=drain_before_exit result=\"drained\"") != NULL;
+	fclose(f);
+	cr_assert(drained, "agent-3 did not say it drained (%s)", path);
+	uint32_t after_total;
+	cr_assert_eq(blocks_on("wide", "agent-3", &after_total), 0);
+	wait_dead("agent-3");
+	kvm_seq_info now;
+	cr_assert_eq(kvm_seq_get(g_c, "wide", &now), 0);
+	cr_assert_eq(now.degraded, 0, "the drained node's exit degraded a sequence");
+	const char *ids[] = {"wide"};
+	decode_and_check(r, ids, 1, 3, 2e-3);
+	ref_free(&r[0]);
+	ref_free(&r[1]);
 }
 
 /* The coordinator dies and comes back from its store during decode: models
