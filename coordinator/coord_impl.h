@@ -118,6 +118,7 @@ typedef struct node_rec {
 	double load;
 	Kvmesh__V1__TierCapacity cap[2]; /* gpu, host */
 	bool drain_pending;              /* a Drain command to send */
+	bool drained_told;               /* the "drained" event went out */
 	cmd_rec *cmd_head, *cmd_tail;    /* FIFO for the next heartbeat */
 	size_t n_cmds;
 	uint64_t cmds_dropped;           /* while the queue was full */
@@ -167,6 +168,8 @@ node_rec *coord_find_node(kvm_coord *c, const char *id);
 /* Appends a packed event (seq and time filled in here) to the ring, waking
  * watchers; mu held. */
 void coord_emit(kvm_coord *c, Kvmesh__V1__Event *ev);
+/* A node event with the node's current state (and a log line); mu held. */
+void coord_node_event(kvm_coord *c, uint32_t node, const char *reason);
 
 /* sequences.c: the sequence calls, recovery of the ledger's reservations
  * from stored sequences at start, and marking sequences degraded when a node

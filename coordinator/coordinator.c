@@ -95,6 +95,11 @@ static void emit_node_event(kvm_coord *c, const char *id, Kvmesh__V1__NodeState 
 		reason);
 }
 
+void coord_node_event(kvm_coord *c, uint32_t node, const char *reason)
+{
+	emit_node_event(c, c->nodes[node].id, c->nodes[node].state, reason);
+}
+
 static void sum_capacity(const node_rec *n, uint64_t *total, uint64_t *evictable)
 {
 	*total = n->cap[0].total_blocks + n->cap[1].total_blocks;
@@ -496,11 +501,12 @@ static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, 
 		      nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING)) {
 			nd->state = state;
 			nd->drain_pending = state == KVMESH__V1__NODE_STATE__NODE_DRAINING;
+			nd->drained_told = false;
 			sync_ledger(c, nd);
-			coord_drain_step(c, (uint32_t)(nd - c->nodes));
 			emit_node_event(c, nd->id, nd->state,
 					state == KVMESH__V1__NODE_STATE__NODE_DRAINING ? "drain requested"
 										       : "cordoned");
+			coord_drain_step(c, (uint32_t)(nd - c->nodes));
 		}
 		Kvmesh__V1__TierCapacity *caps[2], **saved;
 		size_t saved_n;
@@ -693,6 +699,10 @@ static void *liveness_main(void *arg)
 		uint64_t t = coord_now_ms();
 		for (size_t i = 0; i < c->n_nodes; i++) {
 			node_rec *nd = &c->nodes[i];
+			/* A drain that just ended says so even if the node stops
+			 * heartbeating at once (an agent draining before exit). */
+			if (nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING && !nd->drained_told)
+				coord_drain_step(c, (uint32_t)i);
 			if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD ||
 			    t - nd->last_heartbeat_ms < (uint64_t)c->cfg.dead_after_ms)
 				continue;

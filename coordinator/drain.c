@@ -143,6 +143,17 @@ void coord_drain_step(kvm_coord *c, uint32_t node)
 		budget -= c->moves[i].src == node;
 	if (!budget)
 		return;
+	if (budget == MOVES_IN_FLIGHT && !c->nodes[node].drained_told) {
+		/* Nothing in flight: say once when nothing is left either. */
+		uint64_t left;
+		uint32_t homed;
+		coord_drain_progress(c, node, &left, &homed);
+		if (left == 0 && homed == 0) {
+			c->nodes[node].drained_told = true;
+			coord_node_event(c, node, "drained: nothing left on it; it can be stopped");
+			return;
+		}
+	}
 	cmd_rec *cmd = calloc(1, sizeof(*cmd));
 	if (cmd)
 		cmd->moves = calloc(budget, sizeof(*cmd->moves));

@@ -400,8 +400,12 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "no ready node to be the home node");
 	} else if (!hn) {
 		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown home node \"%s\"", home);
-	} else if (hn->state == KVMESH__V1__NODE_STATE__NODE_DEAD) {
-		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION, "home node %s is dead", home);
+	} else if (hn->state != KVMESH__V1__NODE_STATE__NODE_READY) {
+		/* A cordoned or draining node takes no new tails either. */
+		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION, "home node %s is %s", home,
+				  hn->state == KVMESH__V1__NODE_STATE__NODE_DEAD       ? "dead"
+				  : hn->state == KVMESH__V1__NODE_STATE__NODE_DRAINING ? "draining"
+										       : "cordoned");
 	} else {
 		uint64_t tokens = r->n_prompt_tokens;
 		uint64_t blocks = (tokens + bt - 1) / bt;

@@ -437,10 +437,11 @@ static Kvmesh__V1__ListNodesResponse *list_nodes(agent *a, const Kvmesh__V1__Nod
 
 /* SIGTERM drains before the agent stops: the coordinator moves the blocks
  * that sequences homed elsewhere keep here, while this agent still serves
- * them and heartbeats (moves come on heartbeats). The wait ends when none
- * are left, at --drain-timeout, when nothing moved for 5 s (no room
- * elsewhere, or the cluster is stopping too), or on a second signal.
- * Sequences homed here end with this agent. */
+ * them and heartbeats (moves come on heartbeats), and the sequences homed
+ * here get time to end (their front-ends release them; no new ones come).
+ * The wait ends when nothing is left, at --drain-timeout, when blocks are
+ * left but none moved for 5 s (no room elsewhere, or the cluster is stopping
+ * too), or on a second signal. */
 #define DRAIN_STUCK_MS 5000
 
 static int64_t mono_ms(void)
@@ -477,10 +478,10 @@ static void drain_before_exit(agent *a, const sigset_t *sigs)
 			moved_at = now;
 			last = left;
 		}
-		const char *why = left == 0			  ? "drained"
-				  : now - t0 >= a->drain_timeout_ms ? "timeout"
-				  : now - moved_at >= DRAIN_STUCK_MS ? "no progress"
-								      : NULL;
+		const char *why = left == 0 && homed == 0		 ? "drained"
+				  : now - t0 >= a->drain_timeout_ms		 ? "timeout"
+				  : left && now - moved_at >= DRAIN_STUCK_MS ? "no progress"
+									     : NULL;
 		struct timespec ts = {0, 200 * 1000000L};
 		if (!why && sigtimedwait(sigs, NULL, &ts) > 0)
 			why = "second signal";

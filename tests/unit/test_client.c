@@ -615,8 +615,9 @@ Test(client, drain_moves_blocks_and_decode_goes_on)
 }
 
 /* SIGTERM drains first: the agent asks for its own drain, serves until the
- * blocks other nodes' sequences keep there have moved, then exits 0; those
- * sequences decode on, not degraded. */
+ * blocks other nodes' sequences keep there have moved and its own sequences
+ * have ended (no new ones come), then exits 0; the other sequences decode
+ * on, not degraded. */
 Test(client, sigterm_drains_before_the_agent_exits)
 {
 	start_with(3, "256KiB", &drain_model, 5000, "--drain-timeout=20s");
@@ -624,6 +625,21 @@ Test(client, sigterm_drains_before_the_agent_exits)
 	uint32_t total = 0;
 	drain_setup(r, &total);
 	cr_assert_eq(local_cluster_signal_agent(g_lc, 2, SIGTERM), 0);
+	kvm_seq_info info;
+	int rc = -1;
+	for (int i = 0; i < 50; i++) { /* once the drain began: no new home there */
+		rc = kvm_seq_create(g_c, drain_model.id, "late", NULL, 0, "agent-3", &info);
+		if (rc != 0)
+			break;
+		cr_assert_eq(kvm_seq_release(g_c, "late"), 0);
+		usleep(50000);
+	}
+	cr_assert_neq(rc, 0, "a sequence was homed on a draining node");
+	cr_assert(strstr(kvm_client_error(g_c), "draining"), "%s", kvm_client_error(g_c));
+	usleep(300000);
+	cr_assert_eq(local_cluster_wait_agent(g_lc, 2, 0), -ETIMEDOUT,
+		     "agent-3 left before its own sequence ended");
+	cr_assert_eq(kvm_seq_release(g_c, "on3"), 0); /* its front-end is done */
 	int st = local_cluster_wait_agent(g_lc, 2, 25000);
 	cr_assert_eq(st, 0, "agent-3 exit status %d", st);
 	char path[PATH_MAX + 32], line[1024];
