@@ -537,6 +537,7 @@ void kvm_state_stats_get(kvm_state *st, kvm_state_stats *out)
 	pthread_mutex_lock(&st->mu);
 	*out = st->stats;
 	out->records = st->n;
+	out->appends = st->appended;
 	pthread_mutex_unlock(&st->mu);
 }
 
