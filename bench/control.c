@@ -19,6 +19,10 @@
  * grpc_echo_p99_ms, control_vs_echo, control_tmpfs_vs_echo,
  * fdatasync_p50_us, fdatasync_p99_us, python_ops_per_s.
  *
+ * KVMESH_BENCH_COORDINATOR_B=PATH adds a fourth server to every round:
+ * that coordinator binary on the disk, for comparing two builds in one run
+ * (control_b_ops_per_s, control_b_vs_control).
+ *
  * `control --echo-server PORT N1 N2 N3` is the echo server (this program run
  * again, so that it is a process of its own as the coordinator is). */
 #include <arpa/inet.h>
@@ -361,21 +365,27 @@ int main(int argc, char **argv)
 		return 1;
 	char disk_dir[] = "/tmp/kvmesh-bench-control-XXXXXX";
 	char shm_dir[] = "/dev/shm/kvmesh-bench-control-XXXXXX";
-	if (!mkdtemp(disk_dir) || !mkdtemp(shm_dir))
+	char b_dir[] = "/tmp/kvmesh-bench-control-b-XXXXXX";
+	const char *bin_b = getenv("KVMESH_BENCH_COORDINATOR_B");
+	int servers = bin_b && bin_b[0] ? 4 : 3;
+	if (!mkdtemp(disk_dir) || !mkdtemp(shm_dir) || !mkdtemp(b_dir))
 		return 1;
 
 	double sync50, sync99;
 	fdatasync_probe(disk_dir, &sync50, &sync99);
 
 	int base = 20000 + getpid() % 20000;
-	char targets[3][64];
-	for (int i = 0; i < 3; i++)
+	char targets[4][64];
+	for (int i = 0; i < 4; i++)
 		snprintf(targets[i], sizeof(targets[i]), "127.0.0.1:%d", base + i);
-	pid_t coord = -1, coord_shm = -1, echo_pid = -1;
+	pid_t coord = -1, coord_shm = -1, echo_pid = -1, coord_b = -1;
 	int rc = 1;
 	if (start_coordinator(bin, disk_dir, base, &coord) != 0 ||
 	    start_coordinator(bin, shm_dir, base + 1, &coord_shm) != 0 ||
 	    set_up(targets[0]) != 0 || set_up(targets[1]) != 0)
+		goto out;
+	if (servers == 4 &&
+	    (start_coordinator(bin_b, b_dir, base + 3, &coord_b) != 0 || set_up(targets[3]) != 0))
 		goto out;
 
 	/* The coordinator's response sizes, for the echo peer. */
@@ -395,17 +405,18 @@ int main(int argc, char **argv)
 		goto out;
 	wait_port(base + 2);
 
-	result res[3] = {{.target = targets[0], .tag = "d"},
+	result res[4] = {{.target = targets[0], .tag = "d"},
 			 {.target = targets[1], .tag = "t"},
-			 {.target = targets[2], .tag = "e"}};
-	for (int i = 0; i < 3; i++)
+			 {.target = targets[2], .tag = "e"},
+			 {.target = targets[3], .tag = "b"}};
+	for (int i = 0; i < servers; i++)
 		res[i].lat = malloc(sizeof(double) * MAX_SAMPLES);
 	for (unsigned r = 0; r < ROUNDS; r++)
-		for (int i = 0; i < 3; i++)
-			load_round(&res[i], r);
-	double ops[3], p50[3], p99[3];
+		for (int i = 0; i < servers; i++)
+			load_round(&res[(i + r) % servers], r); /* no server always first */
+	double ops[4], p50[4], p99[4];
 	int errors = 0;
-	for (int i = 0; i < 3; i++) {
+	for (int i = 0; i < servers; i++) {
 		qsort(res[i].lat, res[i].n, sizeof(double), cmp);
 		ops[i] = res[i].n / res[i].elapsed;
 		p50[i] = pct(res[i].lat, res[i].n, 50) * 1e3;
@@ -422,6 +433,9 @@ int main(int argc, char **argv)
 	       p99[1], shm_dir);
 	printf("bench-control: echo   %7.0f calls/s p50 %.3f ms p99 %.3f ms\n", ops[2], p50[2],
 	       p99[2]);
+	if (servers == 4)
+		printf("bench-control: disk B %7.0f calls/s p50 %.3f ms p99 %.3f ms (%s)\n", ops[3],
+		       p50[3], p99[3], bin_b);
 
 	/* The Python client, one thread, for reference. */
 	fflush(stdout);
@@ -441,12 +455,19 @@ int main(int argc, char **argv)
 	printf("control_p50_ms=%.3f\n", p50[0]);
 	printf("control_p99_ms=%.3f\n", p99[0]);
 	printf("control_vs_echo=%.3f\n", ops[0] / ops[2]);
+	if (servers == 4) {
+		printf("control_b_ops_per_s=%.0f\n", ops[3]);
+		printf("control_b_p99_ms=%.3f\n", p99[3]);
+		printf("control_b_vs_control=%.3f\n", ops[3] / ops[0]);
+	}
 	rc = errors ? 1 : 0;
 out:
+	stop(coord_b);
 	stop(echo_pid);
 	stop(coord);
 	stop(coord_shm);
 	remove_dir(disk_dir);
 	remove_dir(shm_dir);
+	remove_dir(b_dir);
 	return rc;
 }
