@@ -10,14 +10,16 @@
  * client threads and the same CreateSequence + ExtendSequence +
  * ReleaseSequence cycles over gRPC on loopback; figures are totals over the
  * rounds, so that load drifting on this shared machine hits all three alike.
- * The disk's own sync latency (4 KiB append + fdatasync, in the disk
+ * The disk's own sync latency (4 KiB append or overwrite + fdatasync, in the disk
  * coordinator's directory's filesystem) is measured before, and the Python
  * gRPC client (one thread, disk coordinator) after, for reference.
  *
  * Final lines: control_ops_per_s, control_p50_ms, control_p99_ms (disk),
  * control_tmpfs_ops_per_s, control_tmpfs_p99_ms, grpc_echo_ops_per_s,
  * grpc_echo_p99_ms, control_vs_echo, control_tmpfs_vs_echo,
- * fdatasync_p50_us, fdatasync_p99_us, python_ops_per_s.
+ * fdatasync_p50_us, fdatasync_p99_us (appends), fdatasync_overwrite_p50_us,
+ * fdatasync_overwrite_p99_us (in place, as the preallocated log writes),
+ * python_ops_per_s.
  *
  * KVMESH_BENCH_COORDINATOR_B=PATH adds a fourth server to every round:
  * that coordinator binary on the disk, for comparing two builds in one run
@@ -294,29 +296,34 @@ static int echo_server_main(char **argv)
 
 /* ---- The disk's sync latency ------------------------------------------------------ */
 
-/* SYNC_WRITES appends of 4 KiB, each fdatasync'd, as the coordinator's log
- * does: the floor under a durable change's latency on this filesystem. */
-static void fdatasync_probe(const char *dir, double *p50_us, double *p99_us)
+/* SYNC_WRITES appends of 4 KiB, each fdatasync'd (the file grows, so each
+ * sync also commits its new size), then the same writes over those blocks
+ * (the file keeps its size), as the coordinator's preallocated log does: the
+ * floor under a durable change's latency on this filesystem. */
+static void fdatasync_probe(const char *dir, double p50_us[2], double p99_us[2])
 {
 	char path[PATH_MAX];
 	snprintf(path, sizeof(path), "%s/fdatasync-probe", dir);
-	int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-	double lat[SYNC_WRITES];
-	size_t n = 0;
+	int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
 	static uint8_t block[4096];
 	memset(block, 0x5a, sizeof(block));
-	for (int i = 0; fd >= 0 && i < SYNC_WRITES; i++) {
-		double t0 = now();
-		if (write(fd, block, sizeof(block)) != (ssize_t)sizeof(block) || fdatasync(fd) != 0)
-			break;
-		lat[n++] = now() - t0;
+	for (int pass = 0; pass < 2; pass++) {
+		double lat[SYNC_WRITES];
+		size_t n = 0;
+		for (int i = 0; fd >= 0 && i < SYNC_WRITES; i++) {
+			double t0 = now();
+			if (pwrite(fd, block, sizeof(block), (off_t)i * 4096) != (ssize_t)sizeof(block) ||
+			    fdatasync(fd) != 0)
+				break;
+			lat[n++] = now() - t0;
+		}
+		qsort(lat, n, sizeof(double), cmp);
+		p50_us[pass] = pct(lat, n, 50) * 1e6;
+		p99_us[pass] = pct(lat, n, 99) * 1e6;
 	}
 	if (fd >= 0)
 		close(fd);
 	unlink(path);
-	qsort(lat, n, sizeof(double), cmp);
-	*p50_us = pct(lat, n, 50) * 1e6;
-	*p99_us = pct(lat, n, 99) * 1e6;
 }
 
 static const char python_cycle[] =
@@ -371,8 +378,8 @@ int main(int argc, char **argv)
 	if (!mkdtemp(disk_dir) || !mkdtemp(shm_dir) || !mkdtemp(b_dir))
 		return 1;
 
-	double sync50, sync99;
-	fdatasync_probe(disk_dir, &sync50, &sync99);
+	double sync50[2], sync99[2];
+	fdatasync_probe(disk_dir, sync50, sync99);
 
 	int base = 20000 + getpid() % 20000;
 	char targets[4][64];
@@ -444,8 +451,10 @@ int main(int argc, char **argv)
 	if (posix_spawn(&py, pargs[0], NULL, NULL, pargs, environ) == 0)
 		waitpid(py, NULL, 0);
 
-	printf("fdatasync_p50_us=%.0f\n", sync50);
-	printf("fdatasync_p99_us=%.0f\n", sync99);
+	printf("fdatasync_p50_us=%.0f\n", sync50[0]);
+	printf("fdatasync_p99_us=%.0f\n", sync99[0]);
+	printf("fdatasync_overwrite_p50_us=%.0f\n", sync50[1]);
+	printf("fdatasync_overwrite_p99_us=%.0f\n", sync99[1]);
 	printf("grpc_echo_ops_per_s=%.0f\n", ops[2]);
 	printf("grpc_echo_p99_ms=%.3f\n", p99[2]);
 	printf("control_tmpfs_ops_per_s=%.0f\n", ops[1]);
