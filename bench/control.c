@@ -1,14 +1,35 @@
-/* make bench-control: the coordinator's control path under load. Starts a
- * real kvmesh-coordinator (own data directory, fsync'd state), registers a
- * model and three nodes, then client threads run CreateSequence +
- * ExtendSequence + ReleaseSequence cycles over gRPC on loopback for a few
- * seconds; every call's latency is recorded. The same cycle from the Python
- * gRPC client (one thread) runs after, for reference.
+/* make bench-control: the coordinator's control path under load, against its
+ * peers in the same run.
  *
- * Final lines: control_ops_per_s (calls per second, all three kinds),
- * control_p50_ms, control_p99_ms, python_ops_per_s. */
+ * Starts two real kvmesh-coordinators (one with its data directory on the
+ * disk, under /tmp, every change fdatasync'd; one on tmpfs, /dev/shm, where
+ * fdatasync costs nothing) and a gRPC echo server built on common/rpc.c (the
+ * same worker pool; its handlers answer at once with responses of the sizes
+ * the coordinator sends). Each coordinator gets a model and three nodes.
+ * Then rounds run, each driving the three servers in turn with the same
+ * client threads and the same CreateSequence + ExtendSequence +
+ * ReleaseSequence cycles over gRPC on loopback; figures are totals over the
+ * rounds, so that load drifting on this shared machine hits all three alike.
+ * The disk's own sync latency (4 KiB append or overwrite + fdatasync, in the disk
+ * coordinator's directory's filesystem) is measured before, and the Python
+ * gRPC client (one thread, disk coordinator) after, for reference.
+ *
+ * Final lines: control_ops_per_s, control_p50_ms, control_p99_ms (disk),
+ * control_tmpfs_ops_per_s, control_tmpfs_p99_ms, grpc_echo_ops_per_s,
+ * grpc_echo_p99_ms, control_vs_echo, control_tmpfs_vs_echo,
+ * fdatasync_p50_us, fdatasync_p99_us (appends), fdatasync_overwrite_p50_us,
+ * fdatasync_overwrite_p99_us (in place, as the preallocated log writes),
+ * python_ops_per_s.
+ *
+ * KVMESH_BENCH_COORDINATOR_B=PATH adds a fourth server to every round:
+ * that coordinator binary on the disk, for comparing two builds in one run
+ * (control_b_ops_per_s, control_b_vs_control).
+ *
+ * `control --echo-server PORT N1 N2 N3` is the echo server (this program run
+ * again, so that it is a process of its own as the coordinator is). */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <libgen.h>
@@ -27,8 +48,10 @@
 #include "proto/kvmesh.pb-c.h"
 
 #define THREADS 8
-#define SECONDS 4.0
+#define ROUNDS 3
+#define SECONDS 1.5 /* per server per round */
 #define MAX_SAMPLES (1 << 20)
+#define SYNC_WRITES 200
 
 extern char **environ;
 
@@ -39,10 +62,12 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static char target[64];
+static const char *names[3] = {"CreateSequence", "ExtendSequence", "ReleaseSequence"};
 
-/* One call; returns its status code. */
-static int call(kvm_rpc_channel *ch, const char *method, const ProtobufCMessage *m)
+/* One call; returns its status code, and the response's size in *resp_len
+ * when not NULL. */
+static int call(kvm_rpc_channel *ch, const char *method, const ProtobufCMessage *m,
+		size_t *resp_len)
 {
 	uint8_t buf[4096];
 	size_t n = protobuf_c_message_pack(m, buf);
@@ -53,17 +78,57 @@ static int call(kvm_rpc_channel *ch, const char *method, const ProtobufCMessage 
 	kvm_rpc_status st;
 	if (kvm_rpc_unary(ch, path, buf, n, 5000, &resp, &len, &st) != 0)
 		return KVM_RPC_UNAVAILABLE;
-	if (st.code == KVM_RPC_OK)
+	if (st.code == KVM_RPC_OK) {
 		free(resp);
-	else
+		if (resp_len)
+			*resp_len = len;
+	} else {
 		fprintf(stderr, "bench-control: %s: %d %s\n", method, st.code, st.message);
+	}
 	return st.code;
 }
 
-typedef struct worker {
-	int id;
+/* One create + extend + release cycle of sequence id; sizes[j] gets each
+ * response's size when not NULL. Returns the number of failed calls. */
+typedef struct sample_sink {
 	double *lat;
-	size_t n;
+	size_t n, cap;
+} sample_sink;
+
+static int cycle(kvm_rpc_channel *ch, const char *id, size_t sizes[3], sample_sink *s)
+{
+	uint32_t prompt[64];
+	for (int i = 0; i < 64; i++)
+		prompt[i] = (uint32_t)i;
+	Kvmesh__V1__CreateSequenceRequest cr = KVMESH__V1__CREATE_SEQUENCE_REQUEST__INIT;
+	cr.model_id = "bench";
+	cr.sequence_id = (char *)id;
+	cr.n_prompt_tokens = 64;
+	cr.prompt_tokens = prompt;
+	Kvmesh__V1__ExtendSequenceRequest er = KVMESH__V1__EXTEND_SEQUENCE_REQUEST__INIT;
+	er.sequence_id = (char *)id;
+	er.tokens = 16;
+	Kvmesh__V1__ReleaseSequenceRequest rr = KVMESH__V1__RELEASE_SEQUENCE_REQUEST__INIT;
+	rr.sequence_id = (char *)id;
+	const ProtobufCMessage *msgs[3] = {&cr.base, &er.base, &rr.base};
+	int errors = 0;
+	for (int j = 0; j < 3; j++) {
+		double t0 = now();
+		if (call(ch, names[j], msgs[j], sizes ? &sizes[j] : NULL) != KVM_RPC_OK)
+			errors++;
+		if (s && s->n < s->cap)
+			s->lat[s->n++] = now() - t0;
+	}
+	return errors;
+}
+
+/* ---- Load: THREADS clients against one server ---------------------------------- */
+
+typedef struct worker {
+	const char *target, *tag;
+	int id;
+	unsigned round;
+	sample_sink s;
 	int errors;
 	double stop_at;
 } worker;
@@ -72,41 +137,193 @@ static void *run(void *arg)
 {
 	worker *w = arg;
 	kvm_rpc_channel *ch;
-	kvm_rpc_channel_open(target, &ch);
-	uint32_t prompt[64];
-	for (int i = 0; i < 64; i++)
-		prompt[i] = (uint32_t)i;
+	kvm_rpc_channel_open(w->target, &ch);
 	for (unsigned k = 0; now() < w->stop_at; k++) {
 		char id[64];
-		snprintf(id, sizeof(id), "w%d-%u", w->id, k);
-		Kvmesh__V1__CreateSequenceRequest cr = KVMESH__V1__CREATE_SEQUENCE_REQUEST__INIT;
-		cr.model_id = "bench";
-		cr.sequence_id = id;
-		cr.n_prompt_tokens = 64;
-		cr.prompt_tokens = prompt;
-		Kvmesh__V1__ExtendSequenceRequest er = KVMESH__V1__EXTEND_SEQUENCE_REQUEST__INIT;
-		er.sequence_id = id;
-		er.tokens = 16;
-		Kvmesh__V1__ReleaseSequenceRequest rr = KVMESH__V1__RELEASE_SEQUENCE_REQUEST__INIT;
-		rr.sequence_id = id;
-		const ProtobufCMessage *msgs[3] = {&cr.base, &er.base, &rr.base};
-		static const char *names[3] = {"CreateSequence", "ExtendSequence", "ReleaseSequence"};
-		for (int j = 0; j < 3; j++) {
-			double t0 = now();
-			if (call(ch, names[j], msgs[j]) != KVM_RPC_OK)
-				w->errors++;
-			if (w->n < MAX_SAMPLES / THREADS)
-				w->lat[w->n++] = now() - t0;
-		}
+		snprintf(id, sizeof(id), "%s%u-w%d-%u", w->tag, w->round, w->id, k);
+		w->errors += cycle(ch, id, NULL, &w->s);
 	}
 	kvm_rpc_channel_close(ch);
 	return NULL;
+}
+
+/* What one server got over all rounds. */
+typedef struct result {
+	const char *target, *tag;
+	double *lat; /* every call's latency, s */
+	size_t n;
+	double elapsed;
+	int errors;
+} result;
+
+static void load_round(result *r, unsigned round)
+{
+	worker w[THREADS];
+	pthread_t t[THREADS];
+	double start = now();
+	size_t cap = MAX_SAMPLES / (THREADS * ROUNDS);
+	for (int i = 0; i < THREADS; i++) {
+		w[i] = (worker){.target = r->target, .tag = r->tag, .id = i, .round = round,
+				.s = {.lat = malloc(sizeof(double) * cap), .cap = cap},
+				.stop_at = start + SECONDS};
+		pthread_create(&t[i], NULL, run, &w[i]);
+	}
+	for (int i = 0; i < THREADS; i++)
+		pthread_join(t[i], NULL);
+	r->elapsed += now() - start;
+	for (int i = 0; i < THREADS; i++) {
+		memcpy(r->lat + r->n, w[i].s.lat, w[i].s.n * sizeof(double));
+		r->n += w[i].s.n;
+		r->errors += w[i].errors;
+		free(w[i].s.lat);
+	}
 }
 
 static int cmp(const void *a, const void *b)
 {
 	double x = *(const double *)a, y = *(const double *)b;
 	return (x > y) - (x < y);
+}
+
+static double pct(const double *sorted, size_t n, int p)
+{
+	return n ? sorted[n * (size_t)p / 100] : 0;
+}
+
+/* ---- Servers ------------------------------------------------------------------- */
+
+/* Waits for the port before a channel is opened: a gRPC channel that fails
+ * to connect backs off for seconds. */
+static void wait_port(int port)
+{
+	for (int i = 0; i < 200; i++) {
+		int fd = socket(AF_INET, SOCK_STREAM, 0);
+		struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+		sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		int ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+		close(fd);
+		if (ok)
+			return;
+		usleep(25000);
+	}
+}
+
+static int start_coordinator(const char *bin, const char *dir, int port, pid_t *pid)
+{
+	char listen_arg[96], dir_arg[PATH_MAX + 16];
+	snprintf(listen_arg, sizeof(listen_arg), "--listen=127.0.0.1:%d", port);
+	snprintf(dir_arg, sizeof(dir_arg), "--data-dir=%s", dir);
+	char *args[] = {(char *)bin, listen_arg, dir_arg, "--dead-after=600s", NULL};
+	if (posix_spawn(pid, bin, NULL, NULL, args, environ) != 0) {
+		fprintf(stderr, "bench-control: cannot start %s\n", bin);
+		return -1;
+	}
+	wait_port(port);
+	return 0;
+}
+
+/* The model and three nodes with room for every cycle in flight. */
+static int set_up(const char *target)
+{
+	kvm_rpc_channel *ch;
+	kvm_rpc_channel_open(target, &ch);
+	Kvmesh__V1__BlockGeometry geo = KVMESH__V1__BLOCK_GEOMETRY__INIT;
+	geo.layers = 32, geo.kv_heads = 8, geo.head_dim = 128, geo.block_tokens = 16;
+	geo.dtype = KVMESH__V1__KV_DTYPE__KV_DTYPE_F16;
+	Kvmesh__V1__Model model = KVMESH__V1__MODEL__INIT;
+	model.id = "bench", model.q_heads = 32, model.geometry = &geo;
+	int rc = KVM_RPC_UNAVAILABLE;
+	for (int i = 0; i < 100 && rc != KVM_RPC_OK; i++) {
+		rc = call(ch, "RegisterModel", &model.base, NULL);
+		if (rc != KVM_RPC_OK)
+			usleep(50000);
+	}
+	for (int i = 0; i < 3 && rc == KVM_RPC_OK; i++) {
+		char id[16], addr[32];
+		snprintf(id, sizeof(id), "node%d", i);
+		snprintf(addr, sizeof(addr), "127.0.0.1:%d", 9000 + i);
+		Kvmesh__V1__TierCapacity cap = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&cap};
+		cap.tier = KVMESH__V1__TIER__TIER_HOST, cap.total_blocks = 1u << 20;
+		Kvmesh__V1__Node node = KVMESH__V1__NODE__INIT;
+		node.id = id, node.grpc_address = addr, node.data_address = addr;
+		node.n_capacity = 1, node.capacity = caps;
+		Kvmesh__V1__RegisterNodeRequest req = KVMESH__V1__REGISTER_NODE_REQUEST__INIT;
+		req.node = &node;
+		rc = call(ch, "RegisterNode", &req.base, NULL);
+	}
+	kvm_rpc_channel_close(ch);
+	return rc == KVM_RPC_OK ? 0 : -1;
+}
+
+/* The echo peer: the three methods answer at once with a reply of the size
+ * the coordinator sends for them (zero bytes: the client does not decode). */
+static size_t echo_sizes[3];
+
+static int echo(void *arg, kvm_rpc_call *c, const uint8_t *req, size_t len)
+{
+	(void)req, (void)len;
+	static const uint8_t zeros[4096];
+	size_t n = *(size_t *)arg;
+	return kvm_rpc_reply(c, zeros, n < sizeof(zeros) ? n : sizeof(zeros)) == 0
+		       ? KVM_RPC_OK
+		       : KVM_RPC_INTERNAL;
+}
+
+static int echo_server_main(char **argv)
+{
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &set, NULL); /* before gRPC starts its threads */
+	char addr[64];
+	snprintf(addr, sizeof(addr), "127.0.0.1:%s", argv[0]);
+	kvm_rpc_server *srv;
+	if (kvm_rpc_server_create(addr, NULL, &srv) != 0)
+		return 1;
+	for (int j = 0; j < 3; j++) {
+		echo_sizes[j] = strtoul(argv[1 + j], NULL, 10);
+		char path[96];
+		snprintf(path, sizeof(path), "/kvmesh.v1.Coordinator/%s", names[j]);
+		kvm_rpc_server_add_method(srv, path, false, echo, &echo_sizes[j]);
+	}
+	if (kvm_rpc_server_start(srv) != 0)
+		return 1;
+	int sig;
+	sigwait(&set, &sig);
+	kvm_rpc_server_destroy(srv, 1000);
+	return 0;
+}
+
+/* ---- The disk's sync latency ------------------------------------------------------ */
+
+/* SYNC_WRITES appends of 4 KiB, each fdatasync'd (the file grows, so each
+ * sync also commits its new size), then the same writes over those blocks
+ * (the file keeps its size), as the coordinator's preallocated log does: the
+ * floor under a durable change's latency on this filesystem. */
+static void fdatasync_probe(const char *dir, double p50_us[2], double p99_us[2])
+{
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/fdatasync-probe", dir);
+	int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+	static uint8_t block[4096];
+	memset(block, 0x5a, sizeof(block));
+	for (int pass = 0; pass < 2; pass++) {
+		double lat[SYNC_WRITES];
+		size_t n = 0;
+		for (int i = 0; fd >= 0 && i < SYNC_WRITES; i++) {
+			double t0 = now();
+			if (pwrite(fd, block, sizeof(block), (off_t)i * 4096) != (ssize_t)sizeof(block) ||
+			    fdatasync(fd) != 0)
+				break;
+			lat[n++] = now() - t0;
+		}
+		qsort(lat, n, sizeof(double), cmp);
+		p50_us[pass] = pct(lat, n, 50) * 1e6;
+		p99_us[pass] = pct(lat, n, 99) * 1e6;
+	}
+	if (fd >= 0)
+		close(fd);
+	unlink(path);
 }
 
 static const char python_cycle[] =
@@ -125,120 +342,141 @@ static const char python_cycle[] =
 	"  s.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id=i),timeout=5); n+=3\n"
 	"print('python_ops_per_s=%.0f'%(n/(time.time()-t)))\n";
 
+static void stop(pid_t pid)
+{
+	if (pid > 0) {
+		kill(pid, SIGTERM);
+		waitpid(pid, NULL, 0);
+	}
+}
+
+static void remove_dir(const char *dir)
+{
+	char cmd[PATH_MAX + 16];
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	if (system(cmd) != 0)
+		fprintf(stderr, "bench-control: could not remove %s\n", dir);
+}
+
 int main(int argc, char **argv)
 {
-	(void)argc;
+	if (argc == 6 && strcmp(argv[1], "--echo-server") == 0)
+		return echo_server_main(argv + 2);
 	char self[PATH_MAX], bin[PATH_MAX + 64], root[PATH_MAX];
 	if (!realpath(argv[0], self)) {
 		perror("realpath");
 		return 1;
 	}
-	snprintf(bin, sizeof(bin), "%s/../bin/kvmesh-coordinator", dirname(self));
+	snprintf(bin, sizeof(bin), "%s/../bin/kvmesh-coordinator", dirname(strdupa(self)));
 	if (!getcwd(root, sizeof(root)))
 		return 1;
-	char dir[] = "/tmp/kvmesh-bench-control-XXXXXX";
-	if (!mkdtemp(dir))
+	char disk_dir[] = "/tmp/kvmesh-bench-control-XXXXXX";
+	char shm_dir[] = "/dev/shm/kvmesh-bench-control-XXXXXX";
+	char b_dir[] = "/tmp/kvmesh-bench-control-b-XXXXXX";
+	const char *bin_b = getenv("KVMESH_BENCH_COORDINATOR_B");
+	int servers = bin_b && bin_b[0] ? 4 : 3;
+	if (!mkdtemp(disk_dir) || !mkdtemp(shm_dir) || !mkdtemp(b_dir))
 		return 1;
-	int port = 20000 + getpid() % 20000;
-	snprintf(target, sizeof(target), "127.0.0.1:%d", port);
-	char listen_arg[96], dir_arg[96];
-	snprintf(listen_arg, sizeof(listen_arg), "--listen=%s", target);
-	snprintf(dir_arg, sizeof(dir_arg), "--data-dir=%s", dir);
-	char *args[] = {bin, listen_arg, dir_arg, "--dead-after=60s", NULL};
-	pid_t coord;
-	if (posix_spawn(&coord, bin, NULL, NULL, args, environ) != 0) {
-		fprintf(stderr, "bench-control: cannot start %s\n", bin);
-		return 1;
-	}
-	/* Wait for the port before opening a channel: a gRPC channel that fails
-	 * to connect backs off for seconds. */
-	for (int i = 0; i < 200; i++) {
-		int fd = socket(AF_INET, SOCK_STREAM, 0);
-		struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-		sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-		int ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
-		close(fd);
-		if (ok)
-			break;
-		usleep(25000);
-	}
-	kvm_rpc_channel *ch;
-	kvm_rpc_channel_open(target, &ch);
-	/* The model and three nodes with room for every cycle in flight. */
-	Kvmesh__V1__BlockGeometry geo = KVMESH__V1__BLOCK_GEOMETRY__INIT;
-	geo.layers = 32, geo.kv_heads = 8, geo.head_dim = 128, geo.block_tokens = 16;
-	geo.dtype = KVMESH__V1__KV_DTYPE__KV_DTYPE_F16;
-	Kvmesh__V1__Model model = KVMESH__V1__MODEL__INIT;
-	model.id = "bench", model.q_heads = 32, model.geometry = &geo;
-	int rc = KVM_RPC_UNAVAILABLE;
-	for (int i = 0; i < 100 && rc != KVM_RPC_OK; i++) {
-		rc = call(ch, "RegisterModel", &model.base);
-		if (rc != KVM_RPC_OK)
-			usleep(50000);
-	}
-	for (int i = 0; i < 3 && rc == KVM_RPC_OK; i++) {
-		char id[16], addr[32];
-		snprintf(id, sizeof(id), "node%d", i);
-		snprintf(addr, sizeof(addr), "127.0.0.1:%d", 9000 + i);
-		Kvmesh__V1__TierCapacity cap = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&cap};
-		cap.tier = KVMESH__V1__TIER__TIER_HOST, cap.total_blocks = 1u << 20;
-		Kvmesh__V1__Node node = KVMESH__V1__NODE__INIT;
-		node.id = id, node.grpc_address = addr, node.data_address = addr;
-		node.n_capacity = 1, node.capacity = caps;
-		Kvmesh__V1__RegisterNodeRequest req = KVMESH__V1__REGISTER_NODE_REQUEST__INIT;
-		req.node = &node;
-		rc = call(ch, "RegisterNode", &req.base);
-	}
-	kvm_rpc_channel_close(ch);
-	if (rc != KVM_RPC_OK) {
-		kill(coord, SIGTERM);
-		return 1;
-	}
 
-	worker w[THREADS];
-	pthread_t t[THREADS];
-	double start = now();
-	for (int i = 0; i < THREADS; i++) {
-		w[i] = (worker){.id = i, .lat = malloc(sizeof(double) * (MAX_SAMPLES / THREADS)),
-				.stop_at = start + SECONDS};
-		pthread_create(&t[i], NULL, run, &w[i]);
-	}
-	size_t total = 0;
+	double sync50[2], sync99[2];
+	fdatasync_probe(disk_dir, sync50, sync99);
+
+	int base = 20000 + getpid() % 20000;
+	char targets[4][64];
+	for (int i = 0; i < 4; i++)
+		snprintf(targets[i], sizeof(targets[i]), "127.0.0.1:%d", base + i);
+	pid_t coord = -1, coord_shm = -1, echo_pid = -1, coord_b = -1;
+	int rc = 1;
+	if (start_coordinator(bin, disk_dir, base, &coord) != 0 ||
+	    start_coordinator(bin, shm_dir, base + 1, &coord_shm) != 0 ||
+	    set_up(targets[0]) != 0 || set_up(targets[1]) != 0)
+		goto out;
+	if (servers == 4 &&
+	    (start_coordinator(bin_b, b_dir, base + 3, &coord_b) != 0 || set_up(targets[3]) != 0))
+		goto out;
+
+	/* The coordinator's response sizes, for the echo peer. */
+	size_t sizes[3] = {0};
+	kvm_rpc_channel *ch;
+	kvm_rpc_channel_open(targets[0], &ch);
+	int probe_errors = cycle(ch, "probe", sizes, NULL);
+	kvm_rpc_channel_close(ch);
+	if (probe_errors)
+		goto out;
+	char port_s[16], sz[3][24];
+	snprintf(port_s, sizeof(port_s), "%d", base + 2);
+	for (int j = 0; j < 3; j++)
+		snprintf(sz[j], sizeof(sz[j]), "%zu", sizes[j]);
+	char *eargs[] = {self, "--echo-server", port_s, sz[0], sz[1], sz[2], NULL};
+	if (posix_spawn(&echo_pid, self, NULL, NULL, eargs, environ) != 0)
+		goto out;
+	wait_port(base + 2);
+
+	result res[4] = {{.target = targets[0], .tag = "d"},
+			 {.target = targets[1], .tag = "t"},
+			 {.target = targets[2], .tag = "e"},
+			 {.target = targets[3], .tag = "b"}};
+	for (int i = 0; i < servers; i++)
+		res[i].lat = malloc(sizeof(double) * MAX_SAMPLES);
+	for (unsigned r = 0; r < ROUNDS; r++)
+		for (int i = 0; i < servers; i++)
+			load_round(&res[(i + r) % servers], r); /* no server always first */
+	double ops[4], p50[4], p99[4];
 	int errors = 0;
-	for (int i = 0; i < THREADS; i++) {
-		pthread_join(t[i], NULL);
-		total += w[i].n;
-		errors += w[i].errors;
+	for (int i = 0; i < servers; i++) {
+		qsort(res[i].lat, res[i].n, sizeof(double), cmp);
+		ops[i] = res[i].n / res[i].elapsed;
+		p50[i] = pct(res[i].lat, res[i].n, 50) * 1e3;
+		p99[i] = pct(res[i].lat, res[i].n, 99) * 1e3;
+		errors += res[i].errors;
+		free(res[i].lat);
 	}
-	double elapsed = now() - start;
-	double *all = malloc(sizeof(double) * (total + 1));
-	size_t k = 0;
-	for (int i = 0; i < THREADS; i++) {
-		memcpy(all + k, w[i].lat, w[i].n * sizeof(double));
-		k += w[i].n;
-		free(w[i].lat);
-	}
-	qsort(all, total, sizeof(double), cmp);
-	double p50 = total ? all[total / 2] * 1e3 : 0, p99 = total ? all[total * 99 / 100] * 1e3 : 0;
-	printf("bench-control: %d client threads, %.1f s, %zu calls (create+extend+release "
-	       "cycles), %d errors; every change fsync'd before it is acknowledged\n",
-	       THREADS, elapsed, total, errors);
-	free(all);
+	printf("bench-control: %d client threads, %d rounds of %.1f s per server; calls are "
+	       "create+extend+release cycles; response bytes %zu/%zu/%zu; %d errors\n",
+	       THREADS, ROUNDS, SECONDS, sizes[0], sizes[1], sizes[2], errors);
+	printf("bench-control: disk   %7.0f calls/s p50 %.3f ms p99 %.3f ms (%s)\n", ops[0], p50[0],
+	       p99[0], disk_dir);
+	printf("bench-control: tmpfs  %7.0f calls/s p50 %.3f ms p99 %.3f ms (%s)\n", ops[1], p50[1],
+	       p99[1], shm_dir);
+	printf("bench-control: echo   %7.0f calls/s p50 %.3f ms p99 %.3f ms\n", ops[2], p50[2],
+	       p99[2]);
+	if (servers == 4)
+		printf("bench-control: disk B %7.0f calls/s p50 %.3f ms p99 %.3f ms (%s)\n", ops[3],
+		       p50[3], p99[3], bin_b);
 
 	/* The Python client, one thread, for reference. */
-	char *pargs[] = {"/usr/bin/python3", "-c", (char *)python_cycle, target, root, NULL};
+	fflush(stdout);
+	char *pargs[] = {"/usr/bin/python3", "-c", (char *)python_cycle, targets[0], root, NULL};
 	pid_t py;
 	if (posix_spawn(&py, pargs[0], NULL, NULL, pargs, environ) == 0)
 		waitpid(py, NULL, 0);
 
-	kill(coord, SIGTERM);
-	waitpid(coord, NULL, 0);
-	char cmd[128];
-	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-	if (system(cmd) != 0)
-		fprintf(stderr, "bench-control: could not remove %s\n", dir);
-	printf("control_ops_per_s=%.0f\n", total / elapsed);
-	printf("control_p50_ms=%.3f\n", p50);
-	printf("control_p99_ms=%.3f\n", p99);
-	return errors ? 1 : 0;
+	printf("fdatasync_p50_us=%.0f\n", sync50[0]);
+	printf("fdatasync_p99_us=%.0f\n", sync99[0]);
+	printf("fdatasync_overwrite_p50_us=%.0f\n", sync50[1]);
+	printf("fdatasync_overwrite_p99_us=%.0f\n", sync99[1]);
+	printf("grpc_echo_ops_per_s=%.0f\n", ops[2]);
+	printf("grpc_echo_p99_ms=%.3f\n", p99[2]);
+	printf("control_tmpfs_ops_per_s=%.0f\n", ops[1]);
+	printf("control_tmpfs_p99_ms=%.3f\n", p99[1]);
+	printf("control_tmpfs_vs_echo=%.3f\n", ops[1] / ops[2]);
+	printf("control_ops_per_s=%.0f\n", ops[0]);
+	printf("control_p50_ms=%.3f\n", p50[0]);
+	printf("control_p99_ms=%.3f\n", p99[0]);
+	printf("control_vs_echo=%.3f\n", ops[0] / ops[2]);
+	if (servers == 4) {
+		printf("control_b_ops_per_s=%.0f\n", ops[3]);
+		printf("control_b_p99_ms=%.3f\n", p99[3]);
+		printf("control_b_vs_control=%.3f\n", ops[3] / ops[0]);
+	}
+	rc = errors ? 1 : 0;
+out:
+	stop(coord_b);
+	stop(echo_pid);
+	stop(coord);
+	stop(coord_shm);
+	remove_dir(disk_dir);
+	remove_dir(shm_dir);
+	remove_dir(b_dir);
+	return rc;
 }

@@ -8,7 +8,15 @@
  * Snapshot: records written to snapshot.tmp, fsync'd, renamed over
  * `snapshot`, directory fsync'd, then the log truncated. A crash between the
  * rename and the truncation replays the old log over the new snapshot, which
- * is harmless: puts and deletes applied again in order give the same table. */
+ * is harmless: puts and deletes applied again in order give the same table.
+ *
+ * The log is preallocated: zeros are written (and synced) ahead of the
+ * records, LOG_CHUNK at a time, and records overwrite them in place. An
+ * fdatasync of an append that grows the file must also commit the inode's
+ * new size to the journal; an overwrite inside the file's size need not,
+ * which halves its latency on ext4 (bench-control measures both). At open, a
+ * tail of zeros after the last record is that preallocation, not damage; a
+ * clean close trims it. */
 #include "coordinator/state.h"
 
 #include <errno.h>
@@ -25,6 +33,7 @@
 
 #define REC_MAGIC 0x524d564bu /* "KVMR" */
 #define REC_HEADER 20
+#define LOG_CHUNK (1u << 20) /* preallocated ahead of the records */
 enum { OP_PUT = 1, OP_DEL = 2 };
 
 typedef struct record {
@@ -37,6 +46,8 @@ struct kvm_state {
 	pthread_mutex_t mu;
 	char *dir;
 	int lock_fd, log_fd;
+	off_t log_end;   /* where the next record goes (the syncer's, or under mu) */
+	off_t log_alloc; /* the file's size: zeros from log_end to here */
 	record *recs; /* sorted by key */
 	size_t n, cap;
 	uint64_t snapshot_bytes;
@@ -167,6 +178,42 @@ static int write_all(int fd, const uint8_t *p, size_t n)
 	return 0;
 }
 
+static int pwrite_all(int fd, const uint8_t *p, size_t n, off_t off)
+{
+	while (n > 0) {
+		ssize_t w = pwrite(fd, p, n, off);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		p += w;
+		n -= (size_t)w;
+		off += w;
+	}
+	return 0;
+}
+
+/* Writes zeros up to at least `end`, a whole LOG_CHUNK past it, so that the
+ * records written there later overwrite the file instead of growing it. The
+ * caller's fdatasync makes them durable. */
+static int log_reserve(kvm_state *st, off_t end)
+{
+	static const uint8_t zeros[64 << 10];
+	if (end <= st->log_alloc)
+		return 0;
+	off_t to = end + LOG_CHUNK;
+	for (off_t off = st->log_alloc; off < to;) {
+		size_t n = (size_t)(to - off) < sizeof(zeros) ? (size_t)(to - off) : sizeof(zeros);
+		int rc = pwrite_all(st->log_fd, zeros, n, off);
+		if (rc != 0)
+			return rc;
+		off += (off_t)n;
+	}
+	st->log_alloc = to;
+	return 0;
+}
+
 /* Reads a whole file into memory (empty if it does not exist). */
 static int read_file(const char *path, uint8_t **out, size_t *len)
 {
@@ -274,6 +321,7 @@ static int do_snapshot(kvm_state *st)
 		unlink(tmp);
 		return rc;
 	}
+	st->log_end = st->log_alloc = 0;
 	st->stats.log_bytes = 0;
 	st->stats.snapshots++;
 	return 0;
@@ -339,20 +387,31 @@ int kvm_state_open_embedded(const char *dir, uint64_t snapshot_bytes, kvm_state 
 	if ((rc = read_file(path, &buf, &len)) != 0)
 		goto fail;
 	good = replay(st, buf, len, &rc);
-	free(buf);
-	if (rc != 0)
-		goto fail;
-	st->log_fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-	if (st->log_fd < 0) {
-		rc = -errno;
+	if (rc != 0) {
+		free(buf);
 		goto fail;
 	}
-	if (good != len) { /* cut the torn tail so new records follow valid ones */
-		st->stats.torn_bytes = len - good;
+	st->log_fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+	if (st->log_fd < 0) {
+		rc = -errno;
+		free(buf);
+		goto fail;
+	}
+	/* After the records: nothing, the zeros of the preallocation (kept), or
+	 * a torn record, perhaps followed by zeros. */
+	size_t nonzero = len;
+	while (nonzero > good && buf[nonzero - 1] == 0)
+		nonzero--;
+	free(buf);
+	st->log_end = (off_t)good;
+	st->log_alloc = (off_t)len;
+	if (nonzero != good) { /* cut the torn tail so new records follow valid ones */
+		st->stats.torn_bytes = nonzero - good;
 		if (ftruncate(st->log_fd, (off_t)good) != 0 || fsync(st->log_fd) != 0) {
 			rc = -errno;
 			goto fail;
 		}
+		st->log_alloc = (off_t)good;
 	}
 	st->stats.log_bytes = good;
 	*out = st;
@@ -417,15 +476,22 @@ int kvm_state_sync(kvm_state *st, uint64_t ticket)
 			uint64_t target = st->appended;
 			uint8_t *buf = st->pending;
 			size_t len = st->pending_len;
+			off_t at = st->log_end;
 			st->pending = NULL;
 			st->pending_len = st->pending_cap = 0;
 			st->syncing = true;
 			pthread_mutex_unlock(&st->mu);
-			int err = write_all(st->log_fd, buf, len);
+			/* log_end and log_alloc are the syncer's alone meanwhile
+			 * (a snapshot waits for !syncing). */
+			int err = log_reserve(st, at + (off_t)len);
+			if (err == 0)
+				err = pwrite_all(st->log_fd, buf, len, at);
 			if (err == 0 && fdatasync(st->log_fd) != 0)
 				err = -errno;
 			free(buf);
 			pthread_mutex_lock(&st->mu);
+			if (err == 0)
+				st->log_end = at + (off_t)len;
 			st->syncing = false;
 			st->stats.syncs++;
 			if (err)
@@ -537,6 +603,7 @@ void kvm_state_stats_get(kvm_state *st, kvm_state_stats *out)
 	pthread_mutex_lock(&st->mu);
 	*out = st->stats;
 	out->records = st->n;
+	out->appends = st->appended;
 	pthread_mutex_unlock(&st->mu);
 }
 
@@ -546,6 +613,12 @@ void kvm_state_close(kvm_state *st)
 		return;
 	if (st->log_fd >= 0 && st->appended > st->synced)
 		kvm_state_sync(st, st->appended); /* what was applied is kept */
+	/* A clean close leaves the log as long as its records: the next open
+	 * then tells a torn write at the end from nothing. A failure here only
+	 * leaves zeros, which the next open skips. */
+	if (st->log_fd >= 0 && st->log_alloc > st->log_end && !st->sync_error &&
+	    ftruncate(st->log_fd, st->log_end) == 0)
+		fsync(st->log_fd);
 	free(st->pending);
 	for (size_t i = 0; i < st->n; i++) {
 		free(st->recs[i].key);

@@ -30,6 +30,7 @@ typedef struct kvm_state_stats {
 	uint64_t recovered;     /* records replayed at open (snapshot + log) */
 	uint64_t torn_bytes;    /* bytes cut from the log's end at open (a torn write) */
 	uint64_t syncs;         /* fdatasync calls (each may cover many records) */
+	uint64_t appends;       /* records appended since open (appends / syncs: the batch) */
 } kvm_state_stats;
 
 /* Opens (creating if needed) an embedded store in dir. Refuses with -EBUSY a

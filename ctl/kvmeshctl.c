@@ -136,7 +136,45 @@ static void print_node_json(const Kvmesh__V1__Node *n)
 	if (n->state == KVMESH__V1__NODE_STATE__NODE_DRAINING)
 		printf(",\"drain_blocks_left\":%" PRIu64 ",\"drain_home_sequences\":%u", n->drain_blocks_left,
 		       n->drain_home_sequences);
+	const Kvmesh__V1__Hardware *hw = n->hardware;
+	if (hw) {
+		printf(",\"hardware\":{\"cores\":%u,\"memory_bytes\":%" PRIu64
+		       ",\"numa_nodes\":%u,\"gpus\":[",
+		       hw->cores, hw->memory_bytes, hw->numa_nodes);
+		for (size_t i = 0; i < hw->n_gpus; i++) {
+			const Kvmesh__V1__Gpu *g = hw->gpus[i];
+			printf("%s{\"index\":%u,\"name\":", i ? "," : "", g->index);
+			json_str(g->name);
+			printf(",\"memory_bytes\":%" PRIu64 ",\"compute_capability\":\"%u.%u\","
+			       "\"pci_bus_id\":",
+			       g->memory_bytes, g->compute_major, g->compute_minor);
+			json_str(g->pci_bus_id);
+			printf("}");
+		}
+		printf("],\"nics\":[");
+		for (size_t i = 0; i < hw->n_nics; i++) {
+			printf(i ? "," : "");
+			json_str(hw->nics[i]->name);
+		}
+		printf("]}");
+	}
 	printf("}");
+}
+
+/* The GPUS column: "-", or the count and the first GPU's name and memory,
+ * e.g. "2x NVIDIA H200 140GiB" ("+" when the GPUs differ). */
+static void gpu_summary(const Kvmesh__V1__Hardware *hw, char *buf, size_t cap)
+{
+	if (!hw || hw->n_gpus == 0) {
+		snprintf(buf, cap, "-");
+		return;
+	}
+	const Kvmesh__V1__Gpu *g = hw->gpus[0];
+	bool same = true;
+	for (size_t i = 1; i < hw->n_gpus; i++)
+		same = same && strcmp(hw->gpus[i]->name, g->name) == 0;
+	snprintf(buf, cap, "%zux %s %.0fGiB%s", hw->n_gpus, g->name,
+		 g->memory_bytes / (double)(1ull << 30), same ? "" : " +");
 }
 
 /* ---- Commands ----------------------------------------------------------------------- */
@@ -165,18 +203,20 @@ static int cmd_nodes(ctl *c)
 		printf("]\n");
 	} else {
 		uint64_t now = (uint64_t)time(NULL) * 1000;
-		printf("%-16s %-9s %-22s %10s %10s %8s %8s %6s %8s\n", "NODE", "STATE", "DATA ADDRESS",
-		       "BLOCKS", "USED", "LENT", "BORROWED", "LOAD", "SEEN");
+		printf("%-16s %-9s %-22s %10s %10s %8s %8s %6s %8s  %s\n", "NODE", "STATE",
+		       "DATA ADDRESS", "BLOCKS", "USED", "LENT", "BORROWED", "LOAD", "SEEN", "GPUS");
 		for (size_t i = 0; i < r->n_nodes; i++) {
 			const Kvmesh__V1__Node *n = r->nodes[i];
 			uint64_t used, total = host_total(n, &used);
 			char seen[32];
 			uint64_t ago = now > n->last_heartbeat_unix_ms ? now - n->last_heartbeat_unix_ms : 0;
 			snprintf(seen, sizeof(seen), "%.1fs", ago / 1000.0);
+			char gpus[64];
+			gpu_summary(n->hardware, gpus, sizeof(gpus));
 			printf("%-16s %-9s %-22s %10" PRIu64 " %10" PRIu64 " %8" PRIu64 " %8" PRIu64
-			       " %6.2f %8s\n",
+			       " %6.2f %8s  %s\n",
 			       n->id, state_name(n->state), n->data_address, total, used, n->lent_blocks,
-			       n->borrowed_blocks, n->load, seen);
+			       n->borrowed_blocks, n->load, seen, gpus);
 		}
 		/* Drain progress under the table: what still keeps each node busy. */
 		for (size_t i = 0; i < r->n_nodes; i++) {

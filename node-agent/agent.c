@@ -209,6 +209,11 @@ static int register_node(agent *a)
 			pp[i] = &pn[i];
 		hw.nics = pp;
 	}
+	Kvmesh__V1__Gpu pg[GPU_MAX], *pgp[GPU_MAX];
+	hw.n_gpus = gpus_to_proto(&a->gpus, pg, GPU_MAX);
+	for (size_t i = 0; i < hw.n_gpus; i++)
+		pgp[i] = &pg[i];
+	hw.gpus = pgp;
 	node.id = a->node_id;
 	node.grpc_address = a->listen;
 	node.data_address = a->data_address;
@@ -550,6 +555,18 @@ int main(int argc, char **argv)
 		fprintf(stderr, "kvmesh-agent: bad --coordinator \"%s\"\n", a.coordinator);
 		return 2;
 	}
+	/* GPUs once: cuInit is not free, and the hardware does not change
+	 * while the agent runs. */
+	if (gpu_discover(&a.gpus) == 0)
+		for (size_t i = 0; i < a.gpus.n; i++) {
+			const gpu_info *g = &a.gpus.gpus[i];
+			kvm_log(KVM_LOG_INFO, "gpu",
+				"index=%u name=\"%s\" memory_bytes=%" PRIu64 " compute=%u.%u pci=%s",
+				g->index, g->name, g->memory_bytes, g->cc_major, g->cc_minor,
+				g->pci_bus_id[0] ? g->pci_bus_id : "-");
+		}
+	else
+		kvm_log(KVM_LOG_INFO, "no_gpus", "reason=\"%s\"", a.gpus.why_none);
 	/* Signals are taken by their own thread, so that one can end the agent
 	 * at any stage, waiting for the model included. */
 	pthread_t sig_thread;

@@ -1,6 +1,7 @@
 /* Internal to kvmesh-agent: the agent's state and the seams between its files.
  *
  *   agent.c    main, registration, heartbeats and their commands, Stats
+ *   gpus.c     GPU discovery through the CUDA driver, loaded at run time (gpus.h)
  *   workers.c  worker pools (kernels run there, never on the xport loop)
  *   blocks.c   pinned blocks: PutBlocks/GetBlocks, block reports, the data
  *              server's GET and ATTEND over block handles
@@ -26,6 +27,7 @@
 #include "kernels/distattn.h"
 #include "kvstore/arena.h"
 #include "kvstore/store.h"
+#include "node-agent/gpus.h"
 #include "proto/kvmesh.pb-c.h"
 #include "transport/nic.h"
 #include "transport/rdma.h"
@@ -77,6 +79,7 @@ typedef struct agent {
 	 * dials peers with its own device handle and a small region (cli_*):
 	 * ATTEND goes by SEND/RECV and needs no block buffers. */
 	nic_report nics;              /* this node's, discovered at start */
+	gpu_report gpus;              /* this node's, discovered once at start */
 	bool data_rdma;               /* the data server is xport_rdma_listen */
 	struct xrdma_dev *rdma_srv_dev, *rdma_cli_dev;
 	struct xrdma_mr *rdma_srv_mr, *rdma_cli_mr;

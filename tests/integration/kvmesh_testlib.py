@@ -120,7 +120,8 @@ class Coordinator:
 class Agent:
     """A kvmesh-agent process for one model, registered with a coordinator."""
 
-    def __init__(self, coordinator, node_id, model, host_pool="64MiB", **flags):
+    def __init__(self, coordinator, node_id, model, host_pool="64MiB", env=None, **flags):
+        self.env = dict(os.environ, **env) if env else None  # added to ours
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="kvmesh-agent-")
         self.flags = {"node-id": node_id, "coordinator": "127.0.0.1:%d" % coordinator.port,
@@ -136,7 +137,8 @@ class Agent:
         args = [os.path.join(BUILD, "bin", "kvmesh-agent")]
         args += ["--%s=%s" % kv for kv in self.flags.items()]
         self.log = open(os.path.join(self.dir, "agent.log"), "ab")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=self.env)
 
     def read_log(self):
         with open(os.path.join(self.dir, "agent.log"), "rb") as f:

@@ -155,6 +155,55 @@ Test(state, torn_tail_is_cut_and_writes_continue, .init = make_dir, .fini = remo
 	kvm_state_close(st);
 }
 
+/* The log is preallocated with zeros: after a crash (here: its files
+ * copied while the store is open) the zeros are no damage, and a record torn
+ * inside them counts as torn alone. */
+Test(state, preallocated_zeros_are_not_torn, .init = make_dir, .fini = remove_dir)
+{
+	kvm_state *st;
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	cr_assert_eq(kvm_state_put(st, "a", "1", 1), 0);
+	cr_assert_eq(kvm_state_put(st, "b", "2", 1), 0);
+	char cmd[256], log[128];
+	snprintf(cmd, sizeof(cmd), "mkdir %s/c && cp %s/log %s/c/log", dir, dir, dir);
+	cr_assert_eq(system(cmd), 0);
+	kvm_state_close(st);
+	snprintf(log, sizeof(log), "%s/c/log", dir);
+	int fd = open(log, O_RDONLY);
+	off_t size = lseek(fd, 0, SEEK_END);
+	close(fd);
+	cr_assert_gt(size, 1 << 20, "the log is preallocated: %lld bytes", (long long)size);
+
+	char copy[128];
+	snprintf(copy, sizeof(copy), "%s/c", dir);
+	cr_assert_eq(kvm_state_open_embedded(copy, 0, &st), 0);
+	kvm_state_stats s;
+	kvm_state_stats_get(st, &s);
+	cr_assert_eq(s.records, 2);
+	cr_assert_eq(s.torn_bytes, 0);
+	off_t end = (off_t)s.log_bytes;
+	cr_assert_eq(kvm_state_put(st, "c", "3", 1), 0); /* goes over the zeros */
+	kvm_state_close(st);
+	/* A clean close trims the zeros. */
+	fd = open(log, O_RDWR);
+	off_t clean = lseek(fd, 0, SEEK_END);
+	cr_assert_lt(clean, 4096);
+	/* Half a record, then zeros, as a crash mid-write leaves it now. */
+	static const char zeros[8192];
+	cr_assert(pwrite(fd, zeros, sizeof(zeros), clean) == (ssize_t)sizeof(zeros));
+	cr_assert(pwrite(fd, "KVMR\x01\x02\x03", 7, clean) == 7);
+	close(fd);
+	cr_assert_eq(kvm_state_open_embedded(copy, 0, &st), 0);
+	kvm_state_stats_get(st, &s);
+	cr_assert_eq(s.records, 3);
+	cr_assert_eq(s.torn_bytes, 7);
+	cr_assert_gt(clean, end);
+	char *v = get_str(st, "c");
+	cr_assert_str_eq(v, "3");
+	free(v);
+	kvm_state_close(st);
+}
+
 Test(state, damaged_snapshot_is_an_error, .init = make_dir, .fini = remove_dir)
 {
 	kvm_state *st;
