@@ -14,12 +14,16 @@
 typedef struct local_cluster local_cluster;
 
 /* Starts a coordinator (the binaries are found next to the running program).
- * extra_flags: NULL or a NULL-terminated list of "--flag=value" for it.
+ * extra_flags: NULL or a NULL-terminated list of "--flag=value" for it. With
+ * "--auth-token-file=PATH" among them, the launcher's own readiness calls
+ * present that token (give the agents the same flag).
  * *out is the caller's: local_cluster_stop. */
 int local_cluster_start(const char *const *extra_flags, local_cluster **out, char *err, size_t err_len);
 
 /* "127.0.0.1:PORT" of the coordinator. */
 const char *local_cluster_coordinator(const local_cluster *lc);
+/* The token of the coordinator's --auth-token-file ("" without one). */
+const char *local_cluster_token(const local_cluster *lc);
 
 /* Starts n agents for model_id (already registered), each with host_pool
  * bytes of block memory, named agent-1..agent-n (continuing the numbering on
