@@ -27,6 +27,7 @@
 typedef struct daemon_proc {
 	char name[32];
 	char grpc[64];
+	char data[64]; /* agents: the data-plane address */
 	const char *prog;
 	char args[MAX_ARGS][ARG_MAX_LEN]; /* kept, to start it again */
 	int n_args;
@@ -143,11 +144,10 @@ static int agent_ports(daemon_proc *d)
 		dport = free_port();
 	if (gport < 0 || dport < 0)
 		return gport < 0 ? gport : dport;
-	char v[64];
 	snprintf(d->grpc, sizeof(d->grpc), "127.0.0.1:%d", gport);
 	set_arg(d, "--listen=", d->grpc);
-	snprintf(v, sizeof(v), "127.0.0.1:%d", dport);
-	set_arg(d, "--data-address=", v);
+	snprintf(d->data, sizeof(d->data), "127.0.0.1:%d", dport);
+	set_arg(d, "--data-address=", d->data);
 	return 0;
 }
 
@@ -461,6 +461,11 @@ const char *local_cluster_agent_id(const local_cluster *lc, unsigned i)
 const char *local_cluster_agent_grpc(const local_cluster *lc, unsigned i)
 {
 	return i < lc->n_agents ? lc->agents[i].grpc : "";
+}
+
+const char *local_cluster_agent_data(const local_cluster *lc, unsigned i)
+{
+	return i < lc->n_agents ? lc->agents[i].data : "";
 }
 
 pid_t local_cluster_agent_pid(const local_cluster *lc, unsigned i)

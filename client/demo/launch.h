@@ -42,6 +42,8 @@ int local_cluster_restart_agent(local_cluster *lc, unsigned i, char *err, size_t
 unsigned local_cluster_agents(const local_cluster *lc);
 const char *local_cluster_agent_id(const local_cluster *lc, unsigned i);
 const char *local_cluster_agent_grpc(const local_cluster *lc, unsigned i);
+/* "127.0.0.1:PORT" of agent i's data plane. */
+const char *local_cluster_agent_data(const local_cluster *lc, unsigned i);
 pid_t local_cluster_agent_pid(const local_cluster *lc, unsigned i);
 /* Sends sig to agent i and, for SIGKILL, SIGSTOP and SIGCONT, returns only
  * once it took effect (the agent is dead, stopped, running again). */
