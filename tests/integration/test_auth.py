@@ -20,6 +20,7 @@ from kvmesh_testlib import (BUILD, AgentCluster, Coordinator, channel, free_port
 TOKEN = "0f3c9a-shared-cluster-token"
 MODEL = pb.Model(id="tiny", q_heads=4, geometry=pb.BlockGeometry(
     layers=2, kv_heads=2, head_dim=32, block_tokens=16, dtype=pb.KV_DTYPE_F16))
+INTRUDER = pb.Model(id="intruder", q_heads=4, geometry=MODEL.geometry)
 DENIED = "missing or wrong authorization token"
 
 
@@ -55,7 +56,7 @@ def test_grpc_calls_need_the_token():
             chans.append(ch)
             stub = pbg.CoordinatorStub(ch)
             expect_unauthenticated(lambda: stub.ListNodes(pb.ListNodesRequest(), timeout=5))
-            expect_unauthenticated(lambda: stub.RegisterModel(MODEL, timeout=5))
+            expect_unauthenticated(lambda: stub.RegisterModel(INTRUDER, timeout=5))
             # A server stream is refused before its first message.
             expect_unauthenticated(lambda: list(stub.WatchEvents(pb.WatchEventsRequest(),
                                                                  timeout=5)))
@@ -74,8 +75,7 @@ def test_grpc_calls_need_the_token():
         assert serving(coord)
         assert serving("127.0.0.1:%d" % cl.agents["n0"].port)
         assert serving(coord, "wrong-token")
-        # No handler ran for a refused call: the refused RegisterModel calls
-        # (of the same model, so idempotent anyway) left one model.
+        # No handler ran for a refused call: the intruder's model is not there.
         models = cl.c.stub.ListModels(pb.ListModelsRequest(), timeout=5).models
         assert [m.id for m in models] == ["tiny"], models
         # Logs say the daemons run with a token.
