@@ -535,7 +535,10 @@ int main(int argc, char **argv)
 		kvm_log(KVM_LOG_ERROR, "listen_failed", "addr=%s error=\"%s\"", a.listen, strerror(-rc));
 		return 1;
 	}
-	kvm_rpc_server_set_token(srv, a.token); /* checked by kvm_auth_init: cannot fail */
+	if ((rc = kvm_rpc_server_set_token(srv, a.token)) != 0) {
+		kvm_log(KVM_LOG_ERROR, "auth_failed", "error=\"%s\"", strerror(-rc));
+		return 1;
+	}
 	kvm_health_register(srv, &health);
 	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/Stats", false, agent_stats, &a);
 	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/PutBlocks", false, blocks_rpc_put, &a);
