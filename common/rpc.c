@@ -13,6 +13,7 @@
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -21,6 +22,7 @@
 #include <string.h>
 
 #include "common/auth.h"
+#include "common/log.h"
 
 /* ---- Helpers ----------------------------------------------------------------- */
 
@@ -241,14 +243,24 @@ static bool call_authorized(const kvm_rpc_server *srv, const pending *p, const c
 	size_t hl = sizeof(HEALTH_PREFIX) - 1;
 	if (method_len > hl && memcmp(method, HEALTH_PREFIX, hl) == 0)
 		return true;
-	for (size_t i = 0; i < p->md.count; i++) {
+	bool ok = false, sent = false;
+	for (size_t i = 0; i < p->md.count && !sent; i++) {
 		const grpc_metadata *m = &p->md.metadata[i];
 		if (GRPC_SLICE_LENGTH(m->key) == 13 &&
-		    memcmp(GRPC_SLICE_START_PTR(m->key), "authorization", 13) == 0)
-			return kvm_auth_equal(GRPC_SLICE_START_PTR(m->value), GRPC_SLICE_LENGTH(m->value),
-					      srv->auth, srv->auth_len);
+		    memcmp(GRPC_SLICE_START_PTR(m->key), "authorization", 13) == 0) {
+			sent = true;
+			ok = kvm_auth_equal(GRPC_SLICE_START_PTR(m->value), GRPC_SLICE_LENGTH(m->value),
+					    srv->auth, srv->auth_len);
+		}
 	}
-	return false;
+	if (!ok) { /* who knocked, for the operator; never what they sent */
+		char *peer = grpc_call_get_peer(p->call);
+		kvm_log(KVM_LOG_WARN, "rpc_unauthenticated", "method=%.*s peer=%s token=%s",
+			(int)(method_len < 200 ? method_len : 200), method, peer ? peer : "?",
+			sent ? "wrong" : "missing");
+		gpr_free(peer);
+	}
+	return ok;
 }
 
 /* Answers a call to an unregistered method with UNIMPLEMENTED (or, without
