@@ -61,7 +61,7 @@ static uint64_t env_u64(const char *name, uint64_t def)
 static double agents_data_bytes(local_cluster *lc)
 {
 	demo_node nodes[LC_MAX_AGENTS];
-	int n = demo_list_nodes(local_cluster_coordinator(lc), true, nodes, LC_MAX_AGENTS);
+	int n = demo_list_nodes(local_cluster_coordinator(lc), local_cluster_token(lc), true, nodes, LC_MAX_AGENTS);
 	double sum = -1;
 	for (int i = 0; i < n && i < LC_MAX_AGENTS; i++)
 		if (nodes[i].data_bytes >= 0)

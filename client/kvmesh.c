@@ -15,6 +15,8 @@
 
 #include <xxhash.h>
 
+#include "common/auth.h"
+#include "common/log.h"
 #include "common/rpc.h"
 #include "kvstore/key.h"
 #include "proto/kvmesh.pb-c.h"
@@ -60,7 +62,8 @@ typedef struct model_ent {
 #define SEQ_BUCKETS 1024
 
 struct kvm_client {
-	kvm_client_opts opts;
+	kvm_client_opts opts; /* auth_token points at token, auth_token_file is NULL */
+	char token[KVM_AUTH_TOKEN_MAX + 1];
 	kvm_rpc_channel *coord;
 	xport_loop *loop;
 	pthread_key_t err_key;
@@ -123,6 +126,8 @@ static int errno_of_status(int code)
 	case KVM_RPC_FAILED_PRECONDITION: return -EBUSY;
 	case KVM_RPC_DEADLINE_EXCEEDED: return -ETIMEDOUT;
 	case KVM_RPC_UNAVAILABLE: return -EHOSTUNREACH;
+	case KVM_RPC_UNAUTHENTICATED:
+	case KVM_RPC_PERMISSION_DENIED: return -EACCES;
 	default: return -EIO;
 	}
 }
@@ -176,6 +181,24 @@ int kvm_client_open(const char *coordinator, const kvm_client_opts *opts, kvm_cl
 	c->opts.control_timeout_ms = opts && opts->control_timeout_ms > 0 ? opts->control_timeout_ms : 5000;
 	c->opts.data_timeout_ms = opts && opts->data_timeout_ms > 0 ? opts->data_timeout_ms : 5000;
 	int rc;
+	if (opts && opts->auth_token && *opts->auth_token) {
+		rc = strlen(opts->auth_token) > KVM_AUTH_TOKEN_MAX ? -E2BIG : 0;
+		if (!rc)
+			snprintf(c->token, sizeof(c->token), "%s", opts->auth_token);
+	} else if (opts && opts->auth_token_file && *opts->auth_token_file) {
+		char err[1024];
+		rc = kvm_auth_load_token(opts->auth_token_file, c->token, sizeof(c->token), err,
+					 sizeof(err));
+		if (rc)
+			kvm_log(KVM_LOG_ERROR, "auth_token_failed", "error=\"%s\"", err);
+	} else {
+		rc = 0;
+	}
+	if (rc) {
+		free(c);
+		return rc;
+	}
+	c->opts.auth_token = c->token;
 	if ((rc = pthread_key_create(&c->err_key, free_err)) != 0) {
 		free(c);
 		return -rc;
@@ -183,6 +206,8 @@ int kvm_client_open(const char *coordinator, const kvm_client_opts *opts, kvm_cl
 	pthread_mutex_init(&c->mu, NULL);
 	if ((rc = kvm_rpc_channel_open(coordinator, &c->coord)) != 0)
 		goto fail_key;
+	if ((rc = kvm_rpc_channel_set_token(c->coord, c->token)) != 0)
+		goto fail_channel;
 	if ((rc = xport_loop_create(&c->loop)) != 0)
 		goto fail_channel;
 	*out = c;
@@ -227,6 +252,7 @@ void kvm_client_close(kvm_client *c)
 	free(pthread_getspecific(c->err_key));
 	pthread_key_delete(c->err_key);
 	pthread_mutex_destroy(&c->mu);
+	memset(c->token, 0, sizeof(c->token));
 	free(c);
 }
 
@@ -374,6 +400,8 @@ static int refresh_nodes(kvm_client *c)
 		snprintf(a->data, sizeof(a->data), "%s", n->data_address);
 		if (!a->ch && kvm_rpc_channel_open(a->grpc, &a->ch) != 0)
 			a->ch = NULL;
+		if (a->ch)
+			kvm_rpc_channel_set_token(a->ch, c->token); /* fits: checked at open */
 	}
 	pthread_mutex_unlock(&c->mu);
 	kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
@@ -447,6 +475,7 @@ static int data_peer_get(kvm_client *c, const char *addr, xport_peer **out)
 	xport_opts o;
 	xport_opts_default(&o);
 	o.n_conns = 1;
+	o.auth_token = c->token;
 	data_peer *p = calloc(1, sizeof(*p));
 	if (!p) {
 		pthread_mutex_unlock(&c->mu);
@@ -458,6 +487,9 @@ static int data_peer_get(kvm_client *c, const char *addr, xport_peer **out)
 	if (rc) {
 		pthread_mutex_unlock(&c->mu);
 		free(p);
+		if (rc == -EACCES)
+			return fail(c, rc, "the data plane at %s refused us: missing or wrong "
+				    "authorization token (kvm_client_opts.auth_token)", addr);
 		return fail(c, rc, "cannot reach the data plane at %s: %s", addr, kvm_strerror(rc));
 	}
 	snprintf(p->addr, sizeof(p->addr), "%s", addr);

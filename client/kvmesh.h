@@ -40,11 +40,23 @@ typedef struct kvm_client kvm_client;
 typedef struct kvm_client_opts {
 	int control_timeout_ms; /* deadline of coordinator and agent gRPC calls (default 5000) */
 	int data_timeout_ms;    /* deadline of data-plane requests (default 5000) */
+	/* The cluster's shared token, for a cluster whose daemons run with
+	 * --auth-token-file: sent as gRPC metadata `authorization: Bearer
+	 * <token>` on every call and in the data plane's HELLO. Either the
+	 * token itself (printable ASCII, at most 1024 bytes) or a file holding
+	 * it (mode 0600, as the daemons' --auth-token-file); NULL for none.
+	 * auth_token wins when both are set. Copied at open. */
+	const char *auth_token;
+	const char *auth_token_file;
 } kvm_client_opts;
 
 /* Connects to the coordinator at "host:port" (lazily: an unreachable
  * coordinator shows on the first call). opts may be NULL for the defaults.
- * *out is the caller's: kvm_client_close. */
+ * *out is the caller's: kvm_client_close. A token file that cannot be used
+ * fails here (-EPERM: readable by group or others, run chmod 600; -EINVAL:
+ * empty; or open's errno), with the reason logged on stderr
+ * (event=auth_token_failed). A cluster that wants a token and got none or
+ * another answers later calls with -EACCES. */
 int kvm_client_open(const char *coordinator, const kvm_client_opts *opts, kvm_client **out);
 /* Closes every connection and frees the client. Calls in progress on other
  * threads must have returned. */

@@ -1,3 +1,4 @@
 # Shared code: errors, logging, configuration, the gRPC C-core wrapper, health.
-CORE_SRCS += common/kvm_error.c common/rpc.c common/health.c common/config.c common/log.c
+CORE_SRCS += common/kvm_error.c common/rpc.c common/health.c common/config.c common/log.c \
+	common/auth.c
 LDLIBS += $(shell pkg-config --libs grpc gpr libprotobuf-c yaml-0.1 libsystemd 2>/dev/null)

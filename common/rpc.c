@@ -13,12 +13,16 @@
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common/auth.h"
+#include "common/log.h"
 
 /* ---- Helpers ----------------------------------------------------------------- */
 
@@ -146,6 +150,10 @@ struct kvm_rpc_server {
 	pthread_cond_t work_cv;
 	struct pending *queue_head, *queue_tail;
 	bool stopping;
+
+	/* "Bearer <token>" that calls must present (auth_len 0: none). */
+	char *auth;
+	size_t auth_len;
 };
 
 struct kvm_rpc_call {
@@ -221,19 +229,62 @@ static void free_pending(pending *p)
 	free(p);
 }
 
-/* Answers a call to an unregistered method with UNIMPLEMENTED. */
+#define HEALTH_PREFIX "/grpc.health.v1.Health/"
+#define AUTH_DENIED "missing or wrong authorization token"
+
+/* Whether a call may run: the server has no token, the method is the health
+ * service (probes carry no token), or the call's `authorization` metadata is
+ * "Bearer <token>" (compared in constant time). */
+static bool call_authorized(const kvm_rpc_server *srv, const pending *p, const char *method,
+			    size_t method_len)
+{
+	if (!srv->auth_len)
+		return true;
+	size_t hl = sizeof(HEALTH_PREFIX) - 1;
+	if (method_len > hl && memcmp(method, HEALTH_PREFIX, hl) == 0)
+		return true;
+	bool ok = false, sent = false;
+	for (size_t i = 0; i < p->md.count && !sent; i++) {
+		const grpc_metadata *m = &p->md.metadata[i];
+		if (GRPC_SLICE_LENGTH(m->key) == 13 &&
+		    memcmp(GRPC_SLICE_START_PTR(m->key), "authorization", 13) == 0) {
+			sent = true;
+			ok = kvm_auth_equal(GRPC_SLICE_START_PTR(m->value), GRPC_SLICE_LENGTH(m->value),
+					    srv->auth, srv->auth_len);
+		}
+	}
+	if (!ok) { /* who knocked, for the operator; never what they sent */
+		char *peer = grpc_call_get_peer(p->call);
+		kvm_log(KVM_LOG_WARN, "rpc_unauthenticated", "method=%.*s peer=%s token=%s",
+			(int)(method_len < 200 ? method_len : 200), method, peer ? peer : "?",
+			sent ? "wrong" : "missing");
+		gpr_free(peer);
+	}
+	return ok;
+}
+
+/* Answers a call to an unregistered method with UNIMPLEMENTED (or, without
+ * the token, UNAUTHENTICATED: which methods exist is not for strangers). */
 static void refuse_unknown(pending *p)
 {
 	char msg[300];
-	snprintf(msg, sizeof(msg), "unknown method %.*s", (int)GRPC_SLICE_LENGTH(p->details.method),
-		 (const char *)GRPC_SLICE_START_PTR(p->details.method));
+	grpc_status_code code = GRPC_STATUS_UNIMPLEMENTED;
+	if (!call_authorized(p->srv, p, (const char *)GRPC_SLICE_START_PTR(p->details.method),
+			     GRPC_SLICE_LENGTH(p->details.method))) {
+		code = GRPC_STATUS_UNAUTHENTICATED;
+		snprintf(msg, sizeof(msg), AUTH_DENIED);
+	} else {
+		snprintf(msg, sizeof(msg), "unknown method %.*s",
+			 (int)GRPC_SLICE_LENGTH(p->details.method),
+			 (const char *)GRPC_SLICE_START_PTR(p->details.method));
+	}
 	grpc_slice details = grpc_slice_from_copied_string(msg);
 	int cancelled = 0;
 	grpc_op ops[3];
 	memset(ops, 0, sizeof(ops));
 	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
 	ops[1].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-	ops[1].data.send_status_from_server.status = GRPC_STATUS_UNIMPLEMENTED;
+	ops[1].data.send_status_from_server.status = code;
 	ops[1].data.send_status_from_server.status_details = &details;
 	ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
 	ops[2].data.recv_close_on_server.cancelled = &cancelled;
@@ -359,6 +410,24 @@ int kvm_rpc_server_add_method(kvm_rpc_server *srv, const char *name, bool stream
 	return 0;
 }
 
+int kvm_rpc_server_set_token(kvm_rpc_server *srv, const char *token)
+{
+	if (!srv || srv->started)
+		return -EINVAL;
+	free(srv->auth);
+	srv->auth = NULL;
+	srv->auth_len = 0;
+	if (!token || !*token)
+		return 0;
+	size_t n = strlen(token);
+	if (n > KVM_AUTH_TOKEN_MAX)
+		return -E2BIG;
+	if (!(srv->auth = malloc(7 + n + 1)))
+		return -ENOMEM;
+	srv->auth_len = (size_t)snprintf(srv->auth, 7 + n + 1, "Bearer %s", token);
+	return 0;
+}
+
 int kvm_rpc_server_start(kvm_rpc_server *srv)
 {
 	if (!srv || srv->started)
@@ -432,6 +501,9 @@ void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms)
 	pthread_cond_destroy(&srv->work_cv);
 	pthread_cond_destroy(&srv->cv);
 	pthread_mutex_destroy(&srv->mu);
+	if (srv->auth)
+		memset(srv->auth, 0, srv->auth_len);
+	free(srv->auth);
 	free(srv);
 	grpc_shutdown();
 }
@@ -542,6 +614,10 @@ static void run_call(pending *p)
 
 	if (start_close_watch(&c) != 0) {
 		snprintf(c.message, sizeof(c.message), "could not start the call");
+	} else if (!call_authorized(srv, p, p->m->name, strlen(p->m->name))) {
+		/* Before the handler and before the request is even read. */
+		code = KVM_RPC_UNAUTHENTICATED;
+		snprintf(c.message, sizeof(c.message), AUTH_DENIED);
 	} else if (p->payload && buffer_to_bytes(p->payload, &req, &req_len) != 0) {
 		snprintf(c.message, sizeof(c.message), "could not read the request");
 	} else {
@@ -591,7 +667,35 @@ static void run_call(pending *p)
 
 struct kvm_rpc_channel {
 	grpc_channel *ch;
+	grpc_metadata auth; /* `authorization: Bearer <token>`, sent on every call */
+	size_t n_md;        /* 1 with a token, else 0 */
 };
+
+int kvm_rpc_channel_set_token(kvm_rpc_channel *c, const char *token)
+{
+	if (!c)
+		return -EINVAL;
+	if (token && strlen(token) > KVM_AUTH_TOKEN_MAX)
+		return -E2BIG;
+	if (c->n_md) {
+		grpc_slice_unref(c->auth.key);
+		grpc_slice_unref(c->auth.value);
+		c->n_md = 0;
+	}
+	if (!token || !*token)
+		return 0;
+	char *v = malloc(7 + strlen(token) + 1);
+	if (!v)
+		return -ENOMEM;
+	sprintf(v, "Bearer %s", token);
+	memset(&c->auth, 0, sizeof(c->auth));
+	c->auth.key = grpc_slice_from_static_string("authorization");
+	c->auth.value = grpc_slice_from_copied_string(v);
+	memset(v, 0, strlen(v));
+	free(v);
+	c->n_md = 1;
+	return 0;
+}
 
 int kvm_rpc_channel_open(const char *target, kvm_rpc_channel **out)
 {
@@ -620,6 +724,7 @@ void kvm_rpc_channel_close(kvm_rpc_channel *c)
 {
 	if (!c)
 		return;
+	kvm_rpc_channel_set_token(c, NULL);
 	grpc_channel_destroy(c->ch);
 	free(c);
 	grpc_shutdown();
@@ -649,6 +754,8 @@ int kvm_rpc_unary(kvm_rpc_channel *ch, const char *method, const void *req, size
 	grpc_op ops[6];
 	memset(ops, 0, sizeof(ops));
 	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[0].data.send_initial_metadata.count = ch->n_md;
+	ops[0].data.send_initial_metadata.metadata = ch->n_md ? &ch->auth : NULL;
 	ops[1].op = GRPC_OP_SEND_MESSAGE;
 	ops[1].data.send_message.send_message = out;
 	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -707,6 +814,8 @@ int kvm_rpc_stream_open(kvm_rpc_channel *ch, const char *method, const void *req
 	grpc_op ops[4];
 	memset(ops, 0, sizeof(ops));
 	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[0].data.send_initial_metadata.count = ch->n_md;
+	ops[0].data.send_initial_metadata.metadata = ch->n_md ? &ch->auth : NULL;
 	ops[1].op = GRPC_OP_SEND_MESSAGE;
 	ops[1].data.send_message.send_message = out;
 	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;

@@ -63,6 +63,15 @@ int kvm_rpc_server_create(const char *addr, int *port, kvm_rpc_server **out);
 int kvm_rpc_server_add_method(kvm_rpc_server *srv, const char *method, bool streaming,
 			      kvm_rpc_handler fn, void *arg);
 
+/* Requires every call to present `authorization: Bearer <token>` metadata
+ * (before start; the token is copied; NULL or "" requires none). A call
+ * without it, or with another token, gets UNAUTHENTICATED "missing or wrong
+ * authorization token" before its request is read or any handler runs; the
+ * token is compared in constant time. The health service
+ * (/grpc.health.v1.Health/...) stays open, for probes that carry no token.
+ * -E2BIG for a token over KVM_AUTH_TOKEN_MAX (common/auth.h). */
+int kvm_rpc_server_set_token(kvm_rpc_server *srv, const char *token);
+
 int kvm_rpc_server_start(kvm_rpc_server *srv);
 
 /* Stops accepting calls, lets running calls finish for up to grace_ms, then
@@ -97,6 +106,10 @@ typedef struct kvm_rpc_channel kvm_rpc_channel;
  * lazily. *out is owned by the caller: kvm_rpc_channel_close. */
 int kvm_rpc_channel_open(const char *target, kvm_rpc_channel **out);
 void kvm_rpc_channel_close(kvm_rpc_channel *ch);
+/* Sends `authorization: Bearer <token>` on every later call of the channel,
+ * unary and streaming (the token is copied; NULL or "" sends none). Not
+ * while other threads call through the channel. */
+int kvm_rpc_channel_set_token(kvm_rpc_channel *ch, const char *token);
 
 /* A unary call with a deadline of timeout_ms. Returns 0 once the call ended,
  * with st->code the gRPC status; on KVM_RPC_OK, *resp (malloc'd, caller

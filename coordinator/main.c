@@ -7,6 +7,7 @@
 
 #include <systemd/sd-daemon.h>
 
+#include "common/auth.h"
 #include "common/config.h"
 #include "common/health.h"
 #include "common/log.h"
@@ -17,6 +18,7 @@
 int main(int argc, char **argv)
 {
 	char listen[KVM_OPT_STRING_MAX], data_dir[KVM_OPT_STRING_MAX], lend[KVM_OPT_STRING_MAX];
+	char token_file[KVM_OPT_STRING_MAX], token[KVM_AUTH_TOKEN_MAX + 1];
 	int64_t heartbeat_ms, dead_after_ms;
 	uint64_t snapshot_bytes;
 	const kvm_option opts[] = {
@@ -30,6 +32,9 @@ int main(int argc, char **argv)
 		 "share (0..1) of each node's pool it lends to others"},
 		{"snapshot-bytes", KVM_OPT_BYTES, &snapshot_bytes, "64MiB",
 		 "snapshot the state log once it grows past this"},
+		{"auth-token-file", KVM_OPT_STRING, token_file, "",
+		 "file (mode 0600) with the cluster's shared token that every call must present "
+		 "(empty: no authentication)"},
 	};
 	const size_t n_opts = sizeof(opts) / sizeof(opts[0]);
 	char err[512];
@@ -54,6 +59,12 @@ int main(int argc, char **argv)
 	if (*end || !(lend_share >= 0 && lend_share <= 1)) {
 		fprintf(stderr, "kvmesh-coordinator: --lend-share must be a number in 0..1, not \"%s\"\n",
 			lend);
+		return 2;
+	}
+
+	if ((rc = kvm_auth_init("kvmesh-coordinator", token_file, token, sizeof(token), err,
+				sizeof(err))) != 0) {
+		fprintf(stderr, "kvmesh-coordinator: --auth-token-file: %s\n", err);
 		return 2;
 	}
 
@@ -91,7 +102,8 @@ int main(int argc, char **argv)
 	kvm_coord_config cfg = {.heartbeat_ms = heartbeat_ms,
 				.dead_after_ms = dead_after_ms,
 				.lend_share = lend_share};
-	if ((rc = kvm_health_register(srv, &health)) != 0 ||
+	if ((rc = kvm_rpc_server_set_token(srv, token)) != 0 ||
+	    (rc = kvm_health_register(srv, &health)) != 0 ||
 	    (rc = kvm_coord_create(&cfg, st, srv, &coord)) != 0 ||
 	    (rc = kvm_rpc_server_start(srv)) != 0) {
 		kvm_log(KVM_LOG_ERROR, "start_failed", "error=\"%s\"", strerror(-rc));
@@ -99,8 +111,9 @@ int main(int argc, char **argv)
 	}
 	kvm_health_set(health, "", true);
 	kvm_health_set(health, "kvmesh.v1.Coordinator", true);
-	kvm_log(KVM_LOG_INFO, "serving", "addr=%s port=%d heartbeat_ms=%lld dead_after_ms=%lld",
-		listen, port, (long long)heartbeat_ms, (long long)dead_after_ms);
+	kvm_log(KVM_LOG_INFO, "serving", "addr=%s port=%d heartbeat_ms=%lld dead_after_ms=%lld auth=%s",
+		listen, port, (long long)heartbeat_ms, (long long)dead_after_ms,
+		token[0] ? "token" : "none");
 	sd_notify(0, "READY=1"); /* Type=notify units start dependants now */
 
 	int sig;

@@ -1,7 +1,8 @@
 /* kvmeshctl: the admin CLI. Talks to the coordinator over gRPC.
  *
  * Exit codes: 0 done; 1 the coordinator refused (the message says why);
- * 2 bad usage; 3 coordinator unreachable or too slow; 4 not found. */
+ * 2 bad usage; 3 coordinator unreachable or too slow; 4 not found;
+ * 5 not authenticated (no token, or another one than the cluster's). */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -9,11 +10,19 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/auth.h"
 #include "common/config.h"
 #include "common/rpc.h"
 #include "proto/kvmesh.pb-c.h"
 
-enum { EXIT_OK = 0, EXIT_REFUSED = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3, EXIT_NOT_FOUND = 4 };
+enum {
+	EXIT_OK = 0,
+	EXIT_REFUSED = 1,
+	EXIT_USAGE = 2,
+	EXIT_UNREACHABLE = 3,
+	EXIT_NOT_FOUND = 4,
+	EXIT_UNAUTHENTICATED = 5,
+};
 
 typedef struct ctl {
 	kvm_rpc_channel *ch;
@@ -23,7 +32,8 @@ typedef struct ctl {
 } ctl;
 
 static const char *usage_text =
-	"usage: kvmeshctl [--coordinator=ADDR] [-o table|json] [--timeout=5s] COMMAND [ARGS]\n"
+	"usage: kvmeshctl [--coordinator=ADDR] [--auth-token-file=PATH] [-o table|json] [--timeout=5s]\n"
+	"                 COMMAND [ARGS]\n"
 	"\n"
 	"commands:\n"
 	"  nodes           list nodes: state, capacity, blocks lent and borrowed\n"
@@ -36,7 +46,7 @@ static const char *usage_text =
 	"  watch           stream node and sequence events until interrupted\n"
 	"\n"
 	"exit codes: 0 done, 1 refused by the coordinator, 2 bad usage,\n"
-	"            3 coordinator unreachable, 4 not found\n";
+	"            3 coordinator unreachable, 4 not found, 5 not authenticated\n";
 
 /* ---- Output ----------------------------------------------------------------------- */
 
@@ -84,6 +94,10 @@ static int rpc_exit(const char *what, int rc, const kvm_rpc_status *st)
 		return EXIT_NOT_FOUND;
 	case KVM_RPC_INVALID_ARGUMENT:
 		return EXIT_USAGE;
+	case KVM_RPC_UNAUTHENTICATED:
+		fprintf(stderr, "kvmeshctl: give the cluster's token with --auth-token-file "
+				"(or KVMESH_AUTH_TOKEN_FILE)\n");
+		return EXIT_UNAUTHENTICATED;
 	default:
 		return EXIT_REFUSED;
 	}
@@ -458,23 +472,27 @@ static int cmd_watch(ctl *c)
 int main(int argc, char **argv)
 {
 	ctl c = {0};
-	char output[KVM_OPT_STRING_MAX];
+	char output[KVM_OPT_STRING_MAX], token_file[KVM_OPT_STRING_MAX];
+	char token[KVM_AUTH_TOKEN_MAX + 1] = "";
 	int64_t timeout_ms;
 	const kvm_option opts[] = {
 		{"coordinator", KVM_OPT_STRING, c.target, "127.0.0.1:7400",
 		 "the coordinator's gRPC address"},
 		{"output", KVM_OPT_STRING, output, "table", "table (for people) or json (for scripts)"},
 		{"timeout", KVM_OPT_DURATION, &timeout_ms, "5s", "deadline of each call"},
+		{"auth-token-file", KVM_OPT_STRING, token_file, "",
+		 "file (mode 0600) with the cluster's shared token (empty: send none)"},
 	};
+	const size_t n_opts = sizeof(opts) / sizeof(opts[0]);
 	/* -o is short for --output. */
 	for (int i = 1; i < argc; i++)
 		if (strcmp(argv[i], "-o") == 0)
 			argv[i] = "--output";
 	char err[512];
-	int rc = kvm_config_load(opts, 3, &argc, argv, err, sizeof(err));
+	int rc = kvm_config_load(opts, n_opts, &argc, argv, err, sizeof(err));
 	if (rc == KVM_CONFIG_HELP) {
 		fputs(usage_text, stdout);
-		kvm_config_usage(stdout, "kvmeshctl", "", opts, 3);
+		kvm_config_usage(stdout, "kvmeshctl", "", opts, n_opts);
 		return EXIT_OK;
 	}
 	if (rc != 0) {
@@ -507,10 +525,16 @@ int main(int argc, char **argv)
 			want_args ? "one argument" : "no arguments");
 		return EXIT_USAGE;
 	}
+	if (token_file[0] &&
+	    kvm_auth_load_token(token_file, token, sizeof(token), err, sizeof(err)) != 0) {
+		fprintf(stderr, "kvmeshctl: --auth-token-file: %s\n", err);
+		return EXIT_USAGE;
+	}
 	if (kvm_rpc_channel_open(c.target, &c.ch) != 0) {
 		fprintf(stderr, "kvmeshctl: bad coordinator address \"%s\"\n", c.target);
 		return EXIT_USAGE;
 	}
+	kvm_rpc_channel_set_token(c.ch, token); /* checked when loaded: cannot fail */
 	if (!strcmp(cmd, "nodes"))
 		rc = cmd_nodes(&c);
 	else if (!strcmp(cmd, "models"))

@@ -528,6 +528,9 @@ int main(int argc, char **argv)
 		 "RDMA device or interface to serve on (default: the one holding --data-address)"},
 		{"drain-timeout", KVM_OPT_DURATION, &a.drain_timeout_ms, "30s",
 		 "on SIGTERM, wait this long for the blocks other nodes' sequences keep here to move (0: no drain)"},
+		{"auth-token-file", KVM_OPT_STRING, a.token_file, "",
+		 "file (mode 0600) with the cluster's shared token, presented to the coordinator "
+		 "and peers and required by this agent's servers (empty: no authentication)"},
 	};
 	const size_t n_opts = sizeof(opts) / sizeof(opts[0]);
 	char err[512];
@@ -542,6 +545,11 @@ int main(int argc, char **argv)
 					    : "--model is required (the model whose KV it holds)");
 		return 2;
 	}
+	if ((rc = kvm_auth_init("kvmesh-agent", a.token_file, a.token, sizeof(a.token), err,
+				sizeof(err))) != 0) {
+		fprintf(stderr, "kvmesh-agent: --auth-token-file: %s\n", err);
+		return 2;
+	}
 	sigset_t sigs;
 	sigemptyset(&sigs);
 	sigaddset(&sigs, SIGTERM);
@@ -551,7 +559,8 @@ int main(int argc, char **argv)
 	pthread_cond_init(&a.cv, NULL);
 	pthread_mutex_init(&a.hb_mu, NULL);
 
-	if (kvm_rpc_channel_open(a.coordinator, &a.coord) != 0) {
+	if (kvm_rpc_channel_open(a.coordinator, &a.coord) != 0 ||
+	    kvm_rpc_channel_set_token(a.coord, a.token) != 0) {
 		fprintf(stderr, "kvmesh-agent: bad --coordinator \"%s\"\n", a.coordinator);
 		return 2;
 	}
@@ -631,6 +640,10 @@ int main(int argc, char **argv)
 		kvm_log(KVM_LOG_ERROR, "listen_failed", "addr=%s error=\"%s\"", a.listen, strerror(-rc));
 		return 1;
 	}
+	if ((rc = kvm_rpc_server_set_token(srv, a.token)) != 0) {
+		kvm_log(KVM_LOG_ERROR, "auth_failed", "error=\"%s\"", strerror(-rc));
+		return 1;
+	}
 	kvm_health_register(srv, &health);
 	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/Stats", false, agent_stats, &a);
 	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/PutBlocks", false, blocks_rpc_put, &a);
@@ -644,8 +657,9 @@ int main(int argc, char **argv)
 	kvm_health_set(health, "", true);
 	kvm_health_set(health, "kvmesh.v1.Agent", true);
 	kvm_log(KVM_LOG_INFO, "serving",
-		"node=%s addr=%s data=%s model=%s blocks=%" PRIu64 " tail_reserve=%u block_bytes=%zu",
-		a.node_id, a.listen, a.data_address, a.model_id, slots, a.tail_reserve, block_bytes);
+		"node=%s addr=%s data=%s model=%s blocks=%" PRIu64 " tail_reserve=%u block_bytes=%zu auth=%s",
+		a.node_id, a.listen, a.data_address, a.model_id, slots, a.tail_reserve, block_bytes,
+		a.token[0] ? "token" : "none");
 	sd_notify(0, "READY=1"); /* Type=notify units start dependants now */
 
 	pthread_mutex_lock(&a.mu);

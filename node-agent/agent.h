@@ -22,6 +22,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "common/auth.h"
 #include "common/config.h"
 #include "common/rpc.h"
 #include "kernels/distattn.h"
@@ -60,6 +61,10 @@ typedef struct agent {
 	int64_t workers_opt;
 	char rdma_opt[KVM_OPT_STRING_MAX];    /* --rdma: auto, on, off */
 	char rdma_device[KVM_OPT_STRING_MAX]; /* --rdma-device: "" picks one */
+	char token_file[KVM_OPT_STRING_MAX];  /* --auth-token-file */
+	/* The cluster's token ("": none): presented to the coordinator, to
+	 * peers' gRPC and data servers, and required by this agent's servers. */
+	char token[KVM_AUTH_TOKEN_MAX + 1];
 
 	kvm_rpc_channel *coord;
 	kvs_geom geom;

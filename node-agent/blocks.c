@@ -808,6 +808,7 @@ int dataplane_start(agent *a)
 	xport_opts o;
 	xport_opts_default(&o);
 	o.node_id = agent_data_id(a->node_id);
+	o.auth_token = a->token;
 	if (a->data_rdma) {
 		xport_rdma_cfg cfg = {.dev = a->rdma_srv_dev,
 				      .mr = a->rdma_srv_mr,

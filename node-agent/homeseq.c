@@ -504,7 +504,10 @@ static kvm_rpc_channel *peer_channel(agent *a, int p, char *err, size_t err_len)
 			return NULL;
 		}
 	}
-	if (kvm_rpc_channel_open(pe->grpc_addr, &pe->ch) != 0) {
+	if (kvm_rpc_channel_open(pe->grpc_addr, &pe->ch) != 0 ||
+	    kvm_rpc_channel_set_token(pe->ch, a->token) != 0) {
+		kvm_rpc_channel_close(pe->ch);
+		pe->ch = NULL;
 		snprintf(err, err_len, "node %.120s: bad gRPC address %.120s", pe->node_id, pe->grpc_addr);
 		return NULL;
 	}
@@ -719,6 +722,7 @@ static xport_peer *peer_conn(agent *a, int p, int *rc)
 	xport_opts_default(&o);
 	o.node_id = agent_data_id(a->node_id);
 	o.connect_timeout_ms = (uint32_t)a->attend_timeout_ms;
+	o.auth_token = a->token;
 	bool rdma = a->data_rdma && a->rdma_cli_dev && !pe->rdma_refused && pe->nics &&
 		    xport_choose(&a->nics, pe->nics, NULL, NULL) == XPORT_KIND_RDMA;
 	if (rdma) {

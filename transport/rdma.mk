@@ -24,7 +24,7 @@ $(RDMA_TEST_BIN): $(BUILD)/tests/rdma/test_rdma_verbs.o $(BUILD)/transport/rdma.
 RDMA_XPORT_BIN := $(BUILD)/tests/rdma/test_rdma_xport
 RDMA_XPORT_OBJS := tests/rdma/test_rdma_xport.o transport/rdma_xport.o transport/rdma.o \
 		   transport/tcp.o transport/loop.o transport/transport.o transport/wire.o \
-		   transport/csum_avx2.o common/kvm_error.o common/log.o
+		   transport/csum_avx2.o common/kvm_error.o common/log.o common/auth.o
 $(RDMA_XPORT_BIN): $(addprefix $(BUILD)/,$(RDMA_XPORT_OBJS))
 	$(CC) $(LDFLAGS) $^ -o $@ -libverbs -lxxhash -lpthread
 

@@ -26,6 +26,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common/auth.h"
 #include "common/kvm_error.h"
 #include "common/log.h"
 #include "transport/loop_int.h"
@@ -140,6 +141,8 @@ struct tcp_peer {
 	struct loop_ticker ticker;
 	int closing;
 	char name[80];
+	char auth[KVM_AUTH_TOKEN_MAX + 1]; /* sent in HELLO (opts.auth_token copied) */
+	uint16_t auth_len;
 };
 
 struct tcp_server {
@@ -152,7 +155,23 @@ struct tcp_server {
 	struct conn *conns;
 	xport_stats st;
 	int accept_paused; /* out of file descriptors: resumes when a connection closes */
+	char auth[KVM_AUTH_TOKEN_MAX + 1]; /* required in HELLO (opts.auth_token copied) */
+	uint16_t auth_len;
 };
+
+/* Copies opts->auth_token into dst (the caller's opts need not outlive the
+ * connect or listen) and points opts at the copy. -EINVAL: too long. */
+static int take_token(xport_opts *o, char *dst, uint16_t *len)
+{
+	size_t n = o->auth_token ? strlen(o->auth_token) : 0;
+	if (n > KVM_AUTH_TOKEN_MAX || n > o->limits.max_msg)
+		return -EINVAL;
+	memcpy(dst, n ? o->auth_token : "", n);
+	dst[n] = '\0';
+	*len = (uint16_t)n;
+	o->auth_token = n ? dst : NULL;
+	return 0;
+}
 
 static void conn_write(struct conn *c);
 static void conn_fail(struct conn *c, int err);
@@ -1176,9 +1195,10 @@ static int io_full(int fd, void *buf, size_t len, int wr, int64_t deadline)
 
 static int hello_exchange(int fd, struct tcp_peer *p, int64_t deadline)
 {
-	uint8_t buf[WIRE_HDR_LEN + 64];
-	wire_hello hl = {.node_id = p->opts.node_id, .caps = WIRE_CAP_TCP | WIRE_CAP_ATTEND, .ver_min = 1, .ver_max = 1};
-	wire_buf wb = {.p = buf + WIRE_HDR_LEN, .cap = 64};
+	uint8_t buf[WIRE_HDR_LEN + 64 + KVM_AUTH_TOKEN_MAX];
+	wire_hello hl = {.node_id = p->opts.node_id, .caps = WIRE_CAP_TCP | WIRE_CAP_ATTEND, .ver_min = 1, .ver_max = 1,
+			 .auth_len = p->auth_len, .auth = (const uint8_t *)p->auth};
+	wire_buf wb = {.p = buf + WIRE_HDR_LEN, .cap = 64 + KVM_AUTH_TOKEN_MAX};
 	wire_encode_hello(&wb, 0, 0, &hl);
 	wire_header h = {.magic = WIRE_MAGIC, .version = WIRE_VERSION, .opcode = WIRE_OP_HELLO, .meta_len = (uint32_t)wb.len};
 	wire_encode_header(&h, buf);
@@ -1310,6 +1330,10 @@ int xport_tcp_connect(xport_loop *l, const char *host, uint16_t port, const xpor
 		p->opts.n_conns = 1;
 	if (p->opts.max_inflight == 0)
 		p->opts.max_inflight = 1;
+	if (take_token(&p->opts, p->auth, &p->auth_len)) {
+		free(p);
+		return -EINVAL;
+	}
 	atomic_init(&p->next_id, 1);
 	pthread_mutex_init(&p->mu, NULL);
 	p->flush_task.fn = flush_fn;
@@ -1814,6 +1838,9 @@ static int srv_on_done(struct conn *c, int bulk_ok)
 			return srv_reject(c, -EPROTO, h->req_id, "bad HELLO");
 		if (hl.ver_min > WIRE_VERSION || hl.ver_max < WIRE_VERSION)
 			return srv_reject(c, -EPROTONOSUPPORT, h->req_id, "no common version");
+		/* Constant time: the reply's timing says nothing of how much matched. */
+		if (s->auth_len && !kvm_auth_equal(hl.auth, hl.auth_len, s->auth, s->auth_len))
+			return srv_reject(c, -EACCES, h->req_id, "missing or wrong authorization token");
 		if (s->h.hello && s->h.hello(s->ctx, &hl))
 			return srv_reject(c, -EACCES, h->req_id, "rejected");
 		c->hello_done = 1;
@@ -1994,6 +2021,10 @@ int xport_tcp_listen(xport_loop *l, const char *host, uint16_t port, const xport
 		s->opts = *o;
 	else
 		xport_opts_default(&s->opts);
+	if (take_token(&s->opts, s->auth, &s->auth_len)) {
+		free(s);
+		return -EINVAL;
+	}
 	struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE}, *ai;
 	char ps[8];
 	snprintf(ps, sizeof ps, "%u", port);

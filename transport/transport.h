@@ -66,6 +66,12 @@ typedef struct xport_opts {
 	uint32_t tx_backlog_bytes;   /* server: stop reading while more replies than this wait (64 MiB) */
 	int bulk_checksum;           /* 1 (default): checksum bulk bytes; 0: WIRE_F_BULK_NOCSUM */
 	wire_limits limits;          /* applied to everything received */
+	/* The cluster's shared token (common/auth.h), NUL-terminated; NULL or
+	 * "": none. A client sends it in HELLO's auth field; a server with one
+	 * refuses a HELLO without exactly these bytes with ERROR DENIED and
+	 * closes (the client's connect fails with -EACCES). Copied at
+	 * connect/listen; at most min(KVM_AUTH_TOKEN_MAX, limits.max_msg) bytes. */
+	const char *auth_token;
 } xport_opts;
 void xport_opts_default(xport_opts *o);
 

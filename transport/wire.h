@@ -149,7 +149,7 @@ typedef struct wire_hello {
 	uint64_t caps;
 	uint16_t ver_min, ver_max;
 	uint16_t auth_len;
-	const uint8_t *auth; /* points into the decoded buffer; reserved */
+	const uint8_t *auth; /* the cluster token (docs/wire.md); decoded: points into the buffer */
 } wire_hello;
 
 /* ---- header -------------------------------------------------------------- */

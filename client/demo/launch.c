@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "client/demo/nodes.h"
+#include "common/auth.h"
 
 #define MAX_ARGS 40
 #define ARG_MAX_LEN 512
@@ -26,6 +27,7 @@
 typedef struct daemon_proc {
 	char name[32];
 	char grpc[64];
+	char data[64]; /* agents: the data-plane address */
 	const char *prog;
 	char args[MAX_ARGS][ARG_MAX_LEN]; /* kept, to start it again */
 	int n_args;
@@ -39,6 +41,7 @@ struct local_cluster {
 	daemon_proc coord;
 	daemon_proc agents[LC_MAX_AGENTS];
 	unsigned n_agents;
+	char token[KVM_AUTH_TOKEN_MAX + 1]; /* the coordinator's, for readiness calls */
 };
 
 /* Whether port is free to listen on at 127.0.0.1 now. */
@@ -141,11 +144,10 @@ static int agent_ports(daemon_proc *d)
 		dport = free_port();
 	if (gport < 0 || dport < 0)
 		return gport < 0 ? gport : dport;
-	char v[64];
 	snprintf(d->grpc, sizeof(d->grpc), "127.0.0.1:%d", gport);
 	set_arg(d, "--listen=", d->grpc);
-	snprintf(v, sizeof(v), "127.0.0.1:%d", dport);
-	set_arg(d, "--data-address=", v);
+	snprintf(d->data, sizeof(d->data), "127.0.0.1:%d", dport);
+	set_arg(d, "--data-address=", d->data);
 	return 0;
 }
 
@@ -217,7 +219,7 @@ static double now_s(void)
 static int ready_nodes(const local_cluster *lc)
 {
 	demo_node nodes[LC_MAX_AGENTS + 16];
-	int n = demo_list_nodes(lc->coord.grpc, false, nodes, LC_MAX_AGENTS + 16);
+	int n = demo_list_nodes(lc->coord.grpc, lc->token, false, nodes, LC_MAX_AGENTS + 16);
 	int ready = 0;
 	for (int i = 0; i < n && i < LC_MAX_AGENTS + 16; i++)
 		ready += nodes[i].ready;
@@ -271,6 +273,19 @@ int local_cluster_start(const char *const *extra, local_cluster **out, char *err
 		snprintf(err, err_len, "mkdtemp %s: %s", lc->dir, strerror(e));
 		free(lc);
 		return -e;
+	}
+	static const char token_flag[] = "--auth-token-file=";
+	for (int i = 0; extra && extra[i]; i++) {
+		if (strncmp(extra[i], token_flag, sizeof(token_flag) - 1) != 0)
+			continue;
+		char msg[1024];
+		int trc = kvm_auth_load_token(extra[i] + sizeof(token_flag) - 1, lc->token,
+					      sizeof(lc->token), msg, sizeof(msg));
+		if (trc) {
+			snprintf(err, err_len, "%s", msg);
+			local_cluster_stop(lc, 0);
+			return trc;
+		}
 	}
 	/* A port taken meanwhile by someone else makes the coordinator exit;
 	 * then try another. */
@@ -431,6 +446,11 @@ const char *local_cluster_coordinator(const local_cluster *lc)
 	return lc->coord.grpc;
 }
 
+const char *local_cluster_token(const local_cluster *lc)
+{
+	return lc->token;
+}
+
 unsigned local_cluster_agents(const local_cluster *lc)
 {
 	return lc->n_agents;
@@ -444,6 +464,11 @@ const char *local_cluster_agent_id(const local_cluster *lc, unsigned i)
 const char *local_cluster_agent_grpc(const local_cluster *lc, unsigned i)
 {
 	return i < lc->n_agents ? lc->agents[i].grpc : "";
+}
+
+const char *local_cluster_agent_data(const local_cluster *lc, unsigned i)
+{
+	return i < lc->n_agents ? lc->agents[i].data : "";
 }
 
 pid_t local_cluster_agent_pid(const local_cluster *lc, unsigned i)

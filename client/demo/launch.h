@@ -14,12 +14,16 @@
 typedef struct local_cluster local_cluster;
 
 /* Starts a coordinator (the binaries are found next to the running program).
- * extra_flags: NULL or a NULL-terminated list of "--flag=value" for it.
+ * extra_flags: NULL or a NULL-terminated list of "--flag=value" for it. With
+ * "--auth-token-file=PATH" among them, the launcher's own readiness calls
+ * present that token (give the agents the same flag).
  * *out is the caller's: local_cluster_stop. */
 int local_cluster_start(const char *const *extra_flags, local_cluster **out, char *err, size_t err_len);
 
 /* "127.0.0.1:PORT" of the coordinator. */
 const char *local_cluster_coordinator(const local_cluster *lc);
+/* The token of the coordinator's --auth-token-file ("" without one). */
+const char *local_cluster_token(const local_cluster *lc);
 
 /* Starts n agents for model_id (already registered), each with host_pool
  * bytes of block memory, named agent-1..agent-n (continuing the numbering on
@@ -38,6 +42,8 @@ int local_cluster_restart_agent(local_cluster *lc, unsigned i, char *err, size_t
 unsigned local_cluster_agents(const local_cluster *lc);
 const char *local_cluster_agent_id(const local_cluster *lc, unsigned i);
 const char *local_cluster_agent_grpc(const local_cluster *lc, unsigned i);
+/* "127.0.0.1:PORT" of agent i's data plane. */
+const char *local_cluster_agent_data(const local_cluster *lc, unsigned i);
 pid_t local_cluster_agent_pid(const local_cluster *lc, unsigned i);
 /* Sends sig to agent i and, for SIGKILL, SIGSTOP and SIGCONT, returns only
  * once it took effect (the agent is dead, stopped, running again). */

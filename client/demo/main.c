@@ -24,6 +24,7 @@
 #include "client/demo/model.h"
 #include "client/demo/nodes.h"
 #include "client/kvmesh.h"
+#include "common/auth.h"
 #include "common/config.h"
 #include "kernels/distattn.h"
 
@@ -31,6 +32,7 @@ typedef struct demo_opts {
 	char coordinator[KVM_OPT_STRING_MAX];
 	char dtype[KVM_OPT_STRING_MAX];
 	char pool[KVM_OPT_STRING_MAX];
+	char token_file[KVM_OPT_STRING_MAX];
 	int64_t agents, sequences, prompt, shared, steps, layers, width, q_heads, kv_heads, block_tokens;
 	int64_t seed;
 	bool keep, quiet;
@@ -220,6 +222,8 @@ int main(int argc, char **argv)
 	const kvm_option opts[] = {
 		{"coordinator", KVM_OPT_STRING, o.coordinator, "",
 		 "use the cluster of this coordinator (host:port) instead of starting one"},
+		{"auth-token-file", KVM_OPT_STRING, o.token_file, "",
+		 "the cluster's token file (mode 0600); a local cluster is started with it"},
 		{"agents", KVM_OPT_INT, &o.agents, "3", "agents of the local cluster"},
 		{"pool", KVM_OPT_STRING, o.pool, "1536KiB", "host pool of each local agent"},
 		{"sequences", KVM_OPT_INT, &o.sequences, "3", "sequences decoded together"},
@@ -257,6 +261,9 @@ int main(int argc, char **argv)
 				  : "a count is out of range (see --help)");
 		rc = -EINVAL;
 	}
+	static char c_token[KVM_AUTH_TOKEN_MAX + 1];
+	if (rc == 0 && o.token_file[0])
+		rc = kvm_auth_load_token(o.token_file, c_token, sizeof(c_token), err, sizeof(err));
 	if (rc != 0) {
 		fprintf(stderr, "kvmesh-demo: %s\n", err);
 		return 2;
@@ -288,15 +295,19 @@ int main(int argc, char **argv)
 
 	local_cluster *lc = NULL;
 	const char *coord = o.coordinator;
+	char token_flag[KVM_OPT_STRING_MAX + 32];
+	snprintf(token_flag, sizeof(token_flag), "--auth-token-file=%s", o.token_file);
+	const char *const daemon_flags[] = {o.token_file[0] ? token_flag : NULL, NULL};
 	if (!coord[0]) {
-		if ((rc = local_cluster_start(NULL, &lc, err, sizeof(err))) != 0) {
+		if ((rc = local_cluster_start(daemon_flags, &lc, err, sizeof(err))) != 0) {
 			fprintf(stderr, "kvmesh-demo: %s\n", err);
 			return 1;
 		}
 		coord = local_cluster_coordinator(lc);
 	}
-	kvm_client *c;
-	if ((rc = kvm_client_open(coord, NULL, &c)) != 0 || (rc = kvm_model_register(c, &km)) != 0) {
+	kvm_client *c = NULL;
+	kvm_client_opts co = {.auth_token = c_token};
+	if ((rc = kvm_client_open(coord, &co, &c)) != 0 || (rc = kvm_model_register(c, &km)) != 0) {
 		fprintf(stderr, "kvmesh-demo: cannot register the model with %s: %s\n", coord,
 			rc && c ? kvm_client_error(c) : kvm_strerror(rc));
 		local_cluster_stop(lc, o.keep);
@@ -304,7 +315,8 @@ int main(int argc, char **argv)
 	}
 	if (lc) {
 		double t0 = now_s();
-		if ((rc = local_cluster_add_agents(lc, (unsigned)o.agents, km.id, o.pool, NULL, err, sizeof(err))) !=
+		if ((rc = local_cluster_add_agents(lc, (unsigned)o.agents, km.id, o.pool, daemon_flags, err,
+						   sizeof(err))) !=
 		    0) {
 			fprintf(stderr, "kvmesh-demo: %s\n(logs in %s)\n", err, local_cluster_dir(lc));
 			kvm_client_close(c);
@@ -469,7 +481,7 @@ int main(int argc, char **argv)
 	 * node's own blocks are those of sequences homed there, the rest it
 	 * lends. A shared block counts once, for the first sequence listing it. */
 	demo_node nodes[LC_MAX_AGENTS + 8];
-	int nn = demo_list_nodes(coord, true, nodes, LC_MAX_AGENTS + 8);
+	int nn = demo_list_nodes(coord, c_token, true, nodes, LC_MAX_AGENTS + 8);
 	if (nn > LC_MAX_AGENTS + 8)
 		nn = LC_MAX_AGENTS + 8;
 	if (nn > 1)

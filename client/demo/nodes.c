@@ -10,12 +10,17 @@
 #include "proto/kvmesh.pb-c.h"
 
 /* One unary call with an empty request; the reply unpacked with desc. */
-static int call_empty(const char *target, const char *method, const ProtobufCMessage *req,
-		      const ProtobufCMessageDescriptor *desc, ProtobufCMessage **out)
+static int call_empty(const char *target, const char *token, const char *method,
+		      const ProtobufCMessage *req, const ProtobufCMessageDescriptor *desc,
+		      ProtobufCMessage **out)
 {
 	kvm_rpc_channel *ch;
 	if (kvm_rpc_channel_open(target, &ch) != 0)
 		return -EINVAL;
+	if (kvm_rpc_channel_set_token(ch, token) != 0) {
+		kvm_rpc_channel_close(ch);
+		return -EINVAL;
+	}
 	uint8_t buf[16];
 	size_t n = protobuf_c_message_pack(req, buf);
 	void *resp = NULL;
@@ -24,18 +29,18 @@ static int call_empty(const char *target, const char *method, const ProtobufCMes
 	int rc = kvm_rpc_unary(ch, method, buf, n, 3000, &resp, &len, &st);
 	kvm_rpc_channel_close(ch);
 	if (rc == 0 && st.code != KVM_RPC_OK)
-		rc = -EIO;
+		rc = st.code == KVM_RPC_UNAUTHENTICATED ? -EACCES : -EIO;
 	if (rc == 0 && !(*out = protobuf_c_message_unpack(desc, NULL, len, resp)))
 		rc = -EPROTO;
 	free(resp);
 	return rc;
 }
 
-static double agent_data_bytes(const char *grpc)
+static double agent_data_bytes(const char *grpc, const char *token)
 {
 	Kvmesh__V1__StatsRequest req = KVMESH__V1__STATS_REQUEST__INIT;
 	Kvmesh__V1__StatsResponse *r = NULL;
-	if (call_empty(grpc, "/kvmesh.v1.Agent/Stats", &req.base, &kvmesh__v1__stats_response__descriptor,
+	if (call_empty(grpc, token, "/kvmesh.v1.Agent/Stats", &req.base, &kvmesh__v1__stats_response__descriptor,
 		       (ProtobufCMessage **)&r) != 0)
 		return -1;
 	double sum = -1;
@@ -46,11 +51,12 @@ static double agent_data_bytes(const char *grpc)
 	return sum;
 }
 
-int demo_list_nodes(const char *coordinator, bool with_stats, demo_node *out, int cap)
+int demo_list_nodes(const char *coordinator, const char *token, bool with_stats, demo_node *out,
+		    int cap)
 {
 	Kvmesh__V1__ListNodesRequest req = KVMESH__V1__LIST_NODES_REQUEST__INIT;
 	Kvmesh__V1__ListNodesResponse *r = NULL;
-	int rc = call_empty(coordinator, "/kvmesh.v1.Coordinator/ListNodes", &req.base,
+	int rc = call_empty(coordinator, token, "/kvmesh.v1.Coordinator/ListNodes", &req.base,
 			    &kvmesh__v1__list_nodes_response__descriptor, (ProtobufCMessage **)&r);
 	if (rc)
 		return rc;
@@ -67,7 +73,7 @@ int demo_list_nodes(const char *coordinator, bool with_stats, demo_node *out, in
 		}
 		v->lent = nd->lent_blocks;
 		v->borrowed = nd->borrowed_blocks;
-		v->data_bytes = with_stats ? agent_data_bytes(v->grpc) : -1;
+		v->data_bytes = with_stats ? agent_data_bytes(v->grpc, token) : -1;
 	}
 	int n = (int)r->n_nodes;
 	kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);

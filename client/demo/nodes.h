@@ -15,8 +15,10 @@ typedef struct demo_node {
 } demo_node;
 
 /* Lists up to cap nodes of the coordinator at `coordinator`; with_stats also
- * asks each agent for its data-plane counters. Returns the number of nodes
- * (it may exceed cap; only cap are filled) or a negative errno. */
-int demo_list_nodes(const char *coordinator, bool with_stats, demo_node *out, int cap);
+ * asks each agent for its data-plane counters. token: the cluster's shared
+ * token (NULL or "": none). Returns the number of nodes (it may exceed cap;
+ * only cap are filled) or a negative errno (-EACCES: the token was refused). */
+int demo_list_nodes(const char *coordinator, const char *token, bool with_stats, demo_node *out,
+		    int cap);
 
 #endif

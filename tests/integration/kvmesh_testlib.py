@@ -1,6 +1,9 @@
 """Shared helpers for integration tests: real daemons as separate processes on
 loopback ports, driven by a real gRPC client (Debian's python3-grpcio) whose
-stubs are generated from proto/*.proto at run time."""
+stubs are generated from proto/*.proto at run time. A cluster may run with a
+shared token (--auth-token-file): pass token= and the helpers' channels send
+`authorization: Bearer <token>` on every call."""
+import collections
 import os
 import random
 import shutil
@@ -52,14 +55,61 @@ def free_port():
         return s.getsockname()[1]
 
 
-class Coordinator:
-    """A kvmesh-coordinator process with its own data directory."""
+def write_token_file(token, mode=0o600):
+    """A new file holding token and a newline, with mode; returns its path
+    (in a temporary directory of its own, which the caller may remove)."""
+    d = tempfile.mkdtemp(prefix="kvmesh-token-")
+    path = os.path.join(d, "token")
+    with open(path, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, mode)
+    return path
 
-    def __init__(self, data_dir=None, **flags):
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel."""
+
+    def __init__(self, token):
+        self.md = ("authorization", "Bearer " + token)
+
+    def _details(self, d):
+        md = list(d.metadata or []) + [self.md]
+        return _CallDetails(d.method, d.timeout, md, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+def channel(target, token=None):
+    """An insecure channel to target that sends token (None: none)."""
+    ch = grpc.insecure_channel(target)
+    return grpc.intercept_channel(ch, _BearerToken(token)) if token else ch
+
+
+class Coordinator:
+    """A kvmesh-coordinator process with its own data directory; with token,
+    it requires that token (a 0600 token file is written for it) and its
+    stub sends it."""
+
+    def __init__(self, data_dir=None, token=None, **flags):
         self.own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="kvmesh-coord-")
         self.port = free_port()
+        self.token = token
+        self.token_file = write_token_file(token) if token else None
         self.flags = {"listen": "127.0.0.1:%d" % self.port, "data-dir": self.data_dir}
+        if token:
+            self.flags["auth-token-file"] = self.token_file
         self.flags.update(flags)
         self.proc = None
         self.start()
@@ -80,7 +130,7 @@ class Coordinator:
                 if self.proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError("coordinator did not start: " + self.read_log())
                 time.sleep(0.02)
-        self.channel = grpc.insecure_channel("127.0.0.1:%d" % self.port)
+        self.channel = channel("127.0.0.1:%d" % self.port, self.token)
         self.stub = kvmesh_pb2_grpc.CoordinatorStub(self.channel)
         health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.time() + 10
@@ -115,21 +165,32 @@ class Coordinator:
         assert rc in (0, None, -9), "coordinator exit status %s: %s" % (rc, self.read_log()[-3000:])
         if self.own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.token_file:
+            shutil.rmtree(os.path.dirname(self.token_file), ignore_errors=True)
 
 
 class Agent:
-    """A kvmesh-agent process for one model, registered with a coordinator."""
+    """A kvmesh-agent process for one model, registered with a coordinator.
+    token: the cluster's token (a 0600 token file is written for it)."""
 
-    def __init__(self, coordinator, node_id, model, host_pool="64MiB", env=None, **flags):
+    def __init__(self, coordinator, node_id, model, host_pool="64MiB", env=None, token=None,
+                 **flags):
         self.env = dict(os.environ, **env) if env else None  # added to ours
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="kvmesh-agent-")
+        self.token = token
         self.flags = {"node-id": node_id, "coordinator": "127.0.0.1:%d" % coordinator.port,
                       "listen": "127.0.0.1:%d" % self.port,
                       "data-address": "127.0.0.1:%d" % free_port(),
                       "model": model, "host-pool": host_pool,
                       # tests stop agents at will: no drain first unless asked
                       "drain-timeout": "0"}
+        if token:
+            path = os.path.join(self.dir, "token")
+            with open(path, "w") as f:
+                f.write(token + "\n")
+            os.chmod(path, 0o600)
+            self.flags["auth-token-file"] = path
         self.flags.update(flags)
         self.start()
 
@@ -167,14 +228,15 @@ class AgentCluster:
     """A coordinator and agents n0, n1, ... (one per pool size) serving
     `model`, all registered and ready; stub(node) is a gRPC Agent stub."""
 
-    def __init__(self, model, pools, coordinator_flags=None, **agent_flags):
-        self.c = Coordinator(**(coordinator_flags or {}))
+    def __init__(self, model, pools, coordinator_flags=None, token=None, **agent_flags):
+        self.token = token
+        self.c = Coordinator(token=token, **(coordinator_flags or {}))
         self.agents, self.channels = {}, []
         try:
             self.c.stub.RegisterModel(model, timeout=5)
             for i, pool in enumerate(pools):
                 self.agents["n%d" % i] = Agent(self.c, "n%d" % i, model.id, host_pool=str(pool),
-                                               **agent_flags)
+                                               token=token, **agent_flags)
             wait_for("agents ready", lambda: all(
                 i in list_nodes(self.c) and list_nodes(self.c)[i].state == kvmesh_pb2.NODE_READY
                 for i in self.agents))
@@ -182,8 +244,9 @@ class AgentCluster:
             self.close()
             raise
 
-    def stub(self, node):
-        ch = grpc.insecure_channel("127.0.0.1:%d" % self.agents[node].port)
+    def stub(self, node, token=None):
+        """An Agent stub; it sends the cluster's token, or token if given."""
+        ch = channel("127.0.0.1:%d" % self.agents[node].port, token or self.token)
         self.channels.append(ch)
         return kvmesh_pb2_grpc.AgentStub(ch)
 

@@ -91,6 +91,17 @@ def test_kubernetes_manifest_uses_real_options():
             for env in ctr.get("env", []):
                 if env["name"].startswith("KVMESH_"):
                     assert env["name"] in helps[binary], (binary, env["name"])
+            # The token comes from a Secret mounted only for its owner
+            # (the daemons refuse a file group or others may read).
+            envs = {e["name"]: e.get("value") for e in ctr.get("env", [])}
+            assert "KVMESH_AUTH_TOKEN_FILE" in envs, (binary, "runs without a token")
+            mounts = {m["name"]: m["mountPath"] for m in ctr.get("volumeMounts", [])}
+            vols = {v["name"]: v for v in d["spec"]["template"]["spec"].get("volumes", [])}
+            token_vol = [n for n, path in mounts.items()
+                         if envs["KVMESH_AUTH_TOKEN_FILE"].startswith(path + "/")]
+            assert token_vol, (binary, "the token file is on no volume")
+            secret = vols[token_vol[0]]["secret"]
+            assert secret["defaultMode"] & 0o077 == 0, (binary, oct(secret["defaultMode"]))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
  * KV, for MHA and GQA in fp32, fp16 and bf16, with sequences on one, two and
  * three agents and shared prefixes; blocks read back byte for byte; a killed
  * or stopped peer gives an error that names it and its blocks, never a wrong
- * result; bad input gets clear errors. */
+ * result; bad input gets clear errors; a cluster with a shared token serves
+ * a client with the token and refuses one without. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <limits.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -20,6 +22,7 @@
 #include "proto/kvmesh.pb-c.h"
 #include "client/kvmesh.h"
 #include "kernels/distattn.h"
+#include "transport/transport.h"
 
 static local_cluster *g_lc;
 static kvm_client *g_c;
@@ -35,23 +38,30 @@ static void teardown(void)
 }
 
 /* A cluster of n agents of `pool` each, with model m registered; agent_flag
- * (NULL: none) goes to every agent. */
+ * (NULL: none) goes to every agent; with token_flag
+ * ("--auth-token-file=PATH") every daemon and the client use it. */
 static void start_with(unsigned n, const char *pool, const kvm_model *m, int data_timeout_ms,
-		       const char *agent_flag)
+		       const char *agent_flag, const char *token_flag)
 {
 	char err[2048];
-	const char *coord_flags[] = {"--heartbeat=200ms", "--dead-after=3s", NULL};
+	const char *coord_flags[] = {"--heartbeat=200ms", "--dead-after=3s", token_flag, NULL};
 	cr_assert_eq(local_cluster_start(coord_flags, &g_lc, err, sizeof(err)), 0, "%s", err);
-	kvm_client_opts o = {.control_timeout_ms = 5000, .data_timeout_ms = data_timeout_ms};
+	kvm_client_opts o = {.control_timeout_ms = 5000, .data_timeout_ms = data_timeout_ms,
+			     .auth_token_file = token_flag ? strchr(token_flag, '=') + 1 : NULL};
 	cr_assert_eq(kvm_client_open(local_cluster_coordinator(g_lc), &o, &g_c), 0);
 	cr_assert_eq(kvm_model_register(g_c, m), 0, "%s", kvm_client_error(g_c));
-	const char *agent_flags[] = {"--attend-timeout=1500ms", agent_flag, NULL};
+	const char *agent_flags[4] = {"--attend-timeout=1500ms"}; /* NULL-terminated */
+	int k = 1;
+	if (agent_flag)
+		agent_flags[k++] = agent_flag;
+	if (token_flag)
+		agent_flags[k++] = token_flag;
 	cr_assert_eq(local_cluster_add_agents(g_lc, n, m->id, pool, agent_flags, err, sizeof(err)), 0, "%s", err);
 }
 
 static void start(unsigned n, const char *pool, const kvm_model *m, int data_timeout_ms)
 {
-	start_with(n, pool, m, data_timeout_ms, NULL);
+	start_with(n, pool, m, data_timeout_ms, NULL, NULL);
 }
 
 /* ---- a sequence's KV kept locally too, for the reference ------------------- */
@@ -620,7 +630,7 @@ Test(client, drain_moves_blocks_and_decode_goes_on)
  * on, not degraded. */
 Test(client, sigterm_drains_before_the_agent_exits)
 {
-	start_with(3, "256KiB", &drain_model, 5000, "--drain-timeout=20s");
+	start_with(3, "256KiB", &drain_model, 5000, "--drain-timeout=20s", NULL);
 	ref_seq r[2];
 	uint32_t total = 0;
 	drain_setup(r, &total);
@@ -727,4 +737,98 @@ Test(client, restarted_agent_degrades_its_sequences)
 		  "%s", kvm_client_error(g_c));
 	ref_free(&r);
 	free(prompt);
+}
+
+/* A token file (mode) in a new directory; the path is written to path[cap]. */
+static void token_file(char *path, size_t cap, const char *token, mode_t mode)
+{
+	char dir[] = "/tmp/kvmesh-token-XXXXXX";
+	cr_assert_not_null(mkdtemp(dir));
+	snprintf(path, cap, "%s/token", dir);
+	FILE *f = fopen(path, "w");
+	cr_assert_not_null(f);
+	fprintf(f, "%s\n", token);
+	fclose(f);
+	cr_assert_eq(chmod(path, mode), 0);
+}
+
+static void token_file_remove(const char *path)
+{
+	unlink(path);
+	char dir[256];
+	snprintf(dir, sizeof dir, "%s", path);
+	*strrchr(dir, '/') = '\0';
+	rmdir(dir);
+}
+
+/* Every daemon with --auth-token-file: the agents register (their calls to
+ * the coordinator carry the token), the client with the token decodes over
+ * three agents (home to peers: data plane and Agent.PutBlocks with the
+ * token) and matches the local kernel; clients without it, or with another
+ * one, are refused on both planes with -EACCES and a message that says so. */
+Test(client, shared_token_cluster)
+{
+	char path[256], flag[300], wrong[256];
+	token_file(path, sizeof path, "cluster-secret-0123456789", 0600);
+	token_file(wrong, sizeof wrong, "cluster-secret-0123456780", 0600);
+	snprintf(flag, sizeof flag, "--auth-token-file=%s", path);
+	kvm_model m = {.id = "auth16", .layers = 2, .q_heads = 8, .kv_heads = 2, .head_dim = 64,
+		       .block_tokens = 16, .dtype = KVM_F16};
+	start_with(3, "512KiB", &m, 5000, NULL, flag);
+	uint32_t n = 52 * 16 - 5; /* more than one agent holds */
+	uint32_t *prompt = tokens_of(n, 3);
+	ref_seq r;
+	kvm_seq_info info, now;
+	make_seq(&r, &m, "t1", "agent-1", prompt, n, 11, &info);
+	cr_assert_gt(nodes_holding("t1", &now), 0, "no block was borrowed");
+	const char *ids[] = {"t1"};
+	decode_and_check(&r, ids, 1, 8, 2e-3); /* crosses a block boundary: a seal */
+
+	/* No token, then a wrong one: refused by the coordinator. */
+	kvm_client *c;
+	kvm_model got;
+	kvm_client_opts none = {0}, bad = {.auth_token_file = wrong};
+	const kvm_client_opts *refused[] = {&none, &bad};
+	for (int i = 0; i < 2; i++) {
+		cr_assert_eq(kvm_client_open(local_cluster_coordinator(g_lc), refused[i], &c), 0);
+		cr_assert_eq(kvm_model_get(c, m.id, &got), -EACCES);
+		cr_assert(strstr(kvm_client_error(c), "missing or wrong authorization token"), "%s",
+			  kvm_client_error(c));
+		kvm_client_close(c);
+	}
+	/* The token given directly works as the file does. */
+	kvm_client_opts direct = {.auth_token = "cluster-secret-0123456789"};
+	cr_assert_eq(kvm_client_open(local_cluster_coordinator(g_lc), &direct, &c), 0);
+	cr_assert_eq(kvm_model_get(c, m.id, &got), 0, "%s", kvm_client_error(c));
+	cr_assert_eq(got.layers, 2);
+	kvm_client_close(c);
+
+	/* The home agent's data server: HELLO without the token, or with
+	 * another, is refused; with it, served. */
+	char host[64];
+	snprintf(host, sizeof host, "%s", local_cluster_agent_data(g_lc, 0));
+	char *colon = strrchr(host, ':');
+	*colon = '\0';
+	uint16_t port = (uint16_t)atoi(colon + 1);
+	xport_loop *l;
+	cr_assert_eq(xport_loop_create(&l), 0);
+	xport_opts o;
+	xport_opts_default(&o);
+	o.n_conns = 1;
+	xport_peer *p = NULL;
+	cr_assert_eq(xport_tcp_connect(l, host, port, &o, &p), -EACCES);
+	o.auth_token = "cluster-secret-0123456780";
+	cr_assert_eq(xport_tcp_connect(l, host, port, &o, &p), -EACCES);
+	o.auth_token = "cluster-secret-0123456789";
+	cr_assert_eq(xport_tcp_connect(l, host, port, &o, &p), 0);
+	xport_close(p);
+	xport_loop_destroy(l);
+
+	/* A token file others may read is refused at open. */
+	cr_assert_eq(chmod(wrong, 0644), 0);
+	cr_assert_eq(kvm_client_open(local_cluster_coordinator(g_lc), &bad, &c), -EPERM);
+	ref_free(&r);
+	free(prompt);
+	token_file_remove(path);
+	token_file_remove(wrong);
 }

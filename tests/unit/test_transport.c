@@ -9,6 +9,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -1166,4 +1167,92 @@ Test(transport, attend_deferred_to_a_worker)
 	xport_waiter_destroy(&wa);
 	xport_waiter_destroy(&wp);
 	xport_server_close(s2);
+}
+
+/* Sends a HELLO with auth bytes on a raw socket to port. */
+static int raw_hello_with_auth(uint16_t port, const char *auth)
+{
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
+				.sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	cr_assert_eq(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+	struct timeval tv = {.tv_sec = 5};
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	wire_hello me = {.node_id = 3, .caps = WIRE_CAP_TCP, .ver_min = 1, .ver_max = 1,
+			 .auth_len = (uint16_t)strlen(auth), .auth = (const uint8_t *)auth};
+	uint8_t out[256];
+	wire_buf b = {.p = out, .cap = sizeof out};
+	wire_encode_hello(&b, 0, 0, &me);
+	send_frame(fd, WIRE_OP_HELLO, 0, 1, out, (uint32_t)b.len, NULL, 0, 0, 0);
+	return fd;
+}
+
+/* A server with a token refuses a HELLO without it, or with another one,
+ * with ERROR DENIED and closes; the right token connects. A client's token
+ * is no obstacle to a server without one. */
+Test(transport, hello_auth_token)
+{
+	xport_opts so = opts;
+	char token[] = "0123456789abcdef-token";
+	so.auth_token = token;
+	xport_server *s2;
+	cr_assert_eq(xport_tcp_listen(sloop, "127.0.0.1", 0, &so, &handlers, &store, &s2), 0);
+	memset(token, 'x', sizeof(token) - 1); /* the server keeps its own copy */
+
+	/* On the wire: ERROR DENIED with a message that says why, then close. */
+	static const char *bad[] = {"", "0123456789abcdef-tokeN", "0123456789abcdef-toke",
+				    "0123456789abcdef-token2"};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		int fd = raw_hello_with_auth(s2->port, bad[i]);
+		wire_header h;
+		uint8_t m[2048];
+		cr_assert_eq(recv_frame(fd, &h, m, sizeof m), 0, "an ERROR frame arrives for \"%s\"", bad[i]);
+		cr_assert_eq(h.opcode, WIRE_OP_ERROR);
+		wire_limits lim;
+		wire_limits_default(&lim);
+		uint32_t c, ml;
+		const char *msg;
+		cr_assert_eq(wire_decode_error(m, h.meta_len, &lim, &c, &msg, &ml), 0);
+		cr_assert_eq(c, WIRE_E_DENIED, "code %u for \"%s\"", c, bad[i]);
+		char text[1100];
+		snprintf(text, sizeof text, "%.*s", (int)ml, msg);
+		cr_assert(strstr(text, "missing or wrong authorization token"), "message: %s", text);
+		char byte;
+		ssize_t r = read(fd, &byte, 1);
+		cr_assert(r == 0 || (r < 0 && errno == ECONNRESET), "closed after the error");
+		close(fd);
+	}
+	xport_stats st;
+	xport_server_stats(s2, &st);
+	cr_assert_eq(st.proto_errors, 4);
+
+	/* Through the client: -EACCES without or with a wrong token. */
+	xport_opts o = opts;
+	o.n_conns = 1;
+	xport_peer *p = NULL;
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", s2->port, &o, &p), -EACCES);
+	o.auth_token = "0123456789abcdef-tokeX";
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", s2->port, &o, &p), -EACCES);
+	char right[] = "0123456789abcdef-token";
+	o.auth_token = right;
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", s2->port, &o, &p), 0);
+	memset(right, 'x', sizeof(right) - 1); /* the peer keeps its own copy */
+	xport_waiter w;
+	xport_waiter_init(&w);
+	xport_waiter_add(&w, 1);
+	cr_assert_eq(xport_ping(p, 5000, xport_waiter_cb, &w), 0);
+	cr_assert_eq(xport_waiter_wait(&w), 0);
+	xport_waiter_destroy(&w);
+	xport_close(p);
+	xport_server_close(s2);
+
+	/* A token longer than HELLO can carry is refused before dialling. */
+	static char huge[2000];
+	memset(huge, 'a', sizeof(huge) - 1);
+	o.auth_token = huge;
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", srv->port, &o, &p), -EINVAL);
+	/* The suite's server has no token: a client that sends one is served. */
+	o.auth_token = "0123456789abcdef-token";
+	cr_assert_eq(xport_tcp_connect(cloop, "127.0.0.1", srv->port, &o, &p), 0);
+	xport_close(p);
 }
