@@ -119,6 +119,8 @@ typedef struct node_rec {
 	Kvmesh__V1__TierCapacity cap[2]; /* gpu, host */
 	bool drain_pending;              /* a Drain command to send */
 	bool drained_told;               /* the "drained" event went out */
+	Kvmesh__V1__NodeState admin;     /* CORDONED or DRAINING as an operator set it
+					    (durable: "admin/ID"), else READY */
 	cmd_rec *cmd_head, *cmd_tail;    /* FIFO for the next heartbeat */
 	size_t n_cmds;
 	uint64_t cmds_dropped;           /* while the queue was full */

@@ -235,9 +235,11 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 		uint64_t t = coord_now_ms();
 		nd->epoch = t > nd->epoch ? t : nd->epoch + 1;
 		epoch = nd->epoch;
-		nd->state = KVMESH__V1__NODE_STATE__NODE_READY;
+		/* Cordon and drain outlive re-registrations (UncordonNode ends them). */
+		nd->state = nd->admin ? nd->admin : KVMESH__V1__NODE_STATE__NODE_READY;
 		nd->last_heartbeat_ms = coord_now_ms();
-		nd->drain_pending = false;
+		nd->drain_pending = nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING;
+		nd->drained_told = false;
 		nd->full_open = false; /* a full report cut short by a restart is void */
 		sync_ledger(c, nd);
 		update_links(c, r->node);
@@ -481,9 +483,23 @@ static int list_nodes(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 	return rc;
 }
 
-/* CordonNode and DrainNode: no new blocks on the node; drain also tells the
- * agent, on its next heartbeat, to drop its cache, and moves the blocks that
- * sequences homed elsewhere keep there to other nodes (drain.c). */
+/* The operator's state of a node, kept under "admin/ID" (READY: none). */
+static int store_admin(kvm_coord *c, const char *id, Kvmesh__V1__NodeState state)
+{
+	char key[128];
+	snprintf(key, sizeof(key), "admin/%s", id);
+	if (state == KVMESH__V1__NODE_STATE__NODE_READY) {
+		int rc = kvm_state_del(c->st, key);
+		return rc == -ENOENT ? 0 : rc;
+	}
+	const char *v = state == KVMESH__V1__NODE_STATE__NODE_DRAINING ? "draining" : "cordoned";
+	return kvm_state_put(c->st, key, v, strlen(v));
+}
+
+/* CordonNode and DrainNode: no new blocks or homes on the node; drain also
+ * tells the agent, on its next heartbeat, to drop its cache, and moves the
+ * blocks that sequences homed elsewhere keep there to other nodes
+ * (drain.c). UncordonNode (state READY) undoes both. Durable first. */
 static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, size_t len,
 			  Kvmesh__V1__NodeState state)
 {
@@ -491,21 +507,31 @@ static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, 
 	int rc;
 	pthread_mutex_lock(&c->mu);
 	node_rec *nd = coord_find_node(c, r->node_id);
+	/* Cordoning a draining node leaves it draining. */
+	Kvmesh__V1__NodeState want = nd && state == KVMESH__V1__NODE_STATE__NODE_CORDONED &&
+					     nd->admin == KVMESH__V1__NODE_STATE__NODE_DRAINING
+					     ? nd->admin
+					     : state;
+	int src;
 	if (!nd) {
 		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown node \"%s\"", r->node_id);
-	} else if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD) {
+	} else if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD &&
+		   state != KVMESH__V1__NODE_STATE__NODE_READY) {
 		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION, "node %s is dead", r->node_id);
+	} else if (want != (nd->admin ? nd->admin : KVMESH__V1__NODE_STATE__NODE_READY) &&
+		   (src = store_admin(c, nd->id, want)) != 0) {
+		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
 	} else {
-		if (nd->state != state &&
-		    !(state == KVMESH__V1__NODE_STATE__NODE_CORDONED &&
-		      nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING)) {
-			nd->state = state;
-			nd->drain_pending = state == KVMESH__V1__NODE_STATE__NODE_DRAINING;
+		nd->admin = want == KVMESH__V1__NODE_STATE__NODE_READY ? 0 : want;
+		if (nd->state != want && nd->state != KVMESH__V1__NODE_STATE__NODE_DEAD) {
+			nd->state = want;
+			nd->drain_pending = want == KVMESH__V1__NODE_STATE__NODE_DRAINING;
 			nd->drained_told = false;
 			sync_ledger(c, nd);
 			emit_node_event(c, nd->id, nd->state,
-					state == KVMESH__V1__NODE_STATE__NODE_DRAINING ? "drain requested"
-										       : "cordoned");
+					want == KVMESH__V1__NODE_STATE__NODE_DRAINING ? "drain requested"
+					: want == KVMESH__V1__NODE_STATE__NODE_CORDONED ? "cordoned"
+											: "uncordoned");
 			coord_drain_step(c, (uint32_t)(nd - c->nodes));
 		}
 		Kvmesh__V1__TierCapacity *caps[2], **saved;
@@ -529,6 +555,11 @@ static int cordon_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 static int drain_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
 {
 	return set_node_state(arg, call, req, len, KVMESH__V1__NODE_STATE__NODE_DRAINING);
+}
+
+static int uncordon_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	return set_node_state(arg, call, req, len, KVMESH__V1__NODE_STATE__NODE_READY);
 }
 
 static const char *check_model(const Kvmesh__V1__Model *m)
@@ -742,6 +773,21 @@ static int recover_node(void *arg, const char *key, const void *val, size_t len)
 	return 0;
 }
 
+/* A cordon or drain set before the restart (after recover_node). */
+static int recover_admin(void *arg, const char *key, const void *val, size_t len)
+{
+	kvm_coord *c = arg;
+	node_rec *nd = coord_find_node(c, key + strlen("admin/"));
+	if (!nd)
+		return 0;
+	bool draining = len == strlen("draining") && memcmp(val, "draining", len) == 0;
+	nd->admin = draining ? KVMESH__V1__NODE_STATE__NODE_DRAINING : KVMESH__V1__NODE_STATE__NODE_CORDONED;
+	nd->state = nd->admin;
+	nd->drain_pending = draining;
+	sync_ledger(c, nd);
+	return 0;
+}
+
 int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server *srv,
 		     kvm_coord **out)
 {
@@ -760,6 +806,8 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 	if (rc != 0)
 		goto fail;
 	rc = kvm_state_scan(st, "nodes/", recover_node, c);
+	if (rc == 0)
+		rc = kvm_state_scan(st, "admin/", recover_admin, c);
 	if (rc == 0)
 		rc = coord_recover_sequences(c); /* the ledger's reservations */
 	if (rc != 0)
@@ -784,6 +832,7 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 		{"ListNodes", false, list_nodes},
 		{"CordonNode", false, cordon_node},
 		{"DrainNode", false, drain_node},
+		{"UncordonNode", false, uncordon_node},
 		{"WatchEvents", true, watch_events},
 	};
 	for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {

@@ -40,9 +40,10 @@ static const char *usage_text =
 	"  models          list registered models and their block geometry\n"
 	"  sequences [MODEL]  list sequences (of MODEL): home, tokens, blocks\n"
 	"  seq SEQ         one sequence's block map\n"
-	"  cordon NODE     no new blocks on NODE\n"
-	"  drain NODE      no new blocks on NODE; it drops its cached blocks and serves\n"
-	"                  the live sequences' blocks until they are released\n"
+	"  cordon NODE     no new blocks or home sequences on NODE (kept across restarts)\n"
+	"  drain NODE      as cordon; it drops its cached blocks, and the blocks other\n"
+	"                  nodes' sequences keep there move away (`nodes` shows progress)\n"
+	"  uncordon NODE   undo cordon or drain\n"
 	"  watch           stream node and sequence events until interrupted\n"
 	"\n"
 	"exit codes: 0 done, 1 refused by the coordinator, 2 bad usage,\n"
@@ -510,7 +511,10 @@ int main(int argc, char **argv)
 	c.json = strcmp(output, "json") == 0;
 	c.timeout_ms = (int)timeout_ms;
 	const char *cmd = argv[1];
-	int want_args = (!strcmp(cmd, "seq") || !strcmp(cmd, "cordon") || !strcmp(cmd, "drain")) ? 1 : 0;
+	int want_args = (!strcmp(cmd, "seq") || !strcmp(cmd, "cordon") || !strcmp(cmd, "drain") ||
+			 !strcmp(cmd, "uncordon"))
+				? 1
+				: 0;
 	/* `sequences` takes an optional model. */
 	if (!strcmp(cmd, "sequences") && argc == 3)
 		want_args = 1;
@@ -547,6 +551,8 @@ int main(int argc, char **argv)
 		rc = cmd_node_state(&c, "CordonNode", argv[2]);
 	else if (!strcmp(cmd, "drain"))
 		rc = cmd_node_state(&c, "DrainNode", argv[2]);
+	else if (!strcmp(cmd, "uncordon"))
+		rc = cmd_node_state(&c, "UncordonNode", argv[2]);
 	else
 		rc = cmd_watch(&c);
 	kvm_rpc_channel_close(c.ch);

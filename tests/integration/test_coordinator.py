@@ -83,6 +83,10 @@ def test_silent_node_dies_and_watchers_hear_it():
         c.close()
 
 
+def nodes_by_id(c):
+    return {n.id: n for n in c.stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
+
+
 def test_cordon_and_drain():
     c = Coordinator(heartbeat="1s", **{"dead-after": "10s"})
     try:
@@ -95,6 +99,28 @@ def test_cordon_and_drain():
         assert len(hb.commands) == 1 and hb.commands[0].HasField("drain")
         expect_error(grpc.StatusCode.NOT_FOUND, c.stub.CordonNode,
                      pb.NodeRequest(node_id="nope"), contains="nope")
+        # Cordoning a draining node leaves it draining.
+        n = c.stub.CordonNode(pb.NodeRequest(node_id="node1"), timeout=5)
+        assert n.state == pb.NODE_DRAINING
+        # A drain outlives a coordinator restart and the node's re-registration.
+        c.stop(sig="KILL")
+        c.start()
+        assert nodes_by_id(c)["node1"].state == pb.NODE_DRAINING
+        c.stub.RegisterNode(pb.RegisterNodeRequest(node=node_msg(1)), timeout=5)
+        assert nodes_by_id(c)["node1"].state == pb.NODE_DRAINING
+        # No new home on it.
+        c.stub.RegisterModel(model(), timeout=5)
+        expect_error(grpc.StatusCode.FAILED_PRECONDITION, c.stub.CreateSequence,
+                     pb.CreateSequenceRequest(model_id="llama-tiny", sequence_id="s",
+                                              home_node="node1"), contains="draining")
+        # Uncordon undoes it, durably.
+        n = c.stub.UncordonNode(pb.NodeRequest(node_id="node1"), timeout=5)
+        assert n.state == pb.NODE_READY
+        c.stop(sig="KILL")
+        c.start()
+        assert nodes_by_id(c)["node1"].state == pb.NODE_READY
+        c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="llama-tiny", sequence_id="s",
+                                                       home_node="node1"), timeout=5)
     finally:
         c.close()
 
@@ -190,6 +216,8 @@ def test_kvmeshctl_tables_json_and_exit_codes():
         assert json.loads(out)["drain_blocks_left"] == 0, out
         rc, out, _ = run("nodes")
         assert rc == 0 and "node1: drained" in out, out
+        rc, out, _ = run("uncordon", "node1")
+        assert rc == 0 and "ready" in out, out
         rc, _, err = run("cordon", "ghost")
         assert rc == 4 and "ghost" in err, err
         rc, _, err = run("frobnicate")
