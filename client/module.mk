@@ -39,8 +39,8 @@ $(BUILD)/bin/kvmesh-demo: $(DEMO_OBJS) $(BUILD)/client/kvmesh.o $(CORE_LIB)
 	@mkdir -p $(@D)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
-# The attention benchmark starts a cluster the same way and links the client.
-$(BUILD)/bench/attention: $(BUILD)/bench/attention.o $(BUILD)/client/demo/launch.o $(BUILD)/client/demo/nodes.o \
+# The attention and drain benchmarks start a cluster the same way and link the client.
+$(BUILD)/bench/attention $(BUILD)/bench/drain: $(BUILD)/bench/%: $(BUILD)/bench/%.o $(BUILD)/client/demo/launch.o $(BUILD)/client/demo/nodes.o \
 		$(BUILD)/client/kvmesh.o \
 		$(CORE_LIB)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)

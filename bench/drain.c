@@ -1,0 +1,296 @@
+/* make bench-drain: draining a node (moving the blocks other nodes'
+ * sequences keep there) against writing the same blocks, in the same run.
+ *
+ * A local cluster (coordinator --heartbeat=200ms, three agents). Two filler
+ * sequences take the room of agent-1 and agent-2, so that a sequence
+ * "wide" homed on agent-1 borrows all its blocks from agent-3; the fillers
+ * go, leaving agent-1 room to take them back. The peer: the time of
+ * kvm_seq_write_blocks of wide's blocks (the same bytes over the same
+ * Agent.PutBlocks path, from a client). Then DrainNode on agent-3 and
+ * ListNodes every 10 ms until its drain_blocks_left is 0. Afterwards no
+ * block of wide is on agent-3 and kvm_seq_read_blocks returns what was
+ * written.
+ *
+ * Environment: KVMESH_BENCH_BLOCKS (default 2048 blocks of 256 KiB: 64
+ * tokens x 8 KV heads x 128 dim x fp16, one layer), KVMESH_BENCH_ROUNDS (1).
+ * KVMESH_BENCH_BIN_DIR_B=DIR runs every round with the daemons of DIR too
+ * (another build; B first, then this one), for before/after in one run.
+ * Final lines: drain_blocks, drain_s, drain_blocks_per_s, drain_MiB_per_s,
+ * write_MiB_per_s, drain_vs_write (medians over rounds); with B also
+ * b_drain_s, b_drain_vs_write and drain_speedup_vs_b. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "client/demo/launch.h"
+#include "client/kvmesh.h"
+#include "common/rpc.h"
+#include "proto/kvmesh.pb-c.h"
+
+#define BT 64u /* block tokens */
+#define TAIL_RESERVE 16u
+
+static double now_s(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static uint64_t env_u64(const char *name, uint64_t def)
+{
+	const char *v = getenv(name);
+	return v && *v ? strtoull(v, NULL, 10) : def;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+	qsort(v, (size_t)n, sizeof(double), cmp_double);
+	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* One Coordinator call about a node (what kvmeshctl does): DrainNode, or
+ * ListNodes for that node's drain_blocks_left. Returns 0 or -1 (printed). */
+static int coord_node(const char *coord, const char *method, const char *node, uint64_t *left)
+{
+	kvm_rpc_channel *ch;
+	if (kvm_rpc_channel_open(coord, &ch) != 0)
+		return -1;
+	char path[96];
+	snprintf(path, sizeof path, "/kvmesh.v1.Coordinator/%s", method);
+	uint8_t buf[256];
+	size_t n;
+	bool list = strcmp(method, "ListNodes") == 0;
+	if (list) {
+		Kvmesh__V1__ListNodesRequest r = KVMESH__V1__LIST_NODES_REQUEST__INIT;
+		n = kvmesh__v1__list_nodes_request__pack(&r, buf);
+	} else {
+		Kvmesh__V1__NodeRequest r = KVMESH__V1__NODE_REQUEST__INIT;
+		r.node_id = (char *)node;
+		n = kvmesh__v1__node_request__pack(&r, buf);
+	}
+	void *resp = NULL;
+	size_t len = 0;
+	kvm_rpc_status st;
+	int rc = kvm_rpc_unary(ch, path, buf, n, 5000, &resp, &len, &st);
+	kvm_rpc_channel_close(ch);
+	if (rc != 0 || st.code != KVM_RPC_OK) {
+		fprintf(stderr, "bench-drain: %s: %s\n", method, rc ? "no answer" : st.message);
+		free(resp);
+		return -1;
+	}
+	rc = list ? -1 : 0;
+	if (list) {
+		Kvmesh__V1__ListNodesResponse *l = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
+		for (size_t i = 0; l && i < l->n_nodes; i++)
+			if (strcmp(l->nodes[i]->id, node) == 0) {
+				*left = l->nodes[i]->drain_blocks_left;
+				rc = 0;
+			}
+		if (l)
+			kvmesh__v1__list_nodes_response__free_unpacked(l, NULL);
+	}
+	free(resp);
+	return rc;
+}
+
+/* Blocks of seq written on node. */
+static int blocks_on(kvm_client *c, const char *seq, const char *node, uint32_t n_blocks, uint32_t *on)
+{
+	kvm_block_info *bi = calloc(n_blocks + 1, sizeof *bi);
+	uint32_t total = 0;
+	int rc = bi ? kvm_seq_blocks(c, seq, bi, n_blocks + 1, &total) : -ENOMEM;
+	*on = 0;
+	for (uint32_t i = 0; rc == 0 && i < total && i <= n_blocks; i++)
+		*on += bi[i].written && strcmp(bi[i].node, node) == 0;
+	free(bi);
+	return rc;
+}
+
+/* A sequence homed on `home` holding n placed (never written) blocks. */
+static int filler(kvm_client *c, const char *model, const char *id, const char *home, uint32_t n)
+{
+	int rc = kvm_seq_create(c, model, id, NULL, 0, home, NULL);
+	return rc ? rc : kvm_seq_extend(c, id, n * BT, NULL);
+}
+
+typedef struct round_result {
+	double write_s, drain_s;
+	uint32_t moved;
+} round_result;
+
+/* One cluster, one write and one drain. bin_dir: NULL for this build. */
+static int run_round(const kvm_model *m, uint32_t n, uint8_t *const *blocks, const uint32_t *tok,
+		     const char *bin_dir, round_result *out)
+{
+	static const char *const coord_flags[] = {"--heartbeat=200ms", "--lend-share=1", NULL};
+	static const char *const agent_flags[] = {"--tail-reserve=16", NULL};
+	size_t bb = kvm_block_bytes(m);
+	uint32_t slots = n + TAIL_RESERVE + 32;
+	char pool_s[32], err[2048];
+	snprintf(pool_s, sizeof pool_s, "%" PRIu64, (uint64_t)slots * bb);
+	if (bin_dir)
+		setenv("KVMESH_BIN_DIR", bin_dir, 1);
+	local_cluster *lc;
+	if (local_cluster_start(coord_flags, &lc, err, sizeof err) != 0) {
+		fprintf(stderr, "bench-drain: %s\n", err);
+		return -1;
+	}
+	const char *coord = local_cluster_coordinator(lc);
+	kvm_client *c = NULL;
+	int rc = kvm_client_open(coord, NULL, &c);
+	if (rc == 0)
+		rc = kvm_model_register(c, m);
+	if (rc == 0 && (rc = local_cluster_add_agents(lc, 3, m->id, pool_s, agent_flags, err, sizeof err)) != 0)
+		fprintf(stderr, "bench-drain: %s\n", err);
+	/* The fillers take what agent-1 and agent-2 offer (the tail reserve
+	 * is not offered), so that wide borrows from agent-3 only. */
+	uint32_t offer = slots - TAIL_RESERVE - 1;
+	if (rc == 0)
+		rc = filler(c, m->id, "filler-1", "agent-1", offer);
+	if (rc == 0)
+		rc = filler(c, m->id, "filler-2", "agent-2", offer);
+	if (rc == 0 && (rc = kvm_seq_create(c, m->id, "wide", NULL, 0, "agent-1", NULL)) == 0)
+		rc = kvm_seq_extend(c, "wide", n * BT, NULL);
+	double t0 = now_s();
+	if (rc == 0)
+		rc = kvm_seq_write_blocks(c, "wide", tok, n, (const void *const *)blocks, NULL);
+	out->write_s = now_s() - t0;
+	if (rc == 0)
+		rc = kvm_seq_release(c, "filler-1");
+	if (rc == 0)
+		rc = kvm_seq_release(c, "filler-2");
+	if (rc == 0)
+		rc = blocks_on(c, "wide", "agent-3", n, &out->moved);
+	if (rc) {
+		fprintf(stderr, "bench-drain: setup: %s\n", c ? kvm_client_error(c) : kvm_strerror(rc));
+		goto out;
+	}
+	fprintf(stderr, "bench-drain: %s: wrote %u blocks (%.0f MiB) in %.3f s, %u of them on agent-3\n",
+		bin_dir ? "B" : "this build", n, (double)n * bb / 1048576, out->write_s, out->moved);
+	/* The drain, timed from the call to the first poll that finds nothing
+	 * left (10 ms polls). */
+	uint64_t left = 1;
+	t0 = now_s();
+	rc = coord_node(coord, "DrainNode", "agent-3", NULL);
+	while (rc == 0 && left) {
+		if ((rc = coord_node(coord, "ListNodes", "agent-3", &left)) != 0 || !left)
+			break;
+		if (now_s() - t0 > 600) {
+			fprintf(stderr, "bench-drain: %" PRIu64 " blocks still on agent-3 after 600 s\n", left);
+			rc = -1;
+			break;
+		}
+		usleep(10000);
+	}
+	out->drain_s = now_s() - t0;
+	if (rc)
+		goto out;
+	/* Correctness: nothing of wide is left there, the bytes are the same. */
+	uint32_t on3;
+	if ((rc = blocks_on(c, "wide", "agent-3", n, &on3)) == 0 && on3) {
+		fprintf(stderr, "bench-drain: %u blocks of wide still on agent-3\n", on3);
+		rc = -1;
+	}
+	uint8_t **back = calloc(n, sizeof *back);
+	for (uint32_t i = 0; rc == 0 && i < n; i++)
+		if (!back || !(back[i] = malloc(bb)))
+			rc = -ENOMEM;
+	if (rc == 0 && (rc = kvm_seq_read_blocks(c, "wide", 0, n, (void *const *)back)) != 0)
+		fprintf(stderr, "bench-drain: read back: %s\n", kvm_client_error(c));
+	for (uint32_t i = 0; rc == 0 && i < n; i++)
+		if (memcmp(back[i], blocks[i], bb) != 0) {
+			fprintf(stderr, "bench-drain: block %u differs after the drain\n", i);
+			rc = -1;
+		}
+	for (uint32_t i = 0; back && i < n; i++)
+		free(back[i]);
+	free(back);
+	fprintf(stderr, "bench-drain: %s: drained %u blocks in %.3f s (%.0f blocks/s)%s\n",
+		bin_dir ? "B" : "this build", out->moved, out->drain_s, out->moved / out->drain_s,
+		rc ? "" : ", read back equal");
+out:
+	if (c)
+		kvm_client_close(c);
+	local_cluster_stop(lc, rc != 0);
+	return rc ? -1 : 0;
+}
+
+int main(void)
+{
+	uint32_t n = (uint32_t)env_u64("KVMESH_BENCH_BLOCKS", 2048);
+	int rounds = (int)env_u64("KVMESH_BENCH_ROUNDS", 1);
+	const char *bin_b = getenv("KVMESH_BENCH_BIN_DIR_B");
+	const char *bin_a = getenv("KVMESH_BIN_DIR");
+	if (n < 1 || n > 1000000 || rounds < 1 || rounds > 100) {
+		fprintf(stderr, "bench-drain: KVMESH_BENCH_BLOCKS must be 1..1000000, rounds 1..100\n");
+		return 2;
+	}
+	kvm_model m = {.id = "bench-drain", .layers = 1, .q_heads = 32, .kv_heads = 8, .head_dim = 128,
+		       .block_tokens = BT, .dtype = KVM_F16};
+	size_t bb = kvm_block_bytes(&m);
+	uint8_t **blocks = calloc(n, sizeof *blocks);
+	uint32_t *tok = malloc((size_t)n * BT * sizeof *tok);
+	if (!blocks || !tok)
+		return 1;
+	uint64_t s = 7;
+	for (uint32_t i = 0; i < n; i++) {
+		if (!(blocks[i] = malloc(bb)))
+			return 1;
+		for (size_t k = 0; k < bb / 8; k++) {
+			s = s * 6364136223846793005ull + 1442695040888963407ull;
+			memcpy(blocks[i] + 8 * k, &s, 8);
+		}
+	}
+	for (uint32_t i = 0; i < n * BT; i++)
+		tok[i] = i * 2654435761u;
+	double *drain = calloc((size_t)rounds, sizeof(double)), *wr = calloc((size_t)rounds, sizeof(double));
+	double *drain_b = calloc((size_t)rounds, sizeof(double)), *wr_b = calloc((size_t)rounds, sizeof(double));
+	double *speedup = calloc((size_t)rounds, sizeof(double));
+	uint32_t moved = 0;
+	for (int r = 0; r < rounds; r++) {
+		round_result a, b;
+		if (bin_b) {
+			if (run_round(&m, n, blocks, tok, bin_b, &b) != 0)
+				return 1;
+			drain_b[r] = b.drain_s;
+			wr_b[r] = (double)n * bb / 1048576 / b.write_s;
+			if (bin_a)
+				setenv("KVMESH_BIN_DIR", bin_a, 1);
+			else
+				unsetenv("KVMESH_BIN_DIR");
+		}
+		if (run_round(&m, n, blocks, tok, NULL, &a) != 0)
+			return 1;
+		drain[r] = a.drain_s;
+		wr[r] = (double)n * bb / 1048576 / a.write_s;
+		moved = a.moved;
+		if (bin_b)
+			speedup[r] = b.drain_s / a.drain_s;
+	}
+	double d = median(drain, rounds), w = median(wr, rounds);
+	double mib = (double)moved * bb / 1048576;
+	printf("drain_blocks=%u\n", moved);
+	printf("drain_s=%.3f\n", d);
+	printf("drain_blocks_per_s=%.0f\n", moved / d);
+	printf("drain_MiB_per_s=%.1f\n", mib / d);
+	printf("write_MiB_per_s=%.1f\n", w);
+	printf("drain_vs_write=%.3f\n", mib / d / w);
+	if (bin_b) {
+		double db = median(drain_b, rounds), wb = median(wr_b, rounds);
+		printf("b_drain_s=%.3f\n", db);
+		printf("b_drain_vs_write=%.3f\n", mib / db / wb);
+		printf("drain_speedup_vs_b=%.2f\n", median(speedup, rounds));
+	}
+	return 0;
+}
