@@ -12,7 +12,8 @@
  * written.
  *
  * Environment: KVMESH_BENCH_BLOCKS (default 2048 blocks of 256 KiB: 64
- * tokens x 8 KV heads x 128 dim x fp16, one layer), KVMESH_BENCH_ROUNDS (1).
+ * tokens x 8 KV heads x 128 dim x fp16, one layer), KVMESH_BENCH_ROUNDS (1),
+ * KVMESH_BENCH_KEEP=1 (keep the daemons' logs).
  * KVMESH_BENCH_BIN_DIR_B=DIR runs every round with the daemons of DIR too
  * (another build; B first, then this one), for before/after in one run.
  * Final lines: drain_blocks, drain_s, drain_blocks_per_s, drain_MiB_per_s,
@@ -222,7 +223,10 @@ static int run_round(const kvm_model *m, uint32_t n, uint8_t *const *blocks, con
 out:
 	if (c)
 		kvm_client_close(c);
-	local_cluster_stop(lc, rc != 0);
+	bool keep = rc != 0 || getenv("KVMESH_BENCH_KEEP");
+	if (keep)
+		fprintf(stderr, "bench-drain: logs in %s\n", local_cluster_dir(lc));
+	local_cluster_stop(lc, keep);
 	return rc ? -1 : 0;
 }
 

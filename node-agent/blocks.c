@@ -860,51 +860,93 @@ struct move_job {
 	} *m;
 };
 
-/* Copies one block to its target; 0 or a negative errno (logged). */
-static int move_one(agent *a, const struct move_one *m, kvm_rpc_channel *ch)
+/* At most this many bytes of blocks in one PutBlocks of a drain (as the
+ * client's writes; the gRPC limit is KVM_RPC_MAX_MESSAGE). */
+#define MOVE_BATCH_BYTES (16u << 20)
+
+/* Whether move b continues the run that move a ends: same target and
+ * sequence, next index (one PutBlocks carries first_index + n blocks). */
+static bool move_follows(const struct move_one *a, const struct move_one *b)
 {
-	const void *ptr;
-	void *pin;
-	int rc = blocks_read(a, &m->h, &ptr, &pin);
-	if (rc) {
-		kvm_log(KVM_LOG_WARN, "move_failed", "sequence=%s index=%u to=%s error=\"%s\"", m->seq,
-			m->index, m->target, rc == -ESTALE ? "released meanwhile" : "not held here");
-		return rc;
+	return b->index == a->index + 1 && strcmp(a->addr, b->addr) == 0 && strcmp(a->seq, b->seq) == 0;
+}
+
+/* Copies moves m[0..n) (one run: same target and sequence, consecutive
+ * indexes) to their target with one PutBlocks. A block that cannot be read
+ * here is left out, splitting the run. Returns the blocks moved (failures
+ * logged; the coordinator plans the rest again). */
+static size_t move_run_put(agent *a, struct move_one *m, size_t n, kvm_rpc_channel *ch)
+{
+	Kvmesh__V1__BlockData *bd = calloc(n, sizeof *bd);
+	Kvmesh__V1__BlockData **bdp = calloc(n, sizeof *bdp);
+	void **pins = calloc(n, sizeof *pins);
+	size_t got = 0, moved = 0;
+	if (!bd || !bdp || !pins) {
+		kvm_log(KVM_LOG_WARN, "move_failed", "sequence=%s index=%u to=%s error=\"out of memory\"",
+			m[0].seq, m[0].index, m[0].target);
+		goto out;
 	}
-	Kvmesh__V1__BlockData bd = KVMESH__V1__BLOCK_DATA__INIT, *bdp = &bd;
-	bd.data.data = (uint8_t *)ptr;
-	bd.data.len = a->block_bytes;
-	if (m->keyed) {
-		bd.key.data = (uint8_t *)m->key;
-		bd.key.len = 16;
+	for (size_t k = 0; k <= n; k++) {
+		const void *ptr = NULL;
+		int rc = k < n ? blocks_read(a, &m[k].h, &ptr, &pins[got]) : -ENOENT;
+		if (rc && k < n)
+			kvm_log(KVM_LOG_WARN, "move_failed", "sequence=%s index=%u to=%s error=\"%s\"", m[k].seq,
+				m[k].index, m[k].target, rc == -ESTALE ? "released meanwhile" : "not held here");
+		if (rc == 0) {
+			kvmesh__v1__block_data__init(&bd[got]);
+			bd[got].data.data = (uint8_t *)ptr;
+			bd[got].data.len = a->block_bytes;
+			if (m[k].keyed) {
+				bd[got].key.data = m[k].key;
+				bd[got].key.len = 16;
+			}
+			bdp[got] = &bd[got];
+			got++;
+			continue;
+		}
+		if (!got)
+			continue;
+		/* The blocks read so far are m[k - got .. k): send them. */
+		const struct move_one *f = &m[k - got];
+		Kvmesh__V1__PutBlocksRequest req = KVMESH__V1__PUT_BLOCKS_REQUEST__INIT;
+		req.model_id = a->model_id;
+		req.sequence_id = (char *)f->seq;
+		req.first_index = f->index;
+		req.n_blocks = got;
+		req.blocks = bdp;
+		void *resp = NULL;
+		size_t len;
+		char msg[512];
+		int code = agent_peer_call(a, ch, "PutBlocks", &req.base, &resp, &len, msg, sizeof msg);
+		for (size_t i = 0; i < got; i++)
+			blocks_unread(a, pins[i]);
+		free(resp);
+		if (code != KVM_RPC_OK)
+			kvm_log(KVM_LOG_WARN, "move_failed", "sequence=%s index=%u blocks=%zu to=%s error=\"%s\"",
+				f->seq, f->index, got, f->target, msg);
+		else
+			moved += got;
+		got = 0;
 	}
-	Kvmesh__V1__PutBlocksRequest req = KVMESH__V1__PUT_BLOCKS_REQUEST__INIT;
-	req.model_id = a->model_id;
-	req.sequence_id = (char *)m->seq;
-	req.first_index = m->index;
-	req.n_blocks = 1;
-	req.blocks = &bdp;
-	void *resp = NULL;
-	size_t len;
-	char msg[512];
-	int code = agent_peer_call(a, ch, "PutBlocks", &req.base, &resp, &len, msg, sizeof msg);
-	blocks_unread(a, pin);
-	free(resp);
-	if (code != KVM_RPC_OK) {
-		kvm_log(KVM_LOG_WARN, "move_failed", "sequence=%s index=%u to=%s error=\"%s\"", m->seq,
-			m->index, m->target, msg);
-		return -EIO;
-	}
-	return 0;
+out:
+	free(bd);
+	free(bdp);
+	free(pins);
+	return moved;
 }
 
 static void move_run(void *arg, da_ctx *ctx)
 {
 	(void)ctx;
 	struct move_job *j = arg;
-	size_t moved = 0;
-	/* One channel per target, in the order the moves name them. */
-	for (size_t i = 0; i < j->n; i++) {
+	size_t moved = 0, calls = 0;
+	size_t per_call = MOVE_BATCH_BYTES / j->a->block_bytes ? MOVE_BATCH_BYTES / j->a->block_bytes : 1;
+	struct move_one *run = calloc(per_call, sizeof *run);
+	/* One channel per target, in the order the moves name them; runs of
+	 * one sequence's consecutive blocks go in one PutBlocks, so that the
+	 * target stores and reports them at once (one durable update at the
+	 * coordinator instead of one per block). */
+	for (size_t i = 0; run && i < j->n; i++) {
 		if (!j->m[i].addr[0])
 			continue;
 		kvm_rpc_channel *ch = NULL;
@@ -915,14 +957,28 @@ static void move_run(void *arg, da_ctx *ctx)
 		}
 		char addr[256];
 		snprintf(addr, sizeof addr, "%s", j->m[i].addr);
-		for (size_t k = i; k < j->n; k++)
-			if (strcmp(j->m[k].addr, addr) == 0) {
-				moved += move_one(j->a, &j->m[k], ch) == 0;
-				j->m[k].addr[0] = '\0';
+		size_t n = 0;
+		for (size_t k = i; k < j->n; k++) {
+			if (strcmp(j->m[k].addr, addr) != 0)
+				continue;
+			if (n && (n == per_call || !move_follows(&run[n - 1], &j->m[k]))) {
+				moved += move_run_put(j->a, run, n, ch);
+				calls++;
+				n = 0;
 			}
+			run[n++] = j->m[k];
+			j->m[k].addr[0] = '\0';
+		}
+		if (n) {
+			moved += move_run_put(j->a, run, n, ch);
+			calls++;
+		}
 		kvm_rpc_channel_close(ch);
 	}
-	kvm_log(KVM_LOG_INFO, "blocks_moved", "blocks=%zu of=%zu", moved, j->n);
+	if (!run)
+		kvm_log(KVM_LOG_WARN, "move_failed", "blocks=%zu error=\"out of memory\"", j->n);
+	kvm_log(KVM_LOG_INFO, "blocks_moved", "blocks=%zu of=%zu calls=%zu", moved, j->n, calls);
+	free(run);
 	free(j->m);
 	free(j);
 }
