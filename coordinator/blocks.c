@@ -397,13 +397,13 @@ static void sweep_full(kvm_coord *c, uint32_t node)
 
 /* Applies one checked entry; an orphan's handle goes to `orphans`. */
 static void apply_report(kvm_coord *c, uint32_t node, const Kvmesh__V1__BlockReport *b,
-			 cmd_rec *orphans, uint64_t *ticket, cmd_rec **staged)
+			 cmd_rec *orphans, moved_list *moved, uint64_t *ticket, cmd_rec **staged)
 {
 	uint32_t gen = c->nodes[node].report_gen;
 	soft_seq *s = coord_soft_find(c, b->sequence_id);
 	soft_slot *sl = s && b->index < s->n ? &s->slots[b->index] : NULL;
 	blk_ent *be = sl ? sl->be : NULL;
-	if (sl && (be ? be->node : sl->node) != node && coord_move_done(c, node, s, b->index, b, ticket, staged))
+	if (sl && (be ? be->node : sl->node) != node && coord_move_done(c, node, s, b->index, b, moved, ticket, staged))
 		return;
 	if (!sl || (be ? be->node : sl->node) != node) {
 		kvmesh__v1__block_handle__init(&orphans->handles[orphans->n]);
@@ -456,6 +456,7 @@ int coord_report_blocks(void *arg, kvm_rpc_call *call, const uint8_t *req, size_
 	int rc = KVM_RPC_OK;
 	uint64_t ticket = 0;
 	cmd_rec *staged = NULL; /* releases of moved blocks' old copies */
+	moved_list moved = {0};  /* their sequences' records to rewrite */
 	cmd_rec *orphans = calloc(1, sizeof(*orphans));
 	if (orphans)
 		orphans->handles = calloc(r->n_blocks + 1, sizeof(*orphans->handles));
@@ -500,7 +501,8 @@ int coord_report_blocks(void *arg, kvm_rpc_call *call, const uint8_t *req, size_
 		nd->report_gen++;
 	}
 	for (size_t i = 0; i < r->n_blocks; i++)
-		apply_report(c, node, r->blocks[i], orphans, &ticket, &staged);
+		apply_report(c, node, r->blocks[i], orphans, &moved, &ticket, &staged);
+	coord_moved_flush(c, node, &moved, &ticket);
 	if (orphans->n) {
 		kvm_log(KVM_LOG_INFO, "orphan_blocks", "node=%s blocks=%zu", nd->id, orphans->n);
 		coord_queue_cmd(c, node, orphans);

@@ -221,21 +221,37 @@ void coord_soft_destroy(kvm_coord *c);
 /* drain.c: moving blocks off draining nodes; all with mu held. */
 /* Gives up expired moves, then plans more for `node` if it is draining. */
 void coord_drain_step(kvm_coord *c, uint32_t node);
+/* Placements that moves completed by one report switched to its node: the
+ * sequences' durable records are written once per sequence at the end
+ * (coord_moved_flush), not once per block (a record names every block). */
+typedef struct moved_list {
+	size_t n, cap;
+	struct moved_ent {
+		soft_seq *s;
+		uint32_t index;
+	} *e;
+} moved_list;
 /* A report from `node` of placement (s, index) that the index puts on
- * another node: when it completes a move, switches the placement, appends
- * the old copy's release to *staged (queue it once *ticket is durable) and
- * returns true. */
+ * another node: when it completes a move, switches the placement in soft
+ * state, adds the records to rewrite to *moved, appends the old copy's
+ * release to *staged (queue it once *ticket, raised by coord_moved_flush, is
+ * durable) and returns true. */
 bool coord_move_done(kvm_coord *c, uint32_t node, soft_seq *s, uint32_t index,
-		     const Kvmesh__V1__BlockReport *b, uint64_t *ticket, cmd_rec **staged);
+		     const Kvmesh__V1__BlockReport *b, moved_list *moved, uint64_t *ticket,
+		     cmd_rec **staged);
+/* Writes the records of *moved (placements now on `node`), one per
+ * sequence, raising *ticket; empties *moved. Before mu is released. */
+void coord_moved_flush(kvm_coord *c, uint32_t node, moved_list *moved, uint64_t *ticket);
 /* A node died: moves from or to it end. */
 void coord_moves_node_lost(kvm_coord *c, uint32_t node);
 /* For a draining node: blocks still to move, sequences homed there. */
 void coord_drain_progress(kvm_coord *c, uint32_t node, uint64_t *blocks_left, uint32_t *home_seqs);
 void coord_moves_destroy(kvm_coord *c);
 
-/* sequences.c: records that placement `index` of sequence id now lives on
- * `node` (durable once *ticket is synced). */
-int coord_seq_set_node(kvm_coord *c, const char *id, uint32_t index, const char *node,
-		       uint64_t *ticket);
+/* sequences.c: records that placements index[0..n) (ascending) of sequence
+ * id now live on `node` (durable once *ticket is synced): one record
+ * write. */
+int coord_seq_set_nodes(kvm_coord *c, const char *id, const uint32_t *index, size_t n,
+			const char *node, uint64_t *ticket);
 
 #endif

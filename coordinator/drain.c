@@ -220,8 +220,56 @@ static void stage_release(cmd_rec **staged, uint32_t to, const Kvmesh__V1__Block
 	*staged = r;
 }
 
+/* Adds (s, index) to *moved; if it cannot grow, writes that record now. */
+static void moved_add(kvm_coord *c, uint32_t node, moved_list *moved, soft_seq *s, uint32_t index,
+		      uint64_t *ticket)
+{
+	if (moved->n == moved->cap) {
+		size_t cap = moved->cap ? moved->cap * 2 : 64;
+		struct moved_ent *p = realloc(moved->e, cap * sizeof(*p));
+		if (!p) {
+			coord_seq_set_nodes(c, s->id, &index, 1, c->nodes[node].id, ticket);
+			return;
+		}
+		moved->e = p;
+		moved->cap = cap;
+	}
+	moved->e[moved->n++] = (struct moved_ent){.s = s, .index = index};
+}
+
+static int cmp_moved(const void *a, const void *b)
+{
+	const struct moved_ent *x = a, *y = b;
+	if (x->s != y->s)
+		return (uintptr_t)x->s < (uintptr_t)y->s ? -1 : 1;
+	return x->index < y->index ? -1 : x->index > y->index;
+}
+
+void coord_moved_flush(kvm_coord *c, uint32_t node, moved_list *moved, uint64_t *ticket)
+{
+	qsort(moved->e, moved->n, sizeof(*moved->e), cmp_moved);
+	uint32_t *idx = malloc((moved->n ? moved->n : 1) * sizeof(*idx));
+	for (size_t i = 0, j; i < moved->n; i = j) {
+		for (j = i + 1; j < moved->n && moved->e[j].s == moved->e[i].s; j++)
+			;
+		if (idx) {
+			for (size_t k = i; k < j; k++)
+				idx[k - i] = moved->e[k].index;
+			coord_seq_set_nodes(c, moved->e[i].s->id, idx, j - i, c->nodes[node].id, ticket);
+		} else {
+			for (size_t k = i; k < j; k++)
+				coord_seq_set_nodes(c, moved->e[k].s->id, &moved->e[k].index, 1,
+						    c->nodes[node].id, ticket);
+		}
+	}
+	free(idx);
+	free(moved->e);
+	*moved = (moved_list){0};
+}
+
 bool coord_move_done(kvm_coord *c, uint32_t node, soft_seq *s, uint32_t index,
-		     const Kvmesh__V1__BlockReport *b, uint64_t *ticket, cmd_rec **staged)
+		     const Kvmesh__V1__BlockReport *b, moved_list *moved, uint64_t *ticket,
+		     cmd_rec **staged)
 {
 	soft_slot *sl = &s->slots[index];
 	blk_ent *be = sl->be;
@@ -255,7 +303,7 @@ bool coord_move_done(kvm_coord *c, uint32_t node, soft_seq *s, uint32_t index,
 				for (size_t j = 0; j < q->n; j++)
 					if (q->slots[j].be == be) {
 						q->slots[j].node = node;
-						coord_seq_set_node(c, q->id, (uint32_t)j, c->nodes[node].id, ticket);
+						moved_add(c, node, moved, q, (uint32_t)j, ticket);
 					}
 	} else {
 		if (sl->known)
@@ -265,7 +313,7 @@ bool coord_move_done(kvm_coord *c, uint32_t node, soft_seq *s, uint32_t index,
 		sl->known = true;
 		sl->mark = gen;
 		sl->moving = false;
-		coord_seq_set_node(c, s->id, index, c->nodes[node].id, ticket);
+		moved_add(c, node, moved, s, index, ticket);
 	}
 	kvm_log(KVM_LOG_INFO, "block_moved", "sequence=%s index=%u from=%s to=%s", s->id, index,
 		node_id(c, m.src), c->nodes[node].id);

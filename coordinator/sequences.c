@@ -976,29 +976,46 @@ static int collect_on_node(void *arg, const char *key, const void *val, size_t l
 	return 0;
 }
 
-int coord_seq_set_node(kvm_coord *c, const char *id, uint32_t index, const char *node,
-		       uint64_t *ticket)
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+int coord_seq_set_nodes(kvm_coord *c, const char *id, const uint32_t *index, size_t n,
+			const char *node, uint64_t *ticket)
 {
 	Kvmesh__V1__Sequence *s = load_seq(c, id);
 	if (!s)
 		return -ENOENT;
-	int rc = -ENOENT;
+	/* The unpacked strings belong to protobuf-c: swap ours in to pack,
+	 * then put them back for free_unpacked. */
+	char **old = calloc(2 * s->n_blocks + 1, sizeof(*old));
+	if (!old) {
+		kvmesh__v1__sequence__free_unpacked(s, NULL);
+		return -ENOMEM;
+	}
+	char addr[256];
+	const char *data_addr = data_address_of(c, node, addr, sizeof(addr));
+	size_t set = 0;
 	for (size_t i = 0; i < s->n_blocks; i++) {
 		Kvmesh__V1__BlockPlacement *p = s->blocks[i];
-		if (p->index != index)
+		if (!bsearch(&p->index, index, n, sizeof(*index), cmp_u32))
 			continue;
-		char addr[256];
-		/* The unpacked strings belong to protobuf-c: swap ours in to pack,
-		 * then put them back for free_unpacked. */
-		char *old_node = p->node_id, *old_addr = p->data_address;
+		old[2 * i] = p->node_id;
+		old[2 * i + 1] = p->data_address;
 		p->node_id = (char *)node;
-		p->data_address = data_address_of(c, node, addr, sizeof(addr));
+		p->data_address = (char *)data_addr;
 		p->borrowed = strcmp(node, s->home_node) != 0;
-		rc = store_seq(c, s, ticket);
-		p->node_id = old_node;
-		p->data_address = old_addr;
-		break;
+		set++;
 	}
+	int rc = set ? store_seq(c, s, ticket) : -ENOENT;
+	for (size_t i = 0; i < s->n_blocks; i++)
+		if (old[2 * i]) {
+			s->blocks[i]->node_id = old[2 * i];
+			s->blocks[i]->data_address = old[2 * i + 1];
+		}
+	free(old);
 	kvmesh__v1__sequence__free_unpacked(s, NULL);
 	return rc;
 }
