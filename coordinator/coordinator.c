@@ -670,10 +670,13 @@ static int list_models(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 static int watch_events(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
 {
 	kvm_coord *c = arg;
-	(void)req;
-	(void)len;
+	UNPACK_OR_FAIL(Kvmesh__V1__WatchEventsRequest, kvmesh__v1__watch_events_request, r);
+	uint64_t after = r->after_seq;
+	kvmesh__v1__watch_events_request__free_unpacked(r, NULL);
 	pthread_mutex_lock(&c->mu);
 	uint64_t next = c->next_seq + 1;
+	if (after > 0 && after < c->next_seq)
+		next = after + 1; /* clamped below to what the ring still holds */
 	for (;;) {
 		while (c->next_seq < next && !c->stopping) {
 			struct timespec until;

@@ -1010,6 +1010,21 @@ int coord_seq_set_nodes(kvm_coord *c, const char *id, const uint32_t *index, siz
 		set++;
 	}
 	int rc = set ? store_seq(c, s, ticket) : -ENOENT;
+	if (rc == 0) {
+		char why[160];
+		snprintf(why, sizeof(why), "%zu blocks moved to node %s (a drain)", n, node);
+		Kvmesh__V1__SequenceEvent se = KVMESH__V1__SEQUENCE_EVENT__INIT;
+		se.sequence_id = s->id;
+		se.kind = KVMESH__V1__SEQUENCE_EVENT__KIND__MOVED;
+		se.moved_blocks = (uint32_t *)index;
+		se.n_moved_blocks = n;
+		se.node_id = (char *)node;
+		se.reason = why;
+		Kvmesh__V1__Event ev = KVMESH__V1__EVENT__INIT;
+		ev.kind_case = KVMESH__V1__EVENT__KIND_SEQUENCE;
+		ev.sequence = &se;
+		coord_emit(c, &ev);
+	}
 	for (size_t i = 0; i < s->n_blocks; i++)
 		if (old[2 * i]) {
 			s->blocks[i]->node_id = old[2 * i];

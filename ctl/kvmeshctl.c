@@ -424,6 +424,12 @@ static int cmd_node_state(ctl *c, const char *method, const char *node)
 	return EXIT_OK;
 }
 
+static const char *seq_event_name(Kvmesh__V1__SequenceEvent__Kind k)
+{
+	static const char *names[] = {"unknown", "created", "extended", "degraded", "released", "moved"};
+	return (unsigned)k < sizeof(names) / sizeof(names[0]) ? names[k] : "unknown";
+}
+
 static int cmd_watch(ctl *c)
 {
 	Kvmesh__V1__WatchEventsRequest req = KVMESH__V1__WATCH_EVENTS_REQUEST__INIT;
@@ -458,8 +464,28 @@ static int cmd_watch(ctl *c)
 				       ev->node->node_id, state_name(ev->node->state), ev->node->reason);
 			}
 		} else if (ev->kind_case == KVMESH__V1__EVENT__KIND_SEQUENCE) {
-			printf("%s sequence %s event %d (%s)\n", when, ev->sequence->sequence_id,
-			       ev->sequence->kind, ev->sequence->reason);
+			const Kvmesh__V1__SequenceEvent *se = ev->sequence;
+			if (c->json) {
+				printf("{\"seq\":%" PRIu64 ",\"unix_ms\":%" PRIu64 ",\"sequence\":", ev->seq,
+				       ev->unix_ms);
+				json_str(se->sequence_id);
+				printf(",\"event\":\"%s\",\"reason\":", seq_event_name(se->kind));
+				json_str(se->reason);
+				const uint32_t *b = se->n_lost_blocks ? se->lost_blocks : se->moved_blocks;
+				size_t nb = se->n_lost_blocks ? se->n_lost_blocks : se->n_moved_blocks;
+				printf(",\"blocks\":[");
+				for (size_t i = 0; i < nb; i++)
+					printf("%s%u", i ? "," : "", b[i]);
+				printf("]");
+				if (se->node_id[0]) {
+					printf(",\"node\":");
+					json_str(se->node_id);
+				}
+				printf("}\n");
+			} else {
+				printf("%s.%03uZ sequence %s %s (%s)\n", when, (unsigned)(ev->unix_ms % 1000),
+				       se->sequence_id, seq_event_name(se->kind), se->reason);
+			}
 		}
 		fflush(stdout);
 		kvmesh__v1__event__free_unpacked(ev, NULL);

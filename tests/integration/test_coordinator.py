@@ -233,10 +233,16 @@ def test_kvmeshctl_tables_json_and_exit_codes():
         time.sleep(0.5)
         c.stub.RegisterNode(pb.RegisterNodeRequest(node=node_msg(5)), timeout=5)
         line = w.stdout.readline()
-        w.terminate()
-        w.wait(timeout=10)
         ev = json.loads(line)
         assert ev["node"] == "node5" and ev["state"] == "ready", line
+        # sequence events are JSON lines too, named
+        c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="llama-tiny", sequence_id="w1",
+                                                       home_node="node0"), timeout=5)
+        c.stub.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="w1"), timeout=5)
+        seen = [json.loads(w.stdout.readline()) for _ in range(2)]
+        w.terminate()
+        w.wait(timeout=10)
+        assert [(e["sequence"], e["event"]) for e in seen] == [("w1", "created"), ("w1", "released")], seen
     finally:
         c.close()
 

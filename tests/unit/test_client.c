@@ -579,9 +579,18 @@ Test(client, drain_moves_blocks_and_decode_goes_on)
 {
 	start(3, "256KiB", &drain_model, 5000); /* 32 blocks of 8 KiB */
 	ref_seq r[2];
-	uint32_t total = 0;
-	drain_setup(r, &total);
+	uint32_t total = 0, before = drain_setup(r, &total);
 	const char *ids[] = {"wide", "on3"};
+
+	/* Watchers hear where the blocks went. */
+	kvm_rpc_channel *wch;
+	cr_assert_eq(kvm_rpc_channel_open(local_cluster_coordinator(g_lc), &wch), 0);
+	Kvmesh__V1__WatchEventsRequest wr = KVMESH__V1__WATCH_EVENTS_REQUEST__INIT;
+	wr.after_seq = 1; /* from the start: the stream may begin after the drain */
+	uint8_t wbuf[16];
+	kvm_rpc_stream *ws;
+	cr_assert_eq(kvm_rpc_stream_open(wch, "/kvmesh.v1.Coordinator/WatchEvents", wbuf,
+					 kvmesh__v1__watch_events_request__pack(&wr, wbuf), 15000, &ws), 0);
 
 	Kvmesh__V1__Node *nd = coord_node_call("DrainNode", "agent-3");
 	cr_assert_eq(nd->state, KVMESH__V1__NODE_STATE__NODE_DRAINING);
@@ -595,6 +604,28 @@ Test(client, drain_moves_blocks_and_decode_goes_on)
 		kvmesh__v1__node__free_unpacked(nd, NULL);
 	}
 	cr_assert_eq(left, 0, "blocks of other nodes' sequences are still on the draining node");
+	uint32_t heard = 0;
+	bool drained_event = false;
+	void *msg;
+	size_t mlen;
+	while (heard < before && kvm_rpc_stream_next(ws, &msg, &mlen) == 1) {
+		Kvmesh__V1__Event *ev = kvmesh__v1__event__unpack(NULL, mlen, msg);
+		free(msg);
+		cr_assert(ev);
+		if (ev->kind_case == KVMESH__V1__EVENT__KIND_SEQUENCE &&
+		    ev->sequence->kind == KVMESH__V1__SEQUENCE_EVENT__KIND__MOVED) {
+			cr_assert_str_eq(ev->sequence->sequence_id, "wide");
+			cr_assert_str_neq(ev->sequence->node_id, "agent-3");
+			heard += (uint32_t)ev->sequence->n_moved_blocks;
+		}
+		drained_event |= ev->kind_case == KVMESH__V1__EVENT__KIND_NODE &&
+				 strstr(ev->node->reason, "drained") != NULL;
+		kvmesh__v1__event__free_unpacked(ev, NULL);
+	}
+	kvm_rpc_stream_close(ws);
+	kvm_rpc_channel_close(wch);
+	cr_assert_eq(heard, before, "MOVED events named %u of the %u moved blocks", heard, before);
+	cr_assert_eq(drained_event, false, "drained while a sequence is still homed there");
 	uint32_t after_total;
 	cr_assert_eq(blocks_on("wide", "agent-3", &after_total), 0);
 	cr_assert_eq(after_total, total);
