@@ -147,6 +147,7 @@ int coord_soft_push(kvm_coord *c, soft_seq *ss, const char *node)
 
 void coord_soft_remove(kvm_coord *c, soft_seq *ss)
 {
+	coord_moves_seq_gone(c, ss->data_id);
 	soft_seq **pp = &c->seqs[ss->data_id & (c->seq_buckets - 1)];
 	while (*pp && *pp != ss)
 		pp = &(*pp)->next;

@@ -242,6 +242,9 @@ bool coord_move_done(kvm_coord *c, uint32_t node, soft_seq *s, uint32_t index,
 /* Writes the records of *moved (placements now on `node`), one per
  * sequence, raising *ticket; empties *moved. Before mu is released. */
 void coord_moved_flush(kvm_coord *c, uint32_t node, moved_list *moved, uint64_t *ticket);
+/* A sequence left: its private moves end (a late report is an orphan, even
+ * if a new sequence takes the same id). */
+void coord_moves_seq_gone(kvm_coord *c, uint64_t data_id);
 /* A node died: moves from or to it end. */
 void coord_moves_node_lost(kvm_coord *c, uint32_t node);
 /* For a draining node: blocks still to move, sequences homed there. */

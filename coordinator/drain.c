@@ -320,6 +320,16 @@ bool coord_move_done(kvm_coord *c, uint32_t node, soft_seq *s, uint32_t index,
 	return true;
 }
 
+void coord_moves_seq_gone(kvm_coord *c, uint64_t data_id)
+{
+	for (size_t i = 0; i < c->n_moves;) {
+		if (!c->moves[i].shared && c->moves[i].data_id == data_id)
+			move_abandon(c, i);
+		else
+			i++;
+	}
+}
+
 void coord_moves_node_lost(kvm_coord *c, uint32_t node)
 {
 	for (size_t i = 0; i < c->n_moves;) {
