@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "client/demo/launch.h"
+#include "client/demo/nodes.h"
 #include "client/kvmesh.h"
 #include "common/rpc.h"
 #include "proto/kvmesh.pb-c.h"
@@ -58,51 +59,6 @@ static double median(double *v, int n)
 {
 	qsort(v, (size_t)n, sizeof(double), cmp_double);
 	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-/* One Coordinator call about a node (what kvmeshctl does): DrainNode, or
- * ListNodes for that node's drain_blocks_left. Returns 0 or -1 (printed). */
-static int coord_node(const char *coord, const char *method, const char *node, uint64_t *left)
-{
-	kvm_rpc_channel *ch;
-	if (kvm_rpc_channel_open(coord, &ch) != 0)
-		return -1;
-	char path[96];
-	snprintf(path, sizeof path, "/kvmesh.v1.Coordinator/%s", method);
-	uint8_t buf[256];
-	size_t n;
-	bool list = strcmp(method, "ListNodes") == 0;
-	if (list) {
-		Kvmesh__V1__ListNodesRequest r = KVMESH__V1__LIST_NODES_REQUEST__INIT;
-		n = kvmesh__v1__list_nodes_request__pack(&r, buf);
-	} else {
-		Kvmesh__V1__NodeRequest r = KVMESH__V1__NODE_REQUEST__INIT;
-		r.node_id = (char *)node;
-		n = kvmesh__v1__node_request__pack(&r, buf);
-	}
-	void *resp = NULL;
-	size_t len = 0;
-	kvm_rpc_status st;
-	int rc = kvm_rpc_unary(ch, path, buf, n, 5000, &resp, &len, &st);
-	kvm_rpc_channel_close(ch);
-	if (rc != 0 || st.code != KVM_RPC_OK) {
-		fprintf(stderr, "bench-drain: %s: %s\n", method, rc ? "no answer" : st.message);
-		free(resp);
-		return -1;
-	}
-	rc = list ? -1 : 0;
-	if (list) {
-		Kvmesh__V1__ListNodesResponse *l = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
-		for (size_t i = 0; l && i < l->n_nodes; i++)
-			if (strcmp(l->nodes[i]->id, node) == 0) {
-				*left = l->nodes[i]->drain_blocks_left;
-				rc = 0;
-			}
-		if (l)
-			kvmesh__v1__list_nodes_response__free_unpacked(l, NULL);
-	}
-	free(resp);
-	return rc;
 }
 
 /* Blocks of seq written on node. */
@@ -183,9 +139,10 @@ static int run_round(const kvm_model *m, uint32_t n, uint8_t *const *blocks, con
 	 * left (10 ms polls). */
 	uint64_t left = 1;
 	t0 = now_s();
-	rc = coord_node(coord, "DrainNode", "agent-3", NULL);
+	rc = demo_node_admin(coord, NULL, "DrainNode", "agent-3");
 	while (rc == 0 && left) {
-		if ((rc = coord_node(coord, "ListNodes", "agent-3", &left)) != 0 || !left)
+		demo_node nd;
+		if ((rc = demo_find_node(coord, NULL, "agent-3", &nd)) != 0 || !(left = nd.drain_left))
 			break;
 		if (now_s() - t0 > 600) {
 			fprintf(stderr, "bench-drain: %" PRIu64 " blocks still on agent-3 after 600 s\n", left);

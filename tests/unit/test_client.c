@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "client/demo/launch.h"
+#include "client/demo/nodes.h"
 #include "common/rpc.h"
 #include "proto/kvmesh.pb-c.h"
 #include "client/kvmesh.h"
@@ -447,50 +448,13 @@ Test(client, bad_input)
 	cr_assert_eq(kvm_seq_release(g_c, "ok"), -ENOENT);
 }
 
-/* One call to the coordinator's gRPC service (what kvmeshctl does). */
-static Kvmesh__V1__Node *coord_node_call(const char *method, const char *node_id)
+/* The node as the coordinator lists it. */
+static demo_node node_now(const char *id)
 {
-	kvm_rpc_channel *ch;
-	cr_assert_eq(kvm_rpc_channel_open(local_cluster_coordinator(g_lc), &ch), 0);
-	char path[96];
-	snprintf(path, sizeof path, "/kvmesh.v1.Coordinator/%s", method);
-	uint8_t buf[256];
-	size_t n;
-	bool list = strcmp(method, "ListNodes") == 0;
-	if (list) {
-		Kvmesh__V1__ListNodesRequest r = KVMESH__V1__LIST_NODES_REQUEST__INIT;
-		n = kvmesh__v1__list_nodes_request__pack(&r, buf);
-	} else {
-		Kvmesh__V1__NodeRequest r = KVMESH__V1__NODE_REQUEST__INIT;
-		r.node_id = (char *)node_id;
-		n = kvmesh__v1__node_request__pack(&r, buf);
-	}
-	void *resp = NULL;
-	size_t len = 0;
-	kvm_rpc_status st;
-	cr_assert_eq(kvm_rpc_unary(ch, path, buf, n, 5000, &resp, &len, &st), 0);
-	cr_assert_eq(st.code, KVM_RPC_OK, "%s: %s", method, st.message);
-	kvm_rpc_channel_close(ch);
-	Kvmesh__V1__Node *out = NULL;
-	if (list) {
-		Kvmesh__V1__ListNodesResponse *l = kvmesh__v1__list_nodes_response__unpack(NULL, len, resp);
-		cr_assert(l);
-		for (size_t i = 0; i < l->n_nodes && !out; i++)
-			if (strcmp(l->nodes[i]->id, node_id) == 0) {
-				/* A copy that outlives the response. */
-				size_t m = kvmesh__v1__node__get_packed_size(l->nodes[i]);
-				uint8_t *b = malloc(m + 1);
-				kvmesh__v1__node__pack(l->nodes[i], b);
-				out = kvmesh__v1__node__unpack(NULL, m, b);
-				free(b);
-			}
-		kvmesh__v1__list_nodes_response__free_unpacked(l, NULL);
-	} else {
-		out = kvmesh__v1__node__unpack(NULL, len, resp);
-	}
-	free(resp);
-	cr_assert(out, "%s: node %s not in the answer", method, node_id);
-	return out;
+	demo_node nd;
+	int rc = demo_find_node(local_cluster_coordinator(g_lc), NULL, id, &nd);
+	cr_assert_eq(rc, 0, "ListNodes: %s: %s", id, strerror(-rc));
+	return nd;
 }
 
 /* One of agent i's Stats counters. */
@@ -565,10 +529,7 @@ static uint32_t drain_setup(ref_seq r[2], uint32_t *total)
 static void wait_dead(const char *node)
 {
 	for (int i = 0; i < 100; i++) {
-		Kvmesh__V1__Node *nd = coord_node_call("ListNodes", node);
-		bool dead = nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD;
-		kvmesh__v1__node__free_unpacked(nd, NULL);
-		if (dead)
+		if (node_now(node).state == KVMESH__V1__NODE_STATE__NODE_DEAD)
 			return;
 		usleep(100000);
 	}
@@ -592,16 +553,14 @@ Test(client, drain_moves_blocks_and_decode_goes_on)
 	cr_assert_eq(kvm_rpc_stream_open(wch, "/kvmesh.v1.Coordinator/WatchEvents", wbuf,
 					 kvmesh__v1__watch_events_request__pack(&wr, wbuf), 15000, &ws), 0);
 
-	Kvmesh__V1__Node *nd = coord_node_call("DrainNode", "agent-3");
-	cr_assert_eq(nd->state, KVMESH__V1__NODE_STATE__NODE_DRAINING);
-	kvmesh__v1__node__free_unpacked(nd, NULL);
+	cr_assert_eq(demo_node_admin(local_cluster_coordinator(g_lc), NULL, "DrainNode", "agent-3"), 0);
+	cr_assert_eq(node_now("agent-3").state, KVMESH__V1__NODE_STATE__NODE_DRAINING);
 	uint64_t left = 1;
 	for (int i = 0; i < 100 && left; i++) {
 		usleep(100000);
-		nd = coord_node_call("ListNodes", "agent-3");
-		left = nd->drain_blocks_left;
-		cr_assert_eq(nd->drain_home_sequences, 1, "on3 is homed there");
-		kvmesh__v1__node__free_unpacked(nd, NULL);
+		demo_node nd = node_now("agent-3");
+		left = nd.drain_left;
+		cr_assert_eq(nd.drain_homes, 1, "on3 is homed there");
 	}
 	cr_assert_eq(left, 0, "blocks of other nodes' sequences are still on the draining node");
 	uint32_t heard = 0;
