@@ -511,6 +511,7 @@ int coord_report_blocks(void *arg, kvm_rpc_call *call, const uint8_t *req, size_
 	}
 	if (!r->incremental && r->last) {
 		nd->full_open = false;
+		nd->reported = true;
 		sweep_full(c, node);
 	}
 	rc = KVM_RPC_OK;

@@ -126,6 +126,8 @@ typedef struct node_rec {
 	uint64_t cmds_dropped;           /* while the queue was full */
 	uint32_t report_gen;             /* bumped when a full report begins */
 	bool full_open;                  /* a full report is in progress */
+	bool reported;                   /* a full report ended since it registered:
+					    its handles are known */
 } node_rec;
 
 typedef struct event_rec {

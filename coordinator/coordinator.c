@@ -241,6 +241,7 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 		nd->drain_pending = nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING;
 		nd->drained_told = false;
 		nd->full_open = false; /* a full report cut short by a restart is void */
+		nd->reported = false;
 		sync_ledger(c, nd);
 		update_links(c, r->node);
 		emit_node_event(c, nd->id, nd->state, "registered");

@@ -344,6 +344,9 @@ void coord_drain_progress(kvm_coord *c, uint32_t node, uint64_t *blocks_left, ui
 {
 	*blocks_left = 0;
 	*home_seqs = 0;
+	/* Until the node's full report after a (re)registration, which of its
+	 * placements hold written blocks is unknown: count them all. */
+	bool sure = c->nodes[node].reported;
 	for (size_t b = 0; b < c->seq_buckets; b++)
 		for (soft_seq *s = c->seqs[b]; s; s = s->next) {
 			if (s->home == node) {
@@ -355,8 +358,8 @@ void coord_drain_progress(kvm_coord *c, uint32_t node, uint64_t *blocks_left, ui
 				/* Written blocks; a shared one counts once per sharer.
 				 * A placement not written yet moves once written (or,
 				 * with the node gone, its home keeps the block). */
-				if (sl->be ? sl->be->node == node && sl->be->known
-					   : sl->node == node && sl->known)
+				if (sl->be ? sl->be->node == node && (sl->be->known || !sure)
+					   : sl->node == node && (sl->known || !sure))
 					(*blocks_left)++;
 			}
 		}

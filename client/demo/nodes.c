@@ -32,11 +32,8 @@ static int call_small(const char *target, const char *token, const char *method,
 	kvm_rpc_status st;
 	int rc = kvm_rpc_unary(ch, method, buf, n, 3000, &resp, &len, &st);
 	kvm_rpc_channel_close(ch);
-	if (rc == 0 && st.code != KVM_RPC_OK) {
+	if (rc == 0 && st.code != KVM_RPC_OK)
 		rc = st.code == KVM_RPC_UNAUTHENTICATED ? -EACCES : st.code == KVM_RPC_NOT_FOUND ? -ENOENT : -EIO;
-		if (rc == -EIO)
-			fprintf(stderr, "%s: %s\n", method, st.message);
-	}
 	if (rc == 0 && !(*out = protobuf_c_message_unpack(desc, NULL, len, resp)))
 		rc = -EPROTO;
 	free(resp);

@@ -30,7 +30,7 @@ int demo_find_node(const char *coordinator, const char *token, const char *id, d
 
 /* An operator's call on a node, as kvmeshctl makes it: method "CordonNode",
  * "DrainNode" or "UncordonNode". 0, -ENOENT (unknown node), -EACCES, or
- * -EIO (refused; see stderr). */
+ * -EIO (refused, or no answer). */
 int demo_node_admin(const char *coordinator, const char *token, const char *method, const char *id);
 
 #endif
