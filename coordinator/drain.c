@@ -247,6 +247,11 @@ static int cmp_moved(const void *a, const void *b)
 
 void coord_moved_flush(kvm_coord *c, uint32_t node, moved_list *moved, uint64_t *ticket)
 {
+	if (moved->n == 0) { /* most reports complete no move */
+		free(moved->e);
+		*moved = (moved_list){0};
+		return;
+	}
 	qsort(moved->e, moved->n, sizeof(*moved->e), cmp_moved);
 	uint32_t *idx = malloc((moved->n ? moved->n : 1) * sizeof(*idx));
 	for (size_t i = 0, j; i < moved->n; i = j) {
