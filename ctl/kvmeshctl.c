@@ -44,7 +44,8 @@ static const char *usage_text =
 	"  drain NODE      as cordon; it drops its cached blocks, and the blocks other\n"
 	"                  nodes' sequences keep there move away (`nodes` shows progress)\n"
 	"  uncordon NODE   undo cordon or drain\n"
-	"  watch           stream node and sequence events until interrupted\n"
+	"  watch [AFTER]   stream node and sequence events until interrupted; with\n"
+	"                  AFTER (an event's seq), first the held events after it\n"
 	"\n"
 	"exit codes: 0 done, 1 refused by the coordinator, 2 bad usage,\n"
 	"            3 coordinator unreachable, 4 not found, 5 not authenticated\n";
@@ -430,10 +431,11 @@ static const char *seq_event_name(Kvmesh__V1__SequenceEvent__Kind k)
 	return (unsigned)k < sizeof(names) / sizeof(names[0]) ? names[k] : "unknown";
 }
 
-static int cmd_watch(ctl *c)
+static int cmd_watch(ctl *c, uint64_t after)
 {
 	Kvmesh__V1__WatchEventsRequest req = KVMESH__V1__WATCH_EVENTS_REQUEST__INIT;
-	uint8_t buf[8];
+	req.after_seq = after;
+	uint8_t buf[16];
 	size_t n = kvmesh__v1__watch_events_request__pack(&req, buf);
 	kvm_rpc_stream *s;
 	if (kvm_rpc_stream_open(c->ch, "/kvmesh.v1.Coordinator/WatchEvents", buf, n, 0, &s) != 0)
@@ -541,8 +543,8 @@ int main(int argc, char **argv)
 			 !strcmp(cmd, "uncordon"))
 				? 1
 				: 0;
-	/* `sequences` takes an optional model. */
-	if (!strcmp(cmd, "sequences") && argc == 3)
+	/* `sequences` takes an optional model, `watch` an event seq to resume after. */
+	if ((!strcmp(cmd, "sequences") || !strcmp(cmd, "watch")) && argc == 3)
 		want_args = 1;
 	bool known = want_args || !strcmp(cmd, "nodes") || !strcmp(cmd, "models") ||
 		     !strcmp(cmd, "sequences") || !strcmp(cmd, "watch");
@@ -579,8 +581,16 @@ int main(int argc, char **argv)
 		rc = cmd_node_state(&c, "DrainNode", argv[2]);
 	else if (!strcmp(cmd, "uncordon"))
 		rc = cmd_node_state(&c, "UncordonNode", argv[2]);
-	else
-		rc = cmd_watch(&c);
+	else {
+		char *end = NULL;
+		unsigned long long after = argc == 3 ? strtoull(argv[2], &end, 10) : 0;
+		if (argc == 3 && (!*argv[2] || *end || argv[2][0] == '-')) {
+			fprintf(stderr, "kvmeshctl: watch [AFTER_SEQ]: \"%s\" is not an event seq\n", argv[2]);
+			kvm_rpc_channel_close(c.ch);
+			return EXIT_USAGE;
+		}
+		rc = cmd_watch(&c, after);
+	}
 	kvm_rpc_channel_close(c.ch);
 	return rc;
 }

@@ -243,6 +243,15 @@ def test_kvmeshctl_tables_json_and_exit_codes():
         w.terminate()
         w.wait(timeout=10)
         assert [(e["sequence"], e["event"]) for e in seen] == [("w1", "created"), ("w1", "released")], seen
+        # a watcher that lost its stream resumes after the last seq it saw
+        w = subprocess.Popen([ctl, "--coordinator=127.0.0.1:%d" % c.port, "-o", "json", "watch",
+                              str(ev["seq"])], stdout=subprocess.PIPE, text=True)
+        again = [json.loads(w.stdout.readline()) for _ in range(2)]
+        w.terminate()
+        w.wait(timeout=10)
+        assert again == seen, (again, seen)
+        rc, _, err = run("watch", "soon")
+        assert rc == 2 and "not an event seq" in err, err
     finally:
         c.close()
 
