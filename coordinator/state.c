@@ -163,21 +163,6 @@ static uint8_t *encode(int op, const char *key, const void *val, size_t len, siz
 	return b;
 }
 
-static int write_all(int fd, const uint8_t *p, size_t n)
-{
-	while (n > 0) {
-		ssize_t w = write(fd, p, n);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		p += w;
-		n -= (size_t)w;
-	}
-	return 0;
-}
-
 static int pwrite_all(int fd, const uint8_t *p, size_t n, off_t off)
 {
 	while (n > 0) {
@@ -302,10 +287,12 @@ static int do_snapshot(kvm_state *st)
 	if (fd < 0)
 		return -errno;
 	int rc = 0;
+	off_t off = 0;
 	for (size_t i = 0; i < st->n && rc == 0; i++) {
 		size_t len;
 		uint8_t *b = encode(OP_PUT, st->recs[i].key, st->recs[i].val, st->recs[i].len, &len);
-		rc = b ? write_all(fd, b, len) : -ENOMEM;
+		rc = b ? pwrite_all(fd, b, len, off) : -ENOMEM;
+		off += (off_t)len;
 		free(b);
 	}
 	if (rc == 0 && fsync(fd) != 0)

@@ -41,6 +41,7 @@
 #include "client/kvmesh.h"
 #include "common/rpc.h"
 #include "kernels/distattn.h"
+#include "tests/ref_kv.h"
 #include "proto/kvmesh.pb-c.h"
 
 static int g_passed, g_failed;
@@ -78,71 +79,7 @@ static void result(const char *name, bool ok, double t0)
 		g_failed++;
 }
 
-/* ---- the reference: the sequence's KV kept here too ------------------------ */
-
-typedef struct ref_seq {
-	const kvm_model *m;
-	uint8_t **blocks;
-	uint32_t n_blocks, tokens;
-	uint64_t rng;
-} ref_seq;
-
-static float frand(uint64_t *s)
-{
-	*s = *s * 6364136223846793005ull + 1442695040888963407ull;
-	return (float)((double)(*s >> 11) / 4503599627370496.0 - 1.0);
-}
-
-static void ref_append(ref_seq *r)
-{
-	const kvm_model *m = r->m;
-	uint32_t bt = m->block_tokens, pos = r->tokens;
-	if (pos / bt >= r->n_blocks) {
-		r->blocks = realloc(r->blocks, (r->n_blocks + 1) * sizeof(*r->blocks));
-		r->blocks[r->n_blocks++] = calloc(1, kvm_block_bytes(m));
-	}
-	size_t row = kvm_row_bytes(m), n = (size_t)m->kv_heads * m->head_dim;
-	for (uint32_t l = 0; l < m->layers; l++) {
-		_Float16 *k = (_Float16 *)(r->blocks[pos / bt] + ((size_t)l * 2 * bt + pos % bt) * row);
-		_Float16 *v = (_Float16 *)((uint8_t *)k + (size_t)bt * row);
-		for (size_t i = 0; i < n; i++)
-			k[i] = (_Float16)(2.0f * frand(&r->rng));
-		for (size_t i = 0; i < n; i++)
-			v[i] = (_Float16)frand(&r->rng);
-	}
-	r->tokens++;
-}
-
-static uint8_t *ref_row(ref_seq *r, uint32_t layer, uint32_t pos, int v)
-{
-	uint32_t bt = r->m->block_tokens;
-	size_t row = kvm_row_bytes(r->m);
-	return r->blocks[pos / bt] + ((size_t)layer * 2 * bt + (size_t)v * bt + pos % bt) * row;
-}
-
-static void ref_free(ref_seq *r)
-{
-	for (uint32_t i = 0; i < r->n_blocks; i++)
-		free(r->blocks[i]);
-	free(r->blocks);
-}
-
-static int ref_attend(ref_seq *r, uint32_t layer, const float *q, float *o, float *lse)
-{
-	const kvm_model *m = r->m;
-	da_ctx *ctx;
-	if (da_ctx_create(1, &ctx) != 0)
-		return -ENOMEM;
-	da_shape s = {.q_heads = m->q_heads, .kv_heads = m->kv_heads, .head_dim = m->head_dim,
-		      .block_tokens = m->block_tokens, .layer = layer, .kv_dtype = DA_F16,
-		      .scale = 1.0f / sqrtf((float)m->head_dim)};
-	uint32_t nb = (r->tokens + m->block_tokens - 1) / m->block_tokens, start[2] = {0, nb}, nt = r->tokens;
-	da_batch b = {.n_queries = 1, .q = q, .blocks = (const void *const *)r->blocks, .block_start = start,
-		      .n_tokens = &nt, .max_blocks = nb};
-	int rc = da_partial_cpu(ctx, &s, &b, o, lse);
-	da_ctx_destroy(ctx);
-	return rc;
-}
+/* ---- comparing with the reference (tests/ref_kv.h) ------------------------ */
 
 static double max_diff(const float *a, const float *b, size_t n, double *scale)
 {
