@@ -123,10 +123,10 @@ int kvm_health_register(kvm_rpc_server *srv, kvm_health **out)
 	pthread_mutex_init(&h->mu, NULL);
 	pthread_cond_init(&h->changed, NULL);
 	h->n = 1; /* "" , not serving until the daemon says so */
-	int rc = kvm_rpc_server_add_method(srv, "/grpc.health.v1.Health/Check", false,
+	int rc = kvm_rpc_server_add_method(srv, "/grpc.health.v1.Health/Check", KVM_RPC_INLINE,
 					   health_check, h);
 	if (rc == 0)
-		rc = kvm_rpc_server_add_method(srv, "/grpc.health.v1.Health/Watch", true,
+		rc = kvm_rpc_server_add_method(srv, "/grpc.health.v1.Health/Watch", KVM_RPC_STREAMING,
 					       health_watch, h);
 	if (rc != 0) {
 		kvm_health_destroy(h);

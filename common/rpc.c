@@ -1,11 +1,15 @@
 /* gRPC C core wrapper. See rpc.h for the contract.
  *
- * Server: one acceptor thread polls the server's completion queue for new
- * calls; each call has its own pluck completion queue and runs on one thread
- * (a pool worker for unary calls, a thread of its own for streaming ones), so
- * a handler's sends and the final status are plain blocking steps (the
- * pattern of gRPC's Ruby extension). One request per registered method is
- * always outstanding: a new one is posted as each call arrives. */
+ * Server: a few threads (as many as cores) wait on the server's completion
+ * queue. A new unary call is answered from that queue: its handler runs on
+ * the thread that took it (KVM_RPC_INLINE) or on a pool worker, and its final
+ * batch is started without waiting; the queue reports when it went out and
+ * when the call ended, and the second of the two frees the call. So a quick
+ * call costs no thread hand-off, and a deferred one (kvm_rpc_finish) holds no
+ * thread at all while it waits. A streaming call runs on a thread of its own
+ * with a pluck queue, so that its sends are plain blocking steps (the pattern
+ * of gRPC's Ruby extension). One request per registered method is always
+ * outstanding: a new one is posted as each call arrives. */
 #include "common/rpc.h"
 
 #include <errno.h>
@@ -17,9 +21,11 @@
 #include <grpc/support/time.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/auth.h"
 #include "common/log.h"
@@ -107,44 +113,80 @@ static int run_batch(grpc_call *call, grpc_completion_queue *cq, const grpc_op *
 /* ---- Server ------------------------------------------------------------------ */
 
 #define RPC_WORKERS 16
+#define RPC_MAX_CQ_THREADS 8
 
 typedef struct method {
 	char *name;
 	void *handle;
-	bool streaming;
+	unsigned flags; /* KVM_RPC_STREAMING, KVM_RPC_INLINE */
 	kvm_rpc_handler fn;
 	void *arg;
 	struct method *next;
 } method;
 
+typedef struct pending pending;
+
+/* What an event on the server's queue is about: each pending call has one
+ * tag per kind of event it can get. */
+typedef enum { TAG_ARRIVED, TAG_CLOSED, TAG_DONE } tag_kind;
+typedef struct call_tag {
+	tag_kind kind;
+	pending *p;
+} call_tag;
+
+struct kvm_rpc_call {
+	pending *p;
+	bool initial_md_sent, replied, closed;
+	atomic_bool cancelled;
+	int close_cancelled; /* filled by RECV_CLOSE_ON_SERVER */
+	void *reply;
+	size_t reply_len;
+	char message[512];
+};
+
 /* One outstanding request for a method; becomes a call when it arrives. */
-typedef struct pending {
+struct pending {
 	struct pending *next; /* in the server's work queue */
-	method *m; /* NULL: a call to a method nobody registered */
+	method *m;            /* NULL: a call to a method nobody registered */
 	grpc_call_details details;
 	kvm_rpc_server *srv;
 	grpc_call *call;
 	gpr_timespec deadline;
 	grpc_metadata_array md;
 	grpc_byte_buffer *payload;
+	/* Streaming calls and refusals run as blocking steps on a pluck queue
+	 * of their own; unary calls run on the server's queue (cq NULL). */
 	grpc_completion_queue *cq;
-} pending;
+	call_tag arrived, closed, done;
+	atomic_int refs; /* a unary call's events still to come (close, done) */
+	kvm_rpc_call c;
+	/* The final batch's buffers, alive until it completes. */
+	grpc_byte_buffer *reply_bb;
+	grpc_slice details_slice;
+	bool has_details;
+};
 
 struct kvm_rpc_server {
 	grpc_server *server;
 	grpc_completion_queue *cq;
 	method *methods;
-	pthread_t acceptor;
-	bool started, acceptor_running;
+	bool started;
 
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
 	unsigned active_calls;
 	bool shutdown_done;
 
-	/* Unary calls run on a fixed pool of workers (a thread per call costs
-	 * more than a short handler); streaming calls, which may last, get a
-	 * thread each. */
+	/* Threads that wait on the server's queue: they take new calls, run
+	 * KVM_RPC_INLINE handlers and finish calls. As many as cores: more
+	 * only wake each other. */
+	pthread_t cq_threads[RPC_MAX_CQ_THREADS];
+	unsigned n_cq_threads;
+
+	/* Other unary handlers, which may block (a large copy, a wait on
+	 * another node), run on a fixed pool of workers, so that they never
+	 * hold up the queue; streaming calls, which may last, get a thread
+	 * each. */
 	pthread_t workers[RPC_WORKERS];
 	unsigned n_workers;
 	pthread_cond_t work_cv;
@@ -156,19 +198,10 @@ struct kvm_rpc_server {
 	size_t auth_len;
 };
 
-struct kvm_rpc_call {
-	pending *p;
-	bool initial_md_sent, replied, closed, cancelled;
-	int close_cancelled; /* filled by RECV_CLOSE_ON_SERVER */
-	void *reply;
-	size_t reply_len;
-	char message[512];
-};
-
 static char shutdown_tag;
 
-static void *call_main(void *arg);
-static void run_call(struct pending *p);
+static void *stream_main(void *arg);
+static void run_unary(pending *p);
 
 static void *worker_main(void *arg)
 {
@@ -179,12 +212,12 @@ static void *worker_main(void *arg)
 			pthread_cond_wait(&srv->work_cv, &srv->mu);
 		if (!srv->queue_head)
 			break; /* stopping, and nothing left */
-		struct pending *p = srv->queue_head;
+		pending *p = srv->queue_head;
 		srv->queue_head = p->next;
 		if (!srv->queue_head)
 			srv->queue_tail = NULL;
 		pthread_mutex_unlock(&srv->mu);
-		run_call(p);
+		run_unary(p);
 		pthread_mutex_lock(&srv->mu);
 	}
 	pthread_mutex_unlock(&srv->mu);
@@ -198,19 +231,25 @@ static int request_call(kvm_rpc_server *srv, method *m)
 		return -ENOMEM;
 	p->m = m;
 	p->srv = srv;
+	p->c.p = p;
+	p->arrived = (call_tag){TAG_ARRIVED, p};
+	p->closed = (call_tag){TAG_CLOSED, p};
+	p->done = (call_tag){TAG_DONE, p};
 	grpc_metadata_array_init(&p->md);
 	grpc_call_details_init(&p->details);
-	p->cq = grpc_completion_queue_create_for_pluck(NULL);
+	if (!m || (m->flags & KVM_RPC_STREAMING))
+		p->cq = grpc_completion_queue_create_for_pluck(NULL);
 	grpc_call_error err =
 		m ? grpc_server_request_registered_call(srv->server, m->handle, &p->call,
-							&p->deadline, &p->md, &p->payload, p->cq,
-							srv->cq, p)
+							&p->deadline, &p->md, &p->payload,
+							p->cq ? p->cq : srv->cq, srv->cq, &p->arrived)
 		  : grpc_server_request_call(srv->server, &p->call, &p->details, &p->md, p->cq,
-					     srv->cq, p);
+					     srv->cq, &p->arrived);
 	if (err != GRPC_CALL_OK) {
 		grpc_call_details_destroy(&p->details);
 		grpc_metadata_array_destroy(&p->md);
-		destroy_pluck_cq(p->cq);
+		if (p->cq)
+			destroy_pluck_cq(p->cq);
 		free(p);
 		return -EIO;
 	}
@@ -223,10 +262,33 @@ static void free_pending(pending *p)
 		grpc_call_unref(p->call);
 	if (p->payload)
 		grpc_byte_buffer_destroy(p->payload);
+	if (p->reply_bb)
+		grpc_byte_buffer_destroy(p->reply_bb);
+	if (p->has_details)
+		grpc_slice_unref(p->details_slice);
+	free(p->c.reply);
 	grpc_call_details_destroy(&p->details);
 	grpc_metadata_array_destroy(&p->md);
-	destroy_pluck_cq(p->cq);
+	if (p->cq)
+		destroy_pluck_cq(p->cq);
 	free(p);
+}
+
+/* A call is over: its pending goes and the server may finish stopping. */
+static void end_call(pending *p)
+{
+	kvm_rpc_server *srv = p->srv;
+	free_pending(p);
+	pthread_mutex_lock(&srv->mu);
+	srv->active_calls--;
+	pthread_cond_broadcast(&srv->cv);
+	pthread_mutex_unlock(&srv->mu);
+}
+
+static void unref_unary(pending *p)
+{
+	if (atomic_fetch_sub(&p->refs, 1) == 1)
+		end_call(p);
 }
 
 #define HEALTH_PREFIX "/grpc.health.v1.Health/"
@@ -292,7 +354,54 @@ static void refuse_unknown(pending *p)
 	grpc_slice_unref(details);
 }
 
-static void *acceptor_main(void *arg)
+/* A new call of a registered method: streaming ones get a thread; unary ones
+ * start watching for their end, then run here (KVM_RPC_INLINE) or on a pool
+ * worker. */
+static void call_arrived(kvm_rpc_server *srv, pending *p)
+{
+	pthread_mutex_lock(&srv->mu);
+	srv->active_calls++;
+	pthread_mutex_unlock(&srv->mu);
+	if (p->m->flags & KVM_RPC_STREAMING) {
+		pthread_t t;
+		pthread_attr_t attr;
+		pthread_attr_init(&attr);
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		if (pthread_create(&t, &attr, stream_main, p) != 0) {
+			grpc_call_cancel_with_status(p->call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+						     "server out of threads", NULL);
+			end_call(p);
+		}
+		pthread_attr_destroy(&attr);
+		return;
+	}
+	/* RECV_CLOSE_ON_SERVER completes when the call ends: at the client's
+	 * cancel or deadline, the server's stop, or after the final status. */
+	atomic_store(&p->refs, 2);
+	grpc_op op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
+	op.data.recv_close_on_server.cancelled = &p->c.close_cancelled;
+	if (grpc_call_start_batch(p->call, &op, 1, &p->closed, NULL) != GRPC_CALL_OK) {
+		atomic_store(&p->refs, 1);
+		kvm_rpc_finish(&p->c, kvm_rpc_fail(&p->c, KVM_RPC_INTERNAL,
+						   "could not start the call"));
+		return;
+	}
+	if ((p->m->flags & KVM_RPC_INLINE) || srv->n_workers == 0) {
+		run_unary(p);
+		return;
+	}
+	pthread_mutex_lock(&srv->mu);
+	p->next = NULL;
+	if (srv->queue_tail)
+		srv->queue_tail->next = p;
+	else
+		srv->queue_head = p;
+	srv->queue_tail = p;
+	pthread_cond_signal(&srv->work_cv);
+	pthread_mutex_unlock(&srv->mu);
+}
+
+static void *cq_thread_main(void *arg)
 {
 	kvm_rpc_server *srv = arg;
 	for (;;) {
@@ -307,45 +416,30 @@ static void *acceptor_main(void *arg)
 			pthread_mutex_unlock(&srv->mu);
 			continue;
 		}
-		pending *p = ev.tag;
-		if (!ev.success) { /* the server is shutting down */
-			free_pending(p);
-			continue;
+		call_tag *t = ev.tag;
+		pending *p = t->p;
+		switch (t->kind) {
+		case TAG_CLOSED:
+			atomic_store(&p->c.cancelled, p->c.close_cancelled != 0);
+			unref_unary(p);
+			break;
+		case TAG_DONE:
+			unref_unary(p);
+			break;
+		case TAG_ARRIVED:
+			if (!ev.success) { /* the server is shutting down */
+				free_pending(p);
+				break;
+			}
+			request_call(srv, p->m);
+			if (!p->m) { /* quick: answered on this thread */
+				refuse_unknown(p);
+				free_pending(p);
+				break;
+			}
+			call_arrived(srv, p);
+			break;
 		}
-		request_call(srv, p->m);
-		if (!p->m) { /* quick: answered on this thread */
-			refuse_unknown(p);
-			free_pending(p);
-			continue;
-		}
-		pthread_mutex_lock(&srv->mu);
-		srv->active_calls++;
-		if (!p->m->streaming && srv->n_workers > 0) {
-			p->next = NULL;
-			if (srv->queue_tail)
-				srv->queue_tail->next = p;
-			else
-				srv->queue_head = p;
-			srv->queue_tail = p;
-			pthread_cond_signal(&srv->work_cv);
-			pthread_mutex_unlock(&srv->mu);
-			continue;
-		}
-		pthread_mutex_unlock(&srv->mu);
-		pthread_t t;
-		pthread_attr_t attr;
-		pthread_attr_init(&attr);
-		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-		if (pthread_create(&t, &attr, call_main, p) != 0) {
-			grpc_call_cancel_with_status(p->call, GRPC_STATUS_RESOURCE_EXHAUSTED,
-						     "server out of threads", NULL);
-			free_pending(p);
-			pthread_mutex_lock(&srv->mu);
-			srv->active_calls--;
-			pthread_cond_broadcast(&srv->cv);
-			pthread_mutex_unlock(&srv->mu);
-		}
-		pthread_attr_destroy(&attr);
 	}
 	return NULL;
 }
@@ -385,10 +479,12 @@ int kvm_rpc_server_create(const char *addr, int *port, kvm_rpc_server **out)
 	return 0;
 }
 
-int kvm_rpc_server_add_method(kvm_rpc_server *srv, const char *name, bool streaming,
+int kvm_rpc_server_add_method(kvm_rpc_server *srv, const char *name, unsigned flags,
 			      kvm_rpc_handler fn, void *arg)
 {
-	if (!srv || !name || name[0] != '/' || !fn || srv->started)
+	if (!srv || !name || name[0] != '/' || !fn || srv->started ||
+	    (flags & ~(unsigned)(KVM_RPC_STREAMING | KVM_RPC_INLINE)) ||
+	    (flags & KVM_RPC_STREAMING && flags & KVM_RPC_INLINE))
 		return -EINVAL;
 	method *m = calloc(1, sizeof(*m));
 	if (!m || !(m->name = strdup(name))) {
@@ -402,7 +498,7 @@ int kvm_rpc_server_add_method(kvm_rpc_server *srv, const char *name, bool stream
 		free(m);
 		return -EEXIST;
 	}
-	m->streaming = streaming;
+	m->flags = flags;
 	m->fn = fn;
 	m->arg = arg;
 	m->next = srv->methods;
@@ -444,11 +540,15 @@ int kvm_rpc_server_start(kvm_rpc_server *srv)
 		return rc;
 	for (; srv->n_workers < RPC_WORKERS; srv->n_workers++)
 		if (pthread_create(&srv->workers[srv->n_workers], NULL, worker_main, srv) != 0)
-			break; /* fewer workers; streaming-style threads cover the rest */
-	if (pthread_create(&srv->acceptor, NULL, acceptor_main, srv) != 0)
-		return -EAGAIN;
-	srv->acceptor_running = true;
-	return 0;
+			break; /* fewer workers; the queue's threads run the rest */
+	long cores = sysconf(_SC_NPROCESSORS_ONLN);
+	unsigned want = cores < 2 ? 2 : cores > RPC_MAX_CQ_THREADS ? RPC_MAX_CQ_THREADS
+								 : (unsigned)cores;
+	for (; srv->n_cq_threads < want; srv->n_cq_threads++)
+		if (pthread_create(&srv->cq_threads[srv->n_cq_threads], NULL, cq_thread_main,
+				   srv) != 0)
+			break;
+	return srv->n_cq_threads ? 0 : -EAGAIN;
 }
 
 void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms)
@@ -471,7 +571,8 @@ void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms)
 			;
 		pthread_mutex_unlock(&srv->mu);
 		/* Whatever still runs after the grace period is cancelled; its
-		 * handler sees kvm_rpc_cancelled() and returns. */
+		 * handler sees kvm_rpc_cancelled() and returns (a deferred call
+		 * must still be finished by its owner). */
 		grpc_server_cancel_all_calls(srv->server);
 		pthread_mutex_lock(&srv->mu);
 		while (!srv->shutdown_done || srv->active_calls > 0)
@@ -486,8 +587,9 @@ void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms)
 		pthread_join(srv->workers[i], NULL);
 	grpc_server_destroy(srv->server);
 	grpc_completion_queue_shutdown(srv->cq);
-	if (srv->acceptor_running)
-		pthread_join(srv->acceptor, NULL);
+	if (srv->n_cq_threads)
+		for (unsigned i = 0; i < srv->n_cq_threads; i++)
+			pthread_join(srv->cq_threads[i], NULL);
 	else
 		while (grpc_completion_queue_next(srv->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL)
 			       .type != GRPC_QUEUE_SHUTDOWN)
@@ -510,27 +612,19 @@ void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms)
 
 static char close_tag, send_tag, final_tag;
 
-/* Starts watching for the call's end (client cancel, deadline, server stop):
- * RECV_CLOSE_ON_SERVER completes only then, and kvm_rpc_cancelled polls it. */
-static int start_close_watch(kvm_rpc_call *c)
-{
-	grpc_op op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
-	op.data.recv_close_on_server.cancelled = &c->close_cancelled;
-	return grpc_call_start_batch(c->p->call, &op, 1, &close_tag, NULL) == GRPC_CALL_OK ? 0
-											   : -EIO;
-}
-
 bool kvm_rpc_cancelled(kvm_rpc_call *c)
 {
+	if (!c->p->cq) /* unary: the server's queue reports the end */
+		return atomic_load(&c->cancelled);
 	if (!c->closed) {
 		grpc_event ev = grpc_completion_queue_pluck(c->p->cq, &close_tag,
 							    gpr_now(GPR_CLOCK_REALTIME), NULL);
 		if (ev.type == GRPC_OP_COMPLETE) {
 			c->closed = true;
-			c->cancelled = c->close_cancelled != 0;
+			atomic_store(&c->cancelled, c->close_cancelled != 0);
 		}
 	}
-	return c->cancelled;
+	return atomic_load(&c->cancelled);
 }
 
 int kvm_rpc_reply(kvm_rpc_call *c, const void *msg, size_t len)
@@ -551,7 +645,7 @@ int kvm_rpc_reply(kvm_rpc_call *c, const void *msg, size_t len)
 
 int kvm_rpc_send(kvm_rpc_call *c, const void *msg, size_t len)
 {
-	if (!c || (!msg && len))
+	if (!c || (!msg && len) || !c->p->cq)
 		return -EINVAL;
 	if (kvm_rpc_cancelled(c))
 		return -ECANCELED;
@@ -598,78 +692,140 @@ const char *kvm_rpc_metadata(kvm_rpc_call *c, const char *key, char *buf, size_t
 	return NULL;
 }
 
-static void *call_main(void *arg)
+/* Fills the call's final batch (the response of a unary call that succeeded,
+ * and the status) in ops; returns how many. The buffers stay in the pending
+ * until it is freed. */
+static size_t final_ops(pending *p, int code, grpc_op *ops)
 {
-	run_call(arg);
+	kvm_rpc_call *c = &p->c;
+	size_t n = 0;
+	memset(ops, 0, 3 * sizeof(*ops));
+	if (!c->initial_md_sent)
+		ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+	if (code == KVM_RPC_OK && c->replied) {
+		p->reply_bb = bytes_to_buffer(c->reply, c->reply_len);
+		ops[n].op = GRPC_OP_SEND_MESSAGE;
+		ops[n++].data.send_message.send_message = p->reply_bb;
+	}
+	p->details_slice = grpc_slice_from_copied_string(c->message);
+	p->has_details = true;
+	ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+	ops[n].data.send_status_from_server.status = (grpc_status_code)code;
+	ops[n++].data.send_status_from_server.status_details = &p->details_slice;
+	return n;
+}
+
+void kvm_rpc_finish(kvm_rpc_call *c, int code)
+{
+	pending *p = c->p;
+	if (code == KVM_RPC_OK && !c->replied)
+		code = kvm_rpc_fail(c, KVM_RPC_INTERNAL, "handler returned no response");
+	grpc_op ops[3];
+	size_t n = final_ops(p, code, ops);
+	if (grpc_call_start_batch(p->call, ops, n, &p->done, NULL) != GRPC_CALL_OK)
+		unref_unary(p); /* no completion will come */
+}
+
+/* Authorizes the call and reads its request: KVM_RPC_OK with *req (malloc'd,
+ * NUL after it), or the status to end the call with. */
+static int open_call(pending *p, void **req, size_t *req_len)
+{
+	*req = NULL;
+	*req_len = 0;
+	if (!call_authorized(p->srv, p, p->m->name, strlen(p->m->name))) /* before any read */
+		return kvm_rpc_fail(&p->c, KVM_RPC_UNAUTHENTICATED, AUTH_DENIED);
+	if (p->payload ? buffer_to_bytes(p->payload, req, req_len) != 0
+		       : !(*req = calloc(1, 1)))
+		return kvm_rpc_fail(&p->c, KVM_RPC_INTERNAL, "could not read the request");
+	return KVM_RPC_OK;
+}
+
+static void run_unary(pending *p)
+{
+	void *req;
+	size_t req_len;
+	int code = open_call(p, &req, &req_len);
+	if (code == KVM_RPC_OK)
+		code = p->m->fn(p->m->arg, &p->c, req, req_len);
+	free(req);
+	if (code != KVM_RPC_DEFERRED)
+		kvm_rpc_finish(&p->c, code);
+}
+
+/* A streaming call, on its own thread: blocking steps on its pluck queue. */
+static void *stream_main(void *arg)
+{
+	pending *p = arg;
+	kvm_rpc_call *c = &p->c;
+	grpc_op op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
+	op.data.recv_close_on_server.cancelled = &c->close_cancelled;
+	void *req = NULL;
+	size_t req_len;
+	int code;
+	if (grpc_call_start_batch(p->call, &op, 1, &close_tag, NULL) != GRPC_CALL_OK) {
+		code = kvm_rpc_fail(c, KVM_RPC_INTERNAL, "could not start the call");
+		c->closed = true; /* nothing to wait for */
+	} else {
+		code = open_call(p, &req, &req_len);
+		if (code == KVM_RPC_OK)
+			code = p->m->fn(p->m->arg, c, req, req_len);
+		if (code == KVM_RPC_DEFERRED)
+			code = kvm_rpc_fail(c, KVM_RPC_INTERNAL, "a stream cannot be deferred");
+	}
+	free(req);
+	grpc_op ops[3];
+	size_t n = final_ops(p, code, ops);
+	run_batch(p->call, p->cq, ops, n, &final_tag);
+	if (!c->closed)
+		grpc_completion_queue_pluck(p->cq, &close_tag, gpr_inf_future(GPR_CLOCK_REALTIME),
+					    NULL);
+	end_call(p);
 	return NULL;
 }
 
-static void run_call(pending *p)
-{
-	kvm_rpc_server *srv = p->srv;
-	kvm_rpc_call c = {.p = p};
-	int code = KVM_RPC_INTERNAL;
-	void *req = NULL;
-	size_t req_len = 0;
-
-	if (start_close_watch(&c) != 0) {
-		snprintf(c.message, sizeof(c.message), "could not start the call");
-	} else if (!call_authorized(srv, p, p->m->name, strlen(p->m->name))) {
-		/* Before the handler and before the request is even read. */
-		code = KVM_RPC_UNAUTHENTICATED;
-		snprintf(c.message, sizeof(c.message), AUTH_DENIED);
-	} else if (p->payload && buffer_to_bytes(p->payload, &req, &req_len) != 0) {
-		snprintf(c.message, sizeof(c.message), "could not read the request");
-	} else {
-		if (!p->payload)
-			req = calloc(1, 1);
-		code = p->m->fn(p->m->arg, &c, req, req_len);
-		if (code == KVM_RPC_OK && !p->m->streaming && !c.replied) {
-			code = KVM_RPC_INTERNAL;
-			snprintf(c.message, sizeof(c.message), "handler returned no response");
-		}
-	}
-	free(req);
-
-	/* The final batch: the response (unary, on success) and the status. */
-	grpc_op ops[3];
-	size_t n = 0;
-	memset(ops, 0, sizeof(ops));
-	if (!c.initial_md_sent)
-		ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
-	grpc_byte_buffer *bb = NULL;
-	if (code == KVM_RPC_OK && c.replied) {
-		bb = bytes_to_buffer(c.reply, c.reply_len);
-		ops[n].op = GRPC_OP_SEND_MESSAGE;
-		ops[n++].data.send_message.send_message = bb;
-	}
-	grpc_slice details = grpc_slice_from_copied_string(c.message);
-	ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-	ops[n].data.send_status_from_server.status = (grpc_status_code)code;
-	ops[n++].data.send_status_from_server.status_details = &details;
-	run_batch(p->call, p->cq, ops, n, &final_tag);
-	grpc_slice_unref(details);
-	if (bb)
-		grpc_byte_buffer_destroy(bb);
-	free(c.reply);
-	if (!c.closed)
-		grpc_completion_queue_pluck(p->cq, &close_tag, gpr_inf_future(GPR_CLOCK_REALTIME),
-					    NULL);
-	free_pending(p);
-
-	pthread_mutex_lock(&srv->mu);
-	srv->active_calls--;
-	pthread_cond_broadcast(&srv->cv);
-	pthread_mutex_unlock(&srv->mu);
-}
-
 /* ---- Client ------------------------------------------------------------------ */
+
+/* A method this channel called before: gRPC has its path ready, which saves
+ * building and parsing it on every call. */
+typedef struct registered {
+	struct registered *next;
+	void *handle;
+	char method[];
+} registered;
 
 struct kvm_rpc_channel {
 	grpc_channel *ch;
 	grpc_metadata auth; /* `authorization: Bearer <token>`, sent on every call */
 	size_t n_md;        /* 1 with a token, else 0 */
+	pthread_mutex_t mu;
+	registered *methods;
 };
+
+/* The call's gRPC object, through the method's registration (made at its
+ * first call). */
+static grpc_call *create_call(kvm_rpc_channel *ch, grpc_completion_queue *cq, const char *method,
+			      int timeout_ms)
+{
+	pthread_mutex_lock(&ch->mu);
+	registered *r = ch->methods;
+	while (r && strcmp(r->method, method) != 0)
+		r = r->next;
+	if (!r && (r = malloc(sizeof(*r) + strlen(method) + 1))) {
+		strcpy(r->method, method);
+		r->handle = grpc_channel_register_call(ch->ch, r->method, NULL, NULL);
+		r->next = ch->methods;
+		ch->methods = r;
+	}
+	pthread_mutex_unlock(&ch->mu);
+	if (r)
+		return grpc_channel_create_registered_call(ch->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
+							   r->handle, deadline_in(timeout_ms), NULL);
+	grpc_slice m = grpc_slice_from_copied_string(method);
+	grpc_call *call = grpc_channel_create_call(ch->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, m,
+						   NULL, deadline_in(timeout_ms), NULL);
+	grpc_slice_unref(m);
+	return call;
+}
 
 int kvm_rpc_channel_set_token(kvm_rpc_channel *c, const char *token)
 {
@@ -704,6 +860,7 @@ int kvm_rpc_channel_open(const char *target, kvm_rpc_channel **out)
 	kvm_rpc_channel *c = calloc(1, sizeof(*c));
 	if (!c)
 		return -ENOMEM;
+	pthread_mutex_init(&c->mu, NULL);
 	grpc_init();
 	grpc_arg args[2];
 	grpc_channel_args ca = {.num_args = 2, .args = args};
@@ -726,11 +883,91 @@ void kvm_rpc_channel_close(kvm_rpc_channel *c)
 		return;
 	kvm_rpc_channel_set_token(c, NULL);
 	grpc_channel_destroy(c->ch);
+	for (registered *r = c->methods, *n; r; r = n) {
+		n = r->next;
+		free(r);
+	}
+	pthread_mutex_destroy(&c->mu);
 	free(c);
 	grpc_shutdown();
 }
 
 static char client_tag;
+
+/* One unary call in flight: what its single batch fills in. */
+typedef struct unary_op {
+	grpc_call *call;
+	grpc_byte_buffer *out, *in;
+	grpc_metadata_array md_initial, md_trailing;
+	grpc_status_code code;
+	grpc_slice details;
+	void *tag;                      /* the caller's, for kvm_rpc_queue_next */
+	struct unary_op *prev, *next; /* in the queue's list of calls in flight */
+} unary_op;
+
+/* Starts the call's one batch (send everything, receive everything) on cq,
+ * with `tag`. Returns 0, or -EIO if it could not start (op is then clean). */
+static int unary_begin(kvm_rpc_channel *ch, grpc_completion_queue *cq, const char *method,
+		       const void *req, size_t len, int timeout_ms, unary_op *op, void *tag)
+{
+	op->call = create_call(ch, cq, method, timeout_ms);
+	op->out = bytes_to_buffer(req ? req : "", len);
+	op->in = NULL;
+	grpc_metadata_array_init(&op->md_initial);
+	grpc_metadata_array_init(&op->md_trailing);
+	op->code = GRPC_STATUS_UNKNOWN;
+	op->details = grpc_empty_slice();
+
+	grpc_op ops[6];
+	memset(ops, 0, sizeof(ops));
+	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[0].data.send_initial_metadata.count = ch->n_md;
+	ops[0].data.send_initial_metadata.metadata = ch->n_md ? &ch->auth : NULL;
+	ops[1].op = GRPC_OP_SEND_MESSAGE;
+	ops[1].data.send_message.send_message = op->out;
+	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+	ops[3].data.recv_initial_metadata.recv_initial_metadata = &op->md_initial;
+	ops[4].op = GRPC_OP_RECV_MESSAGE;
+	ops[4].data.recv_message.recv_message = &op->in;
+	ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+	ops[5].data.recv_status_on_client.trailing_metadata = &op->md_trailing;
+	ops[5].data.recv_status_on_client.status = &op->code;
+	ops[5].data.recv_status_on_client.status_details = &op->details;
+	if (grpc_call_start_batch(op->call, ops, 6, tag, NULL) == GRPC_CALL_OK)
+		return 0;
+	grpc_call_unref(op->call);
+	grpc_byte_buffer_destroy(op->out);
+	grpc_metadata_array_destroy(&op->md_initial);
+	grpc_metadata_array_destroy(&op->md_trailing);
+	return -EIO;
+}
+
+/* The batch completed (ok: its success flag): fills the results as
+ * kvm_rpc_unary documents them and frees what the call held. */
+static int unary_end(unary_op *op, int ok, void **resp, size_t *resp_len, kvm_rpc_status *st)
+{
+	*resp = NULL;
+	*resp_len = 0;
+	int rc = ok ? 0 : -EIO;
+	if (rc == 0) {
+		copy_status(st, op->code, op->details);
+		if (op->code == GRPC_STATUS_OK) {
+			if (op->in)
+				rc = buffer_to_bytes(op->in, resp, resp_len);
+			else
+				rc = -EPROTO; /* OK without a message: not a unary reply */
+		}
+	}
+	if (op->in)
+		grpc_byte_buffer_destroy(op->in);
+	grpc_byte_buffer_destroy(op->out);
+	grpc_slice_unref(op->details);
+	grpc_metadata_array_destroy(&op->md_initial);
+	grpc_metadata_array_destroy(&op->md_trailing);
+	grpc_call_unref(op->call);
+	return rc;
+}
 
 int kvm_rpc_unary(kvm_rpc_channel *ch, const char *method, const void *req, size_t len,
 		  int timeout_ms, void **resp, size_t *resp_len, kvm_rpc_status *st)
@@ -740,52 +977,125 @@ int kvm_rpc_unary(kvm_rpc_channel *ch, const char *method, const void *req, size
 	*resp = NULL;
 	*resp_len = 0;
 	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-	grpc_slice m = grpc_slice_from_copied_string(method);
-	grpc_call *call = grpc_channel_create_call(ch->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, m,
-						   NULL, deadline_in(timeout_ms), NULL);
-	grpc_slice_unref(m);
-	grpc_byte_buffer *out = bytes_to_buffer(req ? req : "", len), *in = NULL;
-	grpc_metadata_array md_initial, md_trailing;
-	grpc_metadata_array_init(&md_initial);
-	grpc_metadata_array_init(&md_trailing);
-	grpc_status_code code = GRPC_STATUS_UNKNOWN;
-	grpc_slice details = grpc_empty_slice();
-
-	grpc_op ops[6];
-	memset(ops, 0, sizeof(ops));
-	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-	ops[0].data.send_initial_metadata.count = ch->n_md;
-	ops[0].data.send_initial_metadata.metadata = ch->n_md ? &ch->auth : NULL;
-	ops[1].op = GRPC_OP_SEND_MESSAGE;
-	ops[1].data.send_message.send_message = out;
-	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-	ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_initial;
-	ops[4].op = GRPC_OP_RECV_MESSAGE;
-	ops[4].data.recv_message.recv_message = &in;
-	ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-	ops[5].data.recv_status_on_client.trailing_metadata = &md_trailing;
-	ops[5].data.recv_status_on_client.status = &code;
-	ops[5].data.recv_status_on_client.status_details = &details;
-	int rc = run_batch(call, cq, ops, 6, &client_tag) ? 0 : -EIO;
+	unary_op op;
+	int rc = unary_begin(ch, cq, method, req, len, timeout_ms, &op, &client_tag);
 	if (rc == 0) {
-		copy_status(st, code, details);
-		if (code == GRPC_STATUS_OK) {
-			if (in)
-				rc = buffer_to_bytes(in, resp, resp_len);
-			else
-				rc = -EPROTO; /* OK without a message: not a unary reply */
-		}
+		grpc_event ev = grpc_completion_queue_pluck(cq, &client_tag,
+							    gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+		rc = unary_end(&op, ev.type == GRPC_OP_COMPLETE && ev.success, resp, resp_len, st);
 	}
-	if (in)
-		grpc_byte_buffer_destroy(in);
-	grpc_byte_buffer_destroy(out);
-	grpc_slice_unref(details);
-	grpc_metadata_array_destroy(&md_initial);
-	grpc_metadata_array_destroy(&md_trailing);
-	grpc_call_unref(call);
 	destroy_pluck_cq(cq);
 	return rc;
+}
+
+struct kvm_rpc_queue {
+	grpc_completion_queue *cq;
+	pthread_mutex_t mu;
+	unary_op *running; /* calls started and not yet returned by next */
+};
+
+int kvm_rpc_queue_create(kvm_rpc_queue **out)
+{
+	if (!out)
+		return -EINVAL;
+	kvm_rpc_queue *q = calloc(1, sizeof(*q));
+	if (!q)
+		return -ENOMEM;
+	grpc_init();
+	q->cq = grpc_completion_queue_create_for_next(NULL);
+	pthread_mutex_init(&q->mu, NULL);
+	*out = q;
+	return 0;
+}
+
+int kvm_rpc_unary_start(kvm_rpc_channel *ch, kvm_rpc_queue *q, const char *method,
+			const void *req, size_t len, int timeout_ms, void *tag)
+{
+	if (!ch || !q || !method || (!req && len))
+		return -EINVAL;
+	unary_op *op = calloc(1, sizeof(*op));
+	if (!op)
+		return -ENOMEM;
+	op->tag = tag;
+	/* Listed before it starts: its completion may come at once. */
+	pthread_mutex_lock(&q->mu);
+	op->next = q->running;
+	if (q->running)
+		q->running->prev = op;
+	q->running = op;
+	pthread_mutex_unlock(&q->mu);
+	int rc = unary_begin(ch, q->cq, method, req, len, timeout_ms, op, op);
+	if (rc != 0) {
+		pthread_mutex_lock(&q->mu);
+		if (op->prev)
+			op->prev->next = op->next;
+		else
+			q->running = op->next;
+		if (op->next)
+			op->next->prev = op->prev;
+		pthread_mutex_unlock(&q->mu);
+		free(op);
+	}
+	return rc;
+}
+
+int kvm_rpc_queue_next(kvm_rpc_queue *q, int timeout_ms, void **tag, void **resp,
+		       size_t *resp_len, kvm_rpc_status *st)
+{
+	if (!q || !tag || !resp || !resp_len || !st)
+		return -EINVAL;
+	*tag = NULL;
+	*resp = NULL;
+	*resp_len = 0;
+	gpr_timespec until = timeout_ms < 0 ? gpr_inf_future(GPR_CLOCK_REALTIME)
+		: gpr_time_add(gpr_now(GPR_CLOCK_REALTIME),
+			       gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
+	grpc_event ev = grpc_completion_queue_next(q->cq, until, NULL);
+	if (ev.type != GRPC_OP_COMPLETE)
+		return 0; /* timeout */
+	unary_op *op = ev.tag;
+	pthread_mutex_lock(&q->mu);
+	if (op->prev)
+		op->prev->next = op->next;
+	else
+		q->running = op->next;
+	if (op->next)
+		op->next->prev = op->prev;
+	pthread_mutex_unlock(&q->mu);
+	*tag = op->tag;
+	int rc = unary_end(op, ev.success, resp, resp_len, st);
+	free(op);
+	return rc == 0 ? 1 : rc;
+}
+
+void kvm_rpc_queue_destroy(kvm_rpc_queue *q)
+{
+	if (!q)
+		return;
+	pthread_mutex_lock(&q->mu);
+	for (unary_op *op = q->running; op; op = op->next)
+		grpc_call_cancel(op->call, NULL);
+	pthread_mutex_unlock(&q->mu);
+	for (;;) { /* the cancelled calls complete; their results are dropped */
+		pthread_mutex_lock(&q->mu);
+		bool left = q->running != NULL;
+		pthread_mutex_unlock(&q->mu);
+		if (!left)
+			break;
+		void *tag, *resp;
+		size_t len;
+		kvm_rpc_status st;
+		if (kvm_rpc_queue_next(q, -1, &tag, &resp, &len, &st) == 1)
+			free(resp);
+	}
+	grpc_completion_queue_shutdown(q->cq);
+	while (grpc_completion_queue_next(q->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+	       GRPC_QUEUE_SHUTDOWN)
+		;
+	grpc_completion_queue_destroy(q->cq);
+	pthread_mutex_destroy(&q->mu);
+	free(q);
+	grpc_shutdown();
 }
 
 struct kvm_rpc_stream {
@@ -805,10 +1115,7 @@ int kvm_rpc_stream_open(kvm_rpc_channel *ch, const char *method, const void *req
 	if (!s)
 		return -ENOMEM;
 	s->cq = grpc_completion_queue_create_for_pluck(NULL);
-	grpc_slice m = grpc_slice_from_copied_string(method);
-	s->call = grpc_channel_create_call(ch->ch, NULL, GRPC_PROPAGATE_DEFAULTS, s->cq, m, NULL,
-					   deadline_in(timeout_ms), NULL);
-	grpc_slice_unref(m);
+	s->call = create_call(ch, s->cq, method, timeout_ms);
 	grpc_metadata_array_init(&s->md_initial);
 	grpc_byte_buffer *out = bytes_to_buffer(req ? req : "", len);
 	grpc_op ops[4];

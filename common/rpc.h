@@ -34,6 +34,20 @@ enum {
 	KVM_RPC_UNAUTHENTICATED = 16,
 };
 
+/* A unary handler's return value when it will end the call later with
+ * kvm_rpc_finish (not a gRPC status). */
+#define KVM_RPC_DEFERRED (-1)
+
+/* kvm_rpc_server_add_method flags. A unary handler runs on a pool worker,
+ * unless KVM_RPC_INLINE says that it never blocks for long (no disk sync, no
+ * wait on another node; a short lock is fine): it then runs on the thread that
+ * took the call from gRPC's queue, with no hand-off, the fastest path. */
+enum {
+	KVM_RPC_UNARY = 0,
+	KVM_RPC_STREAMING = 1, /* a server stream: runs on a thread of its own */
+	KVM_RPC_INLINE = 2,
+};
+
 #define KVM_RPC_MAX_MESSAGE (64 * 1024 * 1024)
 
 typedef struct kvm_rpc_status {
@@ -47,10 +61,13 @@ typedef struct kvm_rpc_server kvm_rpc_server;
 /* One incoming call, valid while its handler runs. */
 typedef struct kvm_rpc_call kvm_rpc_call;
 
-/* Runs on a pool worker (unary) or a thread of its own (streaming), with the request message (not
- * owned; valid during the call; a NUL byte follows it, not counted in len). A unary handler answers with kvm_rpc_reply
- * once; a streaming one sends with kvm_rpc_send any number of times. Returns
- * the call's status code (KVM_RPC_OK, or e.g. the value of kvm_rpc_fail). */
+/* Runs with the request message (not owned; valid during the handler; a NUL
+ * byte follows it, not counted in len), on a server thread, a pool worker or a
+ * thread of its own (see the flags). A unary handler answers with
+ * kvm_rpc_reply once; a streaming one sends with kvm_rpc_send any number of
+ * times. Returns the call's status code (KVM_RPC_OK, or e.g. the value of
+ * kvm_rpc_fail), or, for a unary call, KVM_RPC_DEFERRED: the handler (or
+ * whoever it handed `call` to) ends the call later with kvm_rpc_finish. */
 typedef int (*kvm_rpc_handler)(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 
 /* Creates a server listening on addr ("127.0.0.1:0" picks a port, returned in
@@ -58,9 +75,10 @@ typedef int (*kvm_rpc_handler)(void *arg, kvm_rpc_call *call, const uint8_t *req
  * (SO_REUSEPORT is off). *out is owned by the caller: kvm_rpc_server_destroy. */
 int kvm_rpc_server_create(const char *addr, int *port, kvm_rpc_server **out);
 
-/* Registers a method ("/package.Service/Method") before start. The server
- * keeps pointers to neither string after the call. */
-int kvm_rpc_server_add_method(kvm_rpc_server *srv, const char *method, bool streaming,
+/* Registers a method ("/package.Service/Method") before start, with
+ * KVM_RPC_UNARY, KVM_RPC_STREAMING or KVM_RPC_UNARY | KVM_RPC_INLINE. The
+ * server keeps pointers to neither string after the call. */
+int kvm_rpc_server_add_method(kvm_rpc_server *srv, const char *method, unsigned flags,
 			      kvm_rpc_handler fn, void *arg);
 
 /* Requires every call to present `authorization: Bearer <token>` metadata
@@ -75,11 +93,18 @@ int kvm_rpc_server_set_token(kvm_rpc_server *srv, const char *token);
 int kvm_rpc_server_start(kvm_rpc_server *srv);
 
 /* Stops accepting calls, lets running calls finish for up to grace_ms, then
- * cancels the rest and waits for their handlers to return; frees the server. */
+ * cancels the rest and waits for their handlers to return and every deferred
+ * call to be finished; frees the server. */
 void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms);
 
 /* Sets the unary response (copied). Returns -EALREADY on a second call. */
 int kvm_rpc_reply(kvm_rpc_call *call, const void *msg, size_t len);
+
+/* Ends a unary call whose handler returned KVM_RPC_DEFERRED, from any thread,
+ * once: with the response set by kvm_rpc_reply when code is KVM_RPC_OK, else
+ * with code and the message of kvm_rpc_fail. `call` is gone after it. Also
+ * valid on a cancelled call (nothing is then sent). */
+void kvm_rpc_finish(kvm_rpc_call *call, int code);
 
 /* Sends one message of a server stream (copied), waiting until gRPC took it.
  * Returns -ECANCELED when the client went away or the server is stopping. */
@@ -116,6 +141,25 @@ int kvm_rpc_channel_set_token(kvm_rpc_channel *ch, const char *token);
  * frees, NUL-terminated beyond *resp_len) and *resp_len hold the response. Negative errno for local failures. */
 int kvm_rpc_unary(kvm_rpc_channel *ch, const char *method, const void *req, size_t len,
 		  int timeout_ms, void **resp, size_t *resp_len, kvm_rpc_status *st);
+
+/* Asynchronous unary calls, for a client that keeps many calls in flight
+ * from few threads: calls started on a queue end there, in any order. */
+typedef struct kvm_rpc_queue kvm_rpc_queue;
+
+int kvm_rpc_queue_create(kvm_rpc_queue **out);
+/* Starts a unary call whose end kvm_rpc_queue_next reports once, with `tag`.
+ * The request is copied. -EIO if gRPC refused to start it. */
+int kvm_rpc_unary_start(kvm_rpc_channel *ch, kvm_rpc_queue *q, const char *method,
+			const void *req, size_t len, int timeout_ms, void *tag);
+/* Waits up to timeout_ms (< 0: no limit) for a call of the queue to end.
+ * Returns 1 with its *tag, and *resp, *resp_len and *st as kvm_rpc_unary
+ * fills them; 0 when none ended in time; a negative errno when the call
+ * ended without a status (*tag is then set) or on bad arguments. */
+int kvm_rpc_queue_next(kvm_rpc_queue *q, int timeout_ms, void **tag, void **resp,
+		       size_t *resp_len, kvm_rpc_status *st);
+/* Cancels the calls still in flight, waits for them, and frees the queue;
+ * their results are dropped. */
+void kvm_rpc_queue_destroy(kvm_rpc_queue *q);
 
 typedef struct kvm_rpc_stream kvm_rpc_stream;
 

@@ -160,6 +160,13 @@ struct kvm_coord {
 	/* Blocks moving off draining nodes (drain.c). */
 	move_rec *moves;
 	size_t n_moves, cap_moves;
+
+	/* Calls waiting for their change to be durable (commit.c). */
+	pthread_mutex_t commit_mu;
+	pthread_cond_t commit_cv;
+	struct commit_rec *commit_head, *commit_tail;
+	bool commit_stop, committer_running;
+	pthread_t committer;
 };
 
 uint64_t coord_now_ms(void);
@@ -219,6 +226,17 @@ void coord_cmd_free(cmd_rec *cmd);
 /* Drops a dead node's handles and queued commands. */
 void coord_soft_node_lost(kvm_coord *c, uint32_t node);
 void coord_soft_destroy(kvm_coord *c);
+
+/* commit.c: the committer thread (started before the server takes calls,
+ * stopped after it stopped: it finishes what is queued first). */
+int coord_commit_start(kvm_coord *c);
+void coord_commit_stop(kvm_coord *c);
+/* For a handler that appended to the store with *_async (ticket: the last
+ * record's): returns rc as it is when rc is not OK or ticket is 0; else queues
+ * the call to be finished once the store is durable up to ticket (OK with the
+ * reply already set, or UNAVAILABLE) and returns KVM_RPC_DEFERRED. The handler
+ * must not touch `call` after that. */
+int coord_reply_when_durable(kvm_coord *c, kvm_rpc_call *call, int rc, uint64_t ticket);
 
 /* drain.c: moving blocks off draining nodes; all with mu held. */
 /* Gives up expired moves, then plans more for `node` if it is draining. */

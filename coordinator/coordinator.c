@@ -819,33 +819,35 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 
 	static const struct {
 		const char *name;
-		bool streaming;
+		unsigned flags; /* inline: never waits for the disk */
 		kvm_rpc_handler fn;
 	} methods[] = {
-		{"RegisterNode", false, register_node},
-		{"Heartbeat", false, heartbeat},
-		{"ReportBlocks", false, coord_report_blocks},
-		{"RegisterModel", false, register_model},
-		{"ListModels", false, list_models},
-		{"CreateSequence", false, coord_create_sequence},
-		{"ExtendSequence", false, coord_extend_sequence},
-		{"GetSequence", false, coord_get_sequence},
-		{"ListSequences", false, coord_list_sequences},
-		{"MatchPrefix", false, coord_match_prefix},
-		{"ReleaseSequence", false, coord_release_sequence},
-		{"ListNodes", false, list_nodes},
-		{"CordonNode", false, cordon_node},
-		{"DrainNode", false, drain_node},
-		{"UncordonNode", false, uncordon_node},
-		{"WatchEvents", true, watch_events},
+		{"RegisterNode", KVM_RPC_UNARY, register_node},
+		{"Heartbeat", KVM_RPC_INLINE, heartbeat},
+		{"ReportBlocks", KVM_RPC_UNARY, coord_report_blocks},
+		{"RegisterModel", KVM_RPC_UNARY, register_model},
+		{"ListModels", KVM_RPC_INLINE, list_models},
+		{"CreateSequence", KVM_RPC_INLINE, coord_create_sequence},
+		{"ExtendSequence", KVM_RPC_INLINE, coord_extend_sequence},
+		{"GetSequence", KVM_RPC_INLINE, coord_get_sequence},
+		{"ListSequences", KVM_RPC_INLINE, coord_list_sequences},
+		{"MatchPrefix", KVM_RPC_INLINE, coord_match_prefix},
+		{"ReleaseSequence", KVM_RPC_INLINE, coord_release_sequence},
+		{"ListNodes", KVM_RPC_INLINE, list_nodes},
+		{"CordonNode", KVM_RPC_UNARY, cordon_node},
+		{"DrainNode", KVM_RPC_UNARY, drain_node},
+		{"UncordonNode", KVM_RPC_UNARY, uncordon_node},
+		{"WatchEvents", KVM_RPC_STREAMING, watch_events},
 	};
 	for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
 		char path[128];
 		snprintf(path, sizeof(path), "/kvmesh.v1.Coordinator/%s", methods[i].name);
-		rc = kvm_rpc_server_add_method(srv, path, methods[i].streaming, methods[i].fn, c);
+		rc = kvm_rpc_server_add_method(srv, path, methods[i].flags, methods[i].fn, c);
 		if (rc != 0)
 			goto fail;
 	}
+	if ((rc = coord_commit_start(c)) != 0)
+		goto fail;
 	if (pthread_create(&c->liveness, NULL, liveness_main, c) != 0) {
 		rc = -EAGAIN;
 		goto fail;
@@ -853,6 +855,7 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 	*out = c;
 	return 0;
 fail:
+	coord_commit_stop(c);
 	coord_soft_destroy(c);
 	kvm_ledger_destroy(c->ledger);
 	for (size_t i = 0; i < c->n_nodes; i++)
@@ -872,6 +875,7 @@ void kvm_coord_destroy(kvm_coord *c)
 	pthread_cond_broadcast(&c->event_cv);
 	pthread_mutex_unlock(&c->mu);
 	pthread_join(c->liveness, NULL);
+	coord_commit_stop(c);
 	coord_soft_destroy(c);
 	for (size_t i = 0; i < c->n_nodes; i++)
 		free(c->nodes[i].reg);

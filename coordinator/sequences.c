@@ -73,17 +73,6 @@ static int store_seq(kvm_coord *c, const Kvmesh__V1__Sequence *s, uint64_t *tick
 	return rc;
 }
 
-/* Waits for the change to be durable; on failure the call fails (the
- * response set under the lock is then not sent). */
-static int durable(kvm_coord *c, kvm_rpc_call *call, int rc, uint64_t ticket)
-{
-	if (rc != KVM_RPC_OK || ticket == 0)
-		return rc;
-	int src = kvm_state_sync(c->st, ticket);
-	return src == 0 ? rc
-			: kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
-}
-
 static void emit_seq_event(kvm_coord *c, const char *id, Kvmesh__V1__SequenceEvent__Kind kind,
 			   uint32_t *lost, size_t n_lost, const char *reason)
 {
@@ -494,7 +483,7 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		free(kb);
 	}
 	pthread_mutex_unlock(&c->mu);
-	rc = durable(c, call, rc, ticket);
+	rc = coord_reply_when_durable(c, call, rc, ticket);
 	if (old)
 		kvmesh__v1__sequence__free_unpacked(old, NULL);
 	kvmesh__v1__create_sequence_request__free_unpacked(r, NULL);
@@ -586,7 +575,7 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		}
 	}
 	pthread_mutex_unlock(&c->mu);
-	rc = durable(c, call, rc, ticket);
+	rc = coord_reply_when_durable(c, call, rc, ticket);
 	if (s)
 		kvmesh__v1__sequence__free_unpacked(s, NULL);
 	kvmesh__v1__extend_sequence_request__free_unpacked(r, NULL);
@@ -828,7 +817,7 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 		}
 	}
 	pthread_mutex_unlock(&c->mu);
-	rc = durable(c, call, rc, ticket);
+	rc = coord_reply_when_durable(c, call, rc, ticket);
 	if (s)
 		kvmesh__v1__sequence__free_unpacked(s, NULL);
 	kvmesh__v1__release_sequence_request__free_unpacked(r, NULL);

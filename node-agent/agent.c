@@ -645,10 +645,10 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	kvm_health_register(srv, &health);
-	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/Stats", false, agent_stats, &a);
-	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/PutBlocks", false, blocks_rpc_put, &a);
-	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/GetBlocks", false, blocks_rpc_get, &a);
-	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/AttendAppend", false,
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/Stats", KVM_RPC_UNARY, agent_stats, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/PutBlocks", KVM_RPC_UNARY, blocks_rpc_put, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/GetBlocks", KVM_RPC_UNARY, blocks_rpc_get, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/AttendAppend", KVM_RPC_UNARY,
 				  homeseq_rpc_attend_append, &a);
 	if ((rc = kvm_rpc_server_start(srv)) != 0) {
 		kvm_log(KVM_LOG_ERROR, "start_failed", "error=\"%s\"", strerror(-rc));

@@ -142,8 +142,8 @@ static void start(void)
 	cr_assert_eq(kvm_rpc_server_create("127.0.0.1:0", &port, &srv), 0);
 	cr_assert_eq(kvm_rpc_server_set_token(srv, "the-token"), 0);
 	cr_assert_eq(kvm_health_register(srv, &health), 0);
-	cr_assert_eq(kvm_rpc_server_add_method(srv, "/t.T/Echo", false, echo, NULL), 0);
-	cr_assert_eq(kvm_rpc_server_add_method(srv, "/t.T/Two", true, two, NULL), 0);
+	cr_assert_eq(kvm_rpc_server_add_method(srv, "/t.T/Echo", KVM_RPC_UNARY, echo, NULL), 0);
+	cr_assert_eq(kvm_rpc_server_add_method(srv, "/t.T/Two", KVM_RPC_STREAMING, two, NULL), 0);
 	cr_assert_eq(kvm_rpc_server_start(srv), 0);
 	cr_assert_eq(kvm_rpc_server_set_token(srv, "late"), -EINVAL, "only before start");
 	kvm_health_set(health, "", true);

@@ -1,0 +1,99 @@
+/* Acknowledgements that wait for the state store's sync without holding a
+ * server thread: a handler that changed the store queues its call here, and
+ * one committer thread syncs everything queued so far with one fdatasync and
+ * finishes those calls. While it syncs, new calls queue up for the next one,
+ * so the more clients wait, the more each sync covers (group commit). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "coordinator/coord_impl.h"
+
+typedef struct commit_rec {
+	struct commit_rec *next;
+	kvm_rpc_call *call;
+	uint64_t ticket;
+} commit_rec;
+
+static void *committer_main(void *arg)
+{
+	kvm_coord *c = arg;
+	pthread_mutex_lock(&c->commit_mu);
+	for (;;) {
+		while (!c->commit_head && !c->commit_stop)
+			pthread_cond_wait(&c->commit_cv, &c->commit_mu);
+		commit_rec *list = c->commit_head;
+		if (!list)
+			break; /* stopping, and nothing left */
+		c->commit_head = c->commit_tail = NULL;
+		pthread_mutex_unlock(&c->commit_mu);
+
+		uint64_t upto = 0;
+		for (commit_rec *r = list; r; r = r->next)
+			if (r->ticket > upto)
+				upto = r->ticket;
+		int src = kvm_state_sync(c->st, upto);
+		while (list) {
+			commit_rec *nx = list->next;
+			kvm_rpc_finish(list->call,
+				       src == 0 ? KVM_RPC_OK
+						: kvm_rpc_fail(list->call, KVM_RPC_UNAVAILABLE,
+							       "state store: %s", strerror(-src)));
+			free(list);
+			list = nx;
+		}
+		pthread_mutex_lock(&c->commit_mu);
+	}
+	pthread_mutex_unlock(&c->commit_mu);
+	return NULL;
+}
+
+int coord_commit_start(kvm_coord *c)
+{
+	pthread_mutex_init(&c->commit_mu, NULL);
+	pthread_cond_init(&c->commit_cv, NULL);
+	if (pthread_create(&c->committer, NULL, committer_main, c) != 0)
+		return -EAGAIN;
+	c->committer_running = true;
+	return 0;
+}
+
+void coord_commit_stop(kvm_coord *c)
+{
+	if (!c->committer_running)
+		return;
+	pthread_mutex_lock(&c->commit_mu);
+	c->commit_stop = true;
+	pthread_cond_signal(&c->commit_cv);
+	pthread_mutex_unlock(&c->commit_mu);
+	pthread_join(c->committer, NULL);
+	c->committer_running = false;
+	pthread_cond_destroy(&c->commit_cv);
+	pthread_mutex_destroy(&c->commit_mu);
+}
+
+int coord_reply_when_durable(kvm_coord *c, kvm_rpc_call *call, int rc, uint64_t ticket)
+{
+	if (rc != KVM_RPC_OK || ticket == 0)
+		return rc;
+	commit_rec *r = malloc(sizeof(*r));
+	if (!r || !c->committer_running) { /* wait here instead */
+		free(r);
+		int src = kvm_state_sync(c->st, ticket);
+		return src == 0 ? rc
+				: kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s",
+					       strerror(-src));
+	}
+	r->next = NULL;
+	r->call = call;
+	r->ticket = ticket;
+	pthread_mutex_lock(&c->commit_mu);
+	if (c->commit_tail)
+		c->commit_tail->next = r;
+	else
+		c->commit_head = r;
+	c->commit_tail = r;
+	pthread_cond_signal(&c->commit_cv);
+	pthread_mutex_unlock(&c->commit_mu);
+	return KVM_RPC_DEFERRED;
+}
