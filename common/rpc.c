@@ -994,6 +994,19 @@ struct kvm_rpc_queue {
 	unary_op *running; /* calls started and not yet returned by next */
 };
 
+/* Takes an ended (or never started) call off the queue's list. */
+static void unlist(kvm_rpc_queue *q, unary_op *op)
+{
+	pthread_mutex_lock(&q->mu);
+	if (op->prev)
+		op->prev->next = op->next;
+	else
+		q->running = op->next;
+	if (op->next)
+		op->next->prev = op->prev;
+	pthread_mutex_unlock(&q->mu);
+}
+
 int kvm_rpc_queue_create(kvm_rpc_queue **out)
 {
 	if (!out)
@@ -1026,14 +1039,7 @@ int kvm_rpc_unary_start(kvm_rpc_channel *ch, kvm_rpc_queue *q, const char *metho
 	pthread_mutex_unlock(&q->mu);
 	int rc = unary_begin(ch, q->cq, method, req, len, timeout_ms, op, op);
 	if (rc != 0) {
-		pthread_mutex_lock(&q->mu);
-		if (op->prev)
-			op->prev->next = op->next;
-		else
-			q->running = op->next;
-		if (op->next)
-			op->next->prev = op->prev;
-		pthread_mutex_unlock(&q->mu);
+		unlist(q, op);
 		free(op);
 	}
 	return rc;
@@ -1054,14 +1060,7 @@ int kvm_rpc_queue_next(kvm_rpc_queue *q, int timeout_ms, void **tag, void **resp
 	if (ev.type != GRPC_OP_COMPLETE)
 		return 0; /* timeout */
 	unary_op *op = ev.tag;
-	pthread_mutex_lock(&q->mu);
-	if (op->prev)
-		op->prev->next = op->next;
-	else
-		q->running = op->next;
-	if (op->next)
-		op->next->prev = op->prev;
-	pthread_mutex_unlock(&q->mu);
+	unlist(q, op);
 	*tag = op->tag;
 	int rc = unary_end(op, ev.success, resp, resp_len, st);
 	free(op);

@@ -9,6 +9,8 @@
 
 #include "coordinator/coord_impl.h"
 
+#define INLINE_SYNC_NS 50000
+
 typedef struct commit_rec {
 	struct commit_rec *next;
 	kvm_rpc_call *call;
@@ -76,7 +78,9 @@ int coord_reply_when_durable(kvm_coord *c, kvm_rpc_call *call, int rc, uint64_t 
 {
 	if (rc != KVM_RPC_OK || ticket == 0)
 		return rc;
-	commit_rec *r = malloc(sizeof(*r));
+	/* A sync quicker than waking the committer (tmpfs; a disk whose cache
+	 * survives power loss) is done here, on the server's thread. */
+	commit_rec *r = kvm_state_sync_ns(c->st) < INLINE_SYNC_NS ? NULL : malloc(sizeof(*r));
 	if (!r || !c->committer_running) { /* wait here instead */
 		free(r);
 		int src = kvm_state_sync(c->st, ticket);

@@ -32,6 +32,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -66,6 +67,7 @@ struct kvm_state {
 	bool syncing;
 	int sync_error;
 	pthread_cond_t synced_cv;
+	uint64_t sync_ns; /* a sync's time, moving average */
 	/* The preallocator thread. Whoever extends the zeros (it, or a syncer
 	 * that found none left) first sets alloc_busy: log_alloc is then its
 	 * alone until it clears it and signals alloc_cv. */
@@ -400,6 +402,7 @@ int kvm_state_open_embedded(const char *dir, uint64_t snapshot_bytes, kvm_state 
 		return -ENOMEM;
 	st->dir = strdup(dir);
 	st->snapshot_bytes = snapshot_bytes ? snapshot_bytes : 64u << 20;
+	st->sync_ns = 1000000; /* slow until measured */
 	st->lock_fd = st->log_fd = -1;
 	pthread_mutex_init(&st->mu, NULL);
 	pthread_cond_init(&st->synced_cv, NULL);
@@ -548,6 +551,8 @@ int kvm_state_sync(kvm_state *st, uint64_t ticket)
 			pthread_mutex_unlock(&st->mu);
 			/* log_end is the syncer's alone meanwhile (a snapshot
 			 * waits for !syncing). */
+			struct timespec t0, t1;
+			clock_gettime(CLOCK_MONOTONIC, &t0);
 			int err = extend ? write_zeros(st->log_fd, alloc_from, end + LOG_CHUNK, false)
 					 : 0;
 			if (err == 0)
@@ -555,7 +560,11 @@ int kvm_state_sync(kvm_state *st, uint64_t ticket)
 			if (err == 0 && fdatasync(st->log_fd) != 0)
 				err = -errno;
 			free(buf);
+			clock_gettime(CLOCK_MONOTONIC, &t1);
+			uint64_t ns = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000u +
+				      (uint64_t)t1.tv_nsec - (uint64_t)t0.tv_nsec;
 			pthread_mutex_lock(&st->mu);
+			st->sync_ns = st->sync_ns - st->sync_ns / 8 + ns / 8;
 			if (claimed) {
 				if (extend && err == 0)
 					st->log_alloc = end + LOG_CHUNK;
@@ -576,6 +585,14 @@ int kvm_state_sync(kvm_state *st, uint64_t ticket)
 	}
 	pthread_mutex_unlock(&st->mu);
 	return rc;
+}
+
+uint64_t kvm_state_sync_ns(kvm_state *st)
+{
+	pthread_mutex_lock(&st->mu);
+	uint64_t ns = st->sync_ns;
+	pthread_mutex_unlock(&st->mu);
+	return ns;
 }
 
 int kvm_state_put_async(kvm_state *st, const char *key, const void *val, size_t len,

@@ -58,6 +58,9 @@ int kvm_state_put_async(kvm_state *st, const char *key, const void *val, size_t 
 			uint64_t *ticket);
 int kvm_state_del_async(kvm_state *st, const char *key, uint64_t *ticket);
 int kvm_state_sync(kvm_state *st, uint64_t ticket);
+/* How long a sync has been taking (a moving average, ns; 1 ms until the
+ * first syncs are measured), so that callers can choose where to wait. */
+uint64_t kvm_state_sync_ns(kvm_state *st);
 
 /* *val is malloc'd (caller frees); -ENOENT if absent. */
 int kvm_state_get(kvm_state *st, const char *key, void **val, size_t *len);

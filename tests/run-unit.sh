@@ -4,6 +4,7 @@
 # anything failed or nothing ran.
 #   test_*    Criterion suites: counted from their TAP report
 #   stress_*  plain programs: counted from their own "N passed, N failed" line
+#             (", N skipped" and "skip WHY" lines as the Python tests print them)
 #   test_*.py integration tests run by /usr/bin/python3, counted the same way
 # Extra arguments after "--" go to the Criterion suites.
 set -u
@@ -43,7 +44,8 @@ for dir in "${dirs[@]}"; do
       line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
       p=$(echo "$line" | sed -nE 's/^([0-9]+) passed.*/\1/p'); p=${p:-0}
       f=$(echo "$line" | sed -nE 's/^[0-9]+ passed, ([0-9]+) failed.*/\1/p'); f=${f:-0}
-      s=0
+      s=$(echo "$line" | sed -nE 's/.*, ([0-9]+) skipped.*/\1/p'); s=${s:-0}
+      grep -E '^skip ' "$log" | sed 's/^skip /    skipped: /'
     fi
     if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
       f=1   # died, or failed outside any test: count it once
