@@ -11,7 +11,7 @@
  * The client: THREADS threads, each with one channel and one kvm_rpc_queue,
  * keeping N CreateSequence + ExtendSequence + ReleaseSequence cycles in
  * flight (each call's end starts its cycle's next call). Each load level N
- * (1, 2, 4, 8, 16) runs rounds that drive the three servers in turn with the
+ * (1, 2, 4, 6, 8, 16) runs rounds that drive the three servers in turn with the
  * same client, so that load drifting on this shared machine hits all three
  * alike; a call's latency runs from its start to its end at the client.
  * The disk's own sync latency (4 KiB append or overwrite + fdatasync, in the
@@ -59,10 +59,10 @@
 #define THREADS 2 /* client threads */
 #define ROUNDS 2
 #define SECONDS 1.5 /* per server per round */
-#define N_LEVELS 5
+#define N_LEVELS 6
 /* Cycles in flight per client thread, one level after the other
  * (KVMESH_BENCH_IN_FLIGHT=N: only N). */
-static const unsigned levels[N_LEVELS] = {1, 2, 4, 8, 16};
+static const unsigned levels[N_LEVELS] = {1, 2, 4, 6, 8, 16};
 #define P99_BAR_MS 2.0
 #define MAX_SAMPLES (1 << 20)
 #define SYNC_WRITES 200
