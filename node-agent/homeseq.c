@@ -669,6 +669,8 @@ struct hq {
 	float *o, *lse;
 	int st;
 	char err[512];
+	/* the peer whose partial failed (logged once the query's fate is known) */
+	char peer[ID_MAX], peer_addr[ID_MAX];
 	/* filled while it runs */
 	struct hseq *seq;
 	uint32_t n_local, n_tok_local;
@@ -1004,8 +1006,8 @@ static void attend_batch(agent *a, da_ctx *ctx, const da_shape *sh, struct hq *q
 						 pe->node_id, pe->data_addr, strerror(-rc));
 					append_indexes(h->err, sizeof h->err, c->indexes[k],
 						       c->qs[k].n_blocks);
-					kvm_log(KVM_LOG_WARN, "attend_peer_failed", "seq=%s peer=%s addr=%s error=\"%s\" msg=\"%s\"",
-						h->seq->id, pe->node_id, pe->data_addr, strerror(-rc), h->err);
+					snprintf(h->peer, sizeof h->peer, "%s", pe->node_id);
+					snprintf(h->peer_addr, sizeof h->peer_addr, "%s", pe->data_addr);
 					break;
 				}
 				op[n] = c->o + (size_t)k * row;
@@ -1126,7 +1128,7 @@ static void attend_batch_moved(agent *a, da_ctx *ctx, const da_shape *sh, struct
 		}
 		again[n] = qs[i];
 		again[n].st = 0;
-		again[n].err[0] = '\0';
+		again[n].err[0] = again[n].peer[0] = '\0';
 		from[n++] = i;
 	}
 	if (again && from && n) {
@@ -1136,6 +1138,13 @@ static void attend_batch_moved(agent *a, da_ctx *ctx, const da_shape *sh, struct
 	}
 	free(again);
 	free(from);
+	/* Only now: a peer that failed before the placements were refreshed
+	 * and the query ran again is no failure of the call. */
+	for (uint32_t i = 0; i < nq; i++)
+		if (qs[i].st && qs[i].peer[0] && qs[i].seq)
+			kvm_log(KVM_LOG_WARN, "attend_peer_failed",
+				"seq=%s peer=%s addr=%s error=\"%s\" msg=\"%s\"", qs[i].seq->id,
+				qs[i].peer, qs[i].peer_addr, strerror(-qs[i].st), qs[i].err);
 }
 
 /* ---- the data plane's ATTEND on sequence handles ----------------------------------- */
