@@ -734,11 +734,22 @@ int kvm_match_prefix(kvm_client *c, const char *model_id, const uint32_t *tokens
 
 /* ---- prefill write-back ------------------------------------------------------------ */
 
-/* At most this many bytes of blocks in one PutBlocks call. */
+/* At most this many bytes of blocks in one PutBlocks call, and this many
+ * calls in flight: the agents store one while the next is on the wire. */
 #define PUT_BATCH_BYTES (16u << 20)
+#define PUTS_IN_FLIGHT 4
 
-static int put_blocks(kvm_client *c, const char *node, const char *model, const char *seq, uint32_t first,
-		      uint32_t n, const void *const *blocks, uint8_t (*keys)[16], size_t block_bytes)
+/* One PutBlocks call in flight. */
+typedef struct put_call {
+	char where[128];
+	uint32_t n;
+	bool busy;
+} put_call;
+
+/* Starts PutBlocks of blocks [first, first + n) on `node` with pc as its tag. */
+static int put_start(kvm_client *c, kvm_rpc_queue *q, put_call *pc, const char *node,
+		     const char *model, const char *seq, uint32_t first, uint32_t n,
+		     const void *const *blocks, uint8_t (*keys)[16], size_t block_bytes)
 {
 	kvm_rpc_channel *ch;
 	int rc = node_lookup(c, node, &ch, NULL, 0);
@@ -746,10 +757,10 @@ static int put_blocks(kvm_client *c, const char *node, const char *model, const 
 		return rc;
 	Kvmesh__V1__BlockData *bd = calloc(n, sizeof(*bd));
 	Kvmesh__V1__BlockData **bp = calloc(n, sizeof(*bp));
+	uint8_t *buf = NULL;
 	if (!bd || !bp) {
-		free(bd);
-		free(bp);
-		return -ENOMEM;
+		rc = fail(c, -ENOMEM, "out of memory");
+		goto out;
 	}
 	for (uint32_t i = 0; i < n; i++) {
 		kvmesh__v1__block_data__init(&bd[i]);
@@ -765,18 +776,58 @@ static int put_blocks(kvm_client *c, const char *node, const char *model, const 
 	req.first_index = first;
 	req.blocks = bp;
 	req.n_blocks = n;
-	char where[128];
-	snprintf(where, sizeof(where), "agent %s", node);
-	Kvmesh__V1__PutBlocksResponse *r = NULL;
-	rc = call(c, ch, where, "/kvmesh.v1.Agent/PutBlocks", &req.base, &kvmesh__v1__put_blocks_response__descriptor,
-		  (ProtobufCMessage **)&r);
+	size_t len = kvmesh__v1__put_blocks_request__get_packed_size(&req);
+	if (!(buf = malloc(len))) {
+		rc = fail(c, -ENOMEM, "out of memory");
+		goto out;
+	}
+	kvmesh__v1__put_blocks_request__pack(&req, buf);
+	snprintf(pc->where, sizeof(pc->where), "agent %s", node);
+	pc->n = n;
+	rc = kvm_rpc_unary_start(ch, q, "/kvmesh.v1.Agent/PutBlocks", buf, len,
+				 c->opts.control_timeout_ms, pc);
+	if (rc)
+		rc = fail(c, rc, "%s PutBlocks: %s", pc->where, kvm_strerror(rc));
+	else
+		pc->busy = true;
+out:
+	free(buf);
 	free(bd);
 	free(bp);
-	if (rc)
-		return rc;
+	return rc;
+}
+
+/* Waits for one PutBlocks call to end; returns its result (with the
+ * client's error message when `report`: the first failure's message is the
+ * one kept), and the blocks it stored in *stored. */
+static int put_end(kvm_client *c, kvm_rpc_queue *q, size_t block_bytes, bool report,
+		   uint32_t *stored)
+{
+	*stored = 0;
+	void *tag, *out;
+	size_t out_len;
+	kvm_rpc_status st;
+	int rc = kvm_rpc_queue_next(q, -1, &tag, &out, &out_len, &st);
+	put_call *pc = tag;
+	const char *where = pc ? pc->where : "agent";
+	if (pc)
+		pc->busy = false;
+	if (rc != 1) {
+		rc = rc < 0 ? rc : -EIO;
+		return report ? fail(c, rc, "%s PutBlocks: %s", where, kvm_strerror(rc)) : rc;
+	}
+	if (st.code != KVM_RPC_OK) {
+		rc = errno_of_status(st.code);
+		return report ? fail(c, rc, "%s: %s", where, st.message) : rc;
+	}
+	Kvmesh__V1__PutBlocksResponse *r = kvmesh__v1__put_blocks_response__unpack(NULL, out_len, out);
+	free(out);
+	if (!r)
+		return report ? fail(c, -EPROTO, "%s PutBlocks: malformed reply", where) : -EPROTO;
 	kvmesh__v1__put_blocks_response__free_unpacked(r, NULL);
-	c->blocks_written += n;
-	c->blocks_written_bytes += (uint64_t)n * block_bytes;
+	c->blocks_written += pc->n;
+	c->blocks_written_bytes += (uint64_t)pc->n * block_bytes;
+	*stored = pc->n;
 	return 0;
 }
 
@@ -830,8 +881,28 @@ int kvm_seq_write_blocks(kvm_client *c, const char *seq_id, const uint32_t *toke
 	}
 	size_t bb = kvm_block_bytes(&m);
 	uint32_t per_call = (uint32_t)(PUT_BATCH_BYTES / bb) ? (uint32_t)(PUT_BATCH_BYTES / bb) : 1;
-	/* Runs of consecutive unwritten blocks on one node go in one call. */
-	for (uint32_t i = 0; i < n_blocks && rc == 0;) {
+	kvm_rpc_queue *q = NULL;
+	if ((rc = kvm_rpc_queue_create(&q)) != 0) {
+		free(keys);
+		rc = fail(c, rc, "write_blocks: %s", kvm_strerror(rc));
+		goto out;
+	}
+	/* Runs of consecutive unwritten blocks on one node go in one call; up
+	 * to PUTS_IN_FLIGHT calls at once. After a failure nothing new starts,
+	 * the calls in flight end, and the first error is returned. */
+	put_call calls[PUTS_IN_FLIGHT] = {0};
+	uint32_t busy = 0;
+	for (uint32_t i = 0; (i < n_blocks && rc == 0) || busy > 0;) {
+		if (busy == PUTS_IN_FLIGHT || i >= n_blocks || rc != 0) {
+			uint32_t stored;
+			int erc = put_end(c, q, bb, rc == 0, &stored);
+			busy--;
+			if (erc && !rc)
+				rc = erc;
+			if (n_written)
+				*n_written += stored;
+			continue;
+		}
 		const Kvmesh__V1__BlockPlacement *p = s->blocks[i];
 		if (p->handle) { /* stored already (shared prefix or written before) */
 			i++;
@@ -841,11 +912,14 @@ int kvm_seq_write_blocks(kvm_client *c, const char *seq_id, const uint32_t *toke
 		while (j < n_blocks && j - i < per_call && !s->blocks[j]->handle &&
 		       strcmp(s->blocks[j]->node_id, p->node_id) == 0)
 			j++;
-		rc = put_blocks(c, p->node_id, m.id, seq_id, i, j - i, blocks + i, keys + i, bb);
-		if (rc == 0 && n_written)
-			*n_written += j - i;
+		put_call *pc = calls;
+		while (pc->busy)
+			pc++;
+		rc = put_start(c, q, pc, p->node_id, m.id, seq_id, i, j - i, blocks + i, keys + i, bb);
+		busy += rc == 0;
 		i = j;
 	}
+	kvm_rpc_queue_destroy(q);
 	free(keys);
 	if (rc == 0) {
 		pthread_mutex_lock(&c->mu);

@@ -626,7 +626,7 @@ int main(int argc, char **argv)
 	if ((rc = blocks_create(&a)) != 0 || (rc = homeseq_create(&a)) != 0 ||
 	    (rc = wpool_create(nw, "kernels", &a.kernels)) != 0 ||
 	    (rc = wpool_create(1, "home", &a.home)) != 0 ||
-	    (rc = wpool_create(1, "movers", &a.movers)) != 0) {
+	    (rc = wpool_create(2, "movers", &a.movers)) != 0) {
 		kvm_log(KVM_LOG_ERROR, "setup_failed", "error=\"%s\"", strerror(-rc));
 		return 1;
 	}
