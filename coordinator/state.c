@@ -36,6 +36,8 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "common/log.h"
+
 #define REC_MAGIC 0x524d564bu /* "KVMR" */
 #define REC_HEADER 20
 #define LOG_CHUNK (4u << 20)  /* preallocated ahead of the records */
@@ -72,7 +74,7 @@ struct kvm_state {
 	 * that found none left) first sets alloc_busy: log_alloc is then its
 	 * alone until it clears it and signals alloc_cv. */
 	pthread_t prealloc;
-	bool prealloc_running, prealloc_wanted, prealloc_stop, alloc_busy;
+	bool prealloc_running, prealloc_wanted, prealloc_stop, prealloc_failed, alloc_busy;
 	pthread_cond_t alloc_cv;
 };
 
@@ -202,13 +204,12 @@ static int write_zeros(int fd, off_t from, off_t to, bool write_back)
 	for (off_t off = from; off < to;) {
 		size_t n = (size_t)(to - off) < sizeof(zeros) ? (size_t)(to - off) : sizeof(zeros);
 		int rc = pwrite_all(fd, zeros, n, off);
-		if (rc == 0 && write_back &&
-		    sync_file_range(fd, off, (off_t)n,
-				    SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
-					    SYNC_FILE_RANGE_WAIT_AFTER) != 0)
-			rc = -errno;
 		if (rc != 0)
 			return rc;
+		if (write_back) /* best effort: the fdatasync after makes them durable */
+			(void)sync_file_range(fd, off, (off_t)n,
+					      SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+						      SYNC_FILE_RANGE_WAIT_AFTER);
 		off += (off_t)n;
 	}
 	return 0;
@@ -231,7 +232,7 @@ static void release_alloc(kvm_state *st)
 /* Wakes the preallocator when the zeros ahead run short; mu held. */
 static void want_zeros(kvm_state *st)
 {
-	if (st->prealloc_running && !st->alloc_busy &&
+	if (st->prealloc_running && !st->prealloc_failed && !st->alloc_busy &&
 	    st->log_alloc - st->log_end < (off_t)LOG_CHUNK / 2) {
 		st->prealloc_wanted = true;
 		pthread_cond_broadcast(&st->alloc_cv);
@@ -255,8 +256,13 @@ static void *prealloc_main(void *arg)
 		if (rc == 0 && fdatasync(st->log_fd) != 0)
 			rc = -errno;
 		pthread_mutex_lock(&st->mu);
-		if (rc == 0) /* else a syncer extends them itself, and reports the error */
+		if (rc == 0) {
 			st->log_alloc = from + LOG_CHUNK;
+		} else { /* syncers extend them from now on, and report errors */
+			st->prealloc_failed = true;
+			kvm_log(KVM_LOG_WARN, "state_prealloc_failed", "dir=%s error=\"%s\"", st->dir,
+				strerror(-rc));
+		}
 		release_alloc(st);
 	}
 	pthread_mutex_unlock(&st->mu);
