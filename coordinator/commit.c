@@ -2,7 +2,10 @@
  * server thread: a handler that changed the store queues its call here, and
  * one committer thread syncs everything queued so far with one fdatasync and
  * finishes those calls. While it syncs, new calls queue up for the next one,
- * so the more clients wait, the more each sync covers (group commit). */
+ * so the more clients wait, the more each sync covers (group commit). Where
+ * syncs take less than INLINE_SYNC_NS (tmpfs, a disk whose cache survives
+ * power loss), waking the committer would cost more than the sync: the
+ * handler's thread syncs itself. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
