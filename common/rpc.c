@@ -161,6 +161,7 @@ struct pending {
 	atomic_int refs; /* a unary call's events still to come (close, done) */
 	kvm_rpc_call c;
 	/* The final batch's buffers, alive until it completes. */
+	bool close_in_final; /* RECV_CLOSE_ON_SERVER rides in the final batch */
 	grpc_byte_buffer *reply_bb;
 	grpc_slice details_slice;
 	bool has_details;
@@ -373,6 +374,18 @@ static void call_arrived(kvm_rpc_server *srv, pending *p)
 			end_call(p);
 		}
 		pthread_attr_destroy(&attr);
+		return;
+	}
+	if (p->m->flags & KVM_RPC_INLINE) {
+		/* A quick handler never asks whether its call was cancelled: the
+		 * call's end is asked for in its final batch, so the queue brings
+		 * one completion per call instead of two (a deferred call's two
+		 * woke the server's threads twice: 2.2-2.3 context switches and
+		 * 73 us of the coordinator's CPU per call on disk, 1.5 and 54 us
+		 * with one). */
+		atomic_store(&p->refs, 1);
+		p->close_in_final = true;
+		run_unary(p);
 		return;
 	}
 	/* RECV_CLOSE_ON_SERVER completes when the call ends: at the client's
@@ -693,13 +706,13 @@ const char *kvm_rpc_metadata(kvm_rpc_call *c, const char *key, char *buf, size_t
 }
 
 /* Fills the call's final batch (the response of a unary call that succeeded,
- * and the status) in ops; returns how many. The buffers stay in the pending
- * until it is freed. */
+ * the status, and for an inline call the wait for its end) in ops[0..4);
+ * returns how many. The buffers stay in the pending until it is freed. */
 static size_t final_ops(pending *p, int code, grpc_op *ops)
 {
 	kvm_rpc_call *c = &p->c;
 	size_t n = 0;
-	memset(ops, 0, 3 * sizeof(*ops));
+	memset(ops, 0, 4 * sizeof(*ops));
 	if (!c->initial_md_sent)
 		ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
 	if (code == KVM_RPC_OK && c->replied) {
@@ -712,6 +725,10 @@ static size_t final_ops(pending *p, int code, grpc_op *ops)
 	ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
 	ops[n].data.send_status_from_server.status = (grpc_status_code)code;
 	ops[n++].data.send_status_from_server.status_details = &p->details_slice;
+	if (p->close_in_final) {
+		ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+		ops[n++].data.recv_close_on_server.cancelled = &c->close_cancelled;
+	}
 	return n;
 }
 
@@ -720,7 +737,7 @@ void kvm_rpc_finish(kvm_rpc_call *c, int code)
 	pending *p = c->p;
 	if (code == KVM_RPC_OK && !c->replied)
 		code = kvm_rpc_fail(c, KVM_RPC_INTERNAL, "handler returned no response");
-	grpc_op ops[3];
+	grpc_op ops[4];
 	size_t n = final_ops(p, code, ops);
 	if (grpc_call_start_batch(p->call, ops, n, &p->done, NULL) != GRPC_CALL_OK)
 		unref_unary(p); /* no completion will come */
@@ -773,7 +790,7 @@ static void *stream_main(void *arg)
 			code = kvm_rpc_fail(c, KVM_RPC_INTERNAL, "a stream cannot be deferred");
 	}
 	free(req);
-	grpc_op ops[3];
+	grpc_op ops[4];
 	size_t n = final_ops(p, code, ops);
 	run_batch(p->call, p->cq, ops, n, &final_tag);
 	if (!c->closed)

@@ -41,7 +41,8 @@ enum {
 /* kvm_rpc_server_add_method flags. A unary handler runs on a pool worker,
  * unless KVM_RPC_INLINE says that it never blocks for long (no disk sync, no
  * wait on another node; a short lock is fine): it then runs on the thread that
- * took the call from gRPC's queue, with no hand-off, the fastest path. */
+ * took the call from gRPC's queue, with no hand-off, the fastest path, and
+ * kvm_rpc_cancelled is always false in it. */
 enum {
 	KVM_RPC_UNARY = 0,
 	KVM_RPC_STREAMING = 1, /* a server stream: runs on a thread of its own */
