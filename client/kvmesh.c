@@ -16,6 +16,7 @@
 #include <xxhash.h>
 
 #include "common/auth.h"
+#include "common/addr.h"
 #include "common/log.h"
 #include "common/rpc.h"
 #include "kvstore/key.h"
@@ -432,28 +433,6 @@ static int node_lookup(kvm_client *c, const char *node, kvm_rpc_channel **ch, ch
 	return fail(c, -ENOENT, "node %s is not registered", node);
 }
 
-/* Splits "host:port" (IPv6 as "[::1]:port"). */
-static int split_addr(const char *addr, char *host, size_t cap, uint16_t *port)
-{
-	const char *colon = strrchr(addr, ':');
-	if (!colon || colon == addr)
-		return -EINVAL;
-	const char *h = addr;
-	size_t hl = (size_t)(colon - addr);
-	if (h[0] == '[' && hl >= 2 && h[hl - 1] == ']')
-		h++, hl -= 2;
-	if (hl >= cap)
-		return -EINVAL;
-	memcpy(host, h, hl);
-	host[hl] = '\0';
-	char *end;
-	long p = strtol(colon + 1, &end, 10);
-	if (*end || p <= 0 || p > 65535)
-		return -EINVAL;
-	*port = (uint16_t)p;
-	return 0;
-}
-
 /* A live data-plane connection to addr; connects on first use. The peer
  * stays the client's. */
 static int data_peer_get(kvm_client *c, const char *addr, xport_peer **out)
@@ -467,7 +446,7 @@ static int data_peer_get(kvm_client *c, const char *addr, xport_peer **out)
 		}
 	char host[128];
 	uint16_t port;
-	int rc = split_addr(addr, host, sizeof(host), &port);
+	int rc = kvm_parse_addr(addr, host, sizeof(host), &port) == 0 && port ? 0 : -EINVAL;
 	if (rc) {
 		pthread_mutex_unlock(&c->mu);
 		return fail(c, rc, "bad data-plane address \"%s\"", addr);

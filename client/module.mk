@@ -4,7 +4,8 @@
 # The shared library carries what the client needs from the other modules,
 # compiled a second time as position-independent code under $(BUILD)/pic.
 CLIENT_SRCS := client/kvmesh.c
-CLIENT_DEPS := common/kvm_error.c common/rpc.c common/log.c common/auth.c kvstore/key.c \
+CLIENT_DEPS := common/kvm_error.c common/rpc.c common/log.c common/auth.c common/addr.c \
+	common/metrics.c kvstore/key.c \
 	transport/wire.c transport/csum_avx2.c transport/loop.c transport/transport.c \
 	transport/tcp.c transport/nic.c
 CLIENT_PIC  := $(addprefix $(BUILD)/pic/,$(CLIENT_SRCS:.c=.o) $(CLIENT_DEPS:.c=.o)) \

@@ -29,8 +29,16 @@
 
 #include "common/auth.h"
 #include "common/log.h"
+#include "common/metrics.h"
 
 /* ---- Helpers ----------------------------------------------------------------- */
+
+static uint64_t now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
 
 static gpr_timespec deadline_in(int ms)
 {
@@ -115,6 +123,8 @@ static int run_batch(grpc_call *call, grpc_completion_queue *cq, const grpc_op *
 #define RPC_WORKERS 16
 #define RPC_MAX_CQ_THREADS 8
 
+#define N_CODES 17 /* gRPC status codes 0..16 */
+
 typedef struct method {
 	char *name;
 	void *handle;
@@ -122,6 +132,10 @@ typedef struct method {
 	kvm_rpc_handler fn;
 	void *arg;
 	struct method *next;
+	/* For /metrics, with relaxed atomics: calls begun, ended per status
+	 * code, and (unary) their time from arrival to the final batch. */
+	uint64_t started, handled[N_CODES];
+	kvm_histogram latency;
 } method;
 
 typedef struct pending pending;
@@ -165,6 +179,7 @@ struct pending {
 	grpc_byte_buffer *reply_bb;
 	grpc_slice details_slice;
 	bool has_details;
+	uint64_t arrived_ns; /* CLOCK_MONOTONIC */
 };
 
 struct kvm_rpc_server {
@@ -197,6 +212,8 @@ struct kvm_rpc_server {
 	/* "Bearer <token>" that calls must present (auth_len 0: none). */
 	char *auth;
 	size_t auth_len;
+
+	uint64_t unknown_calls; /* to methods nobody registered (atomic) */
 };
 
 static char shutdown_tag;
@@ -360,6 +377,8 @@ static void refuse_unknown(pending *p)
  * worker. */
 static void call_arrived(kvm_rpc_server *srv, pending *p)
 {
+	p->arrived_ns = now_ns();
+	__atomic_fetch_add(&p->m->started, 1, __ATOMIC_RELAXED);
 	pthread_mutex_lock(&srv->mu);
 	srv->active_calls++;
 	pthread_mutex_unlock(&srv->mu);
@@ -446,6 +465,7 @@ static void *cq_thread_main(void *arg)
 			}
 			request_call(srv, p->m);
 			if (!p->m) { /* quick: answered on this thread */
+				__atomic_fetch_add(&srv->unknown_calls, 1, __ATOMIC_RELAXED);
 				refuse_unknown(p);
 				free_pending(p);
 				break;
@@ -625,6 +645,65 @@ void kvm_rpc_server_destroy(kvm_rpc_server *srv, int grace_ms)
 
 static char close_tag, send_tag, final_tag;
 
+/* ---- Metrics ------------------------------------------------------------------ */
+
+/* The names grpc-go and the usual dashboards give the codes. */
+static const char *const code_names[N_CODES] = {
+	"OK",		  "Canceled",	       "Unknown",	   "InvalidArgument",
+	"DeadlineExceeded", "NotFound",	       "AlreadyExists",	   "PermissionDenied",
+	"ResourceExhausted", "FailedPrecondition", "Aborted",	   "OutOfRange",
+	"Unimplemented",    "Internal",	       "Unavailable",	   "DataLoss",
+	"Unauthenticated",
+};
+
+/* grpc_type, grpc_service and grpc_method labels of m. */
+static void method_labels(const method *m, char *buf, size_t cap)
+{
+	const char *slash = strrchr(m->name, '/'); /* "/pkg.Service/Method" */
+	int svc_len = (int)(slash - m->name) - 1;
+	snprintf(buf, cap, "grpc_type=\"%s\",grpc_service=\"%.*s\",grpc_method=\"%s\"",
+		 (m->flags & KVM_RPC_STREAMING) ? "server_stream" : "unary", svc_len, m->name + 1,
+		 slash + 1);
+}
+
+void kvm_rpc_server_collect(void *arg, kvm_metrics_out *out)
+{
+	kvm_rpc_server *srv = arg;
+	char labels[512], with_code[600];
+	kvm_metrics_family(out, "grpc_server_started_total", "counter",
+			   "RPCs started on the server.");
+	for (method *m = srv->methods; m; m = m->next) {
+		method_labels(m, labels, sizeof(labels));
+		kvm_metrics_sample(out, "grpc_server_started_total", labels,
+				   (double)__atomic_load_n(&m->started, __ATOMIC_RELAXED));
+	}
+	kvm_metrics_family(out, "grpc_server_handled_total", "counter",
+			   "RPCs completed on the server, by status code (bad input: "
+			   "InvalidArgument, NotFound, OutOfRange).");
+	for (method *m = srv->methods; m; m = m->next) {
+		method_labels(m, labels, sizeof(labels));
+		for (int code = 0; code < N_CODES; code++) {
+			uint64_t n = __atomic_load_n(&m->handled[code], __ATOMIC_RELAXED);
+			if (n == 0 && code != KVM_RPC_OK) /* a code shows once it happened */
+				continue;
+			snprintf(with_code, sizeof(with_code), "%s,grpc_code=\"%s\"", labels,
+				 code_names[code]);
+			kvm_metrics_sample(out, "grpc_server_handled_total", with_code, (double)n);
+		}
+	}
+	kvm_metrics_family(out, "grpc_server_handling_seconds", "histogram",
+			   "Time from a unary RPC's arrival to its reply being sent.");
+	for (method *m = srv->methods; m; m = m->next) {
+		if (m->flags & KVM_RPC_STREAMING)
+			continue;
+		method_labels(m, labels, sizeof(labels));
+		kvm_metrics_histogram(out, "grpc_server_handling_seconds", labels, &m->latency);
+	}
+	kvm_metrics_single(out, "kvmesh_rpc_unknown_method_total", "counter",
+			   "Calls to methods this server does not have (answered Unimplemented).",
+			   (double)__atomic_load_n(&srv->unknown_calls, __ATOMIC_RELAXED));
+}
+
 bool kvm_rpc_cancelled(kvm_rpc_call *c)
 {
 	if (!c->p->cq) /* unary: the server's queue reports the end */
@@ -712,6 +791,11 @@ static size_t final_ops(pending *p, int code, grpc_op *ops)
 {
 	kvm_rpc_call *c = &p->c;
 	size_t n = 0;
+	method *m = p->m;
+	__atomic_fetch_add(&m->handled[code >= 0 && code < N_CODES ? code : KVM_RPC_UNKNOWN], 1,
+			   __ATOMIC_RELAXED);
+	if (!(m->flags & KVM_RPC_STREAMING)) /* a stream's length says nothing */
+		kvm_histogram_observe(&m->latency, now_ns() - p->arrived_ns);
 	memset(ops, 0, 4 * sizeof(*ops));
 	if (!c->initial_md_sent)
 		ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;

@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/metrics.h"
+
 /* gRPC status codes used by handlers (the same numbers as grpc_status_code). */
 enum {
 	KVM_RPC_OK = 0,
@@ -92,6 +94,13 @@ int kvm_rpc_server_add_method(kvm_rpc_server *srv, const char *method, unsigned 
 int kvm_rpc_server_set_token(kvm_rpc_server *srv, const char *token);
 
 int kvm_rpc_server_start(kvm_rpc_server *srv);
+
+/* A kvm_metrics_collector (arg: the server): per method, calls started,
+ * ended per status code (grpc_server_handled_total: bad input shows as
+ * InvalidArgument) and unary calls' handling time, named as grpc-go's
+ * Prometheus interceptors name them. Stop the metrics endpoint before
+ * destroying the server. */
+void kvm_rpc_server_collect(void *srv, kvm_metrics_out *out);
 
 /* Stops accepting calls, lets running calls finish for up to grace_ms, then
  * cancels the rest and waits for their handlers to return and every deferred

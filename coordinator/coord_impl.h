@@ -157,6 +157,8 @@ struct kvm_coord {
 	blk_ent **blks;
 	size_t blk_buckets, n_blks;
 
+	uint64_t degraded_total; /* sequences marked degraded since start */
+
 	/* Blocks moving off draining nodes (drain.c). */
 	move_rec *moves;
 	size_t n_moves, cap_moves;
@@ -170,6 +172,8 @@ struct kvm_coord {
 };
 
 uint64_t coord_now_ms(void);
+/* "ready", "cordoned", "draining", "dead" ("unknown" otherwise). */
+const char *coord_state_name(Kvmesh__V1__NodeState s);
 /* Packs m and sets it as the unary reply; returns the status to return. */
 int coord_reply(kvm_rpc_call *call, const ProtobufCMessage *m);
 /* 1-63 characters of [A-Za-z0-9._-]. */

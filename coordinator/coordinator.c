@@ -26,7 +26,7 @@ uint64_t coord_now_ms(void)
 	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-static const char *state_name(Kvmesh__V1__NodeState s)
+const char *coord_state_name(Kvmesh__V1__NodeState s)
 {
 	switch (s) {
 	case KVMESH__V1__NODE_STATE__NODE_READY:
@@ -91,7 +91,7 @@ static void emit_node_event(kvm_coord *c, const char *id, Kvmesh__V1__NodeState 
 	ev.kind_case = KVMESH__V1__EVENT__KIND_NODE;
 	ev.node = &ne;
 	coord_emit(c, &ev);
-	kvm_log(KVM_LOG_INFO, "node_state", "node=%s state=%s reason=\"%s\"", id, state_name(state),
+	kvm_log(KVM_LOG_INFO, "node_state", "node=%s state=%s reason=\"%s\"", id, coord_state_name(state),
 		reason);
 }
 

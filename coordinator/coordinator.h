@@ -28,6 +28,11 @@ typedef struct kvm_coord_config {
 int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server *srv,
 		     kvm_coord **out);
 
+/* A kvm_metrics_collector (arg: the coordinator): nodes by state, each
+ * node's pool as the ledger counts it, live and degraded sequences, the
+ * state store's appends and syncs. */
+void kvm_coord_collect(void *coord, kvm_metrics_out *out);
+
 /* Stops the liveness thread and frees the service. Destroy the server first:
  * handlers may still be running until then. */
 void kvm_coord_destroy(kvm_coord *c);

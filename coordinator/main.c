@@ -11,6 +11,7 @@
 #include "common/config.h"
 #include "common/health.h"
 #include "common/log.h"
+#include "common/metrics.h"
 #include "common/rpc.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/state.h"
@@ -19,10 +20,13 @@ int main(int argc, char **argv)
 {
 	char listen[KVM_OPT_STRING_MAX], data_dir[KVM_OPT_STRING_MAX], lend[KVM_OPT_STRING_MAX];
 	char token_file[KVM_OPT_STRING_MAX], token[KVM_AUTH_TOKEN_MAX + 1];
+	char metrics_listen[KVM_OPT_STRING_MAX];
 	int64_t heartbeat_ms, dead_after_ms;
 	uint64_t snapshot_bytes;
 	const kvm_option opts[] = {
 		{"listen", KVM_OPT_STRING, listen, "127.0.0.1:7400", "gRPC address to serve on"},
+		{"metrics-listen", KVM_OPT_STRING, metrics_listen, "",
+		 "HTTP address for /metrics (Prometheus) and /healthz, e.g. :7401 (empty: off)"},
 		{"data-dir", KVM_OPT_STRING, data_dir, "/var/lib/kvmesh/coordinator",
 		 "directory of the embedded state store"},
 		{"heartbeat", KVM_OPT_DURATION, &heartbeat_ms, "1s", "how often agents heartbeat"},
@@ -109,10 +113,19 @@ int main(int argc, char **argv)
 		kvm_log(KVM_LOG_ERROR, "start_failed", "error=\"%s\"", strerror(-rc));
 		return 1;
 	}
+	/* /metrics reads the server and the coordinator: the endpoint stops
+	 * before either goes. */
+	kvm_metrics_http *http = NULL;
+	int metrics_port = 0;
+	const kvm_metrics_source src[] = {{kvm_rpc_server_collect, srv}, {kvm_coord_collect, coord}};
+	if (metrics_listen[0] && kvm_metrics_serve(metrics_listen, src, 2, &metrics_port, &http))
+		return 1;
 	kvm_health_set(health, "", true);
 	kvm_health_set(health, "kvmesh.v1.Coordinator", true);
-	kvm_log(KVM_LOG_INFO, "serving", "addr=%s port=%d heartbeat_ms=%lld dead_after_ms=%lld auth=%s",
-		listen, port, (long long)heartbeat_ms, (long long)dead_after_ms,
+	kvm_metrics_http_set_healthy(http, true);
+	kvm_log(KVM_LOG_INFO, "serving",
+		"addr=%s port=%d metrics_port=%d heartbeat_ms=%lld dead_after_ms=%lld auth=%s",
+		listen, port, metrics_port, (long long)heartbeat_ms, (long long)dead_after_ms,
 		token[0] ? "token" : "none");
 	sd_notify(0, "READY=1"); /* Type=notify units start dependants now */
 
@@ -121,6 +134,7 @@ int main(int argc, char **argv)
 	kvm_log(KVM_LOG_INFO, "stopping", "signal=%s", strsignal(sig));
 	sd_notify(0, "STOPPING=1");
 	kvm_health_set(health, "", false);
+	kvm_metrics_http_stop(http); /* it reads the server and the coordinator */
 	kvm_rpc_server_destroy(srv, 2000);
 	kvm_coord_destroy(coord);
 	kvm_health_destroy(health);

@@ -1,5 +1,5 @@
 # Coordinator: durable state (embedded store; etcd to come), the KV ledger.
-CORE_SRCS += coordinator/state.c coordinator/ledger.c coordinator/coordinator.c coordinator/links.c coordinator/sequences.c coordinator/blocks.c coordinator/drain.c coordinator/commit.c
+CORE_SRCS += coordinator/state.c coordinator/ledger.c coordinator/coordinator.c coordinator/links.c coordinator/sequences.c coordinator/blocks.c coordinator/drain.c coordinator/commit.c coordinator/metrics.c
 LDLIBS += -lxxhash
 
 BINS += $(BUILD)/bin/kvmesh-coordinator

@@ -1031,6 +1031,7 @@ void coord_degrade(kvm_coord *c, const char *id, const uint32_t *lost, size_t n,
 		return;
 	if (!s->degraded) {
 		s->degraded = 1;
+		c->degraded_total++;
 		uint64_t ticket;
 		store_seq(c, s, &ticket); /* made durable by the next sync or snapshot */
 	}

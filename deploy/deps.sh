@@ -12,12 +12,13 @@ build_pkgs=(
   libhwloc-dev libxxhash-dev libsystemd-dev libcriterion-dev
   libmicrohttpd-dev libyaml-dev
   python3 python3-grpcio python3-grpc-tools python3-yaml systemd
+  prometheus
 )
 extra_pkgs=(
   clang
   etcd-server etcd-client
   python3-numpy
-  redis-server libhiredis-dev prometheus
+  redis-server libhiredis-dev
   iproute2 qemu-system-x86 cpio
 )
 

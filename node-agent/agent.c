@@ -27,6 +27,7 @@
 #include "common/config.h"
 #include "common/health.h"
 #include "common/log.h"
+#include "common/metrics.h"
 #include "common/rpc.h"
 #include "kvstore/arena.h"
 #include "kvstore/store.h"
@@ -354,40 +355,66 @@ static void *heartbeat_main(void *arg)
 	return NULL;
 }
 
-static int agent_stats(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+/* The agent's counters, for the Stats call (by name) and /metrics
+ * (kvmesh_agent_NAME, with _total for counters). */
+enum { N_COUNTERS = 17 };
+static const struct {
+	const char *name;
+	bool counter; /* else a gauge */
+	const char *help;
+} agent_counter[N_COUNTERS] = {
+	{"sequences", false, "Sequences with blocks in this agent's store."},
+	{"indexed_blocks", false, "Full blocks in the local prefix index."},
+	{"prefix_hits", true, "Prefix lookups that found a stored block."},
+	{"prefix_misses", true, "Prefix lookups that found none."},
+	{"evictions", true, "Cached blocks evicted to make room."},
+	{"meta_bytes_per_block", false, "Bookkeeping bytes per block slot."},
+	{"pinned_blocks", false, "Blocks pinned by readers."},
+	{"tail_blocks", false, "Tail (mutable, last) blocks of sequences."},
+	{"home_sequences", false, "Sequences homed on this agent."},
+	{"slots_used", false, "Slots of the host pool in use."},
+	{"data_bytes_in", true, "Data-plane bytes received by this agent's data server."},
+	{"data_bytes_out", true, "Data-plane bytes sent by this agent's data server."},
+	{"data_frames_in", true, "Data-plane frames received."},
+	{"data_proto_errors", true, "Data-plane frames refused as malformed."},
+	{"data_server_rdma", false, "1 when the data server also serves RDMA verbs."},
+	{"rdma_peers", false, "Peers reached over RDMA."},
+	{"rdma_fallbacks", true, "Peers that fell back from RDMA to TCP."},
+};
+
+static void agent_counter_values(agent *a, double vals[N_COUNTERS])
 {
-	agent *a = arg;
-	(void)req;
-	(void)len;
 	kvs_store_stats st;
 	kvs_store_get_stats(a->store, &st);
-	Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&host};
-	fill_capacity(a, &host);
 	/* The data server's traffic: every data-plane byte this node received
 	 * or sent as a server (clients and other agents' requests to it). */
 	xport_stats xs = {0};
 	if (a->data_srv)
 		xport_server_stats(a->data_srv, &xs);
-#define N_COUNTERS 17
+	const double v[N_COUNTERS] = {
+		st.n_seqs, st.n_indexed, (double)st.hits, (double)st.misses, (double)st.evictions,
+		st.meta_bytes_per_block, blocks_pinned(a), st.tier[0].tails, homeseq_count(a),
+		st.tier[0].used, (double)xs.bytes_in, (double)xs.bytes_out, (double)xs.frames_in,
+		(double)xs.proto_errors, a->data_rdma ? 1.0 : 0.0,
+		(double)__atomic_load_n(&a->rdma_peers, __ATOMIC_RELAXED),
+		(double)__atomic_load_n(&a->rdma_fallbacks, __ATOMIC_RELAXED)};
+	memcpy(vals, v, sizeof(v));
+}
+
+static int agent_stats(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	agent *a = arg;
+	(void)req;
+	(void)len;
+	Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT, *caps[1] = {&host};
+	fill_capacity(a, &host);
+	double vals[N_COUNTERS];
+	agent_counter_values(a, vals);
 	Kvmesh__V1__StatsResponse__CountersEntry e[N_COUNTERS];
 	Kvmesh__V1__StatsResponse__CountersEntry *ep[N_COUNTERS];
-	const char *names[N_COUNTERS] = {"sequences", "indexed_blocks", "prefix_hits",
-					 "prefix_misses", "evictions", "meta_bytes_per_block",
-					 "pinned_blocks", "tail_blocks", "home_sequences",
-					 "slots_used", "data_bytes_in", "data_bytes_out",
-					 "data_frames_in", "data_proto_errors",
-					 "data_server_rdma", "rdma_peers", "rdma_fallbacks"};
-	double vals[N_COUNTERS] = {st.n_seqs, st.n_indexed, (double)st.hits, (double)st.misses,
-				   (double)st.evictions, st.meta_bytes_per_block,
-				   blocks_pinned(a), st.tier[0].tails, homeseq_count(a),
-				   st.tier[0].used, (double)xs.bytes_in, (double)xs.bytes_out,
-				   (double)xs.frames_in, (double)xs.proto_errors,
-				   a->data_rdma ? 1.0 : 0.0,
-				   (double)__atomic_load_n(&a->rdma_peers, __ATOMIC_RELAXED),
-				   (double)__atomic_load_n(&a->rdma_fallbacks, __ATOMIC_RELAXED)};
 	for (int i = 0; i < N_COUNTERS; i++) {
 		kvmesh__v1__stats_response__counters_entry__init(&e[i]);
-		e[i].key = (char *)names[i];
+		e[i].key = (char *)agent_counter[i].name;
 		e[i].value = vals[i];
 		ep[i] = &e[i];
 	}
@@ -400,6 +427,38 @@ static int agent_stats(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t
 	size_t n = kvmesh__v1__stats_response__pack(&resp, buf);
 	kvm_rpc_reply(call, buf, n);
 	return KVM_RPC_OK;
+}
+
+/* /metrics: the pool as the ledger is told it, and the Stats counters. */
+static void agent_collect(void *arg, kvm_metrics_out *out)
+{
+	agent *a = arg;
+	Kvmesh__V1__TierCapacity host = KVMESH__V1__TIER_CAPACITY__INIT;
+	fill_capacity(a, &host);
+	kvm_metrics_family(out, "kvmesh_agent_pool_blocks", "gauge",
+			   "Blocks of the pool offered to the ledger, by state (used: held by "
+			   "live sequences; evictable: cached, unreferenced).");
+	const struct {
+		const char *state;
+		uint64_t v;
+	} pool[] = {{"total", host.total_blocks},
+		    {"free", host.free_blocks},
+		    {"used", host.used_blocks},
+		    {"evictable", host.evictable_blocks}};
+	for (size_t i = 0; i < sizeof(pool) / sizeof(pool[0]); i++) {
+		char labels[64];
+		snprintf(labels, sizeof(labels), "tier=\"host\",state=\"%s\"", pool[i].state);
+		kvm_metrics_sample(out, "kvmesh_agent_pool_blocks", labels, (double)pool[i].v);
+	}
+	double vals[N_COUNTERS];
+	agent_counter_values(a, vals);
+	for (int i = 0; i < N_COUNTERS; i++) {
+		char name[96];
+		snprintf(name, sizeof(name), "kvmesh_agent_%s%s", agent_counter[i].name,
+			 agent_counter[i].counter ? "_total" : "");
+		kvm_metrics_single(out, name, agent_counter[i].counter ? "counter" : "gauge",
+				   agent_counter[i].help, vals[i]);
+	}
 }
 
 struct sig_args {
@@ -502,6 +561,7 @@ static void drain_before_exit(agent *a, const sigset_t *sigs)
 int main(int argc, char **argv)
 {
 	static agent a;
+	char metrics_listen[KVM_OPT_STRING_MAX];
 	char host[256] = "node";
 	gethostname(host, sizeof(host) - 1);
 	const kvm_option opts[] = {
@@ -509,6 +569,8 @@ int main(int argc, char **argv)
 		{"coordinator", KVM_OPT_STRING, a.coordinator, "127.0.0.1:7400",
 		 "the coordinator's gRPC address"},
 		{"listen", KVM_OPT_STRING, a.listen, "127.0.0.1:7500", "gRPC address to serve on"},
+		{"metrics-listen", KVM_OPT_STRING, metrics_listen, "",
+		 "HTTP address for /metrics (Prometheus) and /healthz, e.g. :7501 (empty: off)"},
 		{"data-address", KVM_OPT_STRING, a.data_address, "127.0.0.1:7600",
 		 "data-plane address announced to peers"},
 		{"model", KVM_OPT_STRING, a.model_id, "", "id of the model whose KV this agent holds"},
@@ -654,11 +716,21 @@ int main(int argc, char **argv)
 		kvm_log(KVM_LOG_ERROR, "start_failed", "error=\"%s\"", strerror(-rc));
 		return 1;
 	}
+	/* /metrics reads the server and the agent's state: the endpoint stops
+	 * before either goes, after the drain (which it shows). */
+	kvm_metrics_http *http = NULL;
+	int metrics_port = 0;
+	const kvm_metrics_source src[] = {{kvm_rpc_server_collect, srv}, {agent_collect, &a}};
+	if (metrics_listen[0] && kvm_metrics_serve(metrics_listen, src, 2, &metrics_port, &http))
+		return 1;
 	kvm_health_set(health, "", true);
 	kvm_health_set(health, "kvmesh.v1.Agent", true);
+	kvm_metrics_http_set_healthy(http, true);
 	kvm_log(KVM_LOG_INFO, "serving",
-		"node=%s addr=%s data=%s model=%s blocks=%" PRIu64 " tail_reserve=%u block_bytes=%zu auth=%s",
-		a.node_id, a.listen, a.data_address, a.model_id, slots, a.tail_reserve, block_bytes,
+		"node=%s addr=%s data=%s metrics_port=%d model=%s blocks=%" PRIu64
+		" tail_reserve=%u block_bytes=%zu auth=%s",
+		a.node_id, a.listen, a.data_address, metrics_port, a.model_id, slots, a.tail_reserve,
+		block_bytes,
 		a.token[0] ? "token" : "none");
 	sd_notify(0, "READY=1"); /* Type=notify units start dependants now */
 
@@ -669,6 +741,7 @@ int main(int argc, char **argv)
 	pthread_t hb;
 	pthread_create(&hb, NULL, heartbeat_main, &a);
 	pthread_join(sig_thread, NULL); /* returns once a signal said stop */
+	kvm_metrics_http_set_healthy(http, false); /* draining: take no new work */
 	if (!signalled && a.drain_timeout_ms > 0)
 		drain_before_exit(&a, &sigs);
 	pthread_mutex_lock(&a.mu);
@@ -678,6 +751,7 @@ int main(int argc, char **argv)
 	sd_notify(0, "STOPPING=1");
 	kvm_health_set(health, "", false);
 	pthread_join(hb, NULL);
+	kvm_metrics_http_stop(http);
 	kvm_rpc_server_destroy(srv, 2000);
 	kvm_health_destroy(health);
 	/* Queued kernels finish (their replies still go out), then the data

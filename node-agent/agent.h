@@ -152,8 +152,6 @@ void dataplane_stop(agent *a);
 void dataplane_rdma_free(agent *a);
 /* A wire shape checked against this agent's model. -EINVAL. */
 int agent_shape(agent *a, const wire_shape *w, da_shape *out);
-/* Splits "host:port" ("[v6]:port"). -EINVAL. */
-int agent_split_addr(const char *addr, char *host, size_t cap, uint16_t *port);
 /* Pins held, for Stats. */
 uint32_t blocks_pinned(agent *a);
 

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/addr.h"
 #include "common/log.h"
 #include "node-agent/agent.h"
 #include "transport/rdma_xport.h"
@@ -653,26 +654,6 @@ static const xport_handlers dp_handlers = {
 	.append = dp_append,
 };
 
-/* Splits "host:port" (or "[v6]:port"). */
-int agent_split_addr(const char *addr, char *host, size_t cap, uint16_t *port)
-{
-	const char *colon = strrchr(addr, ':');
-	if (!colon || colon == addr)
-		return -EINVAL;
-	size_t hl = (size_t)(colon - addr);
-	const char *h = addr;
-	if (h[0] == '[' && hl >= 2 && h[hl - 1] == ']')
-		h++, hl -= 2;
-	char *end;
-	unsigned long p = strtoul(colon + 1, &end, 10);
-	if (hl >= cap || *end || p > 65535 || end == colon + 1)
-		return -EINVAL;
-	memcpy(host, h, hl);
-	host[hl] = 0;
-	*port = (uint16_t)p;
-	return 0;
-}
-
 /* The RDMA NIC to serve on: --rdma-device if given; else the up RDMA NIC
  * whose interface holds the data address's IP (so that the GID peers reach
  * is the address they dial); else the first up RDMA NIC. NULL: none. */
@@ -767,7 +748,7 @@ int dataplane_start(agent *a)
 {
 	char host[256];
 	uint16_t port;
-	int rc = agent_split_addr(a->data_address, host, sizeof host, &port);
+	int rc = kvm_parse_addr(a->data_address, host, sizeof host, &port);
 	if (rc) {
 		kvm_log(KVM_LOG_ERROR, "data_address", "addr=%s error=\"not host:port\"",
 			a->data_address);

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/addr.h"
 #include "common/log.h"
 #include "coordinator/links.h"
 #include "node-agent/agent.h"
@@ -718,7 +719,7 @@ static xport_peer *peer_conn(agent *a, int p, int *rc)
 		char msg[512];
 		peers_refresh(a, msg, sizeof msg);
 	}
-	if ((*rc = agent_split_addr(pe->data_addr, host, sizeof host, &port)) != 0)
+	if ((*rc = kvm_parse_addr(pe->data_addr, host, sizeof host, &port)) != 0)
 		return NULL;
 	xport_opts o;
 	xport_opts_default(&o);

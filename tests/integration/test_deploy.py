@@ -8,10 +8,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import urllib.request
 
 import yaml
 
-from kvmesh_testlib import BUILD, ROOT, Agent, Coordinator, run_tests, wait_for
+from kvmesh_testlib import BUILD, ROOT, Agent, Coordinator, free_port, run_tests, wait_for
 
 skipped = []
 
@@ -61,13 +62,19 @@ def test_daemons_notify_systemd_when_ready():
 
 
 def test_example_configs_load():
-    c = Coordinator(config=os.path.join(ROOT, "deploy", "config", "coordinator.yaml"))
+    # Their fixed ports are replaced by free ones (flags win over the file).
+    cm, am = free_port(), free_port()
+    c = Coordinator(config=os.path.join(ROOT, "deploy", "config", "coordinator.yaml"),
+                    **{"metrics-listen": "127.0.0.1:%d" % cm})
     a = None
     try:
         a = Agent(c, "cfg-agent", "no-such-model",
-                  config=os.path.join(ROOT, "deploy", "config", "agent.yaml"))
+                  config=os.path.join(ROOT, "deploy", "config", "agent.yaml"),
+                  **{"metrics-listen": "127.0.0.1:%d" % am})
         # It read its file and went on to wait for its model.
         wait_for("agent waiting for its model", lambda: "waiting_for_model" in a.read_log())
+        with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % cm, timeout=5) as r:
+            assert r.status == 200
     finally:
         if a:
             a.close()
@@ -102,6 +109,10 @@ def test_kubernetes_manifest_uses_real_options():
             assert token_vol, (binary, "the token file is on no volume")
             secret = vols[token_vol[0]]["secret"]
             assert secret["defaultMode"] & 0o077 == 0, (binary, oct(secret["defaultMode"]))
+            # Prometheus is pointed at the port the daemon serves /metrics on.
+            port = d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+            assert envs["KVMESH_METRICS_LISTEN"].endswith(":" + port), (binary, envs)
+            assert int(port) in [p["containerPort"] for p in ctr["ports"]], (binary, port)
 
 
 if __name__ == "__main__":
