@@ -5,6 +5,19 @@
 
 #include "coordinator/coord_impl.h"
 
+#define LABELS_MAX (2 * KVM_NODE_ID_MAX + 48)
+
+/* node="ID" (escaped), and state="STATE" when state is given. */
+static void node_labels(char buf[LABELS_MAX], const char *node, const char *state)
+{
+	char id[2 * KVM_NODE_ID_MAX];
+	kvm_metrics_escape(id, sizeof(id), node);
+	if (state)
+		snprintf(buf, LABELS_MAX, "node=\"%s\",state=\"%s\"", id, state);
+	else
+		snprintf(buf, LABELS_MAX, "node=\"%s\"", id);
+}
+
 /* One gauge (or counter) per node, from the ledger's view of it. */
 enum { NODE_POOL, NODE_USED, NODE_LENT, NODE_BORROWED, NODE_EVICTABLE, NODE_LOAD,
        NODE_HEARTBEAT_AGE, NODE_CMDS_DROPPED, N_NODE_METRICS };
@@ -41,6 +54,13 @@ void kvm_coord_collect(void *arg, kvm_metrics_out *out)
 		snprintf(labels, sizeof(labels), "state=\"%s\"", coord_state_name((Kvmesh__V1__NodeState)s));
 		kvm_metrics_sample(out, "kvmesh_nodes", labels, (double)by_state[s]);
 	}
+	kvm_metrics_family(out, "kvmesh_node_state", "gauge",
+			   "1 for each node's current state (ready, cordoned, draining, dead).");
+	for (size_t i = 0; i < c->n_nodes; i++) {
+		char labels[LABELS_MAX];
+		node_labels(labels, c->nodes[i].id, coord_state_name(c->nodes[i].state));
+		kvm_metrics_sample(out, "kvmesh_node_state", labels, 1);
+	}
 	for (int k = 0; k < N_NODE_METRICS; k++) {
 		kvm_metrics_family(out, node_metrics[k].name, node_metrics[k].type,
 				   node_metrics[k].help);
@@ -62,9 +82,8 @@ void kvm_coord_collect(void *arg, kvm_metrics_out *out)
 				break;
 			case NODE_CMDS_DROPPED: v = (double)nd->cmds_dropped; break;
 			}
-			char id[2 * KVM_NODE_ID_MAX], labels[2 * KVM_NODE_ID_MAX + 16];
-			kvm_metrics_escape(id, sizeof(id), nd->id);
-			snprintf(labels, sizeof(labels), "node=\"%s\"", id);
+			char labels[LABELS_MAX];
+			node_labels(labels, nd->id, NULL);
 			kvm_metrics_sample(out, node_metrics[k].name, labels, v);
 		}
 	}

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Deployment files that operators use: the systemd units verify, the daemons
-tell systemd when they are ready, the example configs load, and the
-Kubernetes manifest names only options the daemons have."""
+tell systemd when they are ready, the example configs load, the
+Kubernetes manifest names only options the daemons have, and the Prometheus
+config and alert rules pass promtool (the rules their unit tests too)."""
 import os
 import re
 import shutil
@@ -115,7 +116,21 @@ def test_kubernetes_manifest_uses_real_options():
             assert int(port) in [p["containerPort"] for p in ctr["ports"]], (binary, port)
 
 
+def test_prometheus_config_and_alert_rules():
+    promtool = shutil.which("promtool")
+    if not promtool:
+        skipped.append("promtool not installed (Debian package prometheus; deploy/deps.sh)")
+        return
+    for args in (["check", "config", os.path.join(ROOT, "deploy", "prometheus", "prometheus.yml")],
+                 # each alert fires on the series it is for, and not on healthy ones
+                 ["test", "rules", os.path.join(ROOT, "tests", "integration",
+                                                "kvmesh-rules.test.yaml")]):
+        r = subprocess.run([promtool] + args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+
+
 if __name__ == "__main__":
     tests = [test_systemd_units_verify, test_daemons_notify_systemd_when_ready,
-             test_example_configs_load, test_kubernetes_manifest_uses_real_options]
+             test_example_configs_load, test_kubernetes_manifest_uses_real_options,
+             test_prometheus_config_and_alert_rules]
     run_tests(tests, skipped)

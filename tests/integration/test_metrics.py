@@ -18,8 +18,8 @@ import urllib.request
 
 import grpc
 
-from kvmesh_testlib import (BUILD, Agent, Coordinator, free_port, kvmesh_pb2, list_nodes,
-                            run_tests, wait_for)
+from kvmesh_testlib import (BUILD, ROOT, Agent, Coordinator, free_port, kvmesh_pb2,
+                            list_nodes, run_tests, wait_for)
 
 skipped = []
 PROMTOOL = shutil.which("promtool")
@@ -111,6 +111,30 @@ def test_promtool_accepts_both_daemons_metrics():
             # Exit 0 and no lint complaint (promtool lists them on stdout or stderr).
             assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), \
                 (port, r.stdout, r.stderr)
+    finally:
+        if a:
+            a.close()
+        c.close()
+
+
+def test_alert_rules_name_only_exported_metrics():
+    """deploy/prometheus/kvmesh-rules.yaml must not drift from the code: every
+    metric its expressions name is in a live coordinator's or agent's scrape."""
+    import yaml
+    with open(os.path.join(ROOT, "deploy", "prometheus", "kvmesh-rules.yaml")) as f:
+        rules = [r for g in yaml.safe_load(f)["groups"] for r in g["rules"]]
+    named = set()
+    for r in rules:
+        named |= set(re.findall(r"\b((?:kvmesh|grpc_server)_[a-z_]+)", r["expr"]))
+    assert len(named) >= 8, named
+    c = with_metrics(Coordinator)
+    a = None
+    try:
+        c.stub.RegisterModel(model(), timeout=5)
+        a = with_metrics(Agent, c, "n0", "m")
+        wait_for("agent ready", lambda: "n0" in list_nodes(c))
+        exported = {n for n, _ in scrape(c.metrics_port)} | {n for n, _ in scrape(a.metrics_port)}
+        assert named <= exported, named - exported
     finally:
         if a:
             a.close()
@@ -290,6 +314,7 @@ def test_bad_address_or_taken_port_stops_the_daemon_clearly():
 if __name__ == "__main__":
     tests = [test_endpoint_answers_health_and_refuses_other_requests,
              test_promtool_accepts_both_daemons_metrics,
+             test_alert_rules_name_only_exported_metrics,
              test_calls_and_bad_input_are_counted,
              test_cluster_figures_follow_borrowing_and_a_dead_node,
              test_prometheus_scrapes_a_live_cluster,
