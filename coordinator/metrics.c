@@ -2,6 +2,7 @@
  * by state, each node's pool as the ledger counts it, live sequences) and
  * the state store's work. Read at scrape time from state kept anyway. */
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "coordinator/coord_impl.h"
 
@@ -40,64 +41,81 @@ static const struct {
 	 "Commands for the node dropped because its queue was full."},
 };
 
+/* What one scrape reports of a node, copied under the lock. */
+typedef struct node_row {
+	char id[KVM_NODE_ID_MAX];
+	Kvmesh__V1__NodeState state;
+	double v[N_NODE_METRICS];
+} node_row;
+
 void kvm_coord_collect(void *arg, kvm_metrics_out *out)
 {
 	kvm_coord *c = arg;
 	uint64_t now = coord_now_ms();
+	/* Copy under the lock, write after it: a scrape must not hold up the
+	 * control path while it formats text. */
 	pthread_mutex_lock(&c->mu);
+	size_t n = c->n_nodes;
+	node_row *rows = calloc(n ? n : 1, sizeof(*rows));
+	for (size_t i = 0; rows && i < n; i++) {
+		const node_rec *nd = &c->nodes[i];
+		kvm_ledger_node ln = {0};
+		kvm_ledger_node_get(c->ledger, nd->id, &ln); /* zeros if unknown */
+		node_row *r = &rows[i];
+		snprintf(r->id, sizeof(r->id), "%s", nd->id);
+		r->state = nd->state;
+		r->v[NODE_POOL] = (double)ln.total_blocks;
+		r->v[NODE_USED] = (double)ln.used_blocks;
+		r->v[NODE_LENT] = (double)ln.lent_blocks;
+		r->v[NODE_BORROWED] = (double)ln.borrowed_blocks;
+		r->v[NODE_EVICTABLE] = (double)ln.evictable_blocks;
+		r->v[NODE_LOAD] = nd->load;
+		r->v[NODE_HEARTBEAT_AGE] =
+			now > nd->last_heartbeat_ms ? (double)(now - nd->last_heartbeat_ms) / 1e3 : 0;
+		r->v[NODE_CMDS_DROPPED] = (double)nd->cmds_dropped;
+	}
+	const double seqs = (double)c->n_seqs, degraded = (double)c->degraded_total,
+		     blks = (double)c->n_blks, moving = (double)c->n_moves,
+		     events = (double)c->next_seq;
+	pthread_mutex_unlock(&c->mu);
+	if (!rows)
+		n = 0; /* out of memory: the cluster-wide figures still go out */
+
 	size_t by_state[5] = {0};
-	for (size_t i = 0; i < c->n_nodes; i++)
-		by_state[c->nodes[i].state < 5 ? c->nodes[i].state : 0]++;
+	for (size_t i = 0; i < n; i++)
+		by_state[rows[i].state < 5 ? rows[i].state : 0]++;
 	kvm_metrics_family(out, "kvmesh_nodes", "gauge", "Registered nodes by state.");
-	for (int s = 1; s < 5; s++) {
+	for (int st = 1; st < 5; st++) {
 		char labels[64];
-		snprintf(labels, sizeof(labels), "state=\"%s\"", coord_state_name((Kvmesh__V1__NodeState)s));
-		kvm_metrics_sample(out, "kvmesh_nodes", labels, (double)by_state[s]);
+		snprintf(labels, sizeof(labels), "state=\"%s\"",
+			 coord_state_name((Kvmesh__V1__NodeState)st));
+		kvm_metrics_sample(out, "kvmesh_nodes", labels, (double)by_state[st]);
 	}
 	kvm_metrics_family(out, "kvmesh_node_state", "gauge",
 			   "1 for each node's current state (ready, cordoned, draining, dead).");
-	for (size_t i = 0; i < c->n_nodes; i++) {
-		char labels[LABELS_MAX];
-		node_labels(labels, c->nodes[i].id, coord_state_name(c->nodes[i].state));
+	char labels[LABELS_MAX];
+	for (size_t i = 0; i < n; i++) {
+		node_labels(labels, rows[i].id, coord_state_name(rows[i].state));
 		kvm_metrics_sample(out, "kvmesh_node_state", labels, 1);
 	}
 	for (int k = 0; k < N_NODE_METRICS; k++) {
 		kvm_metrics_family(out, node_metrics[k].name, node_metrics[k].type,
 				   node_metrics[k].help);
-		for (size_t i = 0; i < c->n_nodes; i++) {
-			const node_rec *nd = &c->nodes[i];
-			kvm_ledger_node ln = {0};
-			kvm_ledger_node_get(c->ledger, nd->id, &ln); /* zeros if unknown */
-			double v = 0;
-			switch (k) {
-			case NODE_POOL: v = (double)ln.total_blocks; break;
-			case NODE_USED: v = (double)ln.used_blocks; break;
-			case NODE_LENT: v = (double)ln.lent_blocks; break;
-			case NODE_BORROWED: v = (double)ln.borrowed_blocks; break;
-			case NODE_EVICTABLE: v = (double)ln.evictable_blocks; break;
-			case NODE_LOAD: v = nd->load; break;
-			case NODE_HEARTBEAT_AGE:
-				v = now > nd->last_heartbeat_ms
-					    ? (double)(now - nd->last_heartbeat_ms) / 1e3 : 0;
-				break;
-			case NODE_CMDS_DROPPED: v = (double)nd->cmds_dropped; break;
-			}
-			char labels[LABELS_MAX];
-			node_labels(labels, nd->id, NULL);
-			kvm_metrics_sample(out, node_metrics[k].name, labels, v);
+		for (size_t i = 0; i < n; i++) {
+			node_labels(labels, rows[i].id, NULL);
+			kvm_metrics_sample(out, node_metrics[k].name, labels, rows[i].v[k]);
 		}
 	}
-	kvm_metrics_single(out, "kvmesh_sequences", "gauge", "Live sequences.", (double)c->n_seqs);
+	free(rows);
+	kvm_metrics_single(out, "kvmesh_sequences", "gauge", "Live sequences.", seqs);
 	kvm_metrics_single(out, "kvmesh_sequences_degraded_total", "counter",
-			   "Sequences marked degraded (blocks lost with a dead node).",
-			   (double)c->degraded_total);
+			   "Sequences marked degraded (blocks lost with a dead node).", degraded);
 	kvm_metrics_single(out, "kvmesh_prefix_index_blocks", "gauge",
-			   "Full blocks in the cluster-wide prefix index.", (double)c->n_blks);
+			   "Full blocks in the cluster-wide prefix index.", blks);
 	kvm_metrics_single(out, "kvmesh_blocks_moving", "gauge",
-			   "Blocks being moved off draining nodes.", (double)c->n_moves);
+			   "Blocks being moved off draining nodes.", moving);
 	kvm_metrics_single(out, "kvmesh_events_total", "counter",
-			   "Node and sequence events emitted (WatchEvents).", (double)c->next_seq);
-	pthread_mutex_unlock(&c->mu);
+			   "Node and sequence events emitted (WatchEvents).", events);
 
 	kvm_state_stats ss;
 	kvm_state_stats_get(c->st, &ss);
