@@ -450,6 +450,16 @@ static void agent_collect(void *arg, kvm_metrics_out *out)
 		snprintf(labels, sizeof(labels), "tier=\"host\",state=\"%s\"", pool[i].state);
 		kvm_metrics_sample(out, "kvmesh_agent_pool_blocks", labels, (double)pool[i].v);
 	}
+	kvm_metrics_family(out, "kvmesh_agent_attend_seconds", "histogram",
+			   "Time of a home attention batch: local partial, peers' partials, merge.");
+	kvm_metrics_histogram(out, "kvmesh_agent_attend_seconds", NULL, &a->attend_latency);
+	kvm_metrics_single(out, "kvmesh_agent_attend_queries_total", "counter",
+			   "Queries of home attention batches.",
+			   (double)__atomic_load_n(&a->attend_queries, __ATOMIC_RELAXED));
+	kvm_metrics_single(out, "kvmesh_agent_attend_failed_total", "counter",
+			   "Queries of home attention batches that failed (a peer down or late, "
+			   "bad input).",
+			   (double)__atomic_load_n(&a->attend_failed, __ATOMIC_RELAXED));
 	double vals[N_COUNTERS];
 	agent_counter_values(a, vals);
 	for (int i = 0; i < N_COUNTERS; i++) {

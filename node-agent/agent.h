@@ -24,6 +24,7 @@
 
 #include "common/auth.h"
 #include "common/config.h"
+#include "common/metrics.h"
 #include "common/rpc.h"
 #include "kernels/distattn.h"
 #include "kvstore/arena.h"
@@ -91,6 +92,11 @@ typedef struct agent {
 	void *rdma_cli_buf;
 	uint32_t rdma_peers;          /* peers connected by RDMA now (atomic) */
 	uint64_t rdma_fallbacks;      /* RDMA dials that fell back to TCP (atomic) */
+	/* Home attention batches (data plane and gRPC), for /metrics: their
+	 * time from the job's start to the merged result, and queries that
+	 * ran and that failed (atomic). */
+	kvm_histogram attend_latency;
+	uint64_t attend_queries, attend_failed;
 
 	pthread_mutex_t mu; /* guards epoch, registered, stopping */
 	pthread_cond_t cv;

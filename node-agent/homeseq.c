@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/addr.h"
 #include "common/log.h"
@@ -1112,6 +1113,8 @@ static int hs_refresh(agent *a, struct hseq *q)
  * block if their placements changed meanwhile (a drain moved them). */
 static void attend_batch_moved(agent *a, da_ctx *ctx, const da_shape *sh, struct hq *qs, uint32_t nq)
 {
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	attend_batch(a, ctx, sh, qs, nq);
 	struct hq *again = NULL;
 	uint32_t *from = NULL, n = 0;
@@ -1139,6 +1142,15 @@ static void attend_batch_moved(agent *a, da_ctx *ctx, const da_shape *sh, struct
 	}
 	free(again);
 	free(from);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	kvm_histogram_observe(&a->attend_latency,
+			      (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000u + (uint64_t)t1.tv_nsec -
+				      (uint64_t)t0.tv_nsec);
+	uint32_t failed = 0;
+	for (uint32_t i = 0; i < nq; i++)
+		failed += qs[i].st != 0;
+	__atomic_fetch_add(&a->attend_queries, nq, __ATOMIC_RELAXED);
+	__atomic_fetch_add(&a->attend_failed, failed, __ATOMIC_RELAXED);
 	/* Only now: a peer that failed before the placements were refreshed
 	 * and the query ran again is no failure of the call. */
 	for (uint32_t i = 0; i < nq; i++)

@@ -19,7 +19,7 @@ import urllib.request
 import grpc
 
 from kvmesh_testlib import (BUILD, ROOT, Agent, Coordinator, free_port, kvmesh_pb2,
-                            list_nodes, run_tests, wait_for)
+                            kvmesh_pb2_grpc, list_nodes, run_tests, wait_for)
 
 skipped = []
 PROMTOOL = shutil.which("promtool")
@@ -223,6 +223,20 @@ def test_cluster_figures_follow_borrowing_and_a_dead_node():
         wait_for("heartbeats counted",
                  lambda: handled(scrape(c.metrics_port), "Heartbeat", "OK") >= 3)
 
+        # A decode step on the home: one attention query, timed.
+        home = scrape(agents[0].metrics_port)
+        ch = grpc.insecure_channel("127.0.0.1:%d" % agents[0].port)
+        kvmesh_pb2_grpc.AgentStub(ch).AttendAppend(kvmesh_pb2.AttendAppendRequest(
+            model_id="m", layer=0, queries=[kvmesh_pb2.AttendQuery(
+                sequence_id="s1", q=[0.5] * (4 * 64), k_new=bytes(2 * 64 * 2),
+                v_new=bytes(2 * 64 * 2))]), timeout=10)
+        ch.close()
+        after = scrape(agents[0].metrics_port)
+        for name in ("kvmesh_agent_attend_queries_total", "kvmesh_agent_attend_seconds_count"):
+            assert value(after, name) - value(home, name) == 1, (name, value(after, name))
+        assert value(after, "kvmesh_agent_attend_failed_total") == 0
+        assert handled(after, "AttendAppend", "OK") == 1
+
         # A creditor dies: the node shows dead and the sequence degraded.
         creditor = [n for n, v in lent.items() if v > 0][0]
         agents[int(creditor[1])].stop("KILL")
@@ -233,6 +247,34 @@ def test_cluster_figures_follow_borrowing_and_a_dead_node():
         assert value(s, "kvmesh_sequences_degraded_total") == 1, s
     finally:
         for a in agents:
+            a.close()
+        c.close()
+
+
+def test_draining_agent_says_unhealthy_until_it_exits():
+    """SIGTERM: while the agent waits for the sequences homed on it, /healthz
+    answers 503 (take it out of rotation) and /metrics still answers; once
+    the last one is released it exits 0."""
+    c = with_metrics(Coordinator)
+    a = None
+    try:
+        c.stub.RegisterModel(model(), timeout=5)
+        a = with_metrics(Agent, c, "n0", "m", **{"drain-timeout": "20s"})
+        wait_for("agent ready", lambda: "n0" in list_nodes(c))
+        assert get(a.metrics_port, "/healthz")[0] == 200
+        c.stub.CreateSequence(kvmesh_pb2.CreateSequenceRequest(
+            sequence_id="held", model_id="m", home_node="n0"), timeout=5)
+        a.proc.terminate()
+        wait_for("agent draining", lambda: list_nodes(c)["n0"].state == kvmesh_pb2.NODE_DRAINING)
+        status, _, body = get(a.metrics_port, "/healthz")
+        assert status == 503, (status, body)
+        assert value(scrape(a.metrics_port), "kvmesh_agent_pool_blocks", state="total") > 0
+        assert a.proc.poll() is None, "left before its home sequence was released"
+        c.stub.ReleaseSequence(kvmesh_pb2.ReleaseSequenceRequest(sequence_id="held"), timeout=5)
+        assert a.proc.wait(timeout=15) == 0
+        assert 'result="drained"' in a.read_log(), a.read_log()[-2000:]
+    finally:
+        if a:
             a.close()
         c.close()
 
@@ -317,6 +359,7 @@ if __name__ == "__main__":
              test_alert_rules_name_only_exported_metrics,
              test_calls_and_bad_input_are_counted,
              test_cluster_figures_follow_borrowing_and_a_dead_node,
+             test_draining_agent_says_unhealthy_until_it_exits,
              test_prometheus_scrapes_a_live_cluster,
              test_bad_address_or_taken_port_stops_the_daemon_clearly]
     run_tests(tests, skipped)
