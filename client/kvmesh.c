@@ -12,11 +12,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <xxhash.h>
 
-#include "common/auth.h"
 #include "common/addr.h"
+#include "common/auth.h"
 #include "common/log.h"
 #include "common/rpc.h"
 #include "kvstore/key.h"
@@ -1036,11 +1037,10 @@ typedef struct home_batch {
 	int rc, rc_app;
 } home_batch;
 
-int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q, uint32_t n)
+/* One pass of kvm_attend_append: each query's status in q[i].status; returns
+ * an error only for the batch as a whole (bad input, no memory). */
+static int attend_round(kvm_client *c, uint32_t layer, float scale, kvm_attend *q, uint32_t n)
 {
-	clear_err(c);
-	if (!q || n == 0)
-		return fail(c, -EINVAL, "attend_append: an empty batch");
 	seq_ref *refs = calloc(n, sizeof(*refs));
 	home_batch *hb = calloc(n, sizeof(*hb));
 	uint32_t *qi = calloc(n, sizeof(*qi));
@@ -1179,13 +1179,6 @@ int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q,
 		}
 	}
 	c->attend_queries += n;
-	for (uint32_t i = 0; i < n; i++)
-		if (q[i].status && !rc) {
-			rc = q[i].status;
-			char msg[ERR_MAX];
-			explain_failure(c, q[i].seq_id, rc, msg, sizeof(msg));
-			fail(c, rc, "%s", msg);
-		}
 out:
 	for (uint32_t b = 0; hb && b < n; b++)
 		if (hb[b].addr[0]) {
@@ -1199,6 +1192,96 @@ out:
 	free(att);
 	free(h);
 	return rc;
+}
+
+/* Learns a sequence's home again from the coordinator (its positions stay:
+ * the client is their only writer). */
+static int seq_rehome(kvm_client *c, const char *id)
+{
+	Kvmesh__V1__Sequence *p = NULL;
+	int rc = get_seq_proto(c, id, &p);
+	if (rc == 0) {
+		rc = seq_learn(c, p);
+		kvmesh__v1__sequence__free_unpacked(p, NULL);
+	}
+	return rc;
+}
+
+/* seq_rehome, saying whether the home is another node than the client had. */
+static int seq_rehome_moved(kvm_client *c, const char *id, bool *moved)
+{
+	char was[ID_MAX] = "";
+	pthread_mutex_lock(&c->mu);
+	seq_state *s = seq_find(c, id);
+	if (s)
+		snprintf(was, sizeof(was), "%s", s->home);
+	pthread_mutex_unlock(&c->mu);
+	int rc = seq_rehome(c, id);
+	pthread_mutex_lock(&c->mu);
+	s = seq_find(c, id);
+	*moved = rc == 0 && s && strcmp(was, s->home) != 0;
+	pthread_mutex_unlock(&c->mu);
+	return rc;
+}
+
+/* A drain hands a sequence to a new home within a few heartbeats; until
+ * the coordinator names it, the old home refuses appends with -EXDEV. */
+#define MOVED_RETRIES 40
+#define MOVED_BACKOFF_MAX_MS 200
+
+static void moved_backoff(int attempt)
+{
+	int ms = 10 << (attempt < 5 ? attempt : 5);
+	usleep((useconds_t)(ms < MOVED_BACKOFF_MAX_MS ? ms : MOVED_BACKOFF_MAX_MS) * 1000);
+}
+
+int kvm_attend_append(kvm_client *c, uint32_t layer, float scale, kvm_attend *q, uint32_t n)
+{
+	clear_err(c);
+	if (!q || n == 0)
+		return fail(c, -EINVAL, "attend_append: an empty batch");
+	int rc = attend_round(c, layer, scale, q, n);
+	/* A home that moved refuses the append (-EXDEV: nothing applied); a home
+	 * that handed its sequences off and left cannot be reached. Either way
+	 * the query runs again at the home the coordinator names now (after a
+	 * failure of another kind, only if that is another node). */
+	kvm_attend *again = calloc(n, sizeof(*again));
+	uint32_t *from = calloc(n, sizeof(*from));
+	if (!again || !from)
+		rc = rc ? rc : -ENOMEM;
+	for (int attempt = 0; rc == 0 && attempt < MOVED_RETRIES; attempt++) {
+		uint32_t k = 0;
+		for (uint32_t i = 0; i < n; i++) {
+			if (q[i].status == 0 || (q[i].status != -EXDEV && attempt > 0))
+				continue;
+			bool moved = false;
+			if (seq_rehome_moved(c, q[i].seq_id, &moved) != 0 ||
+			    (!moved && q[i].status != -EXDEV))
+				continue;
+			again[k] = q[i];
+			from[k++] = i;
+		}
+		if (k == 0)
+			break;
+		if (attempt)
+			moved_backoff(attempt);
+		rc = attend_round(c, layer, scale, again, k);
+		for (uint32_t j = 0; rc == 0 && j < k; j++)
+			q[from[j]].status = again[j].status;
+	}
+	free(again);
+	free(from);
+	if (rc) {
+		const char *b = err_buf(c);
+		return b && b[0] ? rc : fail(c, rc, "attend_append: %s", kvm_strerror(rc));
+	}
+	for (uint32_t i = 0; i < n; i++)
+		if (q[i].status) {
+			char msg[ERR_MAX];
+			explain_failure(c, q[i].seq_id, q[i].status, msg, sizeof(msg));
+			return fail(c, q[i].status, "%s", msg);
+		}
+	return 0;
 }
 
 int kvm_append_kv(kvm_client *c, const char *seq_id, uint32_t layer, uint32_t n_tokens, const void *k,
@@ -1230,7 +1313,23 @@ int kvm_append_kv(kvm_client *c, const char *seq_id, uint32_t layer, uint32_t n_
 	/* One entry carries at most one block's worth of rows, so that no entry
 	 * is larger than the peer's per-entry limit. */
 	uint32_t done = 0;
-	while (done < n_tokens && rc == 0) {
+	int moved = 0;
+	while (done < n_tokens && (rc == 0 || (rc == -EXDEV && moved < MOVED_RETRIES))) {
+		if (rc == -EXDEV) { /* the home moved (nothing applied): ask where to */
+			if (moved++)
+				moved_backoff(moved);
+			if ((rc = seq_rehome(c, seq_id)) != 0)
+				break;
+			pthread_mutex_lock(&c->mu);
+			seq_state *ss = seq_find(c, seq_id);
+			if (ss) {
+				snprintf(r.home, sizeof(r.home), "%s", ss->home);
+				snprintf(r.home_data, sizeof(r.home_data), "%s", ss->home_data);
+			}
+			pthread_mutex_unlock(&c->mu);
+			if ((rc = data_peer_get(c, r.home_data, &peer)) != 0)
+				break;
+		}
 		uint32_t take = n_tokens - done < m.block_tokens ? n_tokens - done : m.block_tokens;
 		xport_append_io a = {.ref = {.h = seq_handle(r.data_id),
 					     .layer = layer,

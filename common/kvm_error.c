@@ -1,5 +1,6 @@
 #include "common/kvm_error.h"
 
+#include <errno.h>
 #include <string.h>
 
 const char *kvm_strerror(int rc)
@@ -8,6 +9,9 @@ const char *kvm_strerror(int rc)
 		return "success";
 	if (rc > 0)
 		return "invalid error code (positive)";
+	/* The project's own meaning of a borrowed code. */
+	if (rc == -EXDEV)
+		return "the sequence's home moved to another node";
 	/* strerrordesc_np returns a static string and, unlike strerror, is safe
 	 * to call from several threads. */
 	const char *msg = strerrordesc_np(-rc);

@@ -33,13 +33,15 @@ typedef struct move_item {
 	char target_address[256];
 } move_item;
 
-/* A queued command for a node: ReleaseBlocks (handles), ReleaseSequence or
- * MoveBlocks (moves). */
+/* A queued command for a node: ReleaseBlocks (handles), ReleaseSequence,
+ * MoveBlocks (moves) or HandOff. */
 typedef struct cmd_rec {
 	struct cmd_rec *next;
 	Kvmesh__V1__Command__KindCase kind;
-	char *sequence_id; /* ReleaseSequence */
+	char *sequence_id; /* ReleaseSequence, HandOff */
 	uint64_t data_id;
+	char target[KVM_NODE_ID_MAX]; /* HandOff: the new home, its gRPC address */
+	char target_address[256];
 	size_t n; /* ReleaseBlocks, MoveBlocks */
 	Kvmesh__V1__BlockHandle *handles;
 	move_item *moves;
@@ -94,6 +96,7 @@ struct soft_seq {
 	char model_id[64];
 	size_t n, cap;
 	soft_slot *slots;
+	uint64_t handoff_until_ms; /* a HandOff for it is out until then (drain.c) */
 };
 
 /* A block in flight off a draining node (drain.c): reserved on dst for
@@ -119,6 +122,7 @@ typedef struct node_rec {
 	Kvmesh__V1__TierCapacity cap[2]; /* gpu, host */
 	bool drain_pending;              /* a Drain command to send */
 	bool drained_told;               /* the "drained" event went out */
+	bool handoff_stalled_told;       /* "no node takes its sequences" was logged */
 	Kvmesh__V1__NodeState admin;     /* CORDONED or DRAINING as an operator set it
 					    (durable: "admin/ID"), else READY */
 	cmd_rec *cmd_head, *cmd_tail;    /* FIFO for the next heartbeat */
@@ -194,6 +198,7 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 int coord_get_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_list_sequences(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
+int coord_move_sequence_home(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_recover_sequences(kvm_coord *c);
 void coord_node_lost(kvm_coord *c, const char *node_id);
 /* Marks a stored sequence degraded (durable with the next sync) and emits the

@@ -274,10 +274,11 @@ static int reply_commands(kvm_rpc_call *call, bool drain, const cmd_rec *list, s
 	Kvmesh__V1__Command__MoveBlocks *mv = calloc(n + 1, sizeof(*mv));
 	Kvmesh__V1__Command__MoveBlocks__Move **mp = calloc(n + 1, sizeof(*mp));
 	Kvmesh__V1__Command__MoveBlocks__Move ***mpp = calloc(n + 1, sizeof(*mpp));
+	Kvmesh__V1__Command__HandOff *ho = calloc(n + 1, sizeof(*ho));
 	Kvmesh__V1__Command__Drain d = KVMESH__V1__COMMAND__DRAIN__INIT;
 	int rc;
 	size_t k = 0, i = 0;
-	if (!cmds || !ptrs || !rel || !rs || !hp || !mv || !mp || !mpp) {
+	if (!cmds || !ptrs || !rel || !rs || !hp || !mv || !mp || !mpp || !ho) {
 		rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
 		goto out;
 	}
@@ -327,6 +328,14 @@ static int reply_commands(kvm_rpc_call *call, bool drain, const cmd_rec *list, s
 			mv[i].moves = mpp[i];
 			cmds[k].kind_case = KVMESH__V1__COMMAND__KIND_MOVE;
 			cmds[k].move = &mv[i];
+		} else if (m->kind == KVMESH__V1__COMMAND__KIND_HAND_OFF) {
+			kvmesh__v1__command__hand_off__init(&ho[i]);
+			ho[i].sequence_id = m->sequence_id;
+			ho[i].data_id = m->data_id;
+			ho[i].target_node = (char *)m->target;
+			ho[i].target_address = (char *)m->target_address;
+			cmds[k].kind_case = KVMESH__V1__COMMAND__KIND_HAND_OFF;
+			cmds[k].hand_off = &ho[i];
 		} else {
 			kvmesh__v1__command__release_sequence__init(&rs[i]);
 			rs[i].sequence_id = m->sequence_id;
@@ -351,6 +360,7 @@ out:
 			free(mpp[j]);
 	}
 	free(hp);
+	free(ho);
 	free(mv);
 	free(mp);
 	free(mpp);
@@ -833,6 +843,7 @@ int kvm_coord_create(const kvm_coord_config *cfg, kvm_state *st, kvm_rpc_server 
 		{"ListSequences", KVM_RPC_INLINE, coord_list_sequences},
 		{"MatchPrefix", KVM_RPC_INLINE, coord_match_prefix},
 		{"ReleaseSequence", KVM_RPC_INLINE, coord_release_sequence},
+		{"MoveSequenceHome", KVM_RPC_INLINE, coord_move_sequence_home},
 		{"ListNodes", KVM_RPC_INLINE, list_nodes},
 		{"CordonNode", KVM_RPC_UNARY, cordon_node},
 		{"DrainNode", KVM_RPC_UNARY, drain_node},

@@ -15,10 +15,19 @@
  * an ATTEND on the old one fails: they fetch the sequence again and retry.
  *
  * A move not reported within MOVE_TIMEOUT_MS is given up (its reservation
- * returned) and planned again. Sequences homed on the draining node stay:
- * their tails live there. Moves are soft state: a restarted coordinator
- * forgets them, and the operator drains again. Everything runs with c->mu
- * held. */
+ * returned) and planned again.
+ *
+ * Sequences homed on the draining node are handed off: a HandOff command
+ * names a new home (the ready node with the most free blocks); the draining
+ * agent stops taking appends for the sequence and sends its tail to the new
+ * home (Agent.AdoptSequence), which makes itself the home with
+ * MoveSequenceHome (sequences.c): the record and the ledger's charges switch
+ * to it. From then on the sequence's blocks on the draining node are blocks
+ * of a sequence homed elsewhere, and move as above. A hand-off that has not
+ * happened within HANDOFF_TIMEOUT_MS is sent again.
+ *
+ * Moves and hand-offs are soft state: a restarted coordinator forgets them,
+ * and the operator drains again. Everything runs with c->mu held. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -29,6 +38,7 @@
 #include "coordinator/coord_impl.h"
 
 #define MOVE_TIMEOUT_MS 15000
+#define HANDOFF_TIMEOUT_MS 10000
 #define MOVES_IN_FLIGHT 256 /* per draining node */
 
 static const char *node_id(kvm_coord *c, uint32_t ix)
@@ -124,6 +134,64 @@ static int plan_one(kvm_coord *c, cmd_rec *cmd, uint32_t src, uint32_t home, con
 	return 0;
 }
 
+/* The node to take over sequences homed on `from`: ready (so neither
+ * cordoned nor draining), the most free blocks. NO_NODE if none. */
+static uint32_t pick_new_home(kvm_coord *c, uint32_t from)
+{
+	uint32_t best = NO_NODE;
+	uint64_t best_free = 0;
+	for (uint32_t i = 0; i < c->n_nodes; i++) {
+		kvm_ledger_node ln;
+		if (i == from || c->nodes[i].state != KVMESH__V1__NODE_STATE__NODE_READY ||
+		    kvm_ledger_node_get(c->ledger, c->nodes[i].id, &ln) != 0)
+			continue;
+		uint64_t held = ln.used_blocks + ln.evictable_blocks;
+		uint64_t fr = ln.total_blocks > held ? ln.total_blocks - held : 0;
+		if (best == NO_NODE || fr > best_free) {
+			best = i;
+			best_free = fr;
+		}
+	}
+	return best;
+}
+
+/* Sends a HandOff for each sequence homed on `node` that has none out. */
+static void plan_handoffs(kvm_coord *c, uint32_t node, uint64_t now)
+{
+	uint32_t to = NO_NODE;
+	size_t sent = 0;
+	for (size_t b = 0; b < c->seq_buckets; b++)
+		for (soft_seq *s = c->seqs[b]; s; s = s->next) {
+			if (s->home != node || s->handoff_until_ms > now)
+				continue;
+			if (to == NO_NODE && (to = pick_new_home(c, node)) == NO_NODE) {
+				if (!c->nodes[node].handoff_stalled_told)
+					kvm_log(KVM_LOG_WARN, "drain_stalled",
+						"node=%s error=\"no ready node to take the sequences homed "
+						"on it: they stay until released\"",
+						c->nodes[node].id);
+				c->nodes[node].handoff_stalled_told = true;
+				return;
+			}
+			c->nodes[node].handoff_stalled_told = false;
+			cmd_rec *cmd = calloc(1, sizeof(*cmd));
+			if (!cmd || !(cmd->sequence_id = strdup(s->id))) {
+				coord_cmd_free(cmd);
+				return;
+			}
+			cmd->kind = KVMESH__V1__COMMAND__KIND_HAND_OFF;
+			cmd->data_id = s->data_id;
+			snprintf(cmd->target, sizeof(cmd->target), "%s", c->nodes[to].id);
+			grpc_address(c, to, cmd->target_address, sizeof(cmd->target_address));
+			coord_queue_cmd(c, node, cmd);
+			s->handoff_until_ms = now + HANDOFF_TIMEOUT_MS;
+			sent++;
+		}
+	if (sent)
+		kvm_log(KVM_LOG_INFO, "drain_hand_offs", "node=%s sequences=%zu to=%s",
+			c->nodes[node].id, sent, c->nodes[to].id);
+}
+
 void coord_drain_step(kvm_coord *c, uint32_t node)
 {
 	uint64_t now = coord_now_ms();
@@ -138,6 +206,7 @@ void coord_drain_step(kvm_coord *c, uint32_t node)
 	}
 	if (node >= c->n_nodes || c->nodes[node].state != KVMESH__V1__NODE_STATE__NODE_DRAINING)
 		return;
+	plan_handoffs(c, node, now);
 	size_t budget = MOVES_IN_FLIGHT;
 	for (size_t i = 0; i < c->n_moves && budget; i++)
 		budget -= c->moves[i].src == node;

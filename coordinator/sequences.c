@@ -824,6 +824,112 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 	return rc;
 }
 
+/* Switches the ledger's charges of ss's blocks from home `from` to `to`:
+ * its private placements, and the shared blocks it wrote whose charge is
+ * from's (shared blocks others wrote stay charged to their writers). */
+static void recharge(kvm_coord *c, const Kvmesh__V1__Sequence *s, soft_seq *ss, uint32_t from,
+		     uint32_t to)
+{
+	const char *f = c->nodes[from].id, *t = c->nodes[to].id;
+	for (size_t i = 0; i < s->n_blocks; i++) {
+		soft_slot *sl = i < ss->n ? &ss->slots[i] : NULL;
+		blk_ent *be = sl ? sl->be : NULL;
+		if (!be) {
+			kvm_ledger_release(c->ledger, f, s->blocks[i]->node_id, 1);
+			kvm_ledger_charge(c->ledger, t, s->blocks[i]->node_id, 1);
+		} else if (be->writer == ss && be->charged && be->charge_home == from &&
+			   be->node < c->n_nodes) {
+			kvm_ledger_release(c->ledger, f, c->nodes[be->node].id, 1);
+			kvm_ledger_charge(c->ledger, t, c->nodes[be->node].id, 1);
+			be->charge_home = to;
+		}
+	}
+}
+
+/* Whether a drain is moving any block ss uses (its charge is in flight). */
+static bool seq_moving(const soft_seq *ss)
+{
+	for (size_t i = 0; i < ss->n; i++)
+		if (ss->slots[i].moving || (ss->slots[i].be && ss->slots[i].be->moving))
+			return true;
+	return false;
+}
+
+int coord_move_sequence_home(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	kvm_coord *c = arg;
+	Kvmesh__V1__MoveSequenceHomeRequest *r =
+		kvmesh__v1__move_sequence_home_request__unpack(NULL, len, req);
+	if (!r)
+		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+				    "malformed MoveSequenceHomeRequest");
+	int rc = KVM_RPC_OK;
+	uint64_t ticket = 0;
+	pthread_mutex_lock(&c->mu);
+	Kvmesh__V1__Sequence *s = load_seq(c, r->sequence_id);
+	soft_seq *ss = s ? coord_soft_find(c, s->id) : NULL;
+	uint32_t from = coord_node_ix(c, r->from_node), to = coord_node_ix(c, r->to_node);
+	if (!s || !ss) {
+		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown sequence \"%s\"", r->sequence_id);
+	} else if (to == NO_NODE) {
+		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown node \"%s\"", r->to_node);
+	} else if (strcmp(s->home_node, r->to_node) == 0) {
+		rc = KVM_RPC_OK; /* done already: a retry after a lost reply */
+	} else if (strcmp(s->home_node, r->from_node) != 0 || from == NO_NODE) {
+		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
+				  "sequence %s is homed on %s, not %s", s->id, s->home_node,
+				  r->from_node);
+	} else if (c->nodes[to].state != KVMESH__V1__NODE_STATE__NODE_READY) {
+		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
+				  "node %s is %s: it takes no sequences", r->to_node,
+				  coord_state_name(c->nodes[to].state));
+	} else if (seq_moving(ss)) {
+		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE,
+				  "blocks of sequence %s are moving; try again", s->id);
+	} else {
+		char *old = s->home_node;
+		s->home_node = r->to_node;
+		int src = store_seq(c, s, &ticket);
+		s->home_node = old;
+		if (src != 0) {
+			rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
+		} else {
+			recharge(c, s, ss, from, to);
+			ss->home = to;
+			ss->handoff_until_ms = 0;
+			Kvmesh__V1__SequenceEvent se = KVMESH__V1__SEQUENCE_EVENT__INIT;
+			se.sequence_id = s->id;
+			se.kind = KVMESH__V1__SEQUENCE_EVENT__KIND__HOME_MOVED;
+			se.node_id = r->to_node;
+			se.reason = "the old home is draining";
+			Kvmesh__V1__Event ev = KVMESH__V1__EVENT__INIT;
+			ev.kind_case = KVMESH__V1__EVENT__KIND_SEQUENCE;
+			ev.sequence = &se;
+			coord_emit(c, &ev);
+			kvm_log(KVM_LOG_INFO, "home_moved", "sequence=%s from=%s to=%s", s->id,
+				r->from_node, r->to_node);
+		}
+	}
+	if (rc == KVM_RPC_OK) {
+		Kvmesh__V1__Sequence *now = load_seq(c, r->sequence_id); /* as stored now */
+		if (now) {
+			overlay ov;
+			overlay_apply(c, now, &ov);
+			rc = coord_reply(call, &now->base);
+			overlay_undo(now, &ov);
+			kvmesh__v1__sequence__free_unpacked(now, NULL);
+		} else {
+			rc = kvm_rpc_fail(call, KVM_RPC_INTERNAL, "sequence vanished");
+		}
+	}
+	pthread_mutex_unlock(&c->mu);
+	rc = coord_reply_when_durable(c, call, rc, ticket);
+	if (s)
+		kvmesh__v1__sequence__free_unpacked(s, NULL);
+	kvmesh__v1__move_sequence_home_request__free_unpacked(r, NULL);
+	return rc;
+}
+
 /* Recovery: the models' block_tokens (a scan cannot read the store). */
 typedef struct recover_ctx {
 	kvm_coord *c;

@@ -243,7 +243,7 @@ static int cmd_nodes(ctl *c)
 				printf("%s: drained (nothing left on it; it can be stopped)\n", n->id);
 			else
 				printf("%s: draining: %" PRIu64 " blocks of other nodes' sequences still to move, "
-				       "%u sequences homed here (they end with their sequences)\n",
+				       "%u sequences homed here still to hand to other agents\n",
 				       n->id, n->drain_blocks_left, n->drain_home_sequences);
 		}
 	}
@@ -427,7 +427,8 @@ static int cmd_node_state(ctl *c, const char *method, const char *node)
 
 static const char *seq_event_name(Kvmesh__V1__SequenceEvent__Kind k)
 {
-	static const char *names[] = {"unknown", "created", "extended", "degraded", "released", "moved"};
+	static const char *names[] = {"unknown",  "created", "extended",  "degraded",
+				      "released", "moved",   "home_moved"};
 	return (unsigned)k < sizeof(names) / sizeof(names[0]) ? names[k] : "unknown";
 }
 
@@ -485,8 +486,10 @@ static int cmd_watch(ctl *c, uint64_t after)
 				}
 				printf("}\n");
 			} else {
-				printf("%s.%03uZ sequence %s %s (%s)\n", when, (unsigned)(ev->unix_ms % 1000),
-				       se->sequence_id, seq_event_name(se->kind), se->reason);
+				printf("%s.%03uZ sequence %s %s%s%s (%s)\n", when,
+				       (unsigned)(ev->unix_ms % 1000), se->sequence_id,
+				       seq_event_name(se->kind), se->node_id[0] ? " to " : "",
+				       se->node_id, se->reason);
 			}
 		}
 		fflush(stdout);

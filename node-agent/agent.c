@@ -280,6 +280,10 @@ static void apply_commands(agent *a, const Kvmesh__V1__HeartbeatResponse *r)
 				evicted, blocks_pinned(a));
 			break;
 		}
+		case KVMESH__V1__COMMAND__KIND_HAND_OFF:
+			homeseq_hand_off(a, c->hand_off->sequence_id, c->hand_off->data_id,
+					 c->hand_off->target_node, c->hand_off->target_address);
+			break;
 		case KVMESH__V1__COMMAND__KIND_MOVE: {
 			int rc = blocks_move(a, c->move);
 			kvm_log(rc ? KVM_LOG_WARN : KVM_LOG_INFO, "move_blocks", "blocks=%zu error=\"%s\"",
@@ -351,6 +355,7 @@ static void *heartbeat_main(void *arg)
 		if (nap(a, a->heartbeat_ms))
 			break;
 		agent_heartbeat_now(a);
+		homeseq_expire(a);
 	}
 	return NULL;
 }
@@ -511,14 +516,15 @@ static Kvmesh__V1__ListNodesResponse *list_nodes(agent *a, const Kvmesh__V1__Nod
 
 /* SIGTERM drains before the agent stops: the coordinator moves the blocks
  * that sequences homed elsewhere keep here, while this agent still serves
- * them and heartbeats (moves come on heartbeats), and the sequences homed
- * here get time to end (their front-ends release them; no new ones come).
- * The wait ends when nothing is left, at --drain-timeout, when blocks are
- * left but none moved for 5 s (no room elsewhere, or the cluster is stopping
- * too), or on a second signal. */
+ * them and heartbeats (moves come on heartbeats), and hands the sequences
+ * homed here to other agents (HandOff; when no node can take them, they get
+ * time to end: their front-ends release them, no new ones come). The wait
+ * ends when nothing is left, at --drain-timeout, when blocks are left but
+ * nothing moved for 5 s (no room elsewhere, or the cluster is stopping too),
+ * or on a second signal. */
 #define DRAIN_STUCK_MS 5000
 
-static int64_t mono_ms(void)
+int64_t agent_mono_ms(void)
 {
 	struct timespec t;
 	clock_gettime(CLOCK_MONOTONIC, &t);
@@ -538,8 +544,9 @@ static void drain_before_exit(agent *a, const sigset_t *sigs)
 		kvm_log(KVM_LOG_WARN, "drain_skipped", "error=\"%s\"", msg);
 		return;
 	}
-	int64_t t0 = mono_ms(), moved_at = t0;
+	int64_t t0 = agent_mono_ms(), moved_at = t0;
 	uint64_t last = UINT64_MAX;
+	uint32_t last_homed = UINT32_MAX;
 	for (;;) {
 		const Kvmesh__V1__Node *self;
 		Kvmesh__V1__ListNodesResponse *r = list_nodes(a, &self);
@@ -547,10 +554,11 @@ static void drain_before_exit(agent *a, const sigset_t *sigs)
 		uint32_t homed = self ? self->drain_home_sequences : 0;
 		if (r)
 			kvmesh__v1__list_nodes_response__free_unpacked(r, NULL);
-		int64_t now = mono_ms();
-		if (left != last) {
+		int64_t now = agent_mono_ms();
+		if (left != last || homed != last_homed) { /* blocks moved, or sequences handed off */
 			moved_at = now;
 			last = left;
+			last_homed = homed;
 		}
 		const char *why = left == 0 && homed == 0		 ? "drained"
 				  : now - t0 >= a->drain_timeout_ms		 ? "timeout"
@@ -722,6 +730,8 @@ int main(int argc, char **argv)
 	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/GetBlocks", KVM_RPC_UNARY, blocks_rpc_get, &a);
 	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/AttendAppend", KVM_RPC_UNARY,
 				  homeseq_rpc_attend_append, &a);
+	kvm_rpc_server_add_method(srv, "/kvmesh.v1.Agent/AdoptSequence", KVM_RPC_UNARY,
+				  homeseq_rpc_adopt, &a);
 	if ((rc = kvm_rpc_server_start(srv)) != 0) {
 		kvm_log(KVM_LOG_ERROR, "start_failed", "error=\"%s\"", strerror(-rc));
 		return 1;

@@ -120,6 +120,8 @@ int agent_peer_call(agent *a, kvm_rpc_channel *ch, const char *method, const Pro
 /* Heartbeats now and applies the commands that come back (a PutBlocks that
  * ran out of slots fetches pending releases this way). */
 void agent_heartbeat_now(agent *a);
+/* CLOCK_MONOTONIC in milliseconds. */
+int64_t agent_mono_ms(void);
 uint64_t agent_epoch(agent *a);
 
 /* ---- pinned blocks (blocks.c) -------------------------------------------------- */
@@ -172,6 +174,15 @@ int homeseq_attend_wire(agent *a, const wire_attend_view *v, const float *q, flo
 			int *st, xport_attend_token *tok);
 /* A ReleaseSequence command (heartbeat thread): queued on the home pool. */
 void homeseq_release(agent *a, const char *seq_id, uint64_t data_id);
+/* A drain's HandOff: the sequence goes to target (gRPC target_addr), on the
+ * home pool after what is queued. */
+void homeseq_hand_off(agent *a, const char *seq_id, uint64_t data_id, const char *target,
+		      const char *target_addr);
+/* Drops the sequences handed off more than a grace period ago (their
+ * in-flight attends are done); from the heartbeat thread. */
+void homeseq_expire(agent *a);
+/* Agent.AdoptSequence: become the sequence's home (from a draining one). */
+int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int homeseq_rpc_attend_append(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 uint32_t homeseq_count(agent *a);
 

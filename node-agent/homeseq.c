@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/addr.h"
 #include "common/log.h"
@@ -33,6 +34,7 @@
 #include "transport/rdma_xport.h"
 
 #define HS_MAX_PEERS 256
+#define HANDOFF_GRACE_MS 3000
 #define HS_BUCKETS 1024
 #define ID_MAX 256
 
@@ -67,6 +69,13 @@ struct hseq {
 	kvs_seq_id tail_id;
 	void *tail; /* NULL: no tail yet */
 	uint32_t *fill; /* per layer */
+	/* A drain hands it to another home (moved_to): appends are refused
+	 * from the moment its tail is copied. Attends are still served here for
+	 * HANDOFF_GRACE_MS after the hand-off (handed_off_ms): one whose append
+	 * landed just before the copy finds its row here. */
+	bool moving;
+	char moved_to[ID_MAX];
+	uint64_t handed_off_ms;
 	struct hseq *next;
 };
 
@@ -219,19 +228,11 @@ uint32_t homeseq_count(agent *a)
 /* Finds the sequence, or fetches it with GetSequence (by id when seq_id is
  * given, else by data_id). Blocks while it asks. 0, or a negative errno with
  * err saying why. */
-static int hs_get(agent *a, const char *seq_id, uint64_t data_id, struct hseq **out, char *err,
-		  size_t err_len)
+/* The coordinator's record of a sequence (by id, or by data_id when seq_id
+ * is NULL); NULL with *rc and err saying why. */
+static Kvmesh__V1__Sequence *get_sequence(agent *a, const char *seq_id, uint64_t data_id, int *rc,
+					   char *err, size_t err_len)
 {
-	homeseqs *hs = a->hs;
-	if (seq_id)
-		data_id = agent_data_id(seq_id);
-	pthread_mutex_lock(&hs->mu);
-	struct hseq *q = hs_find(hs, data_id);
-	pthread_mutex_unlock(&hs->mu);
-	if (q) {
-		*out = q;
-		return 0;
-	}
 	Kvmesh__V1__GetSequenceRequest req = KVMESH__V1__GET_SEQUENCE_REQUEST__INIT;
 	req.sequence_id = (char *)(seq_id ? seq_id : "");
 	req.data_id = seq_id ? 0 : data_id;
@@ -242,28 +243,49 @@ static int hs_get(agent *a, const char *seq_id, uint64_t data_id, struct hseq **
 	if (code != KVM_RPC_OK) {
 		snprintf(err, err_len, "sequence %.120s (data_id %#" PRIx64 "): coordinator: %.120s",
 			 seq_id ? seq_id : "?", data_id, msg);
-		return code == KVM_RPC_NOT_FOUND ? -ENOENT : -EAGAIN;
+		*rc = code == KVM_RPC_NOT_FOUND ? -ENOENT : -EAGAIN;
+		return NULL;
 	}
 	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, resp);
 	free(resp);
 	if (!s) {
 		snprintf(err, err_len, "coordinator: malformed Sequence");
-		return -EPROTO;
+		*rc = -EPROTO;
 	}
+	return s;
+}
+
+/* Builds a sequence's home state from the coordinator's record (block
+ * table; no tail yet), which must name `home` as its home (this agent, or
+ * the draining one it adopts the sequence from); not in the map yet. A
+ * record naming another home is -EXDEV: the sequence moved. */
+static int hs_fetch(agent *a, const char *seq_id, uint64_t data_id, const char *home,
+		    struct hseq **out, char *err, size_t err_len)
+{
+	homeseqs *hs = a->hs;
+	*out = NULL;
 	int rc = 0;
+	Kvmesh__V1__Sequence *s = get_sequence(a, seq_id, data_id, &rc, err, err_len);
+	if (!s)
+		return rc;
 	uint32_t bt = a->geom.block_tokens;
-	q = calloc(1, sizeof *q);
+	struct hseq *q = calloc(1, sizeof *q);
 	if (!q || !(q->fill = calloc(a->geom.layers, sizeof *q->fill))) {
 		rc = -ENOMEM;
 		goto out;
 	}
 	q->data_id = agent_data_id(s->id);
 	snprintf(q->id, sizeof q->id, "%s", s->id);
-	if (strcmp(s->model_id, a->model_id) != 0 || strcmp(s->home_node, a->node_id) != 0 ||
-	    q->data_id != data_id) {
-		snprintf(err, err_len, "sequence %.80s: model %.80s, home %.80s: not this agent's (%.80s, %.80s)",
-			 s->id, s->model_id, s->home_node, a->model_id, a->node_id);
+	if (strcmp(s->model_id, a->model_id) != 0 || q->data_id != data_id) {
+		snprintf(err, err_len, "sequence %.80s: model %.80s: not this agent's (%.80s)", s->id,
+			 s->model_id, a->model_id);
 		rc = -EINVAL;
+		goto out;
+	}
+	if (strcmp(s->home_node, home) != 0) {
+		snprintf(err, err_len, "sequence %.80s is homed on %.80s, not %.80s: ask the coordinator",
+			 s->id, s->home_node, home);
+		rc = -EXDEV;
 		goto out;
 	}
 	pthread_mutex_lock(&hs->mu);
@@ -292,25 +314,55 @@ static int hs_get(agent *a, const char *seq_id, uint64_t data_id, struct hseq **
 		}
 		q->n_full++;
 	}
-	struct hseq *other = hs_find(hs, q->data_id);
-	if (rc == 0 && !other) {
-		q->next = hs->bucket[q->data_id % HS_BUCKETS];
-		hs->bucket[q->data_id % HS_BUCKETS] = q;
-		hs->count++;
-		*out = q;
-		kvm_log(KVM_LOG_INFO, "home_sequence", "seq=%s data_id=%#" PRIx64 " full_blocks=%u placed=%u",
-			q->id, q->data_id, q->n_full, q->n_placed);
-		q = NULL;
-	} else if (rc == 0) {
-		*out = other; /* another thread learnt it meanwhile */
-	}
 	pthread_mutex_unlock(&hs->mu);
 	if (rc == -ENOMEM)
 		snprintf(err, err_len, "out of memory");
 out:
-	if (q)
+	if (rc == 0)
+		*out = q;
+	else if (q)
 		hseq_free(a, q);
 	kvmesh__v1__sequence__free_unpacked(s, NULL);
+	return rc;
+}
+
+/* Puts q in the map unless another thread did first; returns the one there. */
+static struct hseq *hs_insert(agent *a, struct hseq *q)
+{
+	homeseqs *hs = a->hs;
+	pthread_mutex_lock(&hs->mu);
+	struct hseq *other = hs_find(hs, q->data_id);
+	if (!other) {
+		q->next = hs->bucket[q->data_id % HS_BUCKETS];
+		hs->bucket[q->data_id % HS_BUCKETS] = q;
+		hs->count++;
+		kvm_log(KVM_LOG_INFO, "home_sequence", "seq=%s data_id=%#" PRIx64 " full_blocks=%u placed=%u",
+			q->id, q->data_id, q->n_full, q->n_placed);
+	}
+	pthread_mutex_unlock(&hs->mu);
+	if (other)
+		hseq_free(a, q); /* another thread learnt it meanwhile */
+	return other ? other : q;
+}
+
+/* The home state of a sequence: known here, or fetched from the
+ * coordinator (once per sequence). */
+static int hs_get(agent *a, const char *seq_id, uint64_t data_id, struct hseq **out, char *err,
+		  size_t err_len)
+{
+	homeseqs *hs = a->hs;
+	if (seq_id)
+		data_id = agent_data_id(seq_id);
+	pthread_mutex_lock(&hs->mu);
+	struct hseq *q = hs_find(hs, data_id);
+	pthread_mutex_unlock(&hs->mu);
+	if (q) {
+		*out = q;
+		return 0;
+	}
+	int rc = hs_fetch(a, seq_id, data_id, a->node_id, &q, err, err_len);
+	if (rc == 0)
+		*out = hs_insert(a, q);
 	return rc;
 }
 
@@ -425,6 +477,10 @@ static int append(agent *a, const char *seq_id, uint64_t data_id, uint32_t layer
 	if (hs_find(a->hs, did) != q) {
 		snprintf(err, err_len, "sequence %.120s was released", seq_id ? seq_id : "?");
 		rc = -ENOENT;
+	} else if (q->moving) {
+		snprintf(err, err_len, "sequence %.120s is moving to %.120s: ask the coordinator for its home",
+			 q->id, q->moved_to);
+		rc = -EXDEV;
 	} else {
 		data_id = q->data_id;
 		rc = append_locked(a, q, layer, token, n, k, v, seals, &n_seals, err, err_len);
@@ -1064,16 +1120,11 @@ out:
  * are here) and returns how many, or a negative errno. Home pool only. */
 static int hs_refresh(agent *a, struct hseq *q)
 {
-	Kvmesh__V1__GetSequenceRequest req = KVMESH__V1__GET_SEQUENCE_REQUEST__INIT;
-	req.sequence_id = q->id;
-	void *resp = NULL;
-	size_t len;
-	char msg[512];
-	int code = agent_coord_call(a, "GetSequence", &req.base, &resp, &len, msg, sizeof msg);
-	Kvmesh__V1__Sequence *s = code == KVM_RPC_OK ? kvmesh__v1__sequence__unpack(NULL, len, resp) : NULL;
-	free(resp);
+	int rc = 0;
+	char err[256];
+	Kvmesh__V1__Sequence *s = get_sequence(a, q->id, 0, &rc, err, sizeof err);
 	if (!s)
-		return code == KVM_RPC_NOT_FOUND ? -ENOENT : -EAGAIN;
+		return rc;
 	homeseqs *hs = a->hs;
 	int changed = 0;
 	pthread_mutex_lock(&hs->mu);
@@ -1238,24 +1289,29 @@ struct drop_job {
 	uint64_t data_id;
 };
 
-static void drop_run(void *arg, da_ctx *ctx)
+/* Unlinks and frees a home sequence; home pool only (nothing else frees). */
+static void hs_drop(agent *a, uint64_t data_id, const char *event)
 {
-	struct drop_job *j = arg;
-	homeseqs *hs = j->a->hs;
-	(void)ctx;
+	homeseqs *hs = a->hs;
 	pthread_mutex_lock(&hs->mu);
-	struct hseq **pp = &hs->bucket[j->data_id % HS_BUCKETS];
-	while (*pp && (*pp)->data_id != j->data_id)
+	struct hseq **pp = &hs->bucket[data_id % HS_BUCKETS];
+	while (*pp && (*pp)->data_id != data_id)
 		pp = &(*pp)->next;
 	struct hseq *q = *pp;
 	if (q) {
 		*pp = q->next;
 		hs->count--;
-		kvm_log(KVM_LOG_INFO, "home_sequence_released", "seq=%s full_blocks=%u", q->id,
-			q->n_full);
-		hseq_free(j->a, q);
+		kvm_log(KVM_LOG_INFO, event, "seq=%s full_blocks=%u", q->id, q->n_full);
+		hseq_free(a, q);
 	}
 	pthread_mutex_unlock(&hs->mu);
+}
+
+static void drop_run(void *arg, da_ctx *ctx)
+{
+	struct drop_job *j = arg;
+	(void)ctx;
+	hs_drop(j->a, j->data_id, "home_sequence_released");
 	free(j);
 }
 
@@ -1268,6 +1324,249 @@ void homeseq_release(agent *a, const char *seq_id, uint64_t data_id)
 	/* On the home pool, after the attends and seals queued before it. */
 	if (wpool_submit(a->home, drop_run, j) != 0)
 		free(j);
+}
+
+/* ---- hand-off: a drain gives the sequence another home ------------------------------ */
+
+static int rpc_code(int err);
+
+struct handoff_job {
+	agent *a;
+	uint64_t data_id;
+	char seq_id[ID_MAX], target[ID_MAX], target_addr[ID_MAX];
+	unsigned requeued;
+};
+
+/* Whether the coordinator names `node` as the sequence's home now. */
+static bool homed_on(agent *a, const char *seq_id, const char *node)
+{
+	int rc = 0;
+	char err[256];
+	Kvmesh__V1__Sequence *s = get_sequence(a, seq_id, 0, &rc, err, sizeof err);
+	bool yes = s && strcmp(s->home_node, node) == 0;
+	if (s)
+		kvmesh__v1__sequence__free_unpacked(s, NULL);
+	return yes;
+}
+
+/* On the home pool, after the appends' seals queued before it: stops the
+ * sequence's appends, copies its tail, and has the target adopt it. */
+static void handoff_run(void *arg, da_ctx *ctx)
+{
+	struct handoff_job *j = arg;
+	agent *a = j->a;
+	homeseqs *hs = a->hs;
+	(void)ctx;
+	const kvs_geom *g = &a->geom;
+	Kvmesh__V1__AdoptSequenceRequest req = KVMESH__V1__ADOPT_SEQUENCE_REQUEST__INIT;
+	req.sequence_id = j->seq_id;
+	req.from_node = a->node_id;
+	uint32_t *fill = calloc(g->layers, sizeof *fill);
+	uint8_t *tail = NULL;
+	char err[512] = "";
+	int rc = fill ? 0 : -ENOMEM, p = -1, sealing = 0;
+	pthread_mutex_lock(&hs->mu);
+	struct hseq *q = hs_find(hs, j->data_id);
+	if (q && rc == 0) {
+		q->moving = true; /* what is copied below is all it will have */
+		snprintf(q->moved_to, sizeof q->moved_to, "%s", j->target);
+		for (uint32_t i = 0; i < q->n_full; i++)
+			sealing += q->blk[i].where == HB_SEALING;
+		req.full_blocks = q->n_full;
+		if (!sealing && q->tail) {
+			if ((tail = malloc(a->block_bytes))) {
+				memcpy(tail, q->tail, a->block_bytes);
+				memcpy(fill, q->fill, g->layers * sizeof *fill);
+				req.n_fill = g->layers;
+				req.fill = fill;
+				req.tail.data = tail;
+				req.tail.len = a->block_bytes;
+			} else {
+				rc = -ENOMEM;
+			}
+		}
+	}
+	if (rc == 0 && (p = peer_of(hs, j->target, NULL)) >= 0 && !hs->peers[p].grpc_addr[0])
+		snprintf(hs->peers[p].grpc_addr, ID_MAX, "%s", j->target_addr);
+	pthread_mutex_unlock(&hs->mu);
+	if (sealing && j->requeued++ < 16) {
+		/* Seals queued after this job (by appends before it ran) go first. */
+		free(fill);
+		if (wpool_submit(a->home, handoff_run, j) == 0)
+			return;
+		fill = NULL;
+		rc = -EAGAIN;
+	}
+	if (sealing && rc == 0) {
+		rc = -EAGAIN;
+		snprintf(err, sizeof err, "block %s still sealing (a seal failed?)", j->seq_id);
+	}
+	if (rc == 0 && p < 0) {
+		rc = p;
+		snprintf(err, sizeof err, "too many peers");
+	}
+	kvm_rpc_channel *ch = rc == 0 ? peer_channel(a, p, err, sizeof err) : NULL;
+	if (rc == 0 && !ch)
+		rc = -EHOSTUNREACH;
+	if (rc == 0) {
+		void *resp = NULL;
+		size_t len;
+		char msg[400];
+		int code = agent_peer_call(a, ch, "AdoptSequence", &req.base, &resp, &len, msg,
+					   sizeof msg);
+		free(resp);
+		if (code != KVM_RPC_OK) {
+			rc = -EIO;
+			snprintf(err, sizeof err, "%.100s: AdoptSequence: %.380s", j->target, msg);
+		}
+	}
+	/* A lost reply may hide an adoption that happened: the coordinator says. */
+	if (rc != 0 && homed_on(a, j->seq_id, j->target))
+		rc = 0;
+	if (rc == 0) {
+		pthread_mutex_lock(&hs->mu);
+		if ((q = hs_find(hs, j->data_id)))
+			q->handed_off_ms = (uint64_t)agent_mono_ms(); /* dropped by homeseq_expire */
+		pthread_mutex_unlock(&hs->mu);
+		kvm_log(KVM_LOG_INFO, "hand_off", "seq=%s to=%s full_blocks=%u tail_tokens=%u", j->seq_id,
+			j->target, req.full_blocks, req.n_fill ? fill[0] : 0);
+	} else {
+		pthread_mutex_lock(&hs->mu);
+		if ((q = hs_find(hs, j->data_id)))
+			q->moving = false; /* still ours: serve it; the coordinator asks again */
+		pthread_mutex_unlock(&hs->mu);
+		kvm_log(KVM_LOG_WARN, "hand_off_failed", "seq=%s to=%s error=\"%s\"", j->seq_id, j->target,
+			err[0] ? err : strerror(-rc));
+	}
+	free(tail);
+	free(fill);
+	free(j);
+}
+
+void homeseq_expire(agent *a)
+{
+	homeseqs *hs = a->hs;
+	uint64_t now = (uint64_t)agent_mono_ms(), ids[64];
+	uint32_t n = 0;
+	pthread_mutex_lock(&hs->mu);
+	for (uint32_t b = 0; b < HS_BUCKETS && n < 64; b++)
+		for (struct hseq *q = hs->bucket[b]; q && n < 64; q = q->next)
+			if (q->handed_off_ms && now - q->handed_off_ms >= HANDOFF_GRACE_MS) {
+				ids[n++] = q->data_id;
+				q->handed_off_ms = 0; /* one drop job each */
+			}
+	pthread_mutex_unlock(&hs->mu);
+	for (uint32_t i = 0; i < n; i++)
+		homeseq_release(a, NULL, ids[i]);
+}
+
+void homeseq_hand_off(agent *a, const char *seq_id, uint64_t data_id, const char *target,
+		      const char *target_addr)
+{
+	struct handoff_job *j = calloc(1, sizeof *j);
+	if (!j)
+		return;
+	j->a = a;
+	j->data_id = seq_id && seq_id[0] ? agent_data_id(seq_id) : data_id;
+	snprintf(j->seq_id, sizeof j->seq_id, "%s", seq_id ? seq_id : "");
+	snprintf(j->target, sizeof j->target, "%s", target);
+	snprintf(j->target_addr, sizeof j->target_addr, "%s", target_addr);
+	if (wpool_submit(a->home, handoff_run, j) != 0)
+		free(j);
+}
+
+/* Agent.AdoptSequence, on the target: waits (briefly) until the coordinator
+ * lists every full block the old home had, builds the home state from it,
+ * installs the tail, and only then makes itself the home. */
+int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
+{
+	agent *a = arg;
+	const kvs_geom *g = &a->geom;
+	Kvmesh__V1__AdoptSequenceRequest *r = kvmesh__v1__adopt_sequence_request__unpack(NULL, len, req);
+	if (!r)
+		return kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "malformed AdoptSequenceRequest");
+	int code = KVM_RPC_OK;
+	char err[512] = "";
+	struct hseq *q = NULL;
+	uint64_t data_id = r->sequence_id[0] ? agent_data_id(r->sequence_id) : 0;
+	bool bad_fill = false;
+	for (size_t i = 0; i < r->n_fill; i++)
+		bad_fill |= r->fill[i] > g->block_tokens;
+	if (!r->sequence_id[0] || !r->from_node[0]) {
+		code = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT, "sequence_id and from_node are required");
+	} else if (r->n_fill && (r->n_fill != g->layers || r->tail.len != a->block_bytes || bad_fill)) {
+		code = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+				    "a tail is %u fills of at most %u tokens and %zu bytes, not %zu and %zu",
+				    g->layers, g->block_tokens, a->block_bytes, r->n_fill, r->tail.len);
+	}
+	pthread_mutex_lock(&a->hs->mu);
+	bool have = code == KVM_RPC_OK && hs_find(a->hs, data_id);
+	pthread_mutex_unlock(&a->hs->mu);
+	if (code == KVM_RPC_OK && !have) {
+		/* The old home's last seals reported their blocks before it sent
+		 * this; a report may still be on its way: a short wait. */
+		int rc = 0;
+		for (int attempt = 0; attempt < 40; attempt++) {
+			if (attempt)
+				usleep(50000);
+			rc = hs_fetch(a, r->sequence_id, data_id, r->from_node, &q, err, sizeof err);
+			if (rc != 0 || q->n_full >= r->full_blocks)
+				break;
+			hseq_free(a, q);
+			q = NULL;
+		}
+		if (rc == 0 && !q) {
+			rc = -EAGAIN;
+			snprintf(err, sizeof err, "the coordinator lists fewer than the %u full blocks of %s",
+				 r->full_blocks, r->sequence_id);
+		} else if (rc == 0 && q->n_full != r->full_blocks) {
+			rc = -EINVAL;
+			snprintf(err, sizeof err, "sequence %s: %u full blocks here, %u on %s", r->sequence_id,
+				 q->n_full, r->full_blocks, r->from_node);
+		}
+		if (rc == 0 && r->n_fill) {
+			pthread_mutex_lock(&a->hs->mu);
+			rc = tail_new(a, q);
+			if (rc == 0) {
+				memcpy(q->tail, r->tail.data, a->block_bytes);
+				memcpy(q->fill, r->fill, g->layers * sizeof *q->fill);
+			}
+			pthread_mutex_unlock(&a->hs->mu);
+			if (rc)
+				snprintf(err, sizeof err, "no slot for the tail: %s", strerror(-rc));
+		}
+		if (rc == 0) {
+			hs_insert(a, q);
+			q = NULL;
+			Kvmesh__V1__MoveSequenceHomeRequest mr = KVMESH__V1__MOVE_SEQUENCE_HOME_REQUEST__INIT;
+			mr.sequence_id = r->sequence_id;
+			mr.from_node = r->from_node;
+			mr.to_node = a->node_id;
+			void *resp = NULL;
+			size_t rlen;
+			char msg[400];
+			int mc = agent_coord_call(a, "MoveSequenceHome", &mr.base, &resp, &rlen, msg, sizeof msg);
+			free(resp);
+			if (mc != KVM_RPC_OK) {
+				homeseq_release(a, r->sequence_id, data_id); /* not ours after all */
+				code = kvm_rpc_fail(call, mc, "coordinator: %s", msg);
+			}
+		} else {
+			code = kvm_rpc_fail(call, rc == -EXDEV ? KVM_RPC_FAILED_PRECONDITION : rpc_code(rc),
+					    "%s", err[0] ? err : strerror(-rc));
+		}
+	}
+	if (q)
+		hseq_free(a, q);
+	if (code == KVM_RPC_OK) {
+		Kvmesh__V1__AdoptSequenceResponse resp = KVMESH__V1__ADOPT_SEQUENCE_RESPONSE__INIT;
+		uint8_t buf[16];
+		kvm_rpc_reply(call, buf, kvmesh__v1__adopt_sequence_response__pack(&resp, buf));
+		kvm_log(KVM_LOG_INFO, "home_adopted", "seq=%s from=%s tail_tokens=%u", r->sequence_id,
+			r->from_node, r->n_fill ? r->fill[0] : 0);
+	}
+	kvmesh__v1__adopt_sequence_request__free_unpacked(r, NULL);
+	return code;
 }
 
 /* ---- gRPC Agent.AttendAppend ------------------------------------------------------------ */
@@ -1311,6 +1610,8 @@ static int rpc_code(int err)
 		return KVM_RPC_RESOURCE_EXHAUSTED;
 	case -ETIMEDOUT:
 		return KVM_RPC_DEADLINE_EXCEEDED;
+	case -EXDEV: /* homed elsewhere now: the caller asks the coordinator */
+		return KVM_RPC_FAILED_PRECONDITION;
 	default:
 		return KVM_RPC_UNAVAILABLE;
 	}

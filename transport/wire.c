@@ -155,6 +155,7 @@ uint32_t wire_err_from_errno(int e)
 	case -EBUSY: case -EAGAIN: return WIRE_E_BUSY;
 	case -ERANGE: return WIRE_E_RANGE;
 	case -EACCES: case -EPERM: return WIRE_E_DENIED;
+	case -EXDEV: return WIRE_E_MOVED;
 	default: return WIRE_E_INTERNAL;
 	}
 }
@@ -175,6 +176,7 @@ int wire_err_to_errno(uint32_t c)
 	case WIRE_E_BUSY: return -EBUSY;
 	case WIRE_E_RANGE: return -ERANGE;
 	case WIRE_E_DENIED: return -EACCES;
+	case WIRE_E_MOVED: return -EXDEV;
 	default: return -EREMOTEIO;
 	}
 }

@@ -4,7 +4,8 @@ its blocks, wherever they live: a coordinator and three agents with small
 pools, so a sequence borrows blocks on the others. Every Agent.AttendAppend
 output is checked against a numpy softmax reference (fp16 and fp32, MHA and
 GQA). A killed peer fails only the sequences that need it, naming it and the
-lost blocks; ReleaseSequence gives the space back on every agent."""
+lost blocks; ReleaseSequence gives the space back on every agent; a drained
+home hands its sequences to another agent and decoding goes on there."""
 import os
 import time
 
@@ -263,10 +264,86 @@ def test_release_sequence_gives_space_back_everywhere():
         cl.close()
 
 
+def step_following_home(cl, seqs, layer, rtol, homes):
+    """step() for each sequence at its home as the coordinator names it
+    (homes: id -> node, updated): an append refused because the home moved
+    (FAILED_PRECONDITION, nothing applied) is sent again, same K/V and
+    query, to the new home."""
+    for s in seqs:
+        k, v = s.new_kv()
+        q = s.rng.standard_normal((cl.qh, HD)).astype(np.float32)
+        req = pb.AttendAppendRequest(model_id="m", layer=layer, scale=0, queries=[
+            pb.AttendQuery(sequence_id=s.id, q=q.ravel().tolist(), k_new=k.tobytes(),
+                           v_new=v.tobytes())])
+        for attempt in range(100):
+            try:
+                r = cl.stub(homes[s.id]).AttendAppend(req, timeout=10)
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION or attempt == 99:
+                    raise
+                time.sleep(0.05)
+                homes[s.id] = holders(cl, s.id)[0].home_node
+        s.k[layer].append(k)
+        s.v[layer].append(v)
+        o_ref, lse_ref = s.reference(layer, q, 1.0 / np.sqrt(HD))
+        np.testing.assert_allclose(np.array(r.results[0].o).reshape(cl.qh, HD), o_ref,
+                                   rtol=rtol, atol=rtol,
+                                   err_msg="seq %s layer %d token %d at %s" % (
+                                       s.id, layer, len(s.k[layer]) - 1, homes[s.id]))
+        np.testing.assert_allclose(np.array(r.results[0].lse), lse_ref, rtol=rtol, atol=rtol)
+
+
+def test_drained_home_hands_its_sequences_over():
+    """Draining a home moves its sequences: another agent adopts each one's
+    tail (partial block, exact bytes) and becomes its home, the blocks on
+    the drained node move off, and decoding goes on at the new home with
+    the same results, also once the old home is gone."""
+    cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2))
+    try:
+        rng = np.random.default_rng(13)
+        for sid in ("h1", "h2", "h3"):
+            cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id=sid,
+                                                              home_node="n0"), timeout=5)
+        h1, h2, h3 = Seq(cl, "h1", rng), Seq(cl, "h2", rng), Seq(cl, "h3", rng)
+        homes = {"h1": "n0", "h2": "n0", "h3": "n0"}
+        for _ in range(3 * BT + 3):  # full blocks, and 3 tokens in the tail
+            for layer in range(LAYERS):
+                step_following_home(cl, [h1], layer, 2e-3, homes)
+        for _ in range(2):  # a tail only (h3: never touched by its home)
+            for layer in range(LAYERS):
+                step_following_home(cl, [h2], layer, 2e-3, homes)
+        cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
+        # Decoding goes on during the hand-off and the moves.
+        for _ in range(BT):
+            for layer in range(LAYERS):
+                step_following_home(cl, [h1, h2], layer, 2e-3, homes)
+
+        def drained():
+            n0 = list_nodes(cl.c)["n0"]
+            return n0.drain_blocks_left == 0 and n0.drain_home_sequences == 0
+        wait_for("n0 drained", drained, timeout=30)
+        for sid in homes:
+            seq, where = holders(cl, sid)
+            assert seq.home_node != "n0" and "n0" not in where, (sid, seq.home_node, where)
+            homes[sid] = seq.home_node  # h3's client learns it now
+        log = cl.agents["n0"].read_log()
+        assert "event=hand_off seq=h1" in log and "event=hand_off seq=h2" in log, log[-3000:]
+        assert "home_moved" in cl.c.read_log()
+        cl.agents["n0"].stop(sig="KILL")
+        for _ in range(BT + 1):
+            for layer in range(LAYERS):
+                step_following_home(cl, [h1, h2, h3], layer, 2e-3, homes)
+        assert "n0" not in homes.values(), homes
+    finally:
+        cl.close()
+
+
 if __name__ == "__main__":
     os.environ.setdefault("KVMESH_LOG_LEVEL", "info")
     run_tests([test_decode_only_fp16_gqa,
                test_decode_only_fp32_mha,
                test_prefill_write_back_then_decode,
                test_killed_peer_fails_only_the_sequences_that_need_it,
-               test_release_sequence_gives_space_back_everywhere], SKIPPED)
+               test_release_sequence_gives_space_back_everywhere,
+               test_drained_home_hands_its_sequences_over], SKIPPED)

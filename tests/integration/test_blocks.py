@@ -312,9 +312,77 @@ def test_dead_holder_drops_handles_and_degrades_sharers():
         c.close()
 
 
+def test_move_sequence_home_switches_record_ledger_and_events():
+    """MoveSequenceHome (a drain's hand-off, called by the new home): the
+    record names the new home, the ledger charges its blocks to it (the old
+    home's borrowing becomes the new one's), HOME_MOVED goes out, a repeat is
+    OK; bad requests change nothing."""
+    c = Coordinator(**{"dead-after": "60s", "lend-share": "1"})
+    try:
+        cluster(c, sizes=(4, 100, 100))
+        c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="s",
+                                                       home_node="n1"), timeout=5)
+        c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="s", tokens=10 * BT),
+                              timeout=5)
+        before = books(c)
+        assert before["n1"][1] > 0, before  # n1 borrows
+        borrowed_on = {b.node_id for b in get(c, "s").blocks} - {"n1"}
+
+        def refused(code, **req):
+            try:
+                c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(**req), timeout=5)
+            except grpc.RpcError as e:
+                assert e.code() == code, (req, e)
+                return e.details()
+            raise AssertionError("accepted: %s" % req)
+        refused(grpc.StatusCode.NOT_FOUND, sequence_id="nope", from_node="n1", to_node="n2")
+        refused(grpc.StatusCode.NOT_FOUND, sequence_id="s", from_node="n1", to_node="n9")
+        d = refused(grpc.StatusCode.FAILED_PRECONDITION, sequence_id="s", from_node="n3",
+                    to_node="n2")
+        assert "homed on n1" in d, d
+        c.stub.CordonNode(pb.NodeRequest(node_id="n3"), timeout=5)
+        assert "cordoned" in refused(grpc.StatusCode.FAILED_PRECONDITION, sequence_id="s",
+                                     from_node="n1", to_node="n3")
+        c.stub.UncordonNode(pb.NodeRequest(node_id="n3"), timeout=5)
+        assert get(c, "s").home_node == "n1" and books(c) == before
+
+        s = c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(
+            sequence_id="s", from_node="n1", to_node="n2"), timeout=5)
+        assert s.home_node == "n2" and get(c, "s").home_node == "n2"
+        after = books(c)
+        # Everything of s not on n2 is now borrowed by n2; nothing by n1.
+        not_on_n2 = sum(1 for b in get(c, "s").blocks if b.node_id != "n2")
+        assert after["n1"][1] == 0 and after["n2"][1] == not_on_n2, (before, after)
+        assert after["n1"][0] == sum(1 for b in get(c, "s").blocks if b.node_id == "n1")
+        assert borrowed_on  # the test means something: blocks were elsewhere
+        # A retry after a lost reply: OK, nothing changes.
+        c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(
+            sequence_id="s", from_node="n1", to_node="n2"), timeout=5)
+        assert books(c) == after
+        stream = c.stub.WatchEvents(pb.WatchEventsRequest(after_seq=1), timeout=5)
+        moved = None
+        for e in stream:
+            if e.HasField("sequence") and e.sequence.kind == pb.SequenceEvent.HOME_MOVED:
+                moved = e.sequence
+                break
+        stream.cancel()
+        assert moved and (moved.sequence_id, moved.node_id) == ("s", "n2"), moved
+        # Durable: a restarted coordinator charges the blocks to the new home.
+        c.stop()
+        c.start()
+        assert get(c, "s").home_node == "n2"
+        assert books(c) == after, (books(c), after)
+        # Released at its new home: the space comes back everywhere.
+        c.stub.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="s"), timeout=5)
+        assert all(v == (0, 0) for v in books(c).values()), books(c)
+    finally:
+        c.close()
+
+
 if __name__ == "__main__":
     run_tests([test_reports_fill_handles_orphans_and_full_reports,
                test_prefix_sharing_refs_and_release_commands,
                test_restart_keeps_shares_and_handles_come_back,
                test_bad_reports_are_refused_and_change_nothing,
-               test_dead_holder_drops_handles_and_degrades_sharers])
+               test_dead_holder_drops_handles_and_degrades_sharers,
+               test_move_sequence_home_switches_record_ledger_and_events])

@@ -414,9 +414,11 @@ static uint32_t blocks_on(const char *seq, const char *node, uint32_t *total)
 }
 
 /* Draining a node moves the blocks that other nodes' sequences keep there
- * to other nodes: decode goes on with the same results (the home finds the
- * blocks' new places when the old ones are gone), and once drained the node
- * can be killed without degrading anything. */
+ * to other nodes, and hands the sequences homed there to other agents:
+ * decode goes on with the same results (a home finds the blocks' new places
+ * when the old ones are gone; the client follows a sequence to its new
+ * home), and once drained the node can be killed without degrading
+ * anything. */
 /* "wide" homed on agent-1 with blocks on agent-3, "on3" homed on agent-3;
  * one decode step checked. A filler takes half the home first, so that
  * "wide" borrows from both others (each lends at most half its pool);
@@ -474,8 +476,9 @@ Test(client, drain_moves_blocks_and_decode_goes_on)
 	ref_seq r[2];
 	uint32_t total = 0, before = drain_setup(r, &total);
 	const char *ids[] = {"wide", "on3"};
+	uint32_t on3_total, on3_before = blocks_on("on3", "agent-3", &on3_total);
 
-	/* Watchers hear where the blocks went. */
+	/* Watchers hear where the blocks and the home went. */
 	kvm_rpc_channel *wch;
 	cr_assert_eq(kvm_rpc_channel_open(local_cluster_coordinator(g_lc), &wch), 0);
 	Kvmesh__V1__WatchEventsRequest wr = KVMESH__V1__WATCH_EVENTS_REQUEST__INIT;
@@ -487,27 +490,36 @@ Test(client, drain_moves_blocks_and_decode_goes_on)
 
 	cr_assert_eq(demo_node_admin(local_cluster_coordinator(g_lc), NULL, "DrainNode", "agent-3"), 0);
 	cr_assert_eq(node_now("agent-3").state, KVMESH__V1__NODE_STATE__NODE_DRAINING);
-	uint64_t left = 1;
-	for (int i = 0; i < 100 && left; i++) {
+	demo_node nd = {.drain_left = 1, .drain_homes = 1};
+	for (int i = 0; i < 150 && (nd.drain_left || nd.drain_homes); i++) {
 		usleep(100000);
-		demo_node nd = node_now("agent-3");
-		left = nd.drain_left;
-		cr_assert_eq(nd.drain_homes, 1, "on3 is homed there");
+		nd = node_now("agent-3");
 	}
-	cr_assert_eq(left, 0, "blocks of other nodes' sequences are still on the draining node");
-	uint32_t heard = 0;
-	bool drained_event = false;
+	cr_assert_eq(nd.drain_homes, 0, "on3 is still homed on the draining node");
+	cr_assert_eq(nd.drain_left, 0, "%" PRIu64 " blocks are still on the draining node",
+		     nd.drain_left);
+	uint32_t heard_wide = 0, heard_on3 = 0;
+	bool drained_event = false, home_moved = false;
 	void *msg;
 	size_t mlen;
-	while (heard < before && kvm_rpc_stream_next(ws, &msg, &mlen) == 1) {
+	while (!drained_event && kvm_rpc_stream_next(ws, &msg, &mlen) == 1) {
 		Kvmesh__V1__Event *ev = kvmesh__v1__event__unpack(NULL, mlen, msg);
 		free(msg);
 		cr_assert(ev);
 		if (ev->kind_case == KVMESH__V1__EVENT__KIND_SEQUENCE &&
 		    ev->sequence->kind == KVMESH__V1__SEQUENCE_EVENT__KIND__MOVED) {
-			cr_assert_str_eq(ev->sequence->sequence_id, "wide");
 			cr_assert_str_neq(ev->sequence->node_id, "agent-3");
-			heard += (uint32_t)ev->sequence->n_moved_blocks;
+			if (strcmp(ev->sequence->sequence_id, "wide") == 0)
+				heard_wide += (uint32_t)ev->sequence->n_moved_blocks;
+			else
+				heard_on3 += (uint32_t)ev->sequence->n_moved_blocks;
+		}
+		if (ev->kind_case == KVMESH__V1__EVENT__KIND_SEQUENCE &&
+		    ev->sequence->kind == KVMESH__V1__SEQUENCE_EVENT__KIND__HOME_MOVED) {
+			cr_assert_str_eq(ev->sequence->sequence_id, "on3");
+			cr_assert_str_neq(ev->sequence->node_id, "agent-3");
+			cr_assert_eq(heard_on3, 0, "on3's blocks moved before its home did");
+			home_moved = true;
 		}
 		drained_event |= ev->kind_case == KVMESH__V1__EVENT__KIND_NODE &&
 				 strstr(ev->node->reason, "drained") != NULL;
@@ -515,36 +527,46 @@ Test(client, drain_moves_blocks_and_decode_goes_on)
 	}
 	kvm_rpc_stream_close(ws);
 	kvm_rpc_channel_close(wch);
-	cr_assert_eq(heard, before, "MOVED events named %u of the %u moved blocks", heard, before);
-	cr_assert_eq(drained_event, false, "drained while a sequence is still homed there");
+	cr_assert(drained_event, "no drained event");
+	cr_assert(home_moved, "no HOME_MOVED event for on3");
+	cr_assert_eq(heard_wide, before, "MOVED events named %u of the %u moved blocks", heard_wide,
+		     before);
+	cr_assert_eq(heard_on3, on3_before, "MOVED events named %u of on3's %u blocks", heard_on3,
+		     on3_before);
 	uint32_t after_total;
 	cr_assert_eq(blocks_on("wide", "agent-3", &after_total), 0);
 	cr_assert_eq(after_total, total);
-	uint32_t on3 = blocks_on("on3", "agent-3", &after_total);
-	cr_assert_eq(on3, 3, "a sequence homed there stays (%u of its blocks there)", on3);
+	cr_assert_eq(blocks_on("on3", "agent-3", &after_total), 0);
+	cr_assert_eq(after_total, on3_total);
+	kvm_seq_info on3;
+	cr_assert_eq(kvm_seq_get(g_c, "on3", &on3), 0);
+	cr_assert_str_neq(on3.home, "agent-3");
+	cr_assert_gt(log_lines("agent-3", "event=hand_off seq=on3"), 0);
 	/* The old copies go once the new places are durable... */
 	double pinned = -1;
-	for (int i = 0; i < 50 && pinned != 3; i++) {
+	for (int i = 0; i < 50 && pinned != 0; i++) {
 		pinned = agent_counter(2, "pinned_blocks");
-		if (pinned != 3)
+		if (pinned != 0)
 			usleep(100000);
 	}
-	cr_assert_eq(pinned, 3, "agent-3 still pins %.0f blocks (its own sequence has 3)", pinned);
-	/* ...while the home still names them: its ATTEND finds them gone,
-	 * and it fetches the sequence again. */
+	cr_assert_eq(pinned, 0, "agent-3 still pins %.0f blocks", pinned);
+	/* ...while the homes still name them: an ATTEND finds them gone, and
+	 * the home fetches the sequence again; the client, sending on3's step
+	 * to agent-3, is told the home moved and follows it. */
 	decode_and_check(r, ids, 2, 3, 2e-3);
 	cr_assert_gt(log_lines("agent-1", "event=home_sequence_moved"), 0);
 	cr_assert_eq(log_lines("agent-1", "event=attend_peer_failed"), 0,
 		     "a peer failure the home recovered from is no failure");
 
-	/* Drained: killing it loses nothing of "wide". */
-	cr_assert_eq(kvm_seq_release(g_c, "on3"), 0);
+	/* Drained: killing it loses nothing. */
 	cr_assert_eq(local_cluster_signal_agent(g_lc, 2, SIGKILL), 0);
 	wait_dead("agent-3");
 	kvm_seq_info now;
 	cr_assert_eq(kvm_seq_get(g_c, "wide", &now), 0);
 	cr_assert_eq(now.degraded, 0, "the drained node's death degraded a sequence");
-	decode_and_check(r, ids, 1, 2, 2e-3);
+	cr_assert_eq(kvm_seq_get(g_c, "on3", &now), 0);
+	cr_assert_eq(now.degraded, 0, "the drained node's death degraded its old sequence");
+	decode_and_check(r, ids, 2, 2, 2e-3);
 	ref_free(&r[0]);
 	ref_free(&r[1]);
 }
@@ -593,8 +615,8 @@ Test(client, drain_survives_a_coordinator_restart)
 
 /* SIGTERM drains first: the agent asks for its own drain, serves until the
  * blocks other nodes' sequences keep there have moved and its own sequences
- * have ended (no new ones come), then exits 0; the other sequences decode
- * on, not degraded. */
+ * are handed to other agents (no new ones come), then exits 0; every
+ * sequence decodes on, not degraded, the handed-off one at its new home. */
 Test(client, sigterm_drains_before_the_agent_exits)
 {
 	start_with(3, "256KiB", &drain_model, 5000, "--drain-timeout=20s", NULL);
@@ -613,22 +635,23 @@ Test(client, sigterm_drains_before_the_agent_exits)
 	}
 	cr_assert_neq(rc, 0, "a sequence was homed on a draining node");
 	cr_assert(strstr(kvm_client_error(g_c), "draining"), "%s", kvm_client_error(g_c));
-	usleep(300000);
-	cr_assert_eq(local_cluster_wait_agent(g_lc, 2, 0), -ETIMEDOUT,
-		     "agent-3 left before its own sequence ended");
-	cr_assert_eq(kvm_seq_release(g_c, "on3"), 0); /* its front-end is done */
 	int st = local_cluster_wait_agent(g_lc, 2, 25000);
 	cr_assert_eq(st, 0, "agent-3 exit status %d", st);
 	cr_assert_gt(log_lines("agent-3", "event=drain_before_exit result=\"drained\""), 0,
 		     "agent-3 did not say it drained");
+	cr_assert_gt(log_lines("agent-3", "event=hand_off seq=on3"), 0);
 	uint32_t after_total;
 	cr_assert_eq(blocks_on("wide", "agent-3", &after_total), 0);
+	cr_assert_eq(blocks_on("on3", "agent-3", &after_total), 0);
 	wait_dead("agent-3");
-	kvm_seq_info now;
-	cr_assert_eq(kvm_seq_get(g_c, "wide", &now), 0);
-	cr_assert_eq(now.degraded, 0, "the drained node's exit degraded a sequence");
-	const char *ids[] = {"wide"};
-	decode_and_check(r, ids, 1, 3, 2e-3);
+	const char *ids[] = {"wide", "on3"};
+	for (int i = 0; i < 2; i++) {
+		kvm_seq_info now;
+		cr_assert_eq(kvm_seq_get(g_c, ids[i], &now), 0);
+		cr_assert_eq(now.degraded, 0, "the drained node's exit degraded %s", ids[i]);
+		cr_assert_str_neq(now.home, "agent-3");
+	}
+	decode_and_check(r, ids, 2, 3, 2e-3);
 	ref_free(&r[0]);
 	ref_free(&r[1]);
 }
