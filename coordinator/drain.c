@@ -18,7 +18,8 @@
  * returned) and planned again.
  *
  * Sequences homed on the draining node are handed off: a HandOff command
- * names a new home (the ready node with the most free blocks); the draining
+ * names a new home (the ready node with the most free blocks, less the
+ * sequences given to it in the same step, so they spread); the draining
  * agent stops taking appends for the sequence and sends its tail to the new
  * home (Agent.AdoptSequence), which makes itself the home with
  * MoveSequenceHome (sequences.c): the record and the ledger's charges switch
@@ -134,19 +135,21 @@ static int plan_one(kvm_coord *c, cmd_rec *cmd, uint32_t src, uint32_t home, con
 	return 0;
 }
 
-/* The node to take over sequences homed on `from`: ready (so neither
- * cordoned nor draining), the most free blocks. NO_NODE if none. */
-static uint32_t pick_new_home(kvm_coord *c, uint32_t from)
+/* The node to take over a sequence homed on `from`: ready (so neither
+ * cordoned nor draining), the most free blocks less the sequences already
+ * given to it in this step (given[], per node). NO_NODE if none. */
+static uint32_t pick_new_home(kvm_coord *c, uint32_t from, const uint32_t *given)
 {
 	uint32_t best = NO_NODE;
-	uint64_t best_free = 0;
+	int64_t best_free = 0;
 	for (uint32_t i = 0; i < c->n_nodes; i++) {
 		kvm_ledger_node ln;
 		if (i == from || c->nodes[i].state != KVMESH__V1__NODE_STATE__NODE_READY ||
 		    kvm_ledger_node_get(c->ledger, c->nodes[i].id, &ln) != 0)
 			continue;
 		uint64_t held = ln.used_blocks + ln.evictable_blocks;
-		uint64_t fr = ln.total_blocks > held ? ln.total_blocks - held : 0;
+		int64_t fr = (int64_t)(ln.total_blocks > held ? ln.total_blocks - held : 0) -
+			     (given ? given[i] : 0);
 		if (best == NO_NODE || fr > best_free) {
 			best = i;
 			best_free = fr;
@@ -155,28 +158,33 @@ static uint32_t pick_new_home(kvm_coord *c, uint32_t from)
 	return best;
 }
 
-/* Sends a HandOff for each sequence homed on `node` that has none out. */
+/* Sends a HandOff for each sequence homed on `node` that has none out,
+ * spread over the ready nodes. */
 static void plan_handoffs(kvm_coord *c, uint32_t node, uint64_t now)
 {
-	uint32_t to = NO_NODE;
-	size_t sent = 0;
+	uint32_t *given = NULL, to = NO_NODE;
 	for (size_t b = 0; b < c->seq_buckets; b++)
 		for (soft_seq *s = c->seqs[b]; s; s = s->next) {
 			if (s->home != node || s->handoff_until_ms > now)
 				continue;
-			if (to == NO_NODE && (to = pick_new_home(c, node)) == NO_NODE) {
+			if (!given && !(given = calloc(c->n_nodes, sizeof(*given))))
+				return;
+			if ((to = pick_new_home(c, node, given)) == NO_NODE) {
 				if (!c->nodes[node].handoff_stalled_told)
 					kvm_log(KVM_LOG_WARN, "drain_stalled",
 						"node=%s error=\"no ready node to take the sequences homed "
 						"on it: they stay until released\"",
 						c->nodes[node].id);
 				c->nodes[node].handoff_stalled_told = true;
+				free(given);
 				return;
 			}
+			given[to]++;
 			c->nodes[node].handoff_stalled_told = false;
 			cmd_rec *cmd = calloc(1, sizeof(*cmd));
 			if (!cmd || !(cmd->sequence_id = strdup(s->id))) {
 				coord_cmd_free(cmd);
+				free(given);
 				return;
 			}
 			cmd->kind = KVMESH__V1__COMMAND__KIND_HAND_OFF;
@@ -185,11 +193,10 @@ static void plan_handoffs(kvm_coord *c, uint32_t node, uint64_t now)
 			grpc_address(c, to, cmd->target_address, sizeof(cmd->target_address));
 			coord_queue_cmd(c, node, cmd);
 			s->handoff_until_ms = now + HANDOFF_TIMEOUT_MS;
-			sent++;
+			kvm_log(KVM_LOG_INFO, "drain_hand_off", "node=%s sequence=%s to=%s",
+				c->nodes[node].id, s->id, c->nodes[to].id);
 		}
-	if (sent)
-		kvm_log(KVM_LOG_INFO, "drain_hand_offs", "node=%s sequences=%zu to=%s",
-			c->nodes[node].id, sent, c->nodes[to].id);
+	free(given);
 }
 
 void coord_drain_step(kvm_coord *c, uint32_t node)

@@ -327,6 +327,7 @@ def test_drained_home_hands_its_sequences_over():
             seq, where = holders(cl, sid)
             assert seq.home_node != "n0" and "n0" not in where, (sid, seq.home_node, where)
             homes[sid] = seq.home_node  # h3's client learns it now
+        assert set(homes.values()) == {"n1", "n2"}, ("hand-offs not spread", homes)
         log = cl.agents["n0"].read_log()
         assert "event=hand_off seq=h1" in log and "event=hand_off seq=h2" in log, log[-3000:]
         assert "home_moved" in cl.c.read_log()
