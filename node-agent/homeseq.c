@@ -1365,8 +1365,13 @@ static void handoff_run(void *arg, da_ctx *ctx)
 	uint8_t *tail = NULL;
 	char err[512] = "";
 	int rc = fill ? 0 : -ENOMEM, p = -1, sealing = 0;
+	struct hseq *q;
+	/* Never used here yet: learn it (its full blocks) so the target can
+	 * check it sees the same. */
+	if (rc == 0)
+		rc = hs_get(a, j->seq_id, j->data_id, &q, err, sizeof err);
 	pthread_mutex_lock(&hs->mu);
-	struct hseq *q = hs_find(hs, j->data_id);
+	q = hs_find(hs, j->data_id);
 	if (q && rc == 0) {
 		q->moving = true; /* what is copied below is all it will have */
 		snprintf(q->moved_to, sizeof q->moved_to, "%s", j->target);
@@ -1399,7 +1404,7 @@ static void handoff_run(void *arg, da_ctx *ctx)
 	}
 	if (sealing && rc == 0) {
 		rc = -EAGAIN;
-		snprintf(err, sizeof err, "block %s still sealing (a seal failed?)", j->seq_id);
+		snprintf(err, sizeof err, "a block of %s is still sealing (a seal failed?)", j->seq_id);
 	}
 	if (rc == 0 && p < 0) {
 		rc = p;

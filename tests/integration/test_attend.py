@@ -307,10 +307,23 @@ def test_drained_home_hands_its_sequences_over():
                                                               home_node="n0"), timeout=5)
         h1, h2, h3 = Seq(cl, "h1", rng), Seq(cl, "h2", rng), Seq(cl, "h3", rng)
         homes = {"h1": "n0", "h2": "n0", "h3": "n0"}
+        # h3: two prompt blocks written where they were placed; its home has
+        # never served it when the drain comes.
+        ext = cl.c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="h3", tokens=2 * BT),
+                                       timeout=5)
+        for l in range(LAYERS):
+            for _ in range(2 * BT):
+                k, v = h3.new_kv()
+                h3.k[l].append(k)
+                h3.v[l].append(v)
+        for p in ext.new_blocks:
+            cl.stub(p.node_id).PutBlocks(pb.PutBlocksRequest(
+                model_id="m", sequence_id="h3", first_index=p.index,
+                blocks=[pb.BlockData(data=h3.block_bytes(p.index))]), timeout=5)
         for _ in range(3 * BT + 3):  # full blocks, and 3 tokens in the tail
             for layer in range(LAYERS):
                 step_following_home(cl, [h1], layer, 2e-3, homes)
-        for _ in range(2):  # a tail only (h3: never touched by its home)
+        for _ in range(2):  # a tail only
             for layer in range(LAYERS):
                 step_following_home(cl, [h2], layer, 2e-3, homes)
         cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
