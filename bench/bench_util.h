@@ -27,6 +27,15 @@ static inline int cmp_double(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/* The p-th percentile (0..100) of n sorted values, by nearest rank. */
+static inline double percentile(const double *sorted, size_t n, int p)
+{
+	if (n == 0)
+		return 0;
+	size_t i = n * (size_t)p / 100;
+	return sorted[i < n ? i : n - 1];
+}
+
 /* Sorts v and returns its median (the mean of the middle two for even n). */
 static inline double median(double *v, int n)
 {

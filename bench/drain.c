@@ -18,7 +18,12 @@
  * (another build; B first, then this one), for before/after in one run.
  * Final lines: drain_blocks, drain_s, drain_blocks_per_s, drain_MiB_per_s,
  * write_MiB_per_s, drain_vs_write (medians over rounds); with B also
- * b_drain_s, b_drain_vs_write and drain_speedup_vs_b. */
+ * b_drain_s, b_drain_vs_write and drain_speedup_vs_b.
+ *
+ * Then the hand-off (run_handoff): a drained home's sequences move to other
+ * agents while decode goes on; handoff_s (DrainNode to the last hand-off),
+ * against the heartbeat period that carries the commands, and the decode
+ * step's time before and during (handoff_decode_*). */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -62,6 +67,41 @@ typedef struct round_result {
 	uint32_t moved;
 } round_result;
 
+/* A local cluster with three agents of model m (pool bytes each) and a
+ * client with the model registered; 0 or -1 (said why on stderr). */
+static int cluster_up(const char *const *coord_flags, const kvm_model *m, const char *pool,
+		      const char *const *agent_flags, local_cluster **lc, kvm_client **c)
+{
+	char err[2048];
+	*c = NULL;
+	if (local_cluster_start(coord_flags, lc, err, sizeof err) != 0) {
+		fprintf(stderr, "bench-drain: %s\n", err);
+		*lc = NULL;
+		return -1;
+	}
+	int rc = kvm_client_open(local_cluster_coordinator(*lc), NULL, c);
+	if (rc == 0)
+		rc = kvm_model_register(*c, m);
+	if (rc == 0 && (rc = local_cluster_add_agents(*lc, 3, m->id, pool, agent_flags, err,
+						      sizeof err)) != 0)
+		fprintf(stderr, "bench-drain: %s\n", err);
+	return rc ? -1 : 0;
+}
+
+/* Closes the client and stops the cluster, keeping its logs after a
+ * failure or with KVMESH_BENCH_KEEP. */
+static void cluster_down(local_cluster *lc, kvm_client *c, int rc)
+{
+	if (c)
+		kvm_client_close(c);
+	if (!lc)
+		return;
+	bool keep = rc != 0 || getenv("KVMESH_BENCH_KEEP");
+	if (keep)
+		fprintf(stderr, "bench-drain: logs in %s\n", local_cluster_dir(lc));
+	local_cluster_stop(lc, keep);
+}
+
 /* One cluster, one write and one drain. bin_dir: NULL for this build. */
 static int run_round(const kvm_model *m, uint32_t n, uint8_t *const *blocks, const uint32_t *tok,
 		     const char *bin_dir, round_result *out)
@@ -70,22 +110,16 @@ static int run_round(const kvm_model *m, uint32_t n, uint8_t *const *blocks, con
 	static const char *const agent_flags[] = {"--tail-reserve=16", NULL};
 	size_t bb = kvm_block_bytes(m);
 	uint32_t slots = n + TAIL_RESERVE + 32;
-	char pool_s[32], err[2048];
+	char pool_s[32];
 	snprintf(pool_s, sizeof pool_s, "%" PRIu64, (uint64_t)slots * bb);
 	if (bin_dir)
 		setenv("KVMESH_BIN_DIR", bin_dir, 1);
 	local_cluster *lc;
-	if (local_cluster_start(coord_flags, &lc, err, sizeof err) != 0) {
-		fprintf(stderr, "bench-drain: %s\n", err);
+	kvm_client *c;
+	int rc = cluster_up(coord_flags, m, pool_s, agent_flags, &lc, &c);
+	if (!lc)
 		return -1;
-	}
 	const char *coord = local_cluster_coordinator(lc);
-	kvm_client *c = NULL;
-	int rc = kvm_client_open(coord, NULL, &c);
-	if (rc == 0)
-		rc = kvm_model_register(c, m);
-	if (rc == 0 && (rc = local_cluster_add_agents(lc, 3, m->id, pool_s, agent_flags, err, sizeof err)) != 0)
-		fprintf(stderr, "bench-drain: %s\n", err);
 	/* The fillers take what agent-1 and agent-2 offer (the tail reserve
 	 * is not offered), so that wide borrows from agent-3 only. */
 	uint32_t offer = slots - TAIL_RESERVE - 1;
@@ -154,12 +188,115 @@ static int run_round(const kvm_model *m, uint32_t n, uint8_t *const *blocks, con
 		bin_dir ? "B" : "this build", out->moved, out->drain_s, out->moved / out->drain_s,
 		rc ? "" : ", read back equal");
 out:
-	if (c)
-		kvm_client_close(c);
-	bool keep = rc != 0 || getenv("KVMESH_BENCH_KEEP");
-	if (keep)
-		fprintf(stderr, "bench-drain: logs in %s\n", local_cluster_dir(lc));
-	local_cluster_stop(lc, keep);
+	cluster_down(lc, c, rc);
+	return rc ? -1 : 0;
+}
+
+/* ---- Hand-off: a drained home's sequences go to other agents ------------------ */
+
+#define HO_SEQS 32
+#define HO_BT 16u
+
+/* Sorts v and returns its p-th percentile. */
+static double pct(double *v, int n, int p)
+{
+	qsort(v, (size_t)n, sizeof *v, cmp_double);
+	return percentile(v, (size_t)n, p);
+}
+
+/* HO_SEQS sequences homed on agent-1, each with 3 full blocks and 5 tokens
+ * in its tail; decode steps of all of them in one batch, timed, first
+ * steady, then from DrainNode(agent-1) until it is drained. The floor: the
+ * coordinator sends commands on heartbeats (200 ms here). */
+static int run_handoff(void)
+{
+	static const char *const coord_flags[] = {"--heartbeat=200ms", NULL};
+	static const char *const agent_flags[] = {"--tail-reserve=64", NULL};
+	const kvm_model m = {.id = "bench-handoff", .layers = 1, .q_heads = 8, .kv_heads = 2,
+			     .head_dim = 64, .block_tokens = HO_BT, .dtype = KVM_F16};
+	size_t row = (size_t)m.kv_heads * m.head_dim * 2, qn = (size_t)m.q_heads * m.head_dim;
+	char id[HO_SEQS][16];
+	local_cluster *lc;
+	kvm_client *c;
+	int rc = cluster_up(coord_flags, &m, "64MiB", agent_flags, &lc, &c);
+	if (!lc)
+		return -1;
+	const char *coord = local_cluster_coordinator(lc);
+	uint8_t *kv = calloc(3 * HO_BT + 5, row);
+	float *q = calloc(HO_SEQS * qn, sizeof *q), *o = calloc(HO_SEQS * qn, sizeof *o),
+	      *lse = calloc(HO_SEQS * m.q_heads, sizeof *lse);
+	uint8_t *knew = calloc(HO_SEQS, row);
+	kvm_attend at[HO_SEQS];
+	if (!kv || !q || !o || !lse || !knew)
+		rc = -ENOMEM;
+	for (uint32_t i = 0; kv && i < (3 * HO_BT + 5) * row; i++)
+		kv[i] = (uint8_t)(i * 7 % 61); /* small fp16 values */
+	for (int i = 0; rc == 0 && i < HO_SEQS; i++) {
+		snprintf(id[i], sizeof id[i], "ho-%d", i);
+		if ((rc = kvm_seq_create(c, m.id, id[i], NULL, 0, "agent-1", NULL)) == 0)
+			rc = kvm_append_kv(c, id[i], 0, 3 * HO_BT + 5, kv, kv);
+		at[i] = (kvm_attend){.seq_id = id[i], .q = q + i * qn, .k_new = knew + i * row,
+				     .v_new = knew + i * row, .o = o + i * qn,
+				     .lse = lse + i * m.q_heads};
+	}
+	if (rc) {
+		fprintf(stderr, "bench-drain: hand-off setup: %s\n", c ? kvm_client_error(c) : kvm_strerror(rc));
+		goto out;
+	}
+	enum { STEADY = 30, MAX_DURING = 2000 };
+	double steady[STEADY], *during = calloc(MAX_DURING, sizeof *during);
+	int n_during = 0;
+	for (int s = 0; rc == 0 && s < 3; s++) /* warm-up: connections, caches */
+		rc = kvm_attend_append(c, 0, 0, at, HO_SEQS);
+	for (int s = 0; rc == 0 && s < STEADY; s++) {
+		double t = now_s();
+		rc = kvm_attend_append(c, 0, 0, at, HO_SEQS);
+		steady[s] = (now_s() - t) * 1e3;
+	}
+	double t0 = now_s(), handed = 0, drained = 0;
+	if (rc == 0)
+		rc = demo_node_admin(coord, NULL, "DrainNode", "agent-1");
+	while (rc == 0 && n_during < MAX_DURING && !drained) {
+		double t = now_s();
+		rc = kvm_attend_append(c, 0, 0, at, HO_SEQS);
+		during[n_during++] = (now_s() - t) * 1e3;
+		demo_node nd;
+		if (rc == 0 && (rc = demo_find_node(coord, NULL, "agent-1", &nd)) == 0) {
+			if (!handed && nd.drain_homes == 0)
+				handed = now_s() - t0;
+			if (!nd.drain_homes && !nd.drain_left)
+				drained = now_s() - t0;
+		}
+		if (now_s() - t0 > 120) {
+			fprintf(stderr, "bench-drain: agent-1 not drained after 120 s\n");
+			rc = -1;
+		}
+	}
+	if (rc) {
+		fprintf(stderr, "bench-drain: hand-off: %s\n", kvm_client_error(c));
+	} else {
+		double mid = pct(steady, STEADY, 50), top = pct(steady, STEADY, 100);
+		double dmid = pct(during, n_during, 50), dtop = pct(during, n_during, 100);
+		fprintf(stderr, "bench-drain: hand-off of %d sequences: all handed off %.3f s after "
+			"DrainNode, drained %.3f s; %d decode steps meanwhile\n", HO_SEQS, handed,
+			drained, n_during);
+		printf("handoff_sequences=%d\n", HO_SEQS);
+		printf("handoff_s=%.3f\n", handed);
+		printf("handoff_drained_s=%.3f\n", drained);
+		printf("handoff_heartbeat_s=0.200\n");
+		printf("handoff_decode_steady_p50_ms=%.2f\n", mid);
+		printf("handoff_decode_steady_max_ms=%.2f\n", top);
+		printf("handoff_decode_during_p50_ms=%.2f\n", dmid);
+		printf("handoff_decode_during_max_ms=%.2f\n", dtop);
+	}
+	free(during);
+out:
+	free(kv);
+	free(q);
+	free(o);
+	free(lse);
+	free(knew);
+	cluster_down(lc, c, rc);
 	return rc ? -1 : 0;
 }
 
@@ -229,5 +366,6 @@ int main(void)
 		printf("b_drain_vs_write=%.3f\n", mib / db / wb);
 		printf("drain_speedup_vs_b=%.2f\n", median(speedup, rounds));
 	}
-	return 0;
+	fflush(stdout);
+	return run_handoff() == 0 ? 0 : 1;
 }
