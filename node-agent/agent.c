@@ -65,12 +65,18 @@ int agent_coord_call(agent *a, const char *method, const ProtobufCMessage *req, 
 	return rpc_call(a->coord, path, req, a->call_timeout_ms, resp, len, msg, msg_len);
 }
 
-int agent_peer_call(agent *a, kvm_rpc_channel *ch, const char *method, const ProtobufCMessage *req,
-		    void **resp, size_t *len, char *msg, size_t msg_len)
+int agent_peer_call_ms(kvm_rpc_channel *ch, const char *method, const ProtobufCMessage *req,
+		       int64_t timeout_ms, void **resp, size_t *len, char *msg, size_t msg_len)
 {
 	char path[128];
 	snprintf(path, sizeof(path), "/kvmesh.v1.Agent/%s", method);
-	return rpc_call(ch, path, req, a->call_timeout_ms, resp, len, msg, msg_len);
+	return rpc_call(ch, path, req, timeout_ms, resp, len, msg, msg_len);
+}
+
+int agent_peer_call(agent *a, kvm_rpc_channel *ch, const char *method, const ProtobufCMessage *req,
+		    void **resp, size_t *len, char *msg, size_t msg_len)
+{
+	return agent_peer_call_ms(ch, method, req, a->call_timeout_ms, resp, len, msg, msg_len);
 }
 
 static int coord_call(agent *a, const char *method, const ProtobufCMessage *req, void **resp,

@@ -117,6 +117,9 @@ int agent_coord_call(agent *a, const char *method, const ProtobufCMessage *req, 
 /* The same to another agent's Agent service at target (host:port). */
 int agent_peer_call(agent *a, kvm_rpc_channel *ch, const char *method, const ProtobufCMessage *req,
 		    void **resp, size_t *len, char *msg, size_t msg_len);
+/* The same with a deadline of its own. */
+int agent_peer_call_ms(kvm_rpc_channel *ch, const char *method, const ProtobufCMessage *req,
+		       int64_t timeout_ms, void **resp, size_t *len, char *msg, size_t msg_len);
 /* Heartbeats now and applies the commands that come back (a PutBlocks that
  * ran out of slots fetches pending releases this way). */
 void agent_heartbeat_now(agent *a);

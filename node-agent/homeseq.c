@@ -35,6 +35,15 @@
 
 #define HS_MAX_PEERS 256
 #define HANDOFF_GRACE_MS 3000
+/* The target's adoption gives up waiting for blocks after ADOPT_WAIT_MS and
+ * never makes itself the home after ADOPT_BUDGET_MS; the old home waits
+ * ADOPT_CALL_MS for its answer, longer than all of that, so that when it
+ * hears nothing and the coordinator still names it, no adoption can still
+ * happen behind its back. */
+#define ADOPT_WAIT_MS 2000
+#define ADOPT_BUDGET_MS 6000
+#define ADOPT_CALL_MS 15000
+#define HANDOFF_STUCK_MS 30000 /* moving, outcome unknown: ask the coordinator */
 #define HS_BUCKETS 1024
 #define ID_MAX 256
 
@@ -75,7 +84,7 @@ struct hseq {
 	 * landed just before the copy finds its row here. */
 	bool moving;
 	char moved_to[ID_MAX];
-	uint64_t handed_off_ms;
+	uint64_t moving_since_ms, handed_off_ms;
 	struct hseq *next;
 };
 
@@ -1337,16 +1346,18 @@ struct handoff_job {
 	unsigned requeued;
 };
 
-/* Whether the coordinator names `node` as the sequence's home now. */
-static bool homed_on(agent *a, const char *seq_id, const char *node)
+/* The sequence's home as the coordinator names it now, into home[ID_MAX];
+ * 0, or an error when it cannot say. */
+static int home_now(agent *a, const char *seq_id, char *home)
 {
 	int rc = 0;
 	char err[256];
 	Kvmesh__V1__Sequence *s = get_sequence(a, seq_id, 0, &rc, err, sizeof err);
-	bool yes = s && strcmp(s->home_node, node) == 0;
-	if (s)
-		kvmesh__v1__sequence__free_unpacked(s, NULL);
-	return yes;
+	if (!s)
+		return rc ? rc : -EAGAIN;
+	snprintf(home, ID_MAX, "%s", s->home_node);
+	kvmesh__v1__sequence__free_unpacked(s, NULL);
+	return 0;
 }
 
 /* On the home pool, after the appends' seals queued before it: stops the
@@ -1374,6 +1385,7 @@ static void handoff_run(void *arg, da_ctx *ctx)
 	q = hs_find(hs, j->data_id);
 	if (q && rc == 0) {
 		q->moving = true; /* what is copied below is all it will have */
+		q->moving_since_ms = (uint64_t)agent_mono_ms();
 		snprintf(q->moved_to, sizeof q->moved_to, "%s", j->target);
 		for (uint32_t i = 0; i < q->n_full; i++)
 			sealing += q->blk[i].where == HB_SEALING;
@@ -1417,17 +1429,25 @@ static void handoff_run(void *arg, da_ctx *ctx)
 		void *resp = NULL;
 		size_t len;
 		char msg[400];
-		int code = agent_peer_call(a, ch, "AdoptSequence", &req.base, &resp, &len, msg,
-					   sizeof msg);
+		int code = agent_peer_call_ms(ch, "AdoptSequence", &req.base, ADOPT_CALL_MS, &resp,
+					      &len, msg, sizeof msg);
 		free(resp);
 		if (code != KVM_RPC_OK) {
 			rc = -EIO;
 			snprintf(err, sizeof err, "%.100s: AdoptSequence: %.380s", j->target, msg);
 		}
 	}
-	/* A lost reply may hide an adoption that happened: the coordinator says. */
-	if (rc != 0 && homed_on(a, j->seq_id, j->target))
-		rc = 0;
+	/* A lost reply may hide an adoption that happened: the coordinator says.
+	 * Appends are taken again only when it says the home is still here;
+	 * when it cannot say, the sequence stays moving until the coordinator
+	 * sends the hand-off again (the target answers OK if it has it). */
+	char home[ID_MAX] = "";
+	bool still_ours = false;
+	if (rc != 0 && home_now(a, j->seq_id, home) == 0) {
+		if (strcmp(home, j->target) == 0)
+			rc = 0;
+		still_ours = strcmp(home, a->node_id) == 0;
+	}
 	if (rc == 0) {
 		pthread_mutex_lock(&hs->mu);
 		if ((q = hs_find(hs, j->data_id)))
@@ -1437,11 +1457,12 @@ static void handoff_run(void *arg, da_ctx *ctx)
 			j->target, req.full_blocks, req.n_fill ? fill[0] : 0);
 	} else {
 		pthread_mutex_lock(&hs->mu);
-		if ((q = hs_find(hs, j->data_id)))
-			q->moving = false; /* still ours: serve it; the coordinator asks again */
+		if (still_ours && (q = hs_find(hs, j->data_id)))
+			q->moving = false; /* serve it; the coordinator asks again */
 		pthread_mutex_unlock(&hs->mu);
-		kvm_log(KVM_LOG_WARN, "hand_off_failed", "seq=%s to=%s error=\"%s\"", j->seq_id, j->target,
-			err[0] ? err : strerror(-rc));
+		kvm_log(KVM_LOG_WARN, "hand_off_failed", "seq=%s to=%s error=\"%s\" appends=%s", j->seq_id,
+			j->target, err[0] ? err : strerror(-rc),
+			still_ours ? "taken again" : "refused until the coordinator says");
 	}
 	free(tail);
 	free(fill);
@@ -1452,17 +1473,38 @@ void homeseq_expire(agent *a)
 {
 	homeseqs *hs = a->hs;
 	uint64_t now = (uint64_t)agent_mono_ms(), ids[64];
-	uint32_t n = 0;
+	uint32_t n = 0, n_stuck = 0;
+	char stuck[8][ID_MAX];
 	pthread_mutex_lock(&hs->mu);
-	for (uint32_t b = 0; b < HS_BUCKETS && n < 64; b++)
-		for (struct hseq *q = hs->bucket[b]; q && n < 64; q = q->next)
-			if (q->handed_off_ms && now - q->handed_off_ms >= HANDOFF_GRACE_MS) {
+	for (uint32_t b = 0; b < HS_BUCKETS; b++)
+		for (struct hseq *q = hs->bucket[b]; q; q = q->next) {
+			if (q->handed_off_ms && now - q->handed_off_ms >= HANDOFF_GRACE_MS && n < 64) {
 				ids[n++] = q->data_id;
 				q->handed_off_ms = 0; /* one drop job each */
+			} else if (q->moving && !q->handed_off_ms &&
+				   now - q->moving_since_ms >= HANDOFF_STUCK_MS && n_stuck < 8) {
+				snprintf(stuck[n_stuck++], ID_MAX, "%s", q->id);
+				q->moving_since_ms = now; /* asked again later, not at once */
 			}
+		}
 	pthread_mutex_unlock(&hs->mu);
 	for (uint32_t i = 0; i < n; i++)
 		homeseq_release(a, NULL, ids[i]);
+	/* A hand-off whose outcome nobody could say, and that the coordinator
+	 * did not send again (the drain was called off): still ours? */
+	for (uint32_t i = 0; i < n_stuck; i++) {
+		char home[ID_MAX];
+		if (home_now(a, stuck[i], home) != 0 || strcmp(home, a->node_id) != 0)
+			continue;
+		pthread_mutex_lock(&hs->mu);
+		struct hseq *q = hs_find(hs, agent_data_id(stuck[i]));
+		if (q && q->moving && !q->handed_off_ms) {
+			q->moving = false;
+			kvm_log(KVM_LOG_INFO, "hand_off_abandoned", "seq=%s msg=\"still homed here: appends taken again\"",
+				q->id);
+		}
+		pthread_mutex_unlock(&hs->mu);
+	}
 }
 
 void homeseq_hand_off(agent *a, const char *seq_id, uint64_t data_id, const char *target,
@@ -1507,11 +1549,22 @@ int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 	pthread_mutex_lock(&a->hs->mu);
 	bool have = code == KVM_RPC_OK && hs_find(a->hs, data_id);
 	pthread_mutex_unlock(&a->hs->mu);
+	char home[ID_MAX];
+	if (have && (home_now(a, r->sequence_id, home) != 0 || strcmp(home, a->node_id) != 0)) {
+		/* A copy from an attempt whose outcome was unclear, never served
+		 * (the home is not this node): dropped; the next attempt adopts
+		 * afresh. */
+		homeseq_release(a, r->sequence_id, data_id);
+		code = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE,
+				    "an earlier adoption of %s is being dropped; try again",
+				    r->sequence_id);
+	}
 	if (code == KVM_RPC_OK && !have) {
 		/* The old home's last seals reported their blocks before it sent
 		 * this; a report may still be on its way: a short wait. */
 		int rc = 0;
-		for (int attempt = 0; attempt < 40; attempt++) {
+		int64_t t0 = agent_mono_ms();
+		for (int attempt = 0; agent_mono_ms() - t0 < ADOPT_WAIT_MS; attempt++) {
 			if (attempt)
 				usleep(50000);
 			rc = hs_fetch(a, r->sequence_id, data_id, r->from_node, &q, err, sizeof err);
@@ -1540,6 +1593,10 @@ int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 			if (rc)
 				snprintf(err, sizeof err, "no slot for the tail: %s", strerror(-rc));
 		}
+		if (rc == 0 && (kvm_rpc_cancelled(call) || agent_mono_ms() - t0 > ADOPT_BUDGET_MS)) {
+			rc = -ETIMEDOUT; /* the old home no longer waits: it may serve it again */
+			snprintf(err, sizeof err, "adoption of %s took too long", r->sequence_id);
+		}
 		if (rc == 0) {
 			hs_insert(a, q);
 			q = NULL;
@@ -1552,8 +1609,11 @@ int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 			char msg[400];
 			int mc = agent_coord_call(a, "MoveSequenceHome", &mr.base, &resp, &rlen, msg, sizeof msg);
 			free(resp);
-			if (mc != KVM_RPC_OK) {
-				homeseq_release(a, r->sequence_id, data_id); /* not ours after all */
+			if (mc != KVM_RPC_OK &&
+			    (home_now(a, r->sequence_id, home) != 0 || strcmp(home, a->node_id) != 0)) {
+				/* Not ours after all (a lost reply that did switch it is
+				 * seen above, and kept). */
+				homeseq_release(a, r->sequence_id, data_id);
 				code = kvm_rpc_fail(call, mc, "coordinator: %s", msg);
 			}
 		} else {
