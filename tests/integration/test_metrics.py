@@ -4,6 +4,7 @@ tools read them (promtool checks the text; a real Prometheus server scrapes
 a live cluster), the figures follow what the cluster does, bad input is
 counted, and a bad address or a taken port stops the daemon with a clear
 error."""
+import contextlib
 import json
 import os
 import re
@@ -78,6 +79,22 @@ def model(mid="m"):
         layers=2, kv_heads=2, head_dim=64, block_tokens=16, dtype=kvmesh_pb2.KV_DTYPE_F16))
 
 
+@contextlib.contextmanager
+def one_agent(**agent_flags):
+    """A coordinator and one agent n0 of model "m", both with /metrics."""
+    c = with_metrics(Coordinator)
+    a = None
+    try:
+        c.stub.RegisterModel(model(), timeout=5)
+        a = with_metrics(Agent, c, "n0", "m", **agent_flags)
+        wait_for("agent ready", lambda: "n0" in list_nodes(c))
+        yield c, a
+    finally:
+        if a:
+            a.close()
+        c.close()
+
+
 def test_endpoint_answers_health_and_refuses_other_requests():
     c = with_metrics(Coordinator)
     try:
@@ -98,12 +115,7 @@ def test_promtool_accepts_both_daemons_metrics():
     if not PROMTOOL:
         skipped.append("promtool not installed (Debian package prometheus; deploy/deps.sh)")
         return
-    c = with_metrics(Coordinator)
-    a = None
-    try:
-        c.stub.RegisterModel(model(), timeout=5)
-        a = with_metrics(Agent, c, "n0", "m")
-        wait_for("agent ready", lambda: "n0" in list_nodes(c))
+    with one_agent() as (c, a):
         for port in (c.metrics_port, a.metrics_port):
             _, _, body = get(port, "/metrics")
             r = subprocess.run([PROMTOOL, "check", "metrics"], input=body, text=True,
@@ -111,10 +123,6 @@ def test_promtool_accepts_both_daemons_metrics():
             # Exit 0 and no lint complaint (promtool lists them on stdout or stderr).
             assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), \
                 (port, r.stdout, r.stderr)
-    finally:
-        if a:
-            a.close()
-        c.close()
 
 
 def test_alert_rules_name_only_exported_metrics():
@@ -127,18 +135,9 @@ def test_alert_rules_name_only_exported_metrics():
     for r in rules:
         named |= set(re.findall(r"\b((?:kvmesh|grpc_server)_[a-z_]+)", r["expr"]))
     assert len(named) >= 8, named
-    c = with_metrics(Coordinator)
-    a = None
-    try:
-        c.stub.RegisterModel(model(), timeout=5)
-        a = with_metrics(Agent, c, "n0", "m")
-        wait_for("agent ready", lambda: "n0" in list_nodes(c))
+    with one_agent() as (c, a):
         exported = {n for n, _ in scrape(c.metrics_port)} | {n for n, _ in scrape(a.metrics_port)}
         assert named <= exported, named - exported
-    finally:
-        if a:
-            a.close()
-        c.close()
 
 
 def test_calls_and_bad_input_are_counted():
@@ -254,13 +253,9 @@ def test_cluster_figures_follow_borrowing_and_a_dead_node():
 def test_draining_agent_says_unhealthy_until_it_exits():
     """SIGTERM: while the agent waits for the sequences homed on it, /healthz
     answers 503 (take it out of rotation) and /metrics still answers; once
-    the last one is released it exits 0."""
-    c = with_metrics(Coordinator)
-    a = None
-    try:
-        c.stub.RegisterModel(model(), timeout=5)
-        a = with_metrics(Agent, c, "n0", "m", **{"drain-timeout": "20s"})
-        wait_for("agent ready", lambda: "n0" in list_nodes(c))
+    the last one is released it exits 0. (With no other agent, nothing can
+    take the sequence over.)"""
+    with one_agent(**{"drain-timeout": "20s"}) as (c, a):
         assert get(a.metrics_port, "/healthz")[0] == 200
         c.stub.CreateSequence(kvmesh_pb2.CreateSequenceRequest(
             sequence_id="held", model_id="m", home_node="n0"), timeout=5)
@@ -273,62 +268,54 @@ def test_draining_agent_says_unhealthy_until_it_exits():
         c.stub.ReleaseSequence(kvmesh_pb2.ReleaseSequenceRequest(sequence_id="held"), timeout=5)
         assert a.proc.wait(timeout=15) == 0
         assert 'result="drained"' in a.read_log(), a.read_log()[-2000:]
-    finally:
-        if a:
-            a.close()
-        c.close()
 
 
 def test_prometheus_scrapes_a_live_cluster():
     if not PROMETHEUS:
         skipped.append("prometheus not installed (Debian package prometheus; deploy/deps.sh)")
         return
-    c = with_metrics(Coordinator)
-    a = prom = None
+    prom = log = None
     d = tempfile.mkdtemp(prefix="kvmesh-prom-")
     try:
-        c.stub.RegisterModel(model(), timeout=5)
-        a = with_metrics(Agent, c, "n0", "m")
-        wait_for("agent ready", lambda: "n0" in list_nodes(c))
-        with open(os.path.join(d, "prometheus.yml"), "w") as f:
-            f.write("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-                    "scrape_configs:\n"
-                    "  - job_name: kvmesh\n"
-                    "    static_configs:\n"
-                    "      - targets: ['127.0.0.1:%d', '127.0.0.1:%d']\n"
-                    % (c.metrics_port, a.metrics_port))
-        web = free_port()
-        log = open(os.path.join(d, "prometheus.log"), "wb")
-        prom = subprocess.Popen([PROMETHEUS, "--config.file=" + os.path.join(d, "prometheus.yml"),
-                                 "--storage.tsdb.path=" + os.path.join(d, "data"),
-                                 "--web.listen-address=127.0.0.1:%d" % web],
-                                stdout=log, stderr=subprocess.STDOUT)
+        with one_agent() as (c, a):
+            with open(os.path.join(d, "prometheus.yml"), "w") as f:
+                f.write("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+                        "scrape_configs:\n"
+                        "  - job_name: kvmesh\n"
+                        "    static_configs:\n"
+                        "      - targets: ['127.0.0.1:%d', '127.0.0.1:%d']\n"
+                        % (c.metrics_port, a.metrics_port))
+            web = free_port()
+            log = open(os.path.join(d, "prometheus.log"), "wb")
+            prom = subprocess.Popen([PROMETHEUS, "--config.file=" + os.path.join(d, "prometheus.yml"),
+                                     "--storage.tsdb.path=" + os.path.join(d, "data"),
+                                     "--web.listen-address=127.0.0.1:%d" % web],
+                                    stdout=log, stderr=subprocess.STDOUT)
 
-        def query(q):
-            url = "http://127.0.0.1:%d/api/v1/query?query=%s" % (web, urllib.parse.quote(q))
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    return json.load(r)["data"]["result"]
-            except (OSError, ValueError, KeyError):
-                return []
+            def query(q):
+                url = "http://127.0.0.1:%d/api/v1/query?query=%s" % (web, urllib.parse.quote(q))
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        return json.load(r)["data"]["result"]
+                except (OSError, ValueError, KeyError):
+                    return []
 
-        # Both targets up (Prometheus parsed every scrape), and our figures there.
-        wait_for("both targets up", lambda: len(query('up{job="kvmesh"} == 1')) == 2,
-                 timeout=60)
-        ready = wait_for("kvmesh_nodes in Prometheus",
-                         lambda: query('kvmesh_nodes{state="ready"}'), timeout=30)
-        assert float(ready[0]["value"][1]) == 1, ready
-        pool = wait_for("agent pool in Prometheus",
-                        lambda: query('kvmesh_agent_pool_blocks{state="total"}'), timeout=30)
-        assert float(pool[0]["value"][1]) > 0, pool
+            # Both targets up (Prometheus parsed every scrape), and our figures there.
+            wait_for("both targets up", lambda: len(query('up{job="kvmesh"} == 1')) == 2,
+                     timeout=60)
+            ready = wait_for("kvmesh_nodes in Prometheus",
+                             lambda: query('kvmesh_nodes{state="ready"}'), timeout=30)
+            assert float(ready[0]["value"][1]) == 1, ready
+            pool = wait_for("agent pool in Prometheus",
+                            lambda: query('kvmesh_agent_pool_blocks{state="total"}'), timeout=30)
+            assert float(pool[0]["value"][1]) > 0, pool
     finally:
         if prom:
             prom.terminate()
             prom.wait(timeout=30)
+        if log:
+            log.close()
         shutil.rmtree(d, ignore_errors=True)
-        if a:
-            a.close()
-        c.close()
 
 
 def run_daemon(prog, *flags):
