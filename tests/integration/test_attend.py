@@ -12,7 +12,7 @@ import time
 import grpc
 import numpy as np
 
-from kvmesh_testlib import (AgentCluster, kvmesh_pb2 as pb, list_nodes,
+from kvmesh_testlib import (Agent, AgentCluster, kvmesh_pb2 as pb, list_nodes,
                             run_tests, wait_for)
 
 LAYERS, BT, HD = 2, 8, 16
@@ -353,6 +353,45 @@ def test_drained_home_hands_its_sequences_over():
         cl.close()
 
 
+def test_refused_hand_off_leaves_the_sequence_served_where_it_was():
+    """The only other agent serves another model: it refuses the adoption;
+    the old home, told by the coordinator that it is still the home, takes
+    appends again, and decoding goes on there with the same results."""
+    m = model(pb.KV_DTYPE_F16, 4, 2)
+    other = pb.Model(id="other", q_heads=4, geometry=m.geometry)
+    cl = Cluster(m)
+    try:
+        cl.c.stub.RegisterModel(other, timeout=5)
+        for n in ("n1", "n2"):  # n1 and n2 leave; an agent of "other" comes
+            cl.agents.pop(n).close()
+        stranger = Agent(cl.c, "x1", "other", host_pool=str(40 * cl.block_bytes))
+        cl.agents["x1"] = stranger
+        wait_for("x1 ready, n1 and n2 dead", lambda: "x1" in list_nodes(cl.c) and
+                 list_nodes(cl.c)["x1"].state == pb.NODE_READY and
+                 all(list_nodes(cl.c)[n].state == pb.NODE_DEAD for n in ("n1", "n2")))
+        rng = np.random.default_rng(17)
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="r",
+                                                          home_node="n0"), timeout=5)
+        s = Seq(cl, "r", rng)
+        homes = {"r": "n0"}
+        for _ in range(3):
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+        cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
+        wait_for("the refused hand-off", lambda: "hand_off_failed" in cl.agents["n0"].read_log(),
+                 timeout=15)
+        log = cl.agents["n0"].read_log()
+        assert 'to=x1' in log and 'appends=taken again' in log, log[-2000:]
+        assert "not this agent's" in log, log[-2000:]  # x1's reason: another model
+        for _ in range(BT):
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+        assert homes["r"] == "n0" and holders(cl, "r")[0].home_node == "n0"
+        assert list_nodes(cl.c)["n0"].drain_home_sequences == 1
+    finally:
+        cl.close()
+
+
 if __name__ == "__main__":
     os.environ.setdefault("KVMESH_LOG_LEVEL", "info")
     run_tests([test_decode_only_fp16_gqa,
@@ -360,4 +399,5 @@ if __name__ == "__main__":
                test_prefill_write_back_then_decode,
                test_killed_peer_fails_only_the_sequences_that_need_it,
                test_release_sequence_gives_space_back_everywhere,
-               test_drained_home_hands_its_sequences_over], SKIPPED)
+               test_drained_home_hands_its_sequences_over,
+               test_refused_hand_off_leaves_the_sequence_served_where_it_was], SKIPPED)
