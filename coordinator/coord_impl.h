@@ -113,6 +113,7 @@ typedef struct move_rec {
 
 typedef struct node_rec {
 	char id[KVM_NODE_ID_MAX];
+	char model[KVM_MODEL_ID_MAX]; /* the model it serves ("": unknown) */
 	uint8_t *reg; /* packed Kvmesh__V1__Node as registered */
 	size_t reg_len;
 	uint64_t epoch;

@@ -113,6 +113,7 @@ static void sync_ledger(kvm_coord *c, const node_rec *n)
 	sum_capacity(n, &total, &evictable);
 	kvm_ledger_node_set(c->ledger, n->id, total, evictable > total ? total : evictable,
 			    n->state == KVMESH__V1__NODE_STATE__NODE_READY);
+	kvm_ledger_node_model(c->ledger, n->id, n->model);
 }
 
 static void set_capacity(node_rec *n, size_t count, Kvmesh__V1__TierCapacity **caps)
@@ -155,6 +156,7 @@ static node_rec *upsert_node(kvm_coord *c, const Kvmesh__V1__Node *reg)
 		return NULL;
 	kvmesh__v1__node__pack(reg, n->reg);
 	set_capacity(n, reg->n_capacity, reg->capacity);
+	snprintf(n->model, sizeof(n->model), "%s", reg->model_id);
 	return n;
 }
 
@@ -209,6 +211,12 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 	if (!r->node->grpc_address[0] || !r->node->data_address[0]) {
 		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
 				  "node %s: grpc_address and data_address are required", r->node->id);
+		goto out;
+	}
+	if (r->node->model_id[0] && !coord_valid_id(r->node->model_id)) {
+		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+				  "node %s: model_id must be 1-%d characters of [A-Za-z0-9._-]",
+				  r->node->id, KVM_MODEL_ID_MAX - 1);
 		goto out;
 	}
 	/* Durable first: a node the coordinator acknowledged survives a restart. */

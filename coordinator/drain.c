@@ -136,15 +136,18 @@ static int plan_one(kvm_coord *c, cmd_rec *cmd, uint32_t src, uint32_t home, con
 }
 
 /* The node to take over a sequence homed on `from`: ready (so neither
- * cordoned nor draining), the most free blocks less the sequences already
- * given to it in this step (given[], per node). NO_NODE if none. */
-static uint32_t pick_new_home(kvm_coord *c, uint32_t from, const uint32_t *given)
+ * cordoned nor draining), of the sequence's model, with the most free
+ * blocks less the sequences already given to it in this step (given[], per
+ * node). NO_NODE if none. */
+static uint32_t pick_new_home(kvm_coord *c, uint32_t from, const char *model,
+			      const uint32_t *given)
 {
 	uint32_t best = NO_NODE;
 	int64_t best_free = 0;
 	for (uint32_t i = 0; i < c->n_nodes; i++) {
 		kvm_ledger_node ln;
 		if (i == from || c->nodes[i].state != KVMESH__V1__NODE_STATE__NODE_READY ||
+		    !kvm_ledger_models_match(c->nodes[i].model, model) ||
 		    kvm_ledger_node_get(c->ledger, c->nodes[i].id, &ln) != 0)
 			continue;
 		uint64_t held = ln.used_blocks + ln.evictable_blocks;
@@ -169,11 +172,11 @@ static void plan_handoffs(kvm_coord *c, uint32_t node, uint64_t now)
 				continue;
 			if (!given && !(given = calloc(c->n_nodes, sizeof(*given))))
 				return;
-			if ((to = pick_new_home(c, node, given)) == NO_NODE) {
+			if ((to = pick_new_home(c, node, s->model_id, given)) == NO_NODE) {
 				if (!c->nodes[node].handoff_stalled_told)
 					kvm_log(KVM_LOG_WARN, "drain_stalled",
-						"node=%s error=\"no ready node to take the sequences homed "
-						"on it: they stay until released\"",
+						"node=%s error=\"no ready node of their model to take the "
+						"sequences homed on it: they stay until released\"",
 						c->nodes[node].id);
 				c->nodes[node].handoff_stalled_told = true;
 				free(given);

@@ -89,6 +89,23 @@ out:
 	return rc;
 }
 
+bool kvm_ledger_models_match(const char *a, const char *b)
+{
+	return !a || !b || !a[0] || !b[0] || strcmp(a, b) == 0;
+}
+
+int kvm_ledger_node_model(kvm_ledger *l, const char *id, const char *model)
+{
+	if (!l || !id_ok(id) || !model || strlen(model) >= KVM_MODEL_ID_MAX)
+		return -EINVAL;
+	pthread_mutex_lock(&l->mu);
+	int i = index_of(l, id);
+	if (i >= 0)
+		strcpy(l->nodes[i].model, model);
+	pthread_mutex_unlock(&l->mu);
+	return i >= 0 ? 0 : -ENOENT;
+}
+
 int kvm_ledger_node_remove(kvm_ledger *l, const char *id)
 {
 	if (!l || !id_ok(id))
@@ -216,7 +233,8 @@ int kvm_ledger_reserve(kvm_ledger *l, const char *home, uint64_t n, kvm_ledger_g
 		order[m++] = (candidate){h, 0, 0, l->nodes[h].id};
 	size_t first_creditor = m;
 	for (size_t i = 0; i < l->n; i++)
-		if ((int)i != h && l->nodes[i].schedulable)
+		if ((int)i != h && l->nodes[i].schedulable &&
+		    kvm_ledger_models_match(l->nodes[h].model, l->nodes[i].model))
 			order[m++] = (candidate){(int)i, bandwidth(l, h, (int)i),
 						 free_of(&l->nodes[i]), l->nodes[i].id};
 	qsort(order + first_creditor, m - first_creditor, sizeof(*order), by_rank);

@@ -9,7 +9,9 @@
  * borrows on someone else's behalf). When free blocks run out everywhere,
  * unreferenced cached blocks (evictable) are reclaimed, home first; when
  * even that is not enough the allocation fails whole with -ENOSPC, nothing
- * reserved. Pure bookkeeping: no I/O, thread-safe. */
+ * reserved. A node lends only to homes of its own model (micro-attention on
+ * its blocks needs that model's geometry); a node whose model is unknown
+ * ("") matches any. Pure bookkeeping: no I/O, thread-safe. */
 #ifndef KVMESH_COORDINATOR_LEDGER_H
 #define KVMESH_COORDINATOR_LEDGER_H
 
@@ -18,6 +20,7 @@
 #include <stdint.h>
 
 #define KVM_NODE_ID_MAX 64
+#define KVM_MODEL_ID_MAX 64
 
 typedef struct kvm_ledger kvm_ledger;
 
@@ -30,6 +33,7 @@ typedef struct kvm_ledger_node {
 	uint64_t borrowed_blocks;  /* this node's sequences' blocks held elsewhere */
 	uint64_t lend_cap_blocks;  /* most it lends */
 	bool schedulable;          /* false: cordoned, draining or dead */
+	char model[KVM_MODEL_ID_MAX]; /* the model it serves ("": unknown) */
 } kvm_ledger_node;
 
 /* Where a request's blocks go: `blocks` new blocks on node `id`, of which
@@ -48,6 +52,12 @@ void kvm_ledger_destroy(kvm_ledger *l);
  * cached evictable blocks, whether new blocks may go there. */
 int kvm_ledger_node_set(kvm_ledger *l, const char *id, uint64_t total_blocks,
 			uint64_t evictable_blocks, bool schedulable);
+/* The model a node serves ("": unknown, lends to any home). -ENOENT for
+ * an unknown node, -EINVAL for a model id that does not fit. */
+int kvm_ledger_node_model(kvm_ledger *l, const char *id, const char *model);
+/* Whether a node serving model a may hold blocks of model b: the same, or
+ * either unknown (""). */
+bool kvm_ledger_models_match(const char *a, const char *b);
 /* Removes a node (dead): its used blocks are gone; the lent/borrowed counts
  * of the nodes it owed or lent to are corrected by the caller's releases. */
 int kvm_ledger_node_remove(kvm_ledger *l, const char *id);
@@ -56,7 +66,8 @@ int kvm_ledger_node_remove(kvm_ledger *l, const char *id);
  * count as 0, ranked last. */
 int kvm_ledger_link_set(kvm_ledger *l, const char *a, const char *b, double gbps);
 
-/* Reserves n blocks for a sequence whose home is `home`. Fills up to cap
+/* Reserves n blocks for a sequence whose home is `home`, on the home and
+ * on nodes of its model. Fills up to cap
  * grants (one per node used, home first) and *n_grants. Returns 0, -ENOENT
  * for an unknown home, -ENOSPC when the cluster has not enough room (nothing
  * reserved), -E2BIG when more than cap nodes would be needed. */

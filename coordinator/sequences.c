@@ -186,14 +186,16 @@ static const char *place_error(int rc)
 	}
 }
 
-/* Picks a home: the ready node with the most free blocks; mu held. */
-static const char *pick_home(kvm_coord *c)
+/* Picks a home: the ready node of the model with the most free blocks; mu
+ * held. */
+static const char *pick_home(kvm_coord *c, const char *model)
 {
 	const char *best = NULL;
 	uint64_t best_free = 0;
 	for (size_t i = 0; i < c->n_nodes; i++) {
 		kvm_ledger_node ln;
 		if (c->nodes[i].state != KVMESH__V1__NODE_STATE__NODE_READY ||
+		    !kvm_ledger_models_match(c->nodes[i].model, model) ||
 		    kvm_ledger_node_get(c->ledger, c->nodes[i].id, &ln) != 0)
 			continue;
 		uint64_t held = ln.used_blocks + ln.evictable_blocks;
@@ -375,7 +377,7 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		snprintf(id, sizeof(id), "%s", r->sequence_id);
 	else
 		snprintf(id, sizeof(id), "seq-%" PRIu64 "-%" PRIu64, coord_now_ms(), ++c->next_seq_id);
-	const char *home = r->home_node[0] ? r->home_node : pick_home(c);
+	const char *home = r->home_node[0] ? r->home_node : pick_home(c, r->model_id);
 	node_rec *hn = home ? coord_find_node(c, home) : NULL;
 	Kvmesh__V1__Sequence *old = NULL;
 	if (bt == 0) {
@@ -386,7 +388,8 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 	} else if ((old = load_seq(c, id)) != NULL) {
 		rc = kvm_rpc_fail(call, KVM_RPC_ALREADY_EXISTS, "sequence %s exists", id);
 	} else if (!home) {
-		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "no ready node to be the home node");
+		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "no ready node of model %s to be the home node",
+				  r->model_id);
 	} else if (!hn) {
 		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown home node \"%s\"", home);
 	} else if (hn->state != KVMESH__V1__NODE_STATE__NODE_READY) {
@@ -395,6 +398,10 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 				  hn->state == KVMESH__V1__NODE_STATE__NODE_DEAD       ? "dead"
 				  : hn->state == KVMESH__V1__NODE_STATE__NODE_DRAINING ? "draining"
 										       : "cordoned");
+	} else if (!kvm_ledger_models_match(hn->model, r->model_id)) {
+		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
+				  "home node %s holds the KV of model %s, not %s", home, hn->model,
+				  r->model_id);
 	} else {
 		uint64_t tokens = r->n_prompt_tokens;
 		uint64_t blocks = (tokens + bt - 1) / bt;
@@ -883,6 +890,10 @@ int coord_move_sequence_home(void *arg, kvm_rpc_call *call, const uint8_t *req, 
 		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
 				  "node %s is %s: it takes no sequences", r->to_node,
 				  coord_state_name(c->nodes[to].state));
+	} else if (!kvm_ledger_models_match(c->nodes[to].model, s->model_id)) {
+		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
+				  "node %s holds the KV of model %s, not %s", r->to_node,
+				  c->nodes[to].model, s->model_id);
 	} else if (seq_moving(ss)) {
 		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE,
 				  "blocks of sequence %s are moving; try again", s->id);

@@ -144,6 +144,8 @@ static void print_node_json(const Kvmesh__V1__Node *n)
 	json_str(n->grpc_address);
 	printf(",\"data_address\":");
 	json_str(n->data_address);
+	printf(",\"model\":");
+	json_str(n->model_id);
 	printf(",\"total_blocks\":%" PRIu64 ",\"used_blocks\":%" PRIu64 ",\"lent_blocks\":%" PRIu64
 	       ",\"borrowed_blocks\":%" PRIu64 ",\"lend_cap_blocks\":%" PRIu64
 	       ",\"load\":%.3f,\"last_heartbeat_unix_ms\":%" PRIu64,
@@ -219,8 +221,9 @@ static int cmd_nodes(ctl *c)
 		printf("]\n");
 	} else {
 		uint64_t now = (uint64_t)time(NULL) * 1000;
-		printf("%-16s %-9s %-22s %10s %10s %8s %8s %6s %8s  %s\n", "NODE", "STATE",
-		       "DATA ADDRESS", "BLOCKS", "USED", "LENT", "BORROWED", "LOAD", "SEEN", "GPUS");
+		printf("%-16s %-9s %-16s %-22s %10s %10s %8s %8s %6s %8s  %s\n", "NODE", "STATE",
+		       "MODEL", "DATA ADDRESS", "BLOCKS", "USED", "LENT", "BORROWED", "LOAD", "SEEN",
+		       "GPUS");
 		for (size_t i = 0; i < r->n_nodes; i++) {
 			const Kvmesh__V1__Node *n = r->nodes[i];
 			uint64_t used, total = host_total(n, &used);
@@ -229,10 +232,11 @@ static int cmd_nodes(ctl *c)
 			snprintf(seen, sizeof(seen), "%.1fs", ago / 1000.0);
 			char gpus[64];
 			gpu_summary(n->hardware, gpus, sizeof(gpus));
-			printf("%-16s %-9s %-22s %10" PRIu64 " %10" PRIu64 " %8" PRIu64 " %8" PRIu64
-			       " %6.2f %8s  %s\n",
-			       n->id, state_name(n->state), n->data_address, total, used, n->lent_blocks,
-			       n->borrowed_blocks, n->load, seen, gpus);
+			printf("%-16s %-9s %-16s %-22s %10" PRIu64 " %10" PRIu64 " %8" PRIu64
+			       " %8" PRIu64 " %6.2f %8s  %s\n",
+			       n->id, state_name(n->state), n->model_id[0] ? n->model_id : "-",
+			       n->data_address, total, used, n->lent_blocks, n->borrowed_blocks, n->load,
+			       seen, gpus);
 		}
 		/* Drain progress under the table: what still keeps each node busy. */
 		for (size_t i = 0; i < r->n_nodes; i++) {

@@ -224,6 +224,7 @@ static int register_node(agent *a)
 	node.id = a->node_id;
 	node.grpc_address = a->listen;
 	node.data_address = a->data_address;
+	node.model_id = a->model_id; /* its blocks go to sequences of this model only */
 	node.hardware = &hw;
 	fill_capacity(a, &host);
 	node.n_capacity = 1;

@@ -354,21 +354,11 @@ def test_drained_home_hands_its_sequences_over():
 
 
 def test_refused_hand_off_leaves_the_sequence_served_where_it_was():
-    """The only other agent serves another model: it refuses the adoption;
-    the old home, told by the coordinator that it is still the home, takes
-    appends again, and decoding goes on there with the same results."""
-    m = model(pb.KV_DTYPE_F16, 4, 2)
-    other = pb.Model(id="other", q_heads=4, geometry=m.geometry)
-    cl = Cluster(m)
+    """The chosen agent is gone (killed; not yet declared dead): the
+    adoption fails, and the old home, which the coordinator still names,
+    takes appends again; decoding goes on there with the same results."""
+    cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2))
     try:
-        cl.c.stub.RegisterModel(other, timeout=5)
-        for n in ("n1", "n2"):  # n1 and n2 leave; an agent of "other" comes
-            cl.agents.pop(n).close()
-        stranger = Agent(cl.c, "x1", "other", host_pool=str(40 * cl.block_bytes))
-        cl.agents["x1"] = stranger
-        wait_for("x1 ready, n1 and n2 dead", lambda: "x1" in list_nodes(cl.c) and
-                 list_nodes(cl.c)["x1"].state == pb.NODE_READY and
-                 all(list_nodes(cl.c)[n].state == pb.NODE_DEAD for n in ("n1", "n2")))
         rng = np.random.default_rng(17)
         cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="r",
                                                           home_node="n0"), timeout=5)
@@ -377,17 +367,60 @@ def test_refused_hand_off_leaves_the_sequence_served_where_it_was():
         for _ in range(3):
             for layer in range(LAYERS):
                 step_following_home(cl, [s], layer, 2e-3, homes)
+        for n in ("n1", "n2"):  # gone, but ready for another 1.5 s
+            cl.agents[n].stop(sig="KILL")
         cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
-        wait_for("the refused hand-off", lambda: "hand_off_failed" in cl.agents["n0"].read_log(),
+        wait_for("the failed hand-off", lambda: "hand_off_failed" in cl.agents["n0"].read_log(),
                  timeout=15)
         log = cl.agents["n0"].read_log()
-        assert 'to=x1' in log and 'appends=taken again' in log, log[-2000:]
-        assert "not this agent's" in log, log[-2000:]  # x1's reason: another model
+        assert "appends=taken again" in log, log[-2000:]
         for _ in range(BT):
             for layer in range(LAYERS):
                 step_following_home(cl, [s], layer, 2e-3, homes)
         assert homes["r"] == "n0" and holders(cl, "r")[0].home_node == "n0"
         assert list_nodes(cl.c)["n0"].drain_home_sequences == 1
+    finally:
+        cl.close()
+
+
+def test_agents_keep_to_their_model():
+    """Agents of two models in one cluster: a sequence borrows only from
+    agents of its model, is homed only on one, and a drain hands it only to
+    one."""
+    m = model(pb.KV_DTYPE_F16, 4, 2)
+    cl = Cluster(m)
+    try:
+        other = pb.Model(id="other", q_heads=4, geometry=m.geometry)
+        cl.c.stub.RegisterModel(other, timeout=5)
+        cl.agents.pop("n2").close()
+        x = Agent(cl.c, "x1", "other", host_pool=str(60 * cl.block_bytes))
+        cl.agents["x1"] = x
+        wait_for("x1 ready, n2 dead", lambda: list_nodes(cl.c).get("x1") is not None and
+                 list_nodes(cl.c)["x1"].state == pb.NODE_READY and
+                 list_nodes(cl.c)["n2"].state == pb.NODE_DEAD)
+        assert {n.id: n.model_id for n in list_nodes(cl.c).values()} == \
+            {"n0": "m", "n1": "m", "n2": "m", "x1": "other"}
+        try:
+            cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="bad",
+                                                              home_node="x1"), timeout=5)
+            raise AssertionError("a sequence of m homed on an agent of another model")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+            assert "model other" in e.details(), e.details()
+        o = cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="other",
+                                                              sequence_id="o"), timeout=5)
+        assert o.home_node == "x1", o.home_node
+        # n0 holds 6 blocks (10 less the tail reserve); 30 more: n1 lends
+        # (up to 36), x1 never does, though it has the most room.
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="w",
+                                                          home_node="n0"), timeout=5)
+        ext = cl.c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="w",
+                                                                tokens=36 * BT), timeout=5)
+        where = {p.node_id for p in ext.new_blocks}
+        assert where == {"n0", "n1"}, where
+        cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
+        wait_for("w handed off", lambda: holders(cl, "w")[0].home_node != "n0", timeout=15)
+        assert holders(cl, "w")[0].home_node == "n1"
     finally:
         cl.close()
 
@@ -400,4 +433,5 @@ if __name__ == "__main__":
                test_killed_peer_fails_only_the_sequences_that_need_it,
                test_release_sequence_gives_space_back_everywhere,
                test_drained_home_hands_its_sequences_over,
-               test_refused_hand_off_leaves_the_sequence_served_where_it_was], SKIPPED)
+               test_refused_hand_off_leaves_the_sequence_served_where_it_was,
+               test_agents_keep_to_their_model], SKIPPED)

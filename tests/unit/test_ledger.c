@@ -124,6 +124,31 @@ Test(ledger, unschedulable_nodes_and_bad_input)
 
 /* Random reserves and releases for random homes against a record of what
  * each home holds where; after every step the books balance. */
+Test(ledger, creditors_only_of_the_homes_model)
+{
+	kvm_ledger *l = three_nodes();
+	cr_assert_eq(kvm_ledger_node_model(l, "n1", "llama"), 0);
+	cr_assert_eq(kvm_ledger_node_model(l, "n2", "llama"), 0);
+	cr_assert_eq(kvm_ledger_node_model(l, "n3", "qwen"), 0); /* the fastest link */
+	cr_assert_eq(kvm_ledger_node_model(l, "nope", "llama"), -ENOENT);
+	kvm_ledger_grant g[4];
+	size_t n;
+	/* 100 at home, then n2 lends its cap (50); n3 serves another model. */
+	cr_assert_eq(kvm_ledger_reserve(l, "n1", 150, g, 4, &n), 0);
+	cr_assert_eq(n, 2);
+	cr_assert_str_eq(g[1].id, "n2");
+	cr_assert_eq(node(l, "n3").used_blocks, 0);
+	cr_assert_eq(kvm_ledger_reserve(l, "n1", 1, g, 4, &n), -ENOSPC, "n3 lent to a llama home");
+	/* A node whose model is unknown lends to any home. */
+	cr_assert_eq(kvm_ledger_node_model(l, "n3", ""), 0);
+	cr_assert_eq(kvm_ledger_reserve(l, "n1", 1, g, 4, &n), 0);
+	cr_assert_str_eq(g[0].id, "n3");
+	cr_assert(kvm_ledger_models_match("llama", "llama"));
+	cr_assert(kvm_ledger_models_match("", "qwen"));
+	cr_assert(!kvm_ledger_models_match("llama", "qwen"));
+	kvm_ledger_destroy(l);
+}
+
 Test(ledger, random_operations_keep_books_balanced)
 {
 	enum { NODES = 5, STEPS = 20000 };
