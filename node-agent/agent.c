@@ -369,7 +369,7 @@ static void *heartbeat_main(void *arg)
 
 /* The agent's counters, for the Stats call (by name) and /metrics
  * (kvmesh_agent_NAME, with _total for counters). */
-enum { N_COUNTERS = 17 };
+enum { N_COUNTERS = 20 };
 static const struct {
 	const char *name;
 	bool counter; /* else a gauge */
@@ -392,6 +392,9 @@ static const struct {
 	{"data_server_rdma", false, "1 when the data server also serves RDMA verbs."},
 	{"rdma_peers", false, "Peers reached over RDMA."},
 	{"rdma_fallbacks", true, "Peers that fell back from RDMA to TCP."},
+	{"hand_offs", true, "Sequences homed here handed to another agent (a drain)."},
+	{"hand_off_failures", true, "Hand-offs that did not happen (asked again later)."},
+	{"adoptions", true, "Sequences adopted from a draining home."},
 };
 
 static void agent_counter_values(agent *a, double vals[N_COUNTERS])
@@ -409,7 +412,10 @@ static void agent_counter_values(agent *a, double vals[N_COUNTERS])
 		st.tier[0].used, (double)xs.bytes_in, (double)xs.bytes_out, (double)xs.frames_in,
 		(double)xs.proto_errors, a->data_rdma ? 1.0 : 0.0,
 		(double)__atomic_load_n(&a->rdma_peers, __ATOMIC_RELAXED),
-		(double)__atomic_load_n(&a->rdma_fallbacks, __ATOMIC_RELAXED)};
+		(double)__atomic_load_n(&a->rdma_fallbacks, __ATOMIC_RELAXED),
+		(double)__atomic_load_n(&a->hand_offs, __ATOMIC_RELAXED),
+		(double)__atomic_load_n(&a->hand_off_failures, __ATOMIC_RELAXED),
+		(double)__atomic_load_n(&a->adoptions, __ATOMIC_RELAXED)};
 	memcpy(vals, v, sizeof(v));
 }
 

@@ -97,6 +97,7 @@ typedef struct agent {
 	 * ran and that failed (atomic). */
 	kvm_histogram attend_latency;
 	uint64_t attend_queries, attend_failed;
+	uint64_t hand_offs, hand_off_failures, adoptions; /* drains (atomic) */
 
 	pthread_mutex_t mu; /* guards epoch, registered, stopping */
 	pthread_cond_t cv;

@@ -1453,6 +1453,7 @@ static void handoff_run(void *arg, da_ctx *ctx)
 		if ((q = hs_find(hs, j->data_id)))
 			q->handed_off_ms = (uint64_t)agent_mono_ms(); /* dropped by homeseq_expire */
 		pthread_mutex_unlock(&hs->mu);
+		__atomic_fetch_add(&a->hand_offs, 1, __ATOMIC_RELAXED);
 		kvm_log(KVM_LOG_INFO, "hand_off", "seq=%s to=%s full_blocks=%u tail_tokens=%u", j->seq_id,
 			j->target, req.full_blocks, req.n_fill ? fill[0] : 0);
 	} else {
@@ -1460,6 +1461,7 @@ static void handoff_run(void *arg, da_ctx *ctx)
 		if (still_ours && (q = hs_find(hs, j->data_id)))
 			q->moving = false; /* serve it; the coordinator asks again */
 		pthread_mutex_unlock(&hs->mu);
+		__atomic_fetch_add(&a->hand_off_failures, 1, __ATOMIC_RELAXED);
 		kvm_log(KVM_LOG_WARN, "hand_off_failed", "seq=%s to=%s error=\"%s\" appends=%s", j->seq_id,
 			j->target, err[0] ? err : strerror(-rc),
 			still_ours ? "taken again" : "refused until the coordinator says");
@@ -1615,6 +1617,8 @@ int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 				 * seen above, and kept). */
 				homeseq_release(a, r->sequence_id, data_id);
 				code = kvm_rpc_fail(call, mc, "coordinator: %s", msg);
+			} else {
+				__atomic_fetch_add(&a->adoptions, 1, __ATOMIC_RELAXED);
 			}
 		} else {
 			code = kvm_rpc_fail(call, rc == -EXDEV ? KVM_RPC_FAILED_PRECONDITION : rpc_code(rc),

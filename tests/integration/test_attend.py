@@ -344,6 +344,9 @@ def test_drained_home_hands_its_sequences_over():
         log = cl.agents["n0"].read_log()
         assert "event=hand_off seq=h1" in log and "event=hand_off seq=h2" in log, log[-3000:]
         assert "home_moved" in cl.c.read_log()
+        counters = {n: cl.stub(n).Stats(pb.StatsRequest(), timeout=5).counters for n in cl.agents}
+        assert counters["n0"]["hand_offs"] == 3 and counters["n0"]["hand_off_failures"] == 0
+        assert counters["n1"]["adoptions"] + counters["n2"]["adoptions"] == 3, counters
         cl.agents["n0"].stop(sig="KILL")
         for _ in range(BT + 1):
             for layer in range(LAYERS):
@@ -374,6 +377,8 @@ def test_refused_hand_off_leaves_the_sequence_served_where_it_was():
                  timeout=15)
         log = cl.agents["n0"].read_log()
         assert "appends=taken again" in log, log[-2000:]
+        st = cl.stub("n0").Stats(pb.StatsRequest(), timeout=5).counters
+        assert st["hand_off_failures"] >= 1 and st["hand_offs"] == 0, st
         for _ in range(BT):
             for layer in range(LAYERS):
                 step_following_home(cl, [s], layer, 2e-3, homes)
