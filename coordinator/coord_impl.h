@@ -118,7 +118,8 @@ typedef struct node_rec {
 	size_t reg_len;
 	uint64_t epoch;
 	Kvmesh__V1__NodeState state;
-	uint64_t last_heartbeat_ms;
+	uint64_t last_heartbeat_ms; /* wall clock, for people */
+	uint64_t heard_ms;          /* coord_mono_ms(), for liveness (stalls forgiven) */
 	double load;
 	Kvmesh__V1__TierCapacity cap[2]; /* gpu, host */
 	bool drain_pending;              /* a Drain command to send */
@@ -163,6 +164,7 @@ struct kvm_coord {
 	size_t blk_buckets, n_blks;
 
 	uint64_t degraded_total; /* sequences marked degraded since start */
+	uint64_t stalls;         /* times the coordinator found itself stalled */
 
 	/* Blocks moving off draining nodes (drain.c). */
 	move_rec *moves;
@@ -176,7 +178,8 @@ struct kvm_coord {
 	pthread_t committer;
 };
 
-uint64_t coord_now_ms(void);
+uint64_t coord_now_ms(void);  /* wall clock: timestamps */
+uint64_t coord_mono_ms(void); /* monotonic: ages and deadlines */
 /* "ready", "cordoned", "draining", "dead" ("unknown" otherwise). */
 const char *coord_state_name(Kvmesh__V1__NodeState s);
 /* Packs m and sets it as the unary reply; returns the status to return. */

@@ -26,6 +26,13 @@ uint64_t coord_now_ms(void)
 	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+uint64_t coord_mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
 const char *coord_state_name(Kvmesh__V1__NodeState s)
 {
 	switch (s) {
@@ -246,6 +253,7 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 		/* Cordon and drain outlive re-registrations (UncordonNode ends them). */
 		nd->state = nd->admin ? nd->admin : KVMESH__V1__NODE_STATE__NODE_READY;
 		nd->last_heartbeat_ms = coord_now_ms();
+		nd->heard_ms = coord_mono_ms();
 		nd->drain_pending = nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING;
 		nd->drained_told = false;
 		nd->full_open = false; /* a full report cut short by a restart is void */
@@ -402,6 +410,7 @@ static int heartbeat(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t l
 				  "node %s was declared dead: register again", r->node_id);
 	} else {
 		nd->last_heartbeat_ms = coord_now_ms();
+		nd->heard_ms = coord_mono_ms();
 		nd->load = isfinite(r->load) ? r->load : 0;
 		if (r->n_capacity > 0) /* none: unchanged since the last report */
 			set_capacity(nd, r->n_capacity, r->capacity);
@@ -736,10 +745,24 @@ out:
 
 /* ---- Liveness --------------------------------------------------------------------- */
 
+/* The coordinator itself was stopped or starved (SIGSTOP, a paused VM, a
+ * CPU quota) for `gap` ms: heartbeats could not be heard meanwhile, so the
+ * time does not count against the nodes; mu held. */
+static void forgive_stall(kvm_coord *c, uint64_t gap)
+{
+	for (size_t i = 0; i < c->n_nodes; i++)
+		if (c->nodes[i].state != KVMESH__V1__NODE_STATE__NODE_DEAD)
+			c->nodes[i].heard_ms += gap;
+	c->stalls++;
+	kvm_log(KVM_LOG_WARN, "coordinator_stalled", "ms=%llu msg=\"heartbeat ages do not count the stall\"",
+		(unsigned long long)gap);
+}
+
 static void *liveness_main(void *arg)
 {
 	kvm_coord *c = arg;
 	pthread_mutex_lock(&c->mu);
+	uint64_t last = coord_mono_ms();
 	while (!c->stopping) {
 		struct timespec until;
 		clock_gettime(CLOCK_REALTIME, &until);
@@ -749,7 +772,11 @@ static void *liveness_main(void *arg)
 		if (until.tv_nsec >= 1000000000L)
 			until.tv_sec++, until.tv_nsec -= 1000000000L;
 		pthread_cond_timedwait(&c->stop_cv, &c->mu, &until);
-		uint64_t t = coord_now_ms();
+		uint64_t t = coord_mono_ms();
+		/* Woken a heartbeat or more late: this process was not running. */
+		if (t - last > (uint64_t)(step + c->cfg.heartbeat_ms))
+			forgive_stall(c, t - last - (uint64_t)step);
+		last = t;
 		for (size_t i = 0; i < c->n_nodes; i++) {
 			node_rec *nd = &c->nodes[i];
 			/* A drain that just ended says so even if the node stops
@@ -757,13 +784,13 @@ static void *liveness_main(void *arg)
 			if (nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING && !nd->drained_told)
 				coord_drain_step(c, (uint32_t)i);
 			if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD ||
-			    t - nd->last_heartbeat_ms < (uint64_t)c->cfg.dead_after_ms)
+			    t - nd->heard_ms < (uint64_t)c->cfg.dead_after_ms)
 				continue;
 			nd->state = KVMESH__V1__NODE_STATE__NODE_DEAD;
 			sync_ledger(c, nd);
 			char why[96];
 			snprintf(why, sizeof(why), "no heartbeat for %llu ms",
-				 (unsigned long long)(t - nd->last_heartbeat_ms));
+				 (unsigned long long)(t - nd->heard_ms));
 			emit_node_event(c, nd->id, nd->state, why);
 			coord_soft_node_lost(c, (uint32_t)i);
 			coord_node_lost(c, nd->id);
@@ -787,6 +814,7 @@ static int recover_node(void *arg, const char *key, const void *val, size_t len)
 		/* Alive until proven otherwise: a grace period of one dead_after. */
 		nd->state = KVMESH__V1__NODE_STATE__NODE_READY;
 		nd->last_heartbeat_ms = coord_now_ms();
+		nd->heard_ms = coord_mono_ms();
 		nd->epoch = 0; /* its agent must register again */
 		sync_ledger(c, nd);
 		update_links(c, reg);

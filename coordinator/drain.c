@@ -117,7 +117,7 @@ static int plan_one(kvm_coord *c, cmd_rec *cmd, uint32_t src, uint32_t home, con
 	}
 	*m = (move_rec){.data_id = s->data_id, .index = index, .shared = shared,
 			.key = key ? *key : (kvs_key){0}, .src = src, .dst = dst, .home = home,
-			.release_src = release_src, .deadline_ms = coord_now_ms() + MOVE_TIMEOUT_MS};
+			.release_src = release_src, .deadline_ms = coord_mono_ms() + MOVE_TIMEOUT_MS};
 	move_item *it = &cmd->moves[cmd->n++];
 	memset(it, 0, sizeof(*it));
 	kvmesh__v1__block_handle__init(&it->h);
@@ -204,7 +204,7 @@ static void plan_handoffs(kvm_coord *c, uint32_t node, uint64_t now)
 
 void coord_drain_step(kvm_coord *c, uint32_t node)
 {
-	uint64_t now = coord_now_ms();
+	uint64_t now = coord_mono_ms();
 	for (size_t i = 0; i < c->n_moves;) {
 		if (c->moves[i].deadline_ms > now) {
 			i++;

@@ -51,7 +51,7 @@ typedef struct node_row {
 void kvm_coord_collect(void *arg, kvm_metrics_out *out)
 {
 	kvm_coord *c = arg;
-	uint64_t now = coord_now_ms();
+	uint64_t now = coord_mono_ms();
 	/* Copy under the lock, write after it: a scrape must not hold up the
 	 * control path while it formats text. */
 	pthread_mutex_lock(&c->mu);
@@ -71,10 +71,11 @@ void kvm_coord_collect(void *arg, kvm_metrics_out *out)
 		r->v[NODE_EVICTABLE] = (double)ln.evictable_blocks;
 		r->v[NODE_LOAD] = nd->load;
 		r->v[NODE_HEARTBEAT_AGE] =
-			now > nd->last_heartbeat_ms ? (double)(now - nd->last_heartbeat_ms) / 1e3 : 0;
+			now > nd->heard_ms ? (double)(now - nd->heard_ms) / 1e3 : 0;
 		r->v[NODE_CMDS_DROPPED] = (double)nd->cmds_dropped;
 	}
 	const double seqs = (double)c->n_seqs, degraded = (double)c->degraded_total,
+		     stalls = (double)c->stalls,
 		     blks = (double)c->n_blks, moving = (double)c->n_moves,
 		     events = (double)c->next_seq;
 	pthread_mutex_unlock(&c->mu);
@@ -110,6 +111,10 @@ void kvm_coord_collect(void *arg, kvm_metrics_out *out)
 	kvm_metrics_single(out, "kvmesh_sequences", "gauge", "Live sequences.", seqs);
 	kvm_metrics_single(out, "kvmesh_sequences_degraded_total", "counter",
 			   "Sequences marked degraded (blocks lost with a dead node).", degraded);
+	kvm_metrics_single(out, "kvmesh_coordinator_stalls_total", "counter",
+			   "Times the coordinator found it had not run for over a heartbeat "
+			   "(heartbeat ages then do not count the stall).",
+			   stalls);
 	kvm_metrics_single(out, "kvmesh_prefix_index_blocks", "gauge",
 			   "Full blocks in the cluster-wide prefix index.", blks);
 	kvm_metrics_single(out, "kvmesh_blocks_moving", "gauge",

@@ -449,6 +449,7 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 			s.id = id;
 			s.model_id = r->model_id;
 			s.home_node = (char *)home;
+			s.home_epoch = 1;
 			s.tokens = k ? (uint64_t)k * bt : tokens;
 			s.n_blocks = nb.n;
 			s.blocks = nb.ptrs;
@@ -876,34 +877,44 @@ int coord_move_sequence_home(void *arg, kvm_rpc_call *call, const uint8_t *req, 
 	Kvmesh__V1__Sequence *s = load_seq(c, r->sequence_id);
 	soft_seq *ss = s ? coord_soft_find(c, s->id) : NULL;
 	uint32_t from = coord_node_ix(c, r->from_node), to = coord_node_ix(c, r->to_node);
+	bool keep = strcmp(r->from_node, r->to_node) == 0; /* a take-back: bumps the epoch only */
 	if (!s || !ss) {
 		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown sequence \"%s\"", r->sequence_id);
 	} else if (to == NO_NODE) {
 		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown node \"%s\"", r->to_node);
-	} else if (strcmp(s->home_node, r->to_node) == 0) {
+	} else if (!keep && strcmp(s->home_node, r->to_node) == 0) {
 		rc = KVM_RPC_OK; /* done already: a retry after a lost reply */
 	} else if (strcmp(s->home_node, r->from_node) != 0 || from == NO_NODE) {
 		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
 				  "sequence %s is homed on %s, not %s", s->id, s->home_node,
 				  r->from_node);
-	} else if (c->nodes[to].state != KVMESH__V1__NODE_STATE__NODE_READY) {
+	} else if (r->home_epoch && r->home_epoch != s->home_epoch) {
+		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
+				  "sequence %s: home epoch %" PRIu64 ", not %" PRIu64
+				  ": its home was moved or taken back since",
+				  s->id, s->home_epoch, r->home_epoch);
+	} else if (!keep && c->nodes[to].state != KVMESH__V1__NODE_STATE__NODE_READY) {
 		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
 				  "node %s is %s: it takes no sequences", r->to_node,
 				  coord_state_name(c->nodes[to].state));
-	} else if (!kvm_ledger_models_match(c->nodes[to].model, s->model_id)) {
+	} else if (!keep && !kvm_ledger_models_match(c->nodes[to].model, s->model_id)) {
 		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
 				  "node %s holds the KV of model %s, not %s", r->to_node,
 				  c->nodes[to].model, s->model_id);
-	} else if (seq_moving(ss)) {
+	} else if (!keep && seq_moving(ss)) {
 		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE,
 				  "blocks of sequence %s are moving; try again", s->id);
 	} else {
 		char *old = s->home_node;
 		s->home_node = r->to_node;
+		s->home_epoch++;
 		int src = store_seq(c, s, &ticket);
 		s->home_node = old;
 		if (src != 0) {
 			rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
+		} else if (keep) {
+			kvm_log(KVM_LOG_INFO, "home_kept", "sequence=%s home=%s home_epoch=%" PRIu64, s->id,
+				r->to_node, s->home_epoch);
 		} else {
 			recharge(c, s, ss, from, to);
 			ss->home = to;
@@ -917,8 +928,8 @@ int coord_move_sequence_home(void *arg, kvm_rpc_call *call, const uint8_t *req, 
 			ev.kind_case = KVMESH__V1__EVENT__KIND_SEQUENCE;
 			ev.sequence = &se;
 			coord_emit(c, &ev);
-			kvm_log(KVM_LOG_INFO, "home_moved", "sequence=%s from=%s to=%s", s->id,
-				r->from_node, r->to_node);
+			kvm_log(KVM_LOG_INFO, "home_moved", "sequence=%s from=%s to=%s home_epoch=%" PRIu64,
+				s->id, r->from_node, r->to_node, s->home_epoch);
 		}
 	}
 	if (rc == KVM_RPC_OK) {

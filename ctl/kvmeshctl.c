@@ -316,9 +316,10 @@ static int cmd_seq(ctl *c, const char *id)
 		json_str(s->model_id);
 		printf(",\"home\":");
 		json_str(s->home_node);
-		printf(",\"tokens\":%" PRIu64 ",\"data_id\":%" PRIu64 ",\"degraded\":%s,"
-		       "\"shared_prefix_blocks\":%u,\"blocks\":[",
-		       s->tokens, s->data_id, s->degraded ? "true" : "false", s->shared_prefix_blocks);
+		printf(",\"home_epoch\":%" PRIu64 ",\"tokens\":%" PRIu64 ",\"data_id\":%" PRIu64
+		       ",\"degraded\":%s,\"shared_prefix_blocks\":%u,\"blocks\":[",
+		       s->home_epoch, s->tokens, s->data_id, s->degraded ? "true" : "false",
+		       s->shared_prefix_blocks);
 		for (size_t i = 0; i < s->n_blocks; i++) {
 			const Kvmesh__V1__BlockPlacement *b = s->blocks[i];
 			printf("%s{\"index\":%u,\"node\":", i ? "," : "", b->index);

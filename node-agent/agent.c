@@ -719,7 +719,8 @@ int main(int argc, char **argv)
 	if ((rc = blocks_create(&a)) != 0 || (rc = homeseq_create(&a)) != 0 ||
 	    (rc = wpool_create(nw, "kernels", &a.kernels)) != 0 ||
 	    (rc = wpool_create(1, "home", &a.home)) != 0 ||
-	    (rc = wpool_create(2, "movers", &a.movers)) != 0) {
+	    (rc = wpool_create(2, "movers", &a.movers)) != 0 ||
+	    (rc = wpool_create(2, "handoffs", &a.handoffs)) != 0) {
 		kvm_log(KVM_LOG_ERROR, "setup_failed", "error=\"%s\"", strerror(-rc));
 		return 1;
 	}
@@ -792,6 +793,7 @@ int main(int argc, char **argv)
 	wpool_destroy(a.movers);
 	wpool_destroy(a.kernels);
 	wpool_destroy(a.home);
+	wpool_destroy(a.handoffs); /* after the home pool, which queues its jobs */
 	dataplane_stop(&a);
 	homeseq_destroy(&a);
 	xport_loop_destroy(a.loop);

@@ -76,7 +76,7 @@ typedef struct agent {
 	kvs_store *store;
 	xport_loop *loop;
 	xport_server *data_srv;
-	wpool *kernels, *home, *movers;
+	wpool *kernels, *home, *movers, *handoffs;
 	blocks *blk;
 	homeseqs *hs;
 

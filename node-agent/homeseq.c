@@ -44,6 +44,7 @@
 #define ADOPT_BUDGET_MS 6000
 #define ADOPT_CALL_MS 15000
 #define HANDOFF_STUCK_MS 30000 /* moving, outcome unknown: ask the coordinator */
+#define PENDING_CHECK_MS 5000  /* an adoption whose outcome is unknown: ask again */
 #define HS_BUCKETS 1024
 #define ID_MAX 256
 
@@ -52,7 +53,7 @@ struct peer {
 	char data_addr[ID_MAX];
 	char grpc_addr[ID_MAX];
 	xport_peer *xp;       /* home pool only */
-	kvm_rpc_channel *ch;  /* home pool only */
+	kvm_rpc_channel *ch;  /* made on the home pool, closed at the end */
 	nic_report *nics;     /* from ListNodes; NULL: not learned yet */
 	bool xp_rdma;         /* xp is an RDMA peer (home pool only) */
 	bool rdma_refused;    /* an RDMA dial failed where TCP worked: TCP from now on */
@@ -85,6 +86,10 @@ struct hseq {
 	bool moving;
 	char moved_to[ID_MAX];
 	uint64_t moving_since_ms, handed_off_ms;
+	/* Adopted, but whether the coordinator switched the home here is not
+	 * known yet (its answer was lost): kept until it can say, since the
+	 * switch, at this home epoch, may still happen (homeseq_expire). */
+	uint64_t pending_epoch, pending_since_ms;
 	struct hseq *next;
 };
 
@@ -1344,11 +1349,19 @@ struct handoff_job {
 	uint64_t data_id;
 	char seq_id[ID_MAX], target[ID_MAX], target_addr[ID_MAX];
 	unsigned requeued;
+	/* Filled on the home pool for the call on the hand-off pool. */
+	Kvmesh__V1__AdoptSequenceRequest req;
+	uint32_t *fill;
+	uint8_t *tail;
+	kvm_rpc_channel *ch;
+	int rc;
+	char err[512];
 };
 
-/* The sequence's home as the coordinator names it now, into home[ID_MAX];
- * 0, or an error when it cannot say. */
-static int home_now(agent *a, const char *seq_id, char *home)
+/* The sequence's home as the coordinator names it now, into home[ID_MAX],
+ * and its home epoch (when epoch is not NULL); 0, -ENOENT for a sequence it
+ * does not know, or another error when it cannot say. */
+static int home_now(agent *a, const char *seq_id, char *home, uint64_t *epoch)
 {
 	int rc = 0;
 	char err[256];
@@ -1356,31 +1369,140 @@ static int home_now(agent *a, const char *seq_id, char *home)
 	if (!s)
 		return rc ? rc : -EAGAIN;
 	snprintf(home, ID_MAX, "%s", s->home_node);
+	if (epoch)
+		*epoch = s->home_epoch;
 	kvmesh__v1__sequence__free_unpacked(s, NULL);
 	return 0;
 }
 
-/* On the home pool, after the appends' seals queued before it: stops the
- * sequence's appends, copies its tail, and has the target adopt it. */
-static void handoff_run(void *arg, da_ctx *ctx)
+/* Takes back a sequence whose hand-off failed: MoveSequenceHome to this
+ * node, which moves nothing but bumps the home epoch, so that a switch to
+ * the target that reaches the coordinator late is refused. epoch: the one
+ * the hand-off saw (0: whatever it is now). 0: ours again; -ESTALE: refused
+ * (another node is the home, or the sequence is gone); -EAGAIN: no answer. */
+static int take_back(agent *a, const char *seq_id, uint64_t epoch)
+{
+	Kvmesh__V1__MoveSequenceHomeRequest mr = KVMESH__V1__MOVE_SEQUENCE_HOME_REQUEST__INIT;
+	mr.sequence_id = (char *)seq_id;
+	mr.from_node = mr.to_node = a->node_id;
+	mr.home_epoch = epoch;
+	void *resp = NULL;
+	size_t len;
+	char msg[400];
+	int code = agent_coord_call(a, "MoveSequenceHome", &mr.base, &resp, &len, msg, sizeof msg);
+	free(resp);
+	if (code == KVM_RPC_OK)
+		return 0;
+	kvm_log(KVM_LOG_INFO, "take_back_refused", "seq=%s error=\"%s\"", seq_id, msg);
+	return code == KVM_RPC_FAILED_PRECONDITION || code == KVM_RPC_NOT_FOUND ? -ESTALE : -EAGAIN;
+}
+
+static void handoff_job_free(struct handoff_job *j)
+{
+	free(j->tail);
+	free(j->fill);
+	free(j);
+}
+
+/* The rest of a hand-off, on the hand-off pool, so that the home pool goes
+ * on serving (and refusing the moving sequence's appends) while the target
+ * answers, which may take ADOPT_CALL_MS. */
+static void handoff_call(void *arg, da_ctx *ctx)
 {
 	struct handoff_job *j = arg;
 	agent *a = j->a;
 	homeseqs *hs = a->hs;
 	(void)ctx;
+	int rc = j->rc;
+	char *err = j->err, home[ID_MAX] = "";
+	uint64_t epoch = 0;
+	/* The record's epoch goes with the tail: the target's switch is refused
+	 * once this node has taken the sequence back. A record that names
+	 * another home already (an earlier attempt whose reply was lost) means
+	 * the hand-off is done. */
+	bool elsewhere = false;
+	if (rc == 0 && (rc = home_now(a, j->seq_id, home, &epoch)) != 0)
+		snprintf(err, sizeof j->err, "the coordinator cannot say where %s is homed", j->seq_id);
+	else if (rc == 0)
+		elsewhere = strcmp(home, a->node_id) != 0;
+	if (rc == 0 && !elsewhere) {
+		j->req.home_epoch = epoch;
+		void *resp = NULL;
+		size_t len;
+		char msg[400];
+		int code = agent_peer_call_ms(j->ch, "AdoptSequence", &j->req.base, ADOPT_CALL_MS, &resp,
+					      &len, msg, sizeof msg);
+		free(resp);
+		if (code != KVM_RPC_OK) {
+			rc = -EIO;
+			snprintf(err, sizeof j->err, "%.100s: AdoptSequence: %.380s", j->target, msg);
+		}
+	}
+	/* A failed call may hide an adoption that happened (a lost reply), or
+	 * one still on its way to the coordinator: taking the sequence back
+	 * settles which. Refused: the coordinator names another home, which
+	 * holds the tail. No answer: the sequence stays moving (appends
+	 * refused) until the coordinator can say (homeseq_expire, or the
+	 * HandOff it sends again). */
+	pthread_mutex_lock(&hs->mu);
+	struct hseq *q = hs_find(hs, j->data_id);
+	bool moving = q && q->moving && !q->handed_off_ms;
+	pthread_mutex_unlock(&hs->mu);
+	bool still_ours = false;
+	if (rc != 0 && moving) {
+		int tb = take_back(a, j->seq_id, epoch);
+		still_ours = tb == 0;
+		if (tb == -ESTALE && home_now(a, j->seq_id, home, NULL) != -EAGAIN)
+			elsewhere = true; /* another home, or released */
+	}
+	if (rc == 0 || elsewhere) {
+		pthread_mutex_lock(&hs->mu);
+		if ((q = hs_find(hs, j->data_id)))
+			q->handed_off_ms = (uint64_t)agent_mono_ms(); /* dropped by homeseq_expire */
+		pthread_mutex_unlock(&hs->mu);
+		__atomic_fetch_add(&a->hand_offs, 1, __ATOMIC_RELAXED);
+		kvm_log(KVM_LOG_INFO, "hand_off", "seq=%s to=%s full_blocks=%u tail_tokens=%u", j->seq_id,
+			home[0] && strcmp(home, a->node_id) ? home : j->target, j->req.full_blocks,
+			j->req.n_fill ? j->fill[0] : 0);
+	} else {
+		pthread_mutex_lock(&hs->mu);
+		if (still_ours && (q = hs_find(hs, j->data_id)))
+			q->moving = false; /* serve it; the coordinator asks again */
+		pthread_mutex_unlock(&hs->mu);
+		__atomic_fetch_add(&a->hand_off_failures, 1, __ATOMIC_RELAXED);
+		kvm_log(KVM_LOG_WARN, "hand_off_failed", "seq=%s to=%s error=\"%s\" appends=\"%s\"", j->seq_id,
+			j->target, err[0] ? err : strerror(-rc),
+			still_ours ? "taken again"
+			: moving  ? "refused until the coordinator says"
+				  : "not held here any more");
+	}
+	handoff_job_free(j);
+}
+
+/* On the home pool, after the appends' seals queued before it: stops the
+ * sequence's appends and copies its tail; the call to the target follows
+ * on the hand-off pool. */
+static void handoff_run(void *arg, da_ctx *ctx)
+{
+	struct handoff_job *j = arg;
+	agent *a = j->a;
+	homeseqs *hs = a->hs;
 	const kvs_geom *g = &a->geom;
-	Kvmesh__V1__AdoptSequenceRequest req = KVMESH__V1__ADOPT_SEQUENCE_REQUEST__INIT;
-	req.sequence_id = j->seq_id;
-	req.from_node = a->node_id;
-	uint32_t *fill = calloc(g->layers, sizeof *fill);
-	uint8_t *tail = NULL;
-	char err[512] = "";
-	int rc = fill ? 0 : -ENOMEM, p = -1, sealing = 0;
+	Kvmesh__V1__AdoptSequenceRequest *req = &j->req;
+	kvmesh__v1__adopt_sequence_request__init(req);
+	req->sequence_id = j->seq_id;
+	req->from_node = a->node_id;
+	free(j->fill);
+	free(j->tail);
+	j->tail = NULL;
+	j->fill = calloc(g->layers, sizeof *j->fill);
+	char *err = j->err;
+	int rc = j->fill ? 0 : -ENOMEM, p = -1, sealing = 0;
 	struct hseq *q;
 	/* Never used here yet: learn it (its full blocks) so the target can
 	 * check it sees the same. */
 	if (rc == 0)
-		rc = hs_get(a, j->seq_id, j->data_id, &q, err, sizeof err);
+		rc = hs_get(a, j->seq_id, j->data_id, &q, err, sizeof j->err);
 	pthread_mutex_lock(&hs->mu);
 	q = hs_find(hs, j->data_id);
 	if (q && rc == 0) {
@@ -1389,15 +1511,15 @@ static void handoff_run(void *arg, da_ctx *ctx)
 		snprintf(q->moved_to, sizeof q->moved_to, "%s", j->target);
 		for (uint32_t i = 0; i < q->n_full; i++)
 			sealing += q->blk[i].where == HB_SEALING;
-		req.full_blocks = q->n_full;
+		req->full_blocks = q->n_full;
 		if (!sealing && q->tail) {
-			if ((tail = malloc(a->block_bytes))) {
-				memcpy(tail, q->tail, a->block_bytes);
-				memcpy(fill, q->fill, g->layers * sizeof *fill);
-				req.n_fill = g->layers;
-				req.fill = fill;
-				req.tail.data = tail;
-				req.tail.len = a->block_bytes;
+			if ((j->tail = malloc(a->block_bytes))) {
+				memcpy(j->tail, q->tail, a->block_bytes);
+				memcpy(j->fill, q->fill, g->layers * sizeof *j->fill);
+				req->n_fill = g->layers;
+				req->fill = j->fill;
+				req->tail.data = j->tail;
+				req->tail.len = a->block_bytes;
 			} else {
 				rc = -ENOMEM;
 			}
@@ -1406,77 +1528,37 @@ static void handoff_run(void *arg, da_ctx *ctx)
 	if (rc == 0 && (p = peer_of(hs, j->target, NULL)) >= 0 && !hs->peers[p].grpc_addr[0])
 		snprintf(hs->peers[p].grpc_addr, ID_MAX, "%s", j->target_addr);
 	pthread_mutex_unlock(&hs->mu);
+	if (q && rc == 0 && !j->requeued)
+		kvm_log(KVM_LOG_INFO, "hand_off_started", "seq=%s to=%s", j->seq_id, j->target);
 	if (sealing && j->requeued++ < 16) {
 		/* Seals queued after this job (by appends before it ran) go first. */
-		free(fill);
 		if (wpool_submit(a->home, handoff_run, j) == 0)
 			return;
-		fill = NULL;
 		rc = -EAGAIN;
 	}
 	if (sealing && rc == 0) {
 		rc = -EAGAIN;
-		snprintf(err, sizeof err, "a block of %s is still sealing (a seal failed?)", j->seq_id);
+		snprintf(err, sizeof j->err, "a block of %s is still sealing (a seal failed?)", j->seq_id);
 	}
 	if (rc == 0 && p < 0) {
 		rc = p;
-		snprintf(err, sizeof err, "too many peers");
+		snprintf(err, sizeof j->err, "too many peers");
 	}
-	kvm_rpc_channel *ch = rc == 0 ? peer_channel(a, p, err, sizeof err) : NULL;
-	if (rc == 0 && !ch)
+	/* Peers' channels are made here and closed only at the end: the
+	 * hand-off pool may use this one. */
+	if (rc == 0 && !(j->ch = peer_channel(a, p, err, sizeof j->err)))
 		rc = -EHOSTUNREACH;
-	if (rc == 0) {
-		void *resp = NULL;
-		size_t len;
-		char msg[400];
-		int code = agent_peer_call_ms(ch, "AdoptSequence", &req.base, ADOPT_CALL_MS, &resp,
-					      &len, msg, sizeof msg);
-		free(resp);
-		if (code != KVM_RPC_OK) {
-			rc = -EIO;
-			snprintf(err, sizeof err, "%.100s: AdoptSequence: %.380s", j->target, msg);
-		}
-	}
-	/* A lost reply may hide an adoption that happened: the coordinator says.
-	 * Appends are taken again only when it says the home is still here;
-	 * when it cannot say, the sequence stays moving until the coordinator
-	 * sends the hand-off again (the target answers OK if it has it). */
-	char home[ID_MAX] = "";
-	bool still_ours = false;
-	if (rc != 0 && home_now(a, j->seq_id, home) == 0) {
-		if (strcmp(home, j->target) == 0)
-			rc = 0;
-		still_ours = strcmp(home, a->node_id) == 0;
-	}
-	if (rc == 0) {
-		pthread_mutex_lock(&hs->mu);
-		if ((q = hs_find(hs, j->data_id)))
-			q->handed_off_ms = (uint64_t)agent_mono_ms(); /* dropped by homeseq_expire */
-		pthread_mutex_unlock(&hs->mu);
-		__atomic_fetch_add(&a->hand_offs, 1, __ATOMIC_RELAXED);
-		kvm_log(KVM_LOG_INFO, "hand_off", "seq=%s to=%s full_blocks=%u tail_tokens=%u", j->seq_id,
-			j->target, req.full_blocks, req.n_fill ? fill[0] : 0);
-	} else {
-		pthread_mutex_lock(&hs->mu);
-		if (still_ours && (q = hs_find(hs, j->data_id)))
-			q->moving = false; /* serve it; the coordinator asks again */
-		pthread_mutex_unlock(&hs->mu);
-		__atomic_fetch_add(&a->hand_off_failures, 1, __ATOMIC_RELAXED);
-		kvm_log(KVM_LOG_WARN, "hand_off_failed", "seq=%s to=%s error=\"%s\" appends=%s", j->seq_id,
-			j->target, err[0] ? err : strerror(-rc),
-			still_ours ? "taken again" : "refused until the coordinator says");
-	}
-	free(tail);
-	free(fill);
-	free(j);
+	j->rc = rc;
+	if (wpool_submit(a->handoffs, handoff_call, j) != 0)
+		handoff_call(j, ctx);
 }
 
 void homeseq_expire(agent *a)
 {
 	homeseqs *hs = a->hs;
-	uint64_t now = (uint64_t)agent_mono_ms(), ids[64];
-	uint32_t n = 0, n_stuck = 0;
-	char stuck[8][ID_MAX];
+	uint64_t now = (uint64_t)agent_mono_ms(), ids[64], pending_epoch[8];
+	uint32_t n = 0, n_stuck = 0, n_pending = 0;
+	char stuck[8][ID_MAX], pending[8][ID_MAX];
 	pthread_mutex_lock(&hs->mu);
 	for (uint32_t b = 0; b < HS_BUCKETS; b++)
 		for (struct hseq *q = hs->bucket[b]; q; q = q->next) {
@@ -1487,25 +1569,55 @@ void homeseq_expire(agent *a)
 				   now - q->moving_since_ms >= HANDOFF_STUCK_MS && n_stuck < 8) {
 				snprintf(stuck[n_stuck++], ID_MAX, "%s", q->id);
 				q->moving_since_ms = now; /* asked again later, not at once */
+			} else if (q->pending_since_ms && now - q->pending_since_ms >= PENDING_CHECK_MS &&
+				   n_pending < 8) {
+				pending_epoch[n_pending] = q->pending_epoch;
+				snprintf(pending[n_pending++], ID_MAX, "%s", q->id);
+				q->pending_since_ms = now;
 			}
 		}
 	pthread_mutex_unlock(&hs->mu);
 	for (uint32_t i = 0; i < n; i++)
 		homeseq_release(a, NULL, ids[i]);
 	/* A hand-off whose outcome nobody could say, and that the coordinator
-	 * did not send again (the drain was called off): still ours? */
+	 * did not send again (the drain was called off): taken back if it is
+	 * still homed here, else dropped (the home named holds the tail). */
 	for (uint32_t i = 0; i < n_stuck; i++) {
-		char home[ID_MAX];
-		if (home_now(a, stuck[i], home) != 0 || strcmp(home, a->node_id) != 0)
+		int tb = take_back(a, stuck[i], 0);
+		if (tb == -EAGAIN)
 			continue;
 		pthread_mutex_lock(&hs->mu);
 		struct hseq *q = hs_find(hs, agent_data_id(stuck[i]));
 		if (q && q->moving && !q->handed_off_ms) {
-			q->moving = false;
-			kvm_log(KVM_LOG_INFO, "hand_off_abandoned", "seq=%s msg=\"still homed here: appends taken again\"",
-				q->id);
+			if (tb == 0)
+				q->moving = false;
+			else
+				q->handed_off_ms = now;
+			kvm_log(KVM_LOG_INFO, "hand_off_settled", "seq=%s msg=\"%s\"", q->id,
+				tb == 0 ? "still homed here: appends taken again"
+					: "homed elsewhere: this copy goes");
 		}
 		pthread_mutex_unlock(&hs->mu);
+	}
+	/* Adoptions whose switch nobody could confirm: ours once the coordinator
+	 * names this node; dropped once it names another home at a later epoch
+	 * (the switch can no longer happen) or forgot the sequence. */
+	for (uint32_t i = 0; i < n_pending; i++) {
+		char home[ID_MAX] = "";
+		uint64_t epoch = 0;
+		int rc = home_now(a, pending[i], home, &epoch);
+		if ((rc != 0 && rc != -ENOENT) ||
+		    (rc == 0 && strcmp(home, a->node_id) != 0 && epoch == pending_epoch[i]))
+			continue;
+		bool ours = rc == 0 && strcmp(home, a->node_id) == 0;
+		pthread_mutex_lock(&hs->mu);
+		struct hseq *q = hs_find(hs, agent_data_id(pending[i]));
+		if (q && ours)
+			q->pending_since_ms = 0;
+		pthread_mutex_unlock(&hs->mu);
+		kvm_log(KVM_LOG_INFO, "adoption_settled", "seq=%s home=%s", pending[i], ours ? "here" : home);
+		if (!ours)
+			homeseq_release(a, pending[i], 0);
 	}
 }
 
@@ -1522,6 +1634,53 @@ void homeseq_hand_off(agent *a, const char *seq_id, uint64_t data_id, const char
 	snprintf(j->target_addr, sizeof j->target_addr, "%s", target_addr);
 	if (wpool_submit(a->home, handoff_run, j) != 0)
 		free(j);
+}
+
+/* The adoption's last step, once this agent holds the sequence: has the
+ * coordinator make it the home, at the epoch the old home saw. A refusal
+ * drops the copy. When nobody can say whether the switch happened (the
+ * coordinator's answer was lost, and it may still apply the call), the copy
+ * stays, pending, until the coordinator can say (homeseq_expire): if the
+ * switch lands, the tail must be here. */
+static int adopt_switch(agent *a, const Kvmesh__V1__AdoptSequenceRequest *r, uint64_t data_id,
+			kvm_rpc_call *call)
+{
+	Kvmesh__V1__MoveSequenceHomeRequest mr = KVMESH__V1__MOVE_SEQUENCE_HOME_REQUEST__INIT;
+	mr.sequence_id = r->sequence_id;
+	mr.from_node = r->from_node;
+	mr.to_node = a->node_id;
+	mr.home_epoch = r->home_epoch;
+	void *resp = NULL;
+	size_t rlen;
+	char msg[400], home[ID_MAX] = "";
+	int mc = agent_coord_call(a, "MoveSequenceHome", &mr.base, &resp, &rlen, msg, sizeof msg);
+	free(resp);
+	uint64_t epoch = 0;
+	int hn = mc == KVM_RPC_OK ? 0 : home_now(a, r->sequence_id, home, &epoch);
+	bool ours = mc == KVM_RPC_OK || (hn == 0 && strcmp(home, a->node_id) == 0);
+	bool refused = !ours && (mc == KVM_RPC_FAILED_PRECONDITION || mc == KVM_RPC_NOT_FOUND ||
+				 mc == KVM_RPC_INVALID_ARGUMENT || hn == -ENOENT ||
+				 (hn == 0 && epoch != r->home_epoch));
+	pthread_mutex_lock(&a->hs->mu);
+	struct hseq *q = hs_find(a->hs, data_id);
+	if (q && ours) {
+		q->pending_since_ms = 0;
+	} else if (q && !refused) {
+		q->pending_epoch = r->home_epoch;
+		q->pending_since_ms = (uint64_t)agent_mono_ms();
+	}
+	pthread_mutex_unlock(&a->hs->mu);
+	if (ours) {
+		__atomic_fetch_add(&a->adoptions, 1, __ATOMIC_RELAXED);
+		return KVM_RPC_OK;
+	}
+	if (refused)
+		homeseq_release(a, r->sequence_id, data_id);
+	else
+		kvm_log(KVM_LOG_WARN, "adoption_pending", "seq=%s home_epoch=%" PRIu64 " error=\"%s\"",
+			r->sequence_id, r->home_epoch, msg);
+	return kvm_rpc_fail(call, mc, "coordinator: %s%s", msg,
+			    refused ? "" : " (the copy is kept until the coordinator names the home)");
 }
 
 /* Agent.AdoptSequence, on the target: waits (briefly) until the coordinator
@@ -1549,10 +1708,24 @@ int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 				    g->layers, g->block_tokens, a->block_bytes, r->n_fill, r->tail.len);
 	}
 	pthread_mutex_lock(&a->hs->mu);
-	bool have = code == KVM_RPC_OK && hs_find(a->hs, data_id);
+	struct hseq *held = code == KVM_RPC_OK ? hs_find(a->hs, data_id) : NULL;
+	bool have = held != NULL;
+	/* A copy from an attempt whose switch is pending at the same epoch:
+	 * the old home has taken no append since, so it is this one. */
+	bool same = held && held->pending_since_ms && r->home_epoch && held->pending_epoch == r->home_epoch;
 	pthread_mutex_unlock(&a->hs->mu);
 	char home[ID_MAX];
-	if (have && (home_now(a, r->sequence_id, home) != 0 || strcmp(home, a->node_id) != 0)) {
+	int hn = have && !same ? home_now(a, r->sequence_id, home, NULL) : 0;
+	if (same) {
+		code = kvm_rpc_cancelled(call) ? kvm_rpc_fail(call, KVM_RPC_CANCELLED, "cancelled")
+					       : adopt_switch(a, r, data_id, call);
+	} else if (have && hn == 0 && strcmp(home, a->node_id) == 0) {
+		/* Ours already (a reply that was lost): OK. */
+	} else if (have && hn != 0 && hn != -ENOENT) {
+		code = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE,
+				    "%s is held here and the coordinator cannot say its home; try again",
+				    r->sequence_id);
+	} else if (have) {
 		/* A copy from an attempt whose outcome was unclear, never served
 		 * (the home is not this node): dropped; the next attempt adopts
 		 * afresh. */
@@ -1602,24 +1775,7 @@ int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 		if (rc == 0) {
 			hs_insert(a, q);
 			q = NULL;
-			Kvmesh__V1__MoveSequenceHomeRequest mr = KVMESH__V1__MOVE_SEQUENCE_HOME_REQUEST__INIT;
-			mr.sequence_id = r->sequence_id;
-			mr.from_node = r->from_node;
-			mr.to_node = a->node_id;
-			void *resp = NULL;
-			size_t rlen;
-			char msg[400];
-			int mc = agent_coord_call(a, "MoveSequenceHome", &mr.base, &resp, &rlen, msg, sizeof msg);
-			free(resp);
-			if (mc != KVM_RPC_OK &&
-			    (home_now(a, r->sequence_id, home) != 0 || strcmp(home, a->node_id) != 0)) {
-				/* Not ours after all (a lost reply that did switch it is
-				 * seen above, and kept). */
-				homeseq_release(a, r->sequence_id, data_id);
-				code = kvm_rpc_fail(call, mc, "coordinator: %s", msg);
-			} else {
-				__atomic_fetch_add(&a->adoptions, 1, __ATOMIC_RELAXED);
-			}
+			code = adopt_switch(a, r, data_id, call);
 		} else {
 			code = kvm_rpc_fail(call, rc == -EXDEV ? KVM_RPC_FAILED_PRECONDITION : rpc_code(rc),
 					    "%s", err[0] ? err : strerror(-rc));
@@ -1631,8 +1787,8 @@ int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 		Kvmesh__V1__AdoptSequenceResponse resp = KVMESH__V1__ADOPT_SEQUENCE_RESPONSE__INIT;
 		uint8_t buf[16];
 		kvm_rpc_reply(call, buf, kvmesh__v1__adopt_sequence_response__pack(&resp, buf));
-		kvm_log(KVM_LOG_INFO, "home_adopted", "seq=%s from=%s tail_tokens=%u", r->sequence_id,
-			r->from_node, r->n_fill ? r->fill[0] : 0);
+		kvm_log(KVM_LOG_INFO, "home_adopted", "seq=%s from=%s tail_tokens=%u home_epoch=%" PRIu64,
+			r->sequence_id, r->from_node, r->n_fill ? r->fill[0] : 0, r->home_epoch + 1);
 	}
 	kvmesh__v1__adopt_sequence_request__free_unpacked(r, NULL);
 	return code;

@@ -90,6 +90,48 @@ def test_agents_register_again_after_a_coordinator_crash():
         c.close()
 
 
+def test_a_stalled_coordinator_keeps_its_live_nodes():
+    """The coordinator is stopped for three times dead-after (SIGSTOP: a
+    paused VM, a CPU quota) while one agent is killed: on SIGCONT it does
+    not declare the live nodes dead (it could not hear them), it counts the
+    stall, and it declares the killed one dead within dead-after."""
+    import os
+    import signal
+    c = Coordinator(heartbeat="200ms", **{"dead-after": "1s"})
+    agents = []
+    try:
+        c.stub.RegisterModel(MODEL, timeout=5)
+        agents = [Agent(c, "a%d" % i, "tiny", host_pool="8MiB") for i in range(2)]
+        wait_for("agents ready", lambda: ready(c, ["a0", "a1"]))
+        for i in range(2):
+            c.stub.CreateSequence(pb.CreateSequenceRequest(
+                model_id="tiny", sequence_id="s%d" % i, home_node="a%d" % i), timeout=5)
+            c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="s%d" % i, tokens=32),
+                                  timeout=5)
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        try:
+            agents[1].stop(sig="KILL")
+            time.sleep(3)
+        finally:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        resumed = time.time()
+        wait_for("a1 dead", lambda: nodes(c)["a1"].state == pb.NODE_DEAD, timeout=5)
+        assert time.time() - resumed < 1 + 0.5, time.time() - resumed
+        for _ in range(10):  # and a0 stays alive, well past dead-after
+            assert nodes(c)["a0"].state == pb.NODE_READY
+            time.sleep(0.2)
+        get = c.stub.GetSequence
+        assert not get(pb.GetSequenceRequest(sequence_id="s0"), timeout=5).degraded
+        assert get(pb.GetSequenceRequest(sequence_id="s1"), timeout=5).degraded
+        log = c.read_log()
+        assert "event=coordinator_stalled" in log, log[-2000:]
+        assert "node=a0 state=dead" not in log and "node=a1 state=dead" in log
+    finally:
+        for a in agents:
+            a.close()
+        c.close()
+
+
 def test_agent_waits_for_its_model_then_stops_cleanly():
     c = Coordinator(heartbeat="200ms", **{"dead-after": "3s"})
     a = None
@@ -133,5 +175,6 @@ def test_bad_agent_configuration_is_refused_clearly():
 if __name__ == "__main__":
     run_tests([test_three_agents_register_with_pools_sized_from_the_model,
                test_agents_register_again_after_a_coordinator_crash,
+               test_a_stalled_coordinator_keeps_its_live_nodes,
                test_agent_waits_for_its_model_then_stops_cleanly,
                test_bad_agent_configuration_is_refused_clearly])

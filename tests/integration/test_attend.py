@@ -5,8 +5,11 @@ pools, so a sequence borrows blocks on the others. Every Agent.AttendAppend
 output is checked against a numpy softmax reference (fp16 and fp32, MHA and
 GQA). A killed peer fails only the sequences that need it, naming it and the
 lost blocks; ReleaseSequence gives the space back on every agent; a drained
-home hands its sequences to another agent and decoding goes on there."""
+home hands its sequences to another agent and decoding goes on there; a
+hand-off that fails (a gone or stalled target) is taken back or sent to
+another agent, and a switch arriving late is refused."""
 import os
+import signal
 import time
 
 import grpc
@@ -43,13 +46,14 @@ def reports_supported(c):
 class Cluster(AgentCluster):
     """Home n0 with a tiny pool; creditors n1, n2."""
 
-    def __init__(self, m, home_slots=10, peer_slots=40):
+    def __init__(self, m, home_slots=10, peer_slots=40, slots=None):
         self.m = m
         g = m.geometry
         self.kvh, self.qh = g.kv_heads, m.q_heads
         self.dt = np_dtype(g.dtype)
         self.block_bytes = LAYERS * 2 * BT * self.kvh * HD * np.dtype(self.dt).itemsize
-        super().__init__(m, [slots * self.block_bytes for slots in (home_slots, peer_slots, peer_slots)],
+        slots = slots or (home_slots, peer_slots, peer_slots)
+        super().__init__(m, [n * self.block_bytes for n in slots],
                          {"heartbeat": "200ms", "dead-after": "1500ms", "lend-share": "1"},
                          **{"tail-reserve": "4", "attend-timeout": "2s"})
 
@@ -376,7 +380,7 @@ def test_refused_hand_off_leaves_the_sequence_served_where_it_was():
         wait_for("the failed hand-off", lambda: "hand_off_failed" in cl.agents["n0"].read_log(),
                  timeout=15)
         log = cl.agents["n0"].read_log()
-        assert "appends=taken again" in log, log[-2000:]
+        assert "appends=\"taken again\"" in log, log[-2000:]
         st = cl.stub("n0").Stats(pb.StatsRequest(), timeout=5).counters
         assert st["hand_off_failures"] >= 1 and st["hand_offs"] == 0, st
         for _ in range(BT):
@@ -384,8 +388,92 @@ def test_refused_hand_off_leaves_the_sequence_served_where_it_was():
                 step_following_home(cl, [s], layer, 2e-3, homes)
         assert homes["r"] == "n0" and holders(cl, "r")[0].home_node == "n0"
         assert list_nodes(cl.c)["n0"].drain_home_sequences == 1
+        # Taken back at a new epoch: a switch to n1 sent at the old one
+        # (one that reached the coordinator late) is refused.
+        assert holders(cl, "r")[0].home_epoch == 2
+        try:
+            cl.c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(
+                sequence_id="r", from_node="n0", to_node="n1", home_epoch=1), timeout=5)
+            raise AssertionError("a late switch landed")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+            assert "home epoch 2, not 1" in e.details(), e.details()
     finally:
         cl.close()
+
+
+def test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere():
+    """The chosen agent stops answering while it is asked to adopt
+    (SIGSTOP): the old home refuses appends (nothing applied) until the
+    coordinator sends the hand-off again, to another agent, which adopts the
+    sequence at the epoch the old home saw. The stalled call then fails, and
+    the old home, refused a take-back, drops its copy. A switch at the old
+    epoch is refused, the resumed agent never serves the sequence, and every
+    output, before and after, matches the reference."""
+    cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2), slots=(10, 60, 40))
+    stalled = cl.agents["n1"]
+    try:
+        rng = np.random.default_rng(19)
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="s",
+                                                          home_node="n0"), timeout=5)
+        s = Seq(cl, "s", rng)
+        homes = {"s": "n0"}
+        for _ in range(BT + 3):  # a full block and a tail
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+        os.kill(stalled.proc.pid, signal.SIGSTOP)  # n1 has the most room: the target
+        t0 = time.monotonic()
+        cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
+        wait_for("the hand-off to n1", lambda: "hand_off_started seq=s to=n1" in
+                 cl.agents["n0"].read_log(), timeout=5)
+        assert "moving to n1" in refusal(cl, s, "n0")
+        wait_for("s homed on n2", lambda: holders(cl, "s")[0].home_node == "n2", timeout=40)
+        took = time.monotonic() - t0
+        seq = holders(cl, "s")[0]
+        assert seq.home_epoch == 2, seq
+        assert 9 < took < 20, took  # the coordinator's resend, 10 s after the first
+        for _ in range(BT):
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+        assert homes["s"] == "n2"
+        # n0 drops its copy 3 s after the hand-off; the stalled call fails
+        # at 15 s and changes nothing.
+        wait_for("the stalled call failed", lambda: "hand_off_failed seq=s to=n1" in
+                 cl.agents["n0"].read_log(), timeout=20)
+        assert "appends=\"not held here any more\"" in cl.agents["n0"].read_log()
+        st = cl.stub("n0").Stats(pb.StatsRequest(), timeout=5).counters
+        assert (st["hand_offs"], st["hand_off_failures"], st["home_sequences"]) == (1, 1, 0), st
+        try:
+            cl.c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(
+                sequence_id="s", from_node="n2", to_node="n1", home_epoch=1), timeout=5)
+            raise AssertionError("a late switch landed")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+            assert "home epoch 2, not 1" in e.details(), e.details()
+        os.kill(stalled.proc.pid, signal.SIGCONT)
+        wait_for("n1 back", lambda: list_nodes(cl.c)["n1"].state == pb.NODE_READY, timeout=10)
+        for _ in range(2):
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+        st = cl.stub("n1").Stats(pb.StatsRequest(), timeout=5).counters
+        assert st["adoptions"] == 0 and st["home_sequences"] == 0, st
+        assert holders(cl, "s")[0].home_node == "n2"
+    finally:
+        os.kill(stalled.proc.pid, signal.SIGCONT)
+        cl.close()
+
+
+def refusal(cl, s, node):
+    """Why node refuses an append to s (the test fails if it takes it)."""
+    k, v = s.new_kv()
+    try:
+        cl.stub(node).AttendAppend(pb.AttendAppendRequest(model_id="m", layer=0, scale=0, queries=[
+            pb.AttendQuery(sequence_id=s.id, q=[0.0] * (cl.qh * HD), k_new=k.tobytes(),
+                           v_new=v.tobytes())]), timeout=5)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+        return e.details()
+    raise AssertionError("%s took an append to %s" % (node, s.id))
 
 
 def test_agents_keep_to_their_model():
@@ -439,4 +527,5 @@ if __name__ == "__main__":
                test_release_sequence_gives_space_back_everywhere,
                test_drained_home_hands_its_sequences_over,
                test_refused_hand_off_leaves_the_sequence_served_where_it_was,
+               test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere,
                test_agents_keep_to_their_model], SKIPPED)

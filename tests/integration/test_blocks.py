@@ -316,7 +316,10 @@ def test_move_sequence_home_switches_record_ledger_and_events():
     """MoveSequenceHome (a drain's hand-off, called by the new home): the
     record names the new home, the ledger charges its blocks to it (the old
     home's borrowing becomes the new one's), HOME_MOVED goes out, a repeat is
-    OK; bad requests change nothing."""
+    OK; bad requests change nothing. Each move bumps the home epoch; a call
+    with an older epoch is refused (a switch that arrives late), and a take-
+    back (from = to = the home, even while it drains) moves nothing but bumps
+    it, so that such a switch can no longer land."""
     c = Coordinator(**{"dead-after": "60s", "lend-share": "1"})
     try:
         cluster(c, sizes=(4, 100, 100))
@@ -345,10 +348,28 @@ def test_move_sequence_home_switches_record_ledger_and_events():
                                      from_node="n1", to_node="n3")
         c.stub.UncordonNode(pb.NodeRequest(node_id="n3"), timeout=5)
         assert get(c, "s").home_node == "n1" and books(c) == before
+        assert get(c, "s").home_epoch == 1
+        d = refused(grpc.StatusCode.FAILED_PRECONDITION, sequence_id="s", from_node="n1",
+                    to_node="n2", home_epoch=7)
+        assert "home epoch 1, not 7" in d, d
+        # A take-back on the draining home: nothing moves, the epoch goes up,
+        # and a switch at the old epoch is refused from then on.
+        c.stub.DrainNode(pb.NodeRequest(node_id="n1"), timeout=5)
+        s = c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(
+            sequence_id="s", from_node="n1", to_node="n1", home_epoch=1), timeout=5)
+        assert (s.home_node, s.home_epoch) == ("n1", 2) and books(c) == before, s
+        d = refused(grpc.StatusCode.FAILED_PRECONDITION, sequence_id="s", from_node="n1",
+                    to_node="n2", home_epoch=1)
+        assert "home epoch 2, not 1" in d, d
+        assert "homed on n1" in refused(grpc.StatusCode.FAILED_PRECONDITION, sequence_id="s",
+                                        from_node="n2", to_node="n2")
+        c.stub.UncordonNode(pb.NodeRequest(node_id="n1"), timeout=5)
+        assert get(c, "s").home_node == "n1" and books(c) == before
 
         s = c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(
-            sequence_id="s", from_node="n1", to_node="n2"), timeout=5)
+            sequence_id="s", from_node="n1", to_node="n2", home_epoch=2), timeout=5)
         assert s.home_node == "n2" and get(c, "s").home_node == "n2"
+        assert s.home_epoch == 3, s
         after = books(c)
         # Everything of s not on n2 is now borrowed by n2; nothing by n1.
         not_on_n2 = sum(1 for b in get(c, "s").blocks if b.node_id != "n2")
@@ -370,7 +391,7 @@ def test_move_sequence_home_switches_record_ledger_and_events():
         # Durable: a restarted coordinator charges the blocks to the new home.
         c.stop()
         c.start()
-        assert get(c, "s").home_node == "n2"
+        assert (get(c, "s").home_node, get(c, "s").home_epoch) == ("n2", 3)
         assert books(c) == after, (books(c), after)
         # Released at its new home: the space comes back everywhere.
         c.stub.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="s"), timeout=5)

@@ -113,6 +113,7 @@ def test_home_then_creditors_by_bandwidth_within_caps():
                            timeout=20)
         one = json.loads(p.stdout)
         assert one["home"] == "n1" and len(one["blocks"]) == 170 and one["blocks"][169]["borrowed"]
+        assert one["home_epoch"] == 1, one["home_epoch"]
         page = c.stub.ListSequences(pb.ListSequencesRequest(limit=1), timeout=5)
         assert [x.id for x in page.sequences] == ["a"] and page.more and not page.sequences[0].blocks
         page = c.stub.ListSequences(pb.ListSequencesRequest(limit=1, after="a"), timeout=5)
