@@ -101,6 +101,10 @@ struct homeseqs {
 	uint32_t n_peers;
 	kvs_seq_id next_tail_id;
 	uint32_t *dummy_tokens; /* block_tokens zeros: kvs tails want token ids */
+	/* Failpoint for the tests (KVMESH_TEST_ADOPT_PAUSE_MS): an adoption
+	 * waits this long before its switch, so that a test can make the
+	 * coordinator unreachable at that moment. 0 in production. */
+	unsigned adopt_pause_ms;
 };
 
 /* ---- the map and peers (under hs->mu) ---------------------------------------- */
@@ -199,6 +203,8 @@ int homeseq_create(agent *a)
 		return -ENOMEM;
 	}
 	pthread_mutex_init(&hs->mu, NULL);
+	const char *pause = getenv("KVMESH_TEST_ADOPT_PAUSE_MS");
+	hs->adopt_pause_ms = pause ? (unsigned)strtoul(pause, NULL, 10) : 0;
 	/* Tails' kvs sequence ids: far from anything else that could use the
 	 * store's sequence table. */
 	hs->next_tail_id = 1ull << 62;
@@ -1393,7 +1399,7 @@ static int take_back(agent *a, const char *seq_id, uint64_t epoch)
 	free(resp);
 	if (code == KVM_RPC_OK)
 		return 0;
-	kvm_log(KVM_LOG_INFO, "take_back_refused", "seq=%s error=\"%s\"", seq_id, msg);
+	kvm_log(KVM_LOG_INFO, "take_back_failed", "seq=%s error=\"%s\"", seq_id, msg);
 	return code == KVM_RPC_FAILED_PRECONDITION || code == KVM_RPC_NOT_FOUND ? -ESTALE : -EAGAIN;
 }
 
@@ -1775,6 +1781,11 @@ int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t 
 		if (rc == 0) {
 			hs_insert(a, q);
 			q = NULL;
+			if (a->hs->adopt_pause_ms) {
+				kvm_log(KVM_LOG_WARN, "adopt_paused", "seq=%s ms=%u msg=\"test failpoint\"",
+					r->sequence_id, a->hs->adopt_pause_ms);
+				usleep(a->hs->adopt_pause_ms * 1000u);
+			}
 			code = adopt_switch(a, r, data_id, call);
 		} else {
 			code = kvm_rpc_fail(call, rc == -EXDEV ? KVM_RPC_FAILED_PRECONDITION : rpc_code(rc),

@@ -46,7 +46,7 @@ def reports_supported(c):
 class Cluster(AgentCluster):
     """Home n0 with a tiny pool; creditors n1, n2."""
 
-    def __init__(self, m, home_slots=10, peer_slots=40, slots=None):
+    def __init__(self, m, home_slots=10, peer_slots=40, slots=None, **agent_flags):
         self.m = m
         g = m.geometry
         self.kvh, self.qh = g.kv_heads, m.q_heads
@@ -55,7 +55,7 @@ class Cluster(AgentCluster):
         slots = slots or (home_slots, peer_slots, peer_slots)
         super().__init__(m, [n * self.block_bytes for n in slots],
                          {"heartbeat": "200ms", "dead-after": "1500ms", "lend-share": "1"},
-                         **{"tail-reserve": "4", "attend-timeout": "2s"})
+                         **dict({"tail-reserve": "4", "attend-timeout": "2s"}, **agent_flags))
 
 
 class Seq:
@@ -463,6 +463,67 @@ def test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere():
         cl.close()
 
 
+def test_switch_with_the_coordinator_unreachable_loses_nothing():
+    """The coordinator stops (SIGSTOP) just as the target is about to make
+    itself the home (a test failpoint pauses it there): the target's switch
+    and the old home's take-back both go unanswered, so nobody knows
+    whether the switch will land. The target keeps its copy pending and the
+    old home refuses appends; once the coordinator runs again, whichever
+    home it names serves the sequence with every row (outputs match the
+    reference), and in the end exactly one agent holds it."""
+    os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"] = "1500"
+    try:
+        # Quick timeouts to the coordinator, so that the test is short.
+        cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2), slots=(10, 60, 40), **{"call-timeout": "1s"})
+    finally:
+        del os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"]
+    coord = cl.c.proc.pid
+    try:
+        rng = np.random.default_rng(23)
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="s",
+                                                          home_node="n0"), timeout=5)
+        s = Seq(cl, "s", rng)
+        homes = {"s": "n0"}
+        for _ in range(BT + 3):
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+        cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
+        wait_for("n1 paused before its switch", lambda: "adopt_paused seq=s" in
+                 cl.agents["n1"].read_log(), timeout=10)
+        os.kill(coord, signal.SIGSTOP)
+        try:
+            wait_for("the switch unanswered", lambda: "adoption_pending seq=s" in
+                     cl.agents["n1"].read_log(), timeout=10)
+            wait_for("the take-back unanswered", lambda: "hand_off_failed seq=s" in
+                     cl.agents["n0"].read_log(), timeout=10)
+        finally:
+            os.kill(coord, signal.SIGCONT)
+        assert "refused until the coordinator says" in cl.agents["n0"].read_log()
+        # Decoding resumes at the home the coordinator names, with every row.
+        deadline = time.time() + 45
+        while True:
+            try:
+                homes["s"] = holders(cl, "s")[0].home_node
+                step_following_home(cl, [s], 0, 2e-3, homes)
+                step_following_home(cl, [s], 1, 2e-3, homes)
+                break
+            except grpc.RpcError as e:
+                assert time.time() < deadline, e
+                time.sleep(0.5)
+        for _ in range(BT):
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+
+        def copies():
+            return {n: cl.stub(n).Stats(pb.StatsRequest(), timeout=5).counters["home_sequences"]
+                    for n in cl.agents}
+        wait_for("one copy left", lambda: sum(copies().values()) == 1, timeout=20)
+        assert copies()[holders(cl, "s")[0].home_node] == 1, copies()
+    finally:
+        os.kill(coord, signal.SIGCONT)
+        cl.close()
+
+
 def refusal(cl, s, node):
     """Why node refuses an append to s (the test fails if it takes it)."""
     k, v = s.new_kv()
@@ -528,4 +589,5 @@ if __name__ == "__main__":
                test_drained_home_hands_its_sequences_over,
                test_refused_hand_off_leaves_the_sequence_served_where_it_was,
                test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere,
+               test_switch_with_the_coordinator_unreachable_loses_nothing,
                test_agents_keep_to_their_model], SKIPPED)
