@@ -118,6 +118,7 @@ typedef struct node_rec {
 	size_t reg_len;
 	uint64_t epoch;
 	Kvmesh__V1__NodeState state;
+	uint64_t incarnation;       /* its agent process's (Node.incarnation) */
 	uint64_t last_heartbeat_ms; /* wall clock, for people */
 	uint64_t heard_ms;          /* coord_mono_ms(), for liveness (stalls forgiven) */
 	double load;
@@ -204,7 +205,11 @@ int coord_list_sequences(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_move_sequence_home(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int coord_recover_sequences(kvm_coord *c);
-void coord_node_lost(kvm_coord *c, const char *node_id);
+/* A node's memory is gone (it died, or its agent restarted: how says which):
+ * the sequences whose written blocks were there, or that were homed there
+ * (their tail, the tokens after the last full block, lived only on the
+ * home), are degraded. */
+void coord_node_lost(kvm_coord *c, const char *node_id, const char *how);
 /* Marks a stored sequence degraded (durable with the next sync) and emits the
  * event; mu held. */
 void coord_degrade(kvm_coord *c, const char *id, const uint32_t *lost, size_t n, const char *why);

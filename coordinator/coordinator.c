@@ -162,6 +162,7 @@ static node_rec *upsert_node(kvm_coord *c, const Kvmesh__V1__Node *reg)
 	if (!n->reg)
 		return NULL;
 	kvmesh__v1__node__pack(reg, n->reg);
+	n->incarnation = reg->incarnation;
 	set_capacity(n, reg->n_capacity, reg->capacity);
 	snprintf(n->model, sizeof(n->model), "%s", reg->model_id);
 	return n;
@@ -243,8 +244,19 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 		goto out;
 	}
 	pthread_mutex_lock(&c->mu);
+	/* Another incarnation of a live node: its agent restarted (faster than
+	 * --dead-after), and what it held in memory is gone. */
+	node_rec *was = coord_find_node(c, r->node->id);
+	bool restarted = was && was->state != KVMESH__V1__NODE_STATE__NODE_DEAD && was->incarnation &&
+			 r->node->incarnation && was->incarnation != r->node->incarnation;
 	node_rec *nd = upsert_node(c, r->node);
 	uint64_t epoch = 0;
+	if (nd && restarted) {
+		kvm_log(KVM_LOG_WARN, "node_restarted", "node=%s msg=\"its blocks and tails are gone\"",
+			nd->id);
+		coord_soft_node_lost(c, (uint32_t)(nd - c->nodes));
+		coord_node_lost(c, nd->id, "restarted");
+	}
 	if (nd) {
 		/* Epochs only grow: a heartbeat from before this registration is stale. */
 		uint64_t t = coord_now_ms();
@@ -748,11 +760,14 @@ out:
 /* The coordinator itself was stopped or starved (SIGSTOP, a paused VM, a
  * CPU quota) for `gap` ms: heartbeats could not be heard meanwhile, so the
  * time does not count against the nodes; mu held. */
-static void forgive_stall(kvm_coord *c, uint64_t gap)
+static void forgive_stall(kvm_coord *c, uint64_t gap, uint64_t now)
 {
-	for (size_t i = 0; i < c->n_nodes; i++)
-		if (c->nodes[i].state != KVMESH__V1__NODE_STATE__NODE_DEAD)
-			c->nodes[i].heard_ms += gap;
+	/* Never past now: a heartbeat handled since the stall heard it now. */
+	for (size_t i = 0; i < c->n_nodes; i++) {
+		node_rec *nd = &c->nodes[i];
+		if (nd->state != KVMESH__V1__NODE_STATE__NODE_DEAD)
+			nd->heard_ms = nd->heard_ms + gap < now ? nd->heard_ms + gap : now;
+	}
 	c->stalls++;
 	kvm_log(KVM_LOG_WARN, "coordinator_stalled", "ms=%llu msg=\"heartbeat ages do not count the stall\"",
 		(unsigned long long)gap);
@@ -775,7 +790,7 @@ static void *liveness_main(void *arg)
 		uint64_t t = coord_mono_ms();
 		/* Woken a heartbeat or more late: this process was not running. */
 		if (t - last > (uint64_t)(step + c->cfg.heartbeat_ms))
-			forgive_stall(c, t - last - (uint64_t)step);
+			forgive_stall(c, t - last - (uint64_t)step, t);
 		last = t;
 		for (size_t i = 0; i < c->n_nodes; i++) {
 			node_rec *nd = &c->nodes[i];
@@ -784,7 +799,7 @@ static void *liveness_main(void *arg)
 			if (nd->state == KVMESH__V1__NODE_STATE__NODE_DRAINING && !nd->drained_told)
 				coord_drain_step(c, (uint32_t)i);
 			if (nd->state == KVMESH__V1__NODE_STATE__NODE_DEAD ||
-			    t - nd->heard_ms < (uint64_t)c->cfg.dead_after_ms)
+			    t < nd->heard_ms || t - nd->heard_ms < (uint64_t)c->cfg.dead_after_ms)
 				continue;
 			nd->state = KVMESH__V1__NODE_STATE__NODE_DEAD;
 			sync_ledger(c, nd);
@@ -793,7 +808,7 @@ static void *liveness_main(void *arg)
 				 (unsigned long long)(t - nd->heard_ms));
 			emit_node_event(c, nd->id, nd->state, why);
 			coord_soft_node_lost(c, (uint32_t)i);
-			coord_node_lost(c, nd->id);
+			coord_node_lost(c, nd->id, "died");
 		}
 	}
 	pthread_mutex_unlock(&c->mu);

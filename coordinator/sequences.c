@@ -1073,7 +1073,8 @@ static int collect_on_node(void *arg, const char *key, const void *val, size_t l
 	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, val);
 	if (!s)
 		return 0;
-	bool on = false; /* (no store reads here: the scan holds the store) */
+	/* (no store reads here: the scan holds the store) */
+	bool on = strcmp(s->home_node, l->node) == 0;
 	for (size_t i = 0; i < s->n_blocks && !on; i++)
 		on = strcmp(s->blocks[i]->node_id, l->node) == 0;
 	if (on && !s->degraded) {
@@ -1170,7 +1171,7 @@ void coord_degrade(kvm_coord *c, const char *id, const uint32_t *lost, size_t n,
 	kvmesh__v1__sequence__free_unpacked(s, NULL);
 }
 
-void coord_node_lost(kvm_coord *c, const char *node_id)
+void coord_node_lost(kvm_coord *c, const char *node_id, const char *how)
 {
 	id_list l = {.node = node_id};
 	kvm_state_scan(c->st, "seqs/", collect_on_node, &l);
@@ -1184,9 +1185,16 @@ void coord_node_lost(kvm_coord *c, const char *node_id)
 		for (size_t b = 0; lost && b < s->n_blocks; b++)
 			if (strcmp(s->blocks[b]->node_id, node_id) == 0 && holds_data(s->blocks[b], bt))
 				lost[n++] = s->blocks[b]->index;
-		char why[160];
-		snprintf(why, sizeof(why), "%zu blocks were on node %s, which died", n, node_id);
-		if (n || !lost) /* none: only its unwritten tail's placement was there */
+		bool home = strcmp(s->home_node, node_id) == 0;
+		char why[200];
+		if (home)
+			snprintf(why, sizeof(why),
+				 "its home %s %s: the tokens after its last full block were there%s", node_id,
+				 how, n ? ", and blocks" : "");
+		else
+			snprintf(why, sizeof(why), "%zu blocks were on node %s, which %s", n, node_id, how);
+		/* Neither: only the placement of a tail not written yet was there. */
+		if (n || home || !lost)
 			coord_degrade(c, s->id, lost, n, why);
 		free(lost);
 		kvmesh__v1__sequence__free_unpacked(s, NULL);

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/sysinfo.h>
 #include <time.h>
 #include <unistd.h>
@@ -230,6 +231,7 @@ static int register_node(agent *a)
 	node.n_capacity = 1;
 	node.capacity = caps;
 	node.load = load_now();
+	node.incarnation = a->incarnation;
 	Kvmesh__V1__RegisterNodeRequest req = KVMESH__V1__REGISTER_NODE_REQUEST__INIT;
 	req.node = &node;
 	void *resp = NULL;
@@ -592,6 +594,11 @@ static void drain_before_exit(agent *a, const sigset_t *sigs)
 int main(int argc, char **argv)
 {
 	static agent a;
+	/* Tells the coordinator, at registration, that this is a new process:
+	 * whatever an earlier one held in memory is gone. */
+	if (getrandom(&a.incarnation, sizeof a.incarnation, 0) != sizeof a.incarnation)
+		a.incarnation = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+	a.incarnation |= 1; /* never 0 (0: not said) */
 	char metrics_listen[KVM_OPT_STRING_MAX];
 	char host[256] = "node";
 	gethostname(host, sizeof(host) - 1);

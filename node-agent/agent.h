@@ -98,6 +98,7 @@ typedef struct agent {
 	kvm_histogram attend_latency;
 	uint64_t attend_queries, attend_failed;
 	uint64_t hand_offs, hand_off_failures, adoptions; /* drains (atomic) */
+	uint64_t incarnation; /* random per process start (Node.incarnation) */
 
 	pthread_mutex_t mu; /* guards epoch, registered, stopping */
 	pthread_cond_t cv;

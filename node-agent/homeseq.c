@@ -308,6 +308,15 @@ static int hs_fetch(agent *a, const char *seq_id, uint64_t data_id, const char *
 		rc = -EXDEV;
 		goto out;
 	}
+	if (s->degraded) {
+		/* Its tail or blocks went with a node: attention over what is left
+		 * would be silently wrong. */
+		snprintf(err, err_len,
+			 "sequence %.80s is degraded (KV lost with a node that died or restarted): "
+			 "release it, or prefill it again", s->id);
+		rc = -ENODATA;
+		goto out;
+	}
 	pthread_mutex_lock(&hs->mu);
 	/* Full blocks are the leading run that holders have reported. */
 	for (size_t i = 0; rc == 0 && i < s->n_blocks; i++) {
@@ -1847,6 +1856,7 @@ static int rpc_code(int err)
 	case -ETIMEDOUT:
 		return KVM_RPC_DEADLINE_EXCEEDED;
 	case -EXDEV: /* homed elsewhere now: the caller asks the coordinator */
+	case -ENODATA: /* degraded */
 		return KVM_RPC_FAILED_PRECONDITION;
 	default:
 		return KVM_RPC_UNAVAILABLE;

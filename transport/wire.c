@@ -156,6 +156,7 @@ uint32_t wire_err_from_errno(int e)
 	case -ERANGE: return WIRE_E_RANGE;
 	case -EACCES: case -EPERM: return WIRE_E_DENIED;
 	case -EXDEV: return WIRE_E_MOVED;
+	case -ENODATA: return WIRE_E_DEGRADED;
 	default: return WIRE_E_INTERNAL;
 	}
 }
@@ -177,6 +178,7 @@ int wire_err_to_errno(uint32_t c)
 	case WIRE_E_RANGE: return -ERANGE;
 	case WIRE_E_DENIED: return -EACCES;
 	case WIRE_E_MOVED: return -EXDEV;
+	case WIRE_E_DEGRADED: return -ENODATA;
 	default: return -EREMOTEIO;
 	}
 }

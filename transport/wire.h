@@ -79,6 +79,7 @@ enum wire_err {
 	WIRE_E_RANGE = 12,    /* offset/length outside the block */
 	WIRE_E_DENIED = 13,   /* HELLO refused (authentication, policy) */
 	WIRE_E_MOVED = 14,    /* the sequence's home is another node now: ask the coordinator */
+	WIRE_E_DEGRADED = 15, /* the sequence lost KV (a node died or restarted): not served */
 };
 uint32_t wire_err_from_errno(int neg_errno);
 int wire_err_to_errno(uint32_t code);

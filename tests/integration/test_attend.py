@@ -524,6 +524,61 @@ def test_switch_with_the_coordinator_unreachable_loses_nothing():
         cl.close()
 
 
+def test_a_lost_home_degrades_its_sequences():
+    """A home's sequences keep their last tokens (the tail) only on the home:
+    when it dies, or its agent restarts faster than dead-after, they are
+    degraded, with a reason and a DEGRADED event, even those with no block
+    on it; the restarted home refuses them (no attention over a context with
+    rows missing) and serves new ones."""
+    cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2))
+    try:
+        rng = np.random.default_rng(29)
+        seqs = {}
+        for sid in ("t0", "f0", "t1"):  # t*: a tail only; f0: full blocks too
+            cl.c.stub.CreateSequence(pb.CreateSequenceRequest(
+                model_id="m", sequence_id=sid, home_node="n" + sid[1]), timeout=5)
+            seqs[sid] = Seq(cl, sid, rng)
+        decode(cl, cl.stub("n0"), [seqs["t0"]], 3, 2e-3)
+        decode(cl, cl.stub("n0"), [seqs["f0"]], 2 * BT + 3, 2e-3)
+        decode(cl, cl.stub("n1"), [seqs["t1"]], 3, 2e-3)
+        assert not holders(cl, "t1")[0].blocks  # nothing but the tail, on n1
+        events = cl.c.stub.WatchEvents(pb.WatchEventsRequest(), timeout=30)
+        # n1 restarts at once (as systemd would): never declared dead.
+        cl.agents["n1"].stop(sig="KILL")
+        cl.agents["n1"].start()
+        wait_for("n1 restarted", lambda: "event=node_restarted node=n1" in cl.c.read_log())
+        t1 = holders(cl, "t1")[0]
+        assert t1.degraded and t1.home_node == "n1", t1
+        st = cl.stub("n1")
+        try:
+            decode(cl, st, [seqs["t1"]], 1, 2e-3)
+            raise AssertionError("the restarted home served a sequence whose tail it lost")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+            assert "degraded" in e.details(), e.details()
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="new",
+                                                          home_node="n1"), timeout=5)
+        decode(cl, st, [Seq(cl, "new", rng)], 2, 2e-3)
+        assert not holders(cl, "f0")[0].degraded  # nothing of it was on n1
+        # n0 dies: its sequences, with or without blocks there, are degraded.
+        cl.agents["n0"].stop(sig="KILL")
+        wait_for("n0 dead", lambda: list_nodes(cl.c)["n0"].state == pb.NODE_DEAD, timeout=5)
+        for sid in ("t0", "f0"):
+            assert holders(cl, sid)[0].degraded, sid
+        assert not holders(cl, "new")[0].degraded
+        why = {}
+        for e in events:
+            if e.HasField("sequence") and e.sequence.kind == pb.SequenceEvent.DEGRADED:
+                why[e.sequence.sequence_id] = e.sequence.reason
+                if len(why) == 3:
+                    break
+        events.cancel()
+        assert "its home n1 restarted" in why["t1"], why
+        assert "its home n0 died" in why["t0"] and "its home n0 died" in why["f0"], why
+    finally:
+        cl.close()
+
+
 def refusal(cl, s, node):
     """Why node refuses an append to s (the test fails if it takes it)."""
     k, v = s.new_kv()
@@ -590,4 +645,5 @@ if __name__ == "__main__":
                test_refused_hand_off_leaves_the_sequence_served_where_it_was,
                test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere,
                test_switch_with_the_coordinator_unreachable_loses_nothing,
+               test_a_lost_home_degrades_its_sequences,
                test_agents_keep_to_their_model], SKIPPED)

@@ -182,6 +182,10 @@ Test(wire, hello_ping_error_append)
 	cr_assert(code == WIRE_E_STALE && ml == 12 && memcmp(msg, "stale handle", 12) == 0);
 	cr_assert_eq(wire_err_to_errno(code), -ESTALE);
 	cr_assert_eq(wire_err_from_errno(-ESTALE), WIRE_E_STALE);
+	/* The per-entry codes a home answers round-trip to the client's errno. */
+	for (uint32_t c = WIRE_E_MOVED; c <= WIRE_E_DEGRADED; c++)
+		cr_assert_eq(wire_err_from_errno(wire_err_to_errno(c)), c, "code %u", c);
+	cr_assert_eq(wire_err_to_errno(WIRE_E_DEGRADED), -ENODATA);
 	b.len = 0;
 	wire_append_ref a = {{3, 1, 0}, 2, 5, 1, 256};
 	wire_encode_append_req(&b, &a, 1);
