@@ -97,6 +97,7 @@ struct soft_seq {
 	size_t n, cap;
 	soft_slot *slots;
 	uint64_t handoff_until_ms; /* a HandOff for it is out until then (drain.c) */
+	bool degraded;             /* not served any more: a drain does not hand it off */
 };
 
 /* A block in flight off a draining node (drain.c): reserved on dst for

@@ -168,7 +168,8 @@ static void plan_handoffs(kvm_coord *c, uint32_t node, uint64_t now)
 	uint32_t *given = NULL, to = NO_NODE;
 	for (size_t b = 0; b < c->seq_buckets; b++)
 		for (soft_seq *s = c->seqs[b]; s; s = s->next) {
-			if (s->home != node || s->handoff_until_ms > now)
+			/* A degraded sequence is not served: it stays, to be released. */
+			if (s->home != node || s->handoff_until_ms > now || s->degraded)
 				continue;
 			if (!given && !(given = calloc(c->n_nodes, sizeof(*given))))
 				return;
@@ -434,7 +435,7 @@ void coord_drain_progress(kvm_coord *c, uint32_t node, uint64_t *blocks_left, ui
 	for (size_t b = 0; b < c->seq_buckets; b++)
 		for (soft_seq *s = c->seqs[b]; s; s = s->next) {
 			if (s->home == node) {
-				(*home_seqs)++;
+				*home_seqs += !s->degraded;
 				continue;
 			}
 			for (size_t i = 0; i < s->n; i++) {

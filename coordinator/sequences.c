@@ -1002,6 +1002,8 @@ static int recover_seq(void *arg, const char *key, const void *val, size_t len)
 			bt = x->models[i].bt;
 	soft_seq *ss = coord_soft_add(c, s->id, s->home_node, s->model_id, bt);
 	int rc = ss ? 0 : -ENOMEM;
+	if (ss)
+		ss->degraded = s->degraded;
 	for (size_t i = 0; i < s->n_blocks && rc == 0; i++) {
 		const Kvmesh__V1__BlockPlacement *p = s->blocks[i];
 		bool owned = i >= s->shared_prefix_blocks;
@@ -1158,6 +1160,9 @@ void coord_degrade(kvm_coord *c, const char *id, const uint32_t *lost, size_t n,
 	Kvmesh__V1__Sequence *s = load_seq(c, id);
 	if (!s)
 		return;
+	soft_seq *ss = coord_soft_find(c, s->id);
+	if (ss)
+		ss->degraded = true;
 	if (!s->degraded) {
 		s->degraded = 1;
 		c->degraded_total++;

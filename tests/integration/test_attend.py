@@ -529,7 +529,7 @@ def test_a_lost_home_degrades_its_sequences():
     when it dies, or its agent restarts faster than dead-after, they are
     degraded, with a reason and a DEGRADED event, even those with no block
     on it; the restarted home refuses them (no attention over a context with
-    rows missing) and serves new ones."""
+    rows missing) and serves new ones; a drain leaves them to be released."""
     cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2))
     try:
         rng = np.random.default_rng(29)
@@ -575,6 +575,14 @@ def test_a_lost_home_degrades_its_sequences():
         events.cancel()
         assert "its home n1 restarted" in why["t1"], why
         assert "its home n0 died" in why["t0"] and "its home n0 died" in why["f0"], why
+        # Draining n1 hands "new" to n2 and leaves t1 (not served) to be released.
+        cl.c.stub.DrainNode(pb.NodeRequest(node_id="n1"), timeout=5)
+        wait_for("n1 drained", lambda: list_nodes(cl.c)["n1"].drain_home_sequences == 0 and
+                 list_nodes(cl.c)["n1"].drain_blocks_left == 0, timeout=15)
+        assert holders(cl, "new")[0].home_node == "n2"
+        assert holders(cl, "t1")[0].home_node == "n1"
+        assert "hand_off_failed" not in cl.agents["n1"].read_log()
+        cl.c.stub.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="t1"), timeout=5)
     finally:
         cl.close()
 
