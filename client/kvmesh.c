@@ -1225,13 +1225,17 @@ static int seq_rehome_moved(kvm_client *c, const char *id, bool *moved)
 }
 
 /* A drain hands a sequence to a new home within a few heartbeats; until
- * the coordinator names it, the old home refuses appends with -EXDEV. */
-#define MOVED_RETRIES 40
-#define MOVED_BACKOFF_MAX_MS 200
+ * the coordinator names it, the old home refuses appends with -EXDEV. The
+ * waits stay short (a hand-off takes tens of ms: a long wait would only
+ * overshoot it), and add up to about 8 s (a target that does not answer
+ * holds a hand-off up to 15 s, then the old home serves it again). */
+#define MOVED_RETRIES 100
+#define MOVED_BACKOFF_MAX_MS 80
 
-static void moved_backoff(int attempt)
+/* The n-th wait (n >= 1): 10, 20, 40, 80, 80, ... ms. */
+static void moved_backoff(int n)
 {
-	int ms = 10 << (attempt < 5 ? attempt : 5);
+	int ms = 10 << (n < 4 ? n - 1 : 3);
 	usleep((useconds_t)(ms < MOVED_BACKOFF_MAX_MS ? ms : MOVED_BACKOFF_MAX_MS) * 1000);
 }
 
@@ -1317,7 +1321,7 @@ int kvm_append_kv(kvm_client *c, const char *seq_id, uint32_t layer, uint32_t n_
 	while (done < n_tokens && (rc == 0 || (rc == -EXDEV && moved < MOVED_RETRIES))) {
 		if (rc == -EXDEV) { /* the home moved (nothing applied): ask where to */
 			if (moved++)
-				moved_backoff(moved);
+				moved_backoff(moved - 1);
 			if ((rc = seq_rehome(c, seq_id)) != 0)
 				break;
 			pthread_mutex_lock(&c->mu);

@@ -116,6 +116,7 @@ soft_seq *coord_soft_add(kvm_coord *c, const char *id, const char *home, const c
 	if (!s)
 		return NULL;
 	snprintf(s->id, sizeof(s->id), "%s", id);
+	s->home_epoch = 1;
 	snprintf(s->model_id, sizeof(s->model_id), "%s", model_id);
 	s->data_id = coord_data_id(id);
 	s->home = coord_node_ix(c, home);

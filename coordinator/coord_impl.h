@@ -40,8 +40,9 @@ typedef struct cmd_rec {
 	Kvmesh__V1__Command__KindCase kind;
 	char *sequence_id; /* ReleaseSequence, HandOff */
 	uint64_t data_id;
-	char target[KVM_NODE_ID_MAX]; /* HandOff: the new home, its gRPC address */
+	char target[KVM_NODE_ID_MAX]; /* HandOff: the new home, its gRPC address, */
 	char target_address[256];
+	uint64_t home_epoch;          /* and the sequence's home epoch */
 	size_t n; /* ReleaseBlocks, MoveBlocks */
 	Kvmesh__V1__BlockHandle *handles;
 	move_item *moves;
@@ -98,6 +99,7 @@ struct soft_seq {
 	soft_slot *slots;
 	uint64_t handoff_until_ms; /* a HandOff for it is out until then (drain.c) */
 	bool degraded;             /* not served any more: a drain does not hand it off */
+	uint64_t home_epoch;       /* as in its record (1 at creation) */
 };
 
 /* A block in flight off a draining node (drain.c): reserved on dst for

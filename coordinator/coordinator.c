@@ -362,6 +362,7 @@ static int reply_commands(kvm_rpc_call *call, bool drain, const cmd_rec *list, s
 			ho[i].data_id = m->data_id;
 			ho[i].target_node = (char *)m->target;
 			ho[i].target_address = (char *)m->target_address;
+			ho[i].home_epoch = m->home_epoch;
 			cmds[k].kind_case = KVMESH__V1__COMMAND__KIND_HAND_OFF;
 			cmds[k].hand_off = &ho[i];
 		} else {

@@ -193,6 +193,7 @@ static void plan_handoffs(kvm_coord *c, uint32_t node, uint64_t now)
 			}
 			cmd->kind = KVMESH__V1__COMMAND__KIND_HAND_OFF;
 			cmd->data_id = s->data_id;
+			cmd->home_epoch = s->home_epoch;
 			snprintf(cmd->target, sizeof(cmd->target), "%s", c->nodes[to].id);
 			grpc_address(c, to, cmd->target_address, sizeof(cmd->target_address));
 			coord_queue_cmd(c, node, cmd);

@@ -910,6 +910,8 @@ int coord_move_sequence_home(void *arg, kvm_rpc_call *call, const uint8_t *req, 
 		s->home_epoch++;
 		int src = store_seq(c, s, &ticket);
 		s->home_node = old;
+		if (src == 0)
+			ss->home_epoch = s->home_epoch;
 		if (src != 0) {
 			rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
 		} else if (keep) {
@@ -1002,8 +1004,10 @@ static int recover_seq(void *arg, const char *key, const void *val, size_t len)
 			bt = x->models[i].bt;
 	soft_seq *ss = coord_soft_add(c, s->id, s->home_node, s->model_id, bt);
 	int rc = ss ? 0 : -ENOMEM;
-	if (ss)
+	if (ss) {
 		ss->degraded = s->degraded;
+		ss->home_epoch = s->home_epoch;
+	}
 	for (size_t i = 0; i < s->n_blocks && rc == 0; i++) {
 		const Kvmesh__V1__BlockPlacement *p = s->blocks[i];
 		bool owned = i >= s->shared_prefix_blocks;

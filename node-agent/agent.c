@@ -291,7 +291,8 @@ static void apply_commands(agent *a, const Kvmesh__V1__HeartbeatResponse *r)
 		}
 		case KVMESH__V1__COMMAND__KIND_HAND_OFF:
 			homeseq_hand_off(a, c->hand_off->sequence_id, c->hand_off->data_id,
-					 c->hand_off->target_node, c->hand_off->target_address);
+					 c->hand_off->target_node, c->hand_off->target_address,
+					 c->hand_off->home_epoch);
 			break;
 		case KVMESH__V1__COMMAND__KIND_MOVE: {
 			int rc = blocks_move(a, c->move);

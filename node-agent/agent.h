@@ -182,7 +182,7 @@ void homeseq_release(agent *a, const char *seq_id, uint64_t data_id);
 /* A drain's HandOff: the sequence goes to target (gRPC target_addr), on the
  * home pool after what is queued. */
 void homeseq_hand_off(agent *a, const char *seq_id, uint64_t data_id, const char *target,
-		      const char *target_addr);
+		      const char *target_addr, uint64_t home_epoch);
 /* Drops the sequences handed off more than a grace period ago (their
  * in-flight attends are done); from the heartbeat thread. */
 void homeseq_expire(agent *a);

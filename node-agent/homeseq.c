@@ -1363,6 +1363,7 @@ struct handoff_job {
 	agent *a;
 	uint64_t data_id;
 	char seq_id[ID_MAX], target[ID_MAX], target_addr[ID_MAX];
+	uint64_t home_epoch; /* from the HandOff (0: ask the coordinator) */
 	unsigned requeued;
 	/* Filled on the home pool for the call on the hand-off pool. */
 	Kvmesh__V1__AdoptSequenceRequest req;
@@ -1392,15 +1393,15 @@ static int home_now(agent *a, const char *seq_id, char *home, uint64_t *epoch)
 
 /* Takes back a sequence whose hand-off failed: MoveSequenceHome to this
  * node, which moves nothing but bumps the home epoch, so that a switch to
- * the target that reaches the coordinator late is refused. epoch: the one
- * the hand-off saw (0: whatever it is now). 0: ours again; -ESTALE: refused
- * (another node is the home, or the sequence is gone); -EAGAIN: no answer. */
-static int take_back(agent *a, const char *seq_id, uint64_t epoch)
+ * the target that reaches the coordinator late is refused. (No epoch is
+ * named: while this node is the home, no switch can carry a later one.)
+ * 0: ours again; -ESTALE: refused (another node is the home, or the
+ * sequence is gone); -EAGAIN: no answer. */
+static int take_back(agent *a, const char *seq_id)
 {
 	Kvmesh__V1__MoveSequenceHomeRequest mr = KVMESH__V1__MOVE_SEQUENCE_HOME_REQUEST__INIT;
 	mr.sequence_id = (char *)seq_id;
 	mr.from_node = mr.to_node = a->node_id;
-	mr.home_epoch = epoch;
 	void *resp = NULL;
 	size_t len;
 	char msg[400];
@@ -1430,15 +1431,15 @@ static void handoff_call(void *arg, da_ctx *ctx)
 	(void)ctx;
 	int rc = j->rc;
 	char *err = j->err, home[ID_MAX] = "";
-	uint64_t epoch = 0;
+	uint64_t epoch = j->home_epoch;
 	/* The record's epoch goes with the tail: the target's switch is refused
-	 * once this node has taken the sequence back. A record that names
-	 * another home already (an earlier attempt whose reply was lost) means
-	 * the hand-off is done. */
+	 * once this node has taken the sequence back. The HandOff carries it;
+	 * from an older coordinator, ask: a record that names another home
+	 * already (an earlier attempt whose reply was lost) means it is done. */
 	bool elsewhere = false;
-	if (rc == 0 && (rc = home_now(a, j->seq_id, home, &epoch)) != 0)
+	if (rc == 0 && !epoch && (rc = home_now(a, j->seq_id, home, &epoch)) != 0)
 		snprintf(err, sizeof j->err, "the coordinator cannot say where %s is homed", j->seq_id);
-	else if (rc == 0)
+	else if (rc == 0 && home[0])
 		elsewhere = strcmp(home, a->node_id) != 0;
 	if (rc == 0 && !elsewhere) {
 		j->req.home_epoch = epoch;
@@ -1465,7 +1466,7 @@ static void handoff_call(void *arg, da_ctx *ctx)
 	pthread_mutex_unlock(&hs->mu);
 	bool still_ours = false;
 	if (rc != 0 && moving) {
-		int tb = take_back(a, j->seq_id, epoch);
+		int tb = take_back(a, j->seq_id);
 		still_ours = tb == 0;
 		if (tb == -ESTALE && home_now(a, j->seq_id, home, NULL) != -EAGAIN)
 			elsewhere = true; /* another home, or released */
@@ -1598,7 +1599,7 @@ void homeseq_expire(agent *a)
 	 * did not send again (the drain was called off): taken back if it is
 	 * still homed here, else dropped (the home named holds the tail). */
 	for (uint32_t i = 0; i < n_stuck; i++) {
-		int tb = take_back(a, stuck[i], 0);
+		int tb = take_back(a, stuck[i]);
 		if (tb == -EAGAIN)
 			continue;
 		pthread_mutex_lock(&hs->mu);
@@ -1637,7 +1638,7 @@ void homeseq_expire(agent *a)
 }
 
 void homeseq_hand_off(agent *a, const char *seq_id, uint64_t data_id, const char *target,
-		      const char *target_addr)
+		      const char *target_addr, uint64_t home_epoch)
 {
 	struct handoff_job *j = calloc(1, sizeof *j);
 	if (!j)
@@ -1647,6 +1648,7 @@ void homeseq_hand_off(agent *a, const char *seq_id, uint64_t data_id, const char
 	snprintf(j->seq_id, sizeof j->seq_id, "%s", seq_id ? seq_id : "");
 	snprintf(j->target, sizeof j->target, "%s", target);
 	snprintf(j->target_addr, sizeof j->target_addr, "%s", target_addr);
+	j->home_epoch = home_epoch;
 	if (wpool_submit(a->home, handoff_run, j) != 0)
 		free(j);
 }
