@@ -326,6 +326,7 @@ void agent_heartbeat_now(agent *a)
 		pthread_mutex_lock(&a->mu);
 		a->registered = false;
 		pthread_mutex_unlock(&a->mu);
+		homeseq_recheck_all(a);
 	} else if (code != KVM_RPC_OK) {
 		kvm_log(KVM_LOG_WARN, "heartbeat_failed", "code=%d reason=\"%s\"", code, msg);
 	} else {

@@ -190,6 +190,9 @@ void homeseq_expire(agent *a);
 int homeseq_rpc_adopt(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 int homeseq_rpc_attend_append(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len);
 uint32_t homeseq_count(agent *a);
+/* After a registration again: each home sequence is checked with the
+ * coordinator (degraded meanwhile?) before it is served again. */
+void homeseq_recheck_all(agent *a);
 
 /* XXH3-64 of a sequence id: its name on the data plane. */
 uint64_t agent_data_id(const char *seq_id);

@@ -90,6 +90,10 @@ struct hseq {
 	 * known yet (its answer was lost): kept until it can say, since the
 	 * switch, at this home epoch, may still happen (homeseq_expire). */
 	uint64_t pending_epoch, pending_since_ms;
+	/* This agent registered again (it was declared dead, or the coordinator
+	 * restarted): the coordinator may have degraded the sequence meanwhile;
+	 * asked before it is served again (hs_get). */
+	bool recheck;
 	struct hseq *next;
 };
 
@@ -233,6 +237,16 @@ void homeseq_destroy(agent *a)
 	free(hs->dummy_tokens);
 	free(hs);
 	a->hs = NULL;
+}
+
+void homeseq_recheck_all(agent *a)
+{
+	homeseqs *hs = a->hs;
+	pthread_mutex_lock(&hs->mu);
+	for (uint32_t b = 0; b < HS_BUCKETS; b++)
+		for (struct hseq *q = hs->bucket[b]; q; q = q->next)
+			q->recheck = true;
+	pthread_mutex_unlock(&hs->mu);
 }
 
 uint32_t homeseq_count(agent *a)
@@ -384,7 +398,30 @@ static int hs_get(agent *a, const char *seq_id, uint64_t data_id, struct hseq **
 		data_id = agent_data_id(seq_id);
 	pthread_mutex_lock(&hs->mu);
 	struct hseq *q = hs_find(hs, data_id);
+	bool recheck = q && q->recheck;
 	pthread_mutex_unlock(&hs->mu);
+	if (q && recheck) {
+		int rc = 0;
+		Kvmesh__V1__Sequence *s = get_sequence(a, NULL, data_id, &rc, err, err_len);
+		if (s && s->degraded) {
+			snprintf(err, err_len,
+				 "sequence %.80s is degraded (this node was declared dead meanwhile): "
+				 "release it, or prefill it again", s->id);
+			rc = -ENODATA;
+		}
+		if (s)
+			kvmesh__v1__sequence__free_unpacked(s, NULL);
+		if (rc == -ENODATA || rc == -ENOENT) {
+			homeseq_release(a, NULL, data_id); /* on the home pool */
+			return rc;
+		}
+		if (rc)
+			return -EAGAIN; /* err says why; asked again next time */
+		pthread_mutex_lock(&hs->mu);
+		if (hs_find(hs, data_id) == q)
+			q->recheck = false;
+		pthread_mutex_unlock(&hs->mu);
+	}
 	if (q) {
 		*out = q;
 		return 0;

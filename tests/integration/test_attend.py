@@ -587,6 +587,41 @@ def test_a_lost_home_degrades_its_sequences():
         cl.close()
 
 
+def test_a_home_declared_dead_and_back_refuses_what_was_degraded():
+    """A home stopped longer than dead-after (SIGSTOP) is declared dead and
+    its sequences degraded; when it runs again it registers again, and
+    refuses them though it still holds them (the coordinator's word), while
+    a sequence created after serves as usual."""
+    cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2))
+    try:
+        rng = np.random.default_rng(31)
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="h",
+                                                          home_node="n0"), timeout=5)
+        h = Seq(cl, "h", rng)
+        decode(cl, cl.stub("n0"), [h], BT + 2, 2e-3)
+        pid = cl.agents["n0"].proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for("n0 dead", lambda: list_nodes(cl.c)["n0"].state == pb.NODE_DEAD, timeout=5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for("n0 back", lambda: list_nodes(cl.c)["n0"].state == pb.NODE_READY, timeout=5)
+        assert holders(cl, "h")[0].degraded
+        try:
+            decode(cl, cl.stub("n0"), [h], 1, 2e-3)
+            raise AssertionError("a degraded sequence was served")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+            assert "degraded" in e.details(), e.details()
+        wait_for("h dropped", lambda: cl.stub("n0").Stats(
+            pb.StatsRequest(), timeout=5).counters["home_sequences"] == 0, timeout=5)
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="h2",
+                                                          home_node="n0"), timeout=5)
+        decode(cl, cl.stub("n0"), [Seq(cl, "h2", rng)], BT + 2, 2e-3)
+    finally:
+        cl.close()
+
+
 def refusal(cl, s, node):
     """Why node refuses an append to s (the test fails if it takes it)."""
     k, v = s.new_kv()
@@ -654,4 +689,5 @@ if __name__ == "__main__":
                test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere,
                test_switch_with_the_coordinator_unreachable_loses_nothing,
                test_a_lost_home_degrades_its_sequences,
+               test_a_home_declared_dead_and_back_refuses_what_was_degraded,
                test_agents_keep_to_their_model], SKIPPED)
