@@ -622,6 +622,44 @@ def test_a_home_declared_dead_and_back_refuses_what_was_degraded():
         cl.close()
 
 
+def test_target_killed_mid_adoption():
+    """The target dies while it adopts (SIGKILL during a failpoint pause,
+    after it installed the tail): the old home's call fails at once, it
+    takes the sequence back (appends resume there, at a new epoch), and the
+    coordinator's next HandOff goes to another agent; no row is lost."""
+    os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"] = "1500"
+    try:
+        cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2), slots=(10, 60, 40))
+    finally:
+        del os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"]
+    try:
+        rng = np.random.default_rng(37)
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="s",
+                                                          home_node="n0"), timeout=5)
+        s = Seq(cl, "s", rng)
+        homes = {"s": "n0"}
+        for _ in range(BT + 3):
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+        cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
+        wait_for("n1 adopting", lambda: "adopt_paused seq=s" in cl.agents["n1"].read_log(),
+                 timeout=10)
+        cl.agents["n1"].stop(sig="KILL")
+        wait_for("taken back", lambda: "appends=\"taken again\"" in cl.agents["n0"].read_log(),
+                 timeout=10)
+        assert holders(cl, "s")[0].home_epoch == 2
+        for _ in range(2):  # served by n0 again
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+        wait_for("s homed on n2", lambda: holders(cl, "s")[0].home_node == "n2", timeout=20)
+        for _ in range(BT):
+            for layer in range(LAYERS):
+                step_following_home(cl, [s], layer, 2e-3, homes)
+        assert homes["s"] == "n2" and holders(cl, "s")[0].home_epoch == 3
+    finally:
+        cl.close()
+
+
 def refusal(cl, s, node):
     """Why node refuses an append to s (the test fails if it takes it)."""
     k, v = s.new_kv()
@@ -688,6 +726,7 @@ if __name__ == "__main__":
                test_refused_hand_off_leaves_the_sequence_served_where_it_was,
                test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere,
                test_switch_with_the_coordinator_unreachable_loses_nothing,
+               test_target_killed_mid_adoption,
                test_a_lost_home_degrades_its_sequences,
                test_a_home_declared_dead_and_back_refuses_what_was_degraded,
                test_agents_keep_to_their_model], SKIPPED)
