@@ -43,7 +43,9 @@
 #define ADOPT_WAIT_MS 2000
 #define ADOPT_BUDGET_MS 6000
 #define ADOPT_CALL_MS 15000
-#define HANDOFF_STUCK_MS 30000 /* moving, outcome unknown: ask the coordinator */
+/* Moving, no hand-off call out, outcome unknown: take it back (or learn it
+ * went) this long after the last call ended. */
+#define HANDOFF_STUCK_MS 5000
 #define PENDING_CHECK_MS 5000  /* an adoption whose outcome is unknown: ask again */
 #define HS_BUCKETS 1024
 #define ID_MAX 256
@@ -86,6 +88,7 @@ struct hseq {
 	bool moving;
 	char moved_to[ID_MAX];
 	uint64_t moving_since_ms, handed_off_ms;
+	uint32_t handoff_calls; /* hand-off calls out for it (handoff_call) */
 	/* Adopted, but whether the coordinator switched the home here is not
 	 * known yet (its answer was lost): kept until it can say, since the
 	 * switch, at this home epoch, may still happen (homeseq_expire). */
@@ -1402,6 +1405,7 @@ struct handoff_job {
 	char seq_id[ID_MAX], target[ID_MAX], target_addr[ID_MAX];
 	uint64_t home_epoch; /* from the HandOff (0: ask the coordinator) */
 	unsigned requeued;
+	bool counted; /* in the sequence's handoff_calls */
 	/* Filled on the home pool for the call on the hand-off pool. */
 	Kvmesh__V1__AdoptSequenceRequest req;
 	uint32_t *fill;
@@ -1500,6 +1504,10 @@ static void handoff_call(void *arg, da_ctx *ctx)
 	pthread_mutex_lock(&hs->mu);
 	struct hseq *q = hs_find(hs, j->data_id);
 	bool moving = q && q->moving && !q->handed_off_ms;
+	if (q && j->counted && q->handoff_calls) {
+		q->handoff_calls--;
+		q->moving_since_ms = (uint64_t)agent_mono_ms(); /* the stuck clock starts now */
+	}
 	pthread_mutex_unlock(&hs->mu);
 	bool still_ours = false;
 	if (rc != 0 && moving) {
@@ -1561,6 +1569,10 @@ static void handoff_run(void *arg, da_ctx *ctx)
 	if (q && rc == 0) {
 		q->moving = true; /* what is copied below is all it will have */
 		q->moving_since_ms = (uint64_t)agent_mono_ms();
+		if (!j->counted) {
+			q->handoff_calls++; /* until handoff_call ends */
+			j->counted = true;
+		}
 		snprintf(q->moved_to, sizeof q->moved_to, "%s", j->target);
 		for (uint32_t i = 0; i < q->n_full; i++)
 			sealing += q->blk[i].where == HB_SEALING;
@@ -1618,7 +1630,7 @@ void homeseq_expire(agent *a)
 			if (q->handed_off_ms && now - q->handed_off_ms >= HANDOFF_GRACE_MS && n < 64) {
 				ids[n++] = q->data_id;
 				q->handed_off_ms = 0; /* one drop job each */
-			} else if (q->moving && !q->handed_off_ms &&
+			} else if (q->moving && !q->handed_off_ms && !q->handoff_calls &&
 				   now - q->moving_since_ms >= HANDOFF_STUCK_MS && n_stuck < 8) {
 				snprintf(stuck[n_stuck++], ID_MAX, "%s", q->id);
 				q->moving_since_ms = now; /* asked again later, not at once */
