@@ -298,6 +298,34 @@ def step_following_home(cl, seqs, layer, rtol, homes):
         np.testing.assert_allclose(np.array(r.results[0].lse), lse_ref, rtol=rtol, atol=rtol)
 
 
+def decode_following(cl, seqs, n, homes):
+    """n decode steps (every layer) of seqs, each at its home as the
+    coordinator names it (step_following_home)."""
+    for _ in range(n):
+        for layer in range(LAYERS):
+            step_following_home(cl, seqs, layer, 2e-3, homes)
+
+
+def homed_on_n0(cl, seed):
+    """Sequence "s" homed on n0, with a full block and a tail of 3 tokens,
+    every output checked: (its Seq, the homes map that follows it)."""
+    cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="s",
+                                                      home_node="n0"), timeout=5)
+    s, homes = Seq(cl, "s", np.random.default_rng(seed)), {"s": "n0"}
+    decode_following(cl, [s], BT + 3, homes)
+    return s, homes
+
+
+def paused_adoption_cluster(**agent_flags):
+    """A Cluster whose agents pause 1.5 s before an adoption's switch (the
+    KVMESH_TEST_ADOPT_PAUSE_MS failpoint); n1 has the most room."""
+    os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"] = "1500"
+    try:
+        return Cluster(model(pb.KV_DTYPE_F16, 4, 2), slots=(10, 60, 40), **agent_flags)
+    finally:
+        del os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"]
+
+
 def test_drained_home_hands_its_sequences_over():
     """Draining a home moves its sequences: another agent adopts each one's
     tail (partial block, exact bytes) and becomes its home, the blocks on
@@ -324,17 +352,11 @@ def test_drained_home_hands_its_sequences_over():
             cl.stub(p.node_id).PutBlocks(pb.PutBlocksRequest(
                 model_id="m", sequence_id="h3", first_index=p.index,
                 blocks=[pb.BlockData(data=h3.block_bytes(p.index))]), timeout=5)
-        for _ in range(3 * BT + 3):  # full blocks, and 3 tokens in the tail
-            for layer in range(LAYERS):
-                step_following_home(cl, [h1], layer, 2e-3, homes)
-        for _ in range(2):  # a tail only
-            for layer in range(LAYERS):
-                step_following_home(cl, [h2], layer, 2e-3, homes)
+        decode_following(cl, [h1], 3 * BT + 3, homes)  # full blocks, and 3 tokens in the tail
+        decode_following(cl, [h2], 2, homes)  # a tail only
         cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
         # Decoding goes on during the hand-off and the moves.
-        for _ in range(BT):
-            for layer in range(LAYERS):
-                step_following_home(cl, [h1, h2], layer, 2e-3, homes)
+        decode_following(cl, [h1, h2], BT, homes)
 
         def drained():
             n0 = list_nodes(cl.c)["n0"]
@@ -352,9 +374,7 @@ def test_drained_home_hands_its_sequences_over():
         assert counters["n0"]["hand_offs"] == 3 and counters["n0"]["hand_off_failures"] == 0
         assert counters["n1"]["adoptions"] + counters["n2"]["adoptions"] == 3, counters
         cl.agents["n0"].stop(sig="KILL")
-        for _ in range(BT + 1):
-            for layer in range(LAYERS):
-                step_following_home(cl, [h1, h2, h3], layer, 2e-3, homes)
+        decode_following(cl, [h1, h2, h3], BT + 1, homes)
         assert "n0" not in homes.values(), homes
     finally:
         cl.close()
@@ -371,9 +391,7 @@ def test_refused_hand_off_leaves_the_sequence_served_where_it_was():
                                                           home_node="n0"), timeout=5)
         s = Seq(cl, "r", rng)
         homes = {"r": "n0"}
-        for _ in range(3):
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        decode_following(cl, [s], 3, homes)
         for n in ("n1", "n2"):  # gone, but ready for another 1.5 s
             cl.agents[n].stop(sig="KILL")
         cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
@@ -383,9 +401,7 @@ def test_refused_hand_off_leaves_the_sequence_served_where_it_was():
         assert "appends=\"taken again\"" in log, log[-2000:]
         st = cl.stub("n0").Stats(pb.StatsRequest(), timeout=5).counters
         assert st["hand_off_failures"] >= 1 and st["hand_offs"] == 0, st
-        for _ in range(BT):
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        decode_following(cl, [s], BT, homes)
         assert homes["r"] == "n0" and holders(cl, "r")[0].home_node == "n0"
         assert list_nodes(cl.c)["n0"].drain_home_sequences == 1
         # Taken back at a new epoch: a switch to n1 sent at the old one
@@ -413,14 +429,7 @@ def test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere():
     cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2), slots=(10, 60, 40))
     stalled = cl.agents["n1"]
     try:
-        rng = np.random.default_rng(19)
-        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="s",
-                                                          home_node="n0"), timeout=5)
-        s = Seq(cl, "s", rng)
-        homes = {"s": "n0"}
-        for _ in range(BT + 3):  # a full block and a tail
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        s, homes = homed_on_n0(cl, 19)
         os.kill(stalled.proc.pid, signal.SIGSTOP)  # n1 has the most room: the target
         t0 = time.monotonic()
         cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
@@ -432,9 +441,7 @@ def test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere():
         seq = holders(cl, "s")[0]
         assert seq.home_epoch == 2, seq
         assert 9 < took < 20, took  # the coordinator's resend, 10 s after the first
-        for _ in range(BT):
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        decode_following(cl, [s], BT, homes)
         assert homes["s"] == "n2"
         # n0 drops its copy 3 s after the hand-off; the stalled call fails
         # at 15 s and changes nothing.
@@ -452,9 +459,7 @@ def test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere():
             assert "home epoch 2, not 1" in e.details(), e.details()
         os.kill(stalled.proc.pid, signal.SIGCONT)
         wait_for("n1 back", lambda: list_nodes(cl.c)["n1"].state == pb.NODE_READY, timeout=10)
-        for _ in range(2):
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        decode_following(cl, [s], 2, homes)
         st = cl.stub("n1").Stats(pb.StatsRequest(), timeout=5).counters
         assert st["adoptions"] == 0 and st["home_sequences"] == 0, st
         assert holders(cl, "s")[0].home_node == "n2"
@@ -471,22 +476,11 @@ def test_switch_with_the_coordinator_unreachable_loses_nothing():
     old home refuses appends; once the coordinator runs again, whichever
     home it names serves the sequence with every row (outputs match the
     reference), and in the end exactly one agent holds it."""
-    os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"] = "1500"
-    try:
-        # Quick timeouts to the coordinator, so that the test is short.
-        cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2), slots=(10, 60, 40), **{"call-timeout": "1s"})
-    finally:
-        del os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"]
+    # Quick timeouts to the coordinator, so that the test is short.
+    cl = paused_adoption_cluster(**{"call-timeout": "1s"})
     coord = cl.c.proc.pid
     try:
-        rng = np.random.default_rng(23)
-        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="s",
-                                                          home_node="n0"), timeout=5)
-        s = Seq(cl, "s", rng)
-        homes = {"s": "n0"}
-        for _ in range(BT + 3):
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        s, homes = homed_on_n0(cl, 23)
         cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
         wait_for("n1 paused before its switch", lambda: "adopt_paused seq=s" in
                  cl.agents["n1"].read_log(), timeout=10)
@@ -510,9 +504,7 @@ def test_switch_with_the_coordinator_unreachable_loses_nothing():
             except grpc.RpcError as e:
                 assert time.time() < deadline, e
                 time.sleep(0.5)
-        for _ in range(BT):
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        decode_following(cl, [s], BT, homes)
 
         def copies():
             return {n: cl.stub(n).Stats(pb.StatsRequest(), timeout=5).counters["home_sequences"]
@@ -627,20 +619,9 @@ def test_target_killed_mid_adoption():
     after it installed the tail): the old home's call fails at once, it
     takes the sequence back (appends resume there, at a new epoch), and the
     coordinator's next HandOff goes to another agent; no row is lost."""
-    os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"] = "1500"
+    cl = paused_adoption_cluster()
     try:
-        cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2), slots=(10, 60, 40))
-    finally:
-        del os.environ["KVMESH_TEST_ADOPT_PAUSE_MS"]
-    try:
-        rng = np.random.default_rng(37)
-        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="s",
-                                                          home_node="n0"), timeout=5)
-        s = Seq(cl, "s", rng)
-        homes = {"s": "n0"}
-        for _ in range(BT + 3):
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        s, homes = homed_on_n0(cl, 37)
         cl.c.stub.DrainNode(pb.NodeRequest(node_id="n0"), timeout=5)
         wait_for("n1 adopting", lambda: "adopt_paused seq=s" in cl.agents["n1"].read_log(),
                  timeout=10)
@@ -648,13 +629,9 @@ def test_target_killed_mid_adoption():
         wait_for("taken back", lambda: "appends=\"taken again\"" in cl.agents["n0"].read_log(),
                  timeout=10)
         assert holders(cl, "s")[0].home_epoch == 2
-        for _ in range(2):  # served by n0 again
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        decode_following(cl, [s], 2, homes)  # served by n0 again
         wait_for("s homed on n2", lambda: holders(cl, "s")[0].home_node == "n2", timeout=20)
-        for _ in range(BT):
-            for layer in range(LAYERS):
-                step_following_home(cl, [s], layer, 2e-3, homes)
+        decode_following(cl, [s], BT, homes)
         assert homes["s"] == "n2" and holders(cl, "s")[0].home_epoch == 3
     finally:
         cl.close()
