@@ -316,6 +316,20 @@ def homed_on_n0(cl, seed):
     return s, homes
 
 
+def late_switch_is_refused(cl, sid, frm, to, epoch, now):
+    """A MoveSequenceHome sent at an older home epoch (as a target's switch
+    that reaches the coordinator late) is refused and changes nothing."""
+    before = holders(cl, sid)[0]
+    try:
+        cl.c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(
+            sequence_id=sid, from_node=frm, to_node=to, home_epoch=epoch), timeout=5)
+        raise AssertionError("a late switch landed")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+        assert "home epoch %d, not %d" % (now, epoch) in e.details(), e.details()
+    assert holders(cl, sid)[0] == before
+
+
 def paused_adoption_cluster(**agent_flags):
     """A Cluster whose agents pause 1.5 s before an adoption's switch (the
     KVMESH_TEST_ADOPT_PAUSE_MS failpoint); n1 has the most room."""
@@ -407,13 +421,7 @@ def test_refused_hand_off_leaves_the_sequence_served_where_it_was():
         # Taken back at a new epoch: a switch to n1 sent at the old one
         # (one that reached the coordinator late) is refused.
         assert holders(cl, "r")[0].home_epoch == 2
-        try:
-            cl.c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(
-                sequence_id="r", from_node="n0", to_node="n1", home_epoch=1), timeout=5)
-            raise AssertionError("a late switch landed")
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
-            assert "home epoch 2, not 1" in e.details(), e.details()
+        late_switch_is_refused(cl, "r", "n0", "n1", 1, 2)
     finally:
         cl.close()
 
@@ -450,13 +458,7 @@ def test_stalled_target_is_fenced_and_the_sequence_goes_elsewhere():
         assert "appends=\"not held here any more\"" in cl.agents["n0"].read_log()
         st = cl.stub("n0").Stats(pb.StatsRequest(), timeout=5).counters
         assert (st["hand_offs"], st["hand_off_failures"], st["home_sequences"]) == (1, 1, 0), st
-        try:
-            cl.c.stub.MoveSequenceHome(pb.MoveSequenceHomeRequest(
-                sequence_id="s", from_node="n2", to_node="n1", home_epoch=1), timeout=5)
-            raise AssertionError("a late switch landed")
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
-            assert "home epoch 2, not 1" in e.details(), e.details()
+        late_switch_is_refused(cl, "s", "n2", "n1", 1, 2)
         os.kill(stalled.proc.pid, signal.SIGCONT)
         wait_for("n1 back", lambda: list_nodes(cl.c)["n1"].state == pb.NODE_READY, timeout=10)
         decode_following(cl, [s], 2, homes)
