@@ -1508,9 +1508,11 @@ static void handoff_call(void *arg, da_ctx *ctx)
 		q->handoff_calls--;
 		q->moving_since_ms = (uint64_t)agent_mono_ms(); /* the stuck clock starts now */
 	}
+	/* Another call for it is out (a HandOff sent again): its outcome decides. */
+	bool others = q && q->handoff_calls;
 	pthread_mutex_unlock(&hs->mu);
 	bool still_ours = false;
-	if (rc != 0 && moving) {
+	if (rc != 0 && moving && !others) {
 		int tb = take_back(a, j->seq_id);
 		still_ours = tb == 0;
 		if (tb == -ESTALE && home_now(a, j->seq_id, home, NULL) != -EAGAIN)
@@ -1534,8 +1536,9 @@ static void handoff_call(void *arg, da_ctx *ctx)
 		kvm_log(KVM_LOG_WARN, "hand_off_failed", "seq=%s to=%s error=\"%s\" appends=\"%s\"", j->seq_id,
 			j->target, err[0] ? err : strerror(-rc),
 			still_ours ? "taken again"
-			: moving  ? "refused until the coordinator says"
-				  : "not held here any more");
+			: !moving  ? "not held here any more"
+			: others   ? "left to the other hand-off call"
+				   : "refused until the coordinator says");
 	}
 	handoff_job_free(j);
 }
