@@ -1887,7 +1887,14 @@ static void rpc_run(void *arg, da_ctx *ctx)
 	for (size_t i = 0; i < j->r->n_queries; i++) {
 		const Kvmesh__V1__AttendQuery *aq = j->r->queries[i];
 		struct hq *h = &j->qs[i];
-		h->st = append(a, aq->sequence_id, 0, j->r->layer, -1, 1, aq->k_new.data,
+		bool has_token = aq->position_case == KVMESH__V1__ATTEND_QUERY__POSITION_TOKEN;
+		if (has_token && aq->token > INT64_MAX) {
+			snprintf(h->err, sizeof h->err, "token %" PRIu64 " is out of range", aq->token);
+			h->st = -EINVAL;
+			continue;
+		}
+		h->st = append(a, aq->sequence_id, 0, j->r->layer,
+			       has_token ? (int64_t)aq->token : -1, 1, aq->k_new.data,
 			       aq->v_new.data, h->err, sizeof h->err);
 	}
 	attend_batch_moved(a, ctx, &j->sh, j->qs, (uint32_t)j->r->n_queries);

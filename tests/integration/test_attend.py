@@ -639,6 +639,47 @@ def test_target_killed_mid_adoption():
         cl.close()
 
 
+def test_a_step_sent_again_with_its_token_is_refused_not_applied_twice():
+    """AttendQuery.token: a step sent again after a lost reply names a
+    position already filled and is refused (INVALID_ARGUMENT, naming the
+    next one), so the context never holds a row twice; unset, a step goes
+    to the next position as before."""
+    cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2))
+    try:
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="p",
+                                                          home_node="n0"), timeout=5)
+        s, home = Seq(cl, "p", np.random.default_rng(41)), cl.stub("n0")
+
+        def send(layer, token, k, v, q):
+            return home.AttendAppend(pb.AttendAppendRequest(model_id="m", layer=layer, queries=[
+                pb.AttendQuery(sequence_id="p", q=q.ravel().tolist(), k_new=k.tobytes(),
+                               v_new=v.tobytes(), token=token)]), timeout=10)
+        for t in range(BT + 2):  # past a block boundary: sealed rows count too
+            for layer in range(LAYERS):
+                k, v = s.new_kv()
+                q = s.rng.standard_normal((cl.qh, HD)).astype(np.float32)
+                r = send(layer, t, k, v, q)
+                s.k[layer].append(k)
+                s.v[layer].append(v)
+                o_ref, _ = s.reference(layer, q, 1.0 / np.sqrt(HD))
+                np.testing.assert_allclose(np.array(r.results[0].o).reshape(cl.qh, HD), o_ref,
+                                           rtol=2e-3, atol=2e-3)
+        for token, want in ((BT + 1, "token %d, the next is %d" % (BT + 1, BT + 2)),
+                            (0, "the next is %d" % (BT + 2)),
+                            (BT + 5, "the next is %d" % (BT + 2)),
+                            (2 ** 63, "out of range")):
+            k, v = s.new_kv()
+            try:
+                send(0, token, k, v, np.zeros((cl.qh, HD), np.float32))
+                raise AssertionError("token %d was taken" % token)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+                assert want in e.details(), e.details()
+        decode(cl, home, [s], 2, 2e-3)  # no token: the next position; no row twice
+    finally:
+        cl.close()
+
+
 def refusal(cl, s, node):
     """Why node refuses an append to s (the test fails if it takes it)."""
     k, v = s.new_kv()
@@ -708,4 +749,5 @@ if __name__ == "__main__":
                test_target_killed_mid_adoption,
                test_a_lost_home_degrades_its_sequences,
                test_a_home_declared_dead_and_back_refuses_what_was_degraded,
+               test_a_step_sent_again_with_its_token_is_refused_not_applied_twice,
                test_agents_keep_to_their_model], SKIPPED)
