@@ -463,32 +463,53 @@ static int tail_new(agent *a, struct hseq *q)
 	return 0;
 }
 
-/* Appends n tokens of one layer at position token (-1: the next one). Under
- * hs->mu; *n_seals gets the indexes whose seal must be queued. */
-static int append_locked(agent *a, struct hseq *q, uint32_t layer, int64_t token, uint32_t n,
-			 const uint8_t *k, const uint8_t *v, uint32_t *seals, uint32_t *n_seals,
-			 char *err, size_t err_len)
+/* Why an append of one token at position token (-1: the next one) to
+ * layer would be refused (-EXDEV: moving; -EINVAL), or 0; changes nothing.
+ * Under hs->mu. */
+static int append_check_locked(agent *a, const struct hseq *q, uint32_t layer, int64_t token,
+			       char *err, size_t err_len)
 {
 	const kvs_geom *g = &a->geom;
 	uint32_t bt = g->block_tokens;
-	size_t row = (size_t)g->kv_heads * g->head_dim * kvs_geom_elem_bytes(g);
 	uint64_t next = (uint64_t)q->n_full * bt + (q->tail ? q->fill[layer] : 0);
+	if (q->moving) {
+		snprintf(err, err_len, "sequence %.120s is moving to %.120s: ask the coordinator for its home",
+			 q->id, q->moved_to);
+		return -EXDEV;
+	}
 	if (token >= 0 && (uint64_t)token != next) {
 		snprintf(err, err_len, "sequence %.120s layer %u: token %" PRId64 ", the next is %" PRIu64,
 			 q->id, layer, token, next);
 		return -EINVAL;
 	}
+	if (q->tail && q->fill[layer] == bt)
+		for (uint32_t l = 0; l < g->layers; l++)
+			if (q->fill[l] != bt) {
+				snprintf(err, err_len,
+					 "sequence %.120s: layer %u starts a new block while layer %u has %u "
+					 "of %u tokens",
+					 q->id, layer, l, q->fill[l], bt);
+				return -EINVAL;
+			}
+	return 0;
+}
+
+/* Appends n tokens of one layer (append_check_locked passed for the
+ * first). Under hs->mu; *n_seals gets the indexes whose seal must be
+ * queued. */
+static int append_locked(agent *a, struct hseq *q, uint32_t layer, uint32_t n, const uint8_t *k,
+			 const uint8_t *v, uint32_t *seals, uint32_t *n_seals, char *err,
+			 size_t err_len)
+{
+	const kvs_geom *g = &a->geom;
+	uint32_t bt = g->block_tokens;
+	size_t row = (size_t)g->kv_heads * g->head_dim * kvs_geom_elem_bytes(g);
 	for (uint32_t t = 0; t < n; t++) {
 		if (q->tail && q->fill[layer] == bt) {
-			for (uint32_t l = 0; l < g->layers; l++)
-				if (q->fill[l] != bt) {
-					snprintf(err, err_len,
-						 "sequence %.120s: layer %u starts a new block while layer %u "
-						 "has %u of %u tokens",
-						 q->id, layer, l, q->fill[l], bt);
-					return -EINVAL;
-				}
-			int rc = blk_reserve(q);
+			int rc = t ? append_check_locked(a, q, layer, -1, err, err_len) : 0;
+			if (rc)
+				return rc;
+			rc = blk_reserve(q);
 			if (rc)
 				return rc;
 			q->blk[q->n_full++] = (struct hblock){.where = HB_SEALING,
@@ -546,13 +567,9 @@ static int append(agent *a, const char *seq_id, uint64_t data_id, uint32_t layer
 	if (hs_find(a->hs, did) != q) {
 		snprintf(err, err_len, "sequence %.120s was released", seq_id ? seq_id : "?");
 		rc = -ENOENT;
-	} else if (q->moving) {
-		snprintf(err, err_len, "sequence %.120s is moving to %.120s: ask the coordinator for its home",
-			 q->id, q->moved_to);
-		rc = -EXDEV;
-	} else {
+	} else if ((rc = append_check_locked(a, q, layer, token, err, err_len)) == 0) {
 		data_id = q->data_id;
-		rc = append_locked(a, q, layer, token, n, k, v, seals, &n_seals, err, err_len);
+		rc = append_locked(a, q, layer, n, k, v, seals, &n_seals, err, err_len);
 	}
 	pthread_mutex_unlock(&a->hs->mu);
 	queue_seals(a, data_id, seals, n_seals);
@@ -1880,24 +1897,56 @@ struct rpc_job {
 	bool done;
 };
 
+static int64_t query_token(const Kvmesh__V1__AttendQuery *aq)
+{
+	return aq->position_case == KVMESH__V1__ATTEND_QUERY__POSITION_TOKEN ? (int64_t)aq->token : -1;
+}
+
+/* Whether every append of the batch would be taken; if not, the refused
+ * query gets the status and nothing is appended: the front-end sends the
+ * batch again (to the home GetSequence names) and no row lands twice. On
+ * the home pool, so no hand-off or drop runs between this and the appends. */
+static bool batch_appendable(agent *a, struct rpc_job *j)
+{
+	size_t n = j->r->n_queries;
+	for (size_t i = 0; i < n; i++) {
+		struct hq *h = &j->qs[i];
+		struct hseq *q;
+		if ((h->st = hs_get(a, j->r->queries[i]->sequence_id, 0, &q, h->err, sizeof h->err)))
+			return false;
+	}
+	bool ok = true;
+	pthread_mutex_lock(&a->hs->mu);
+	for (size_t i = 0; ok && i < n; i++) {
+		const Kvmesh__V1__AttendQuery *aq = j->r->queries[i];
+		struct hq *h = &j->qs[i];
+		const struct hseq *q = hs_find(a->hs, agent_data_id(aq->sequence_id));
+		if (!q) {
+			snprintf(h->err, sizeof h->err, "sequence %.120s was released", aq->sequence_id);
+			h->st = -ENOENT;
+		} else {
+			h->st = append_check_locked(a, q, j->r->layer, query_token(aq), h->err,
+						    sizeof h->err);
+		}
+		ok = h->st == 0;
+	}
+	pthread_mutex_unlock(&a->hs->mu);
+	return ok;
+}
+
 static void rpc_run(void *arg, da_ctx *ctx)
 {
 	struct rpc_job *j = arg;
 	agent *a = j->a;
-	for (size_t i = 0; i < j->r->n_queries; i++) {
-		const Kvmesh__V1__AttendQuery *aq = j->r->queries[i];
-		struct hq *h = &j->qs[i];
-		bool has_token = aq->position_case == KVMESH__V1__ATTEND_QUERY__POSITION_TOKEN;
-		if (has_token && aq->token > INT64_MAX) {
-			snprintf(h->err, sizeof h->err, "token %" PRIu64 " is out of range", aq->token);
-			h->st = -EINVAL;
-			continue;
+	if (batch_appendable(a, j)) {
+		for (size_t i = 0; i < j->r->n_queries; i++) {
+			const Kvmesh__V1__AttendQuery *aq = j->r->queries[i];
+			struct hq *h = &j->qs[i];
+			h->st = append(a, aq->sequence_id, 0, j->r->layer, query_token(aq), 1,
+				       aq->k_new.data, aq->v_new.data, h->err, sizeof h->err);
 		}
-		h->st = append(a, aq->sequence_id, 0, j->r->layer,
-			       has_token ? (int64_t)aq->token : -1, 1, aq->k_new.data,
-			       aq->v_new.data, h->err, sizeof h->err);
+		attend_batch_moved(a, ctx, &j->sh, j->qs, (uint32_t)j->r->n_queries);
 	}
-	attend_batch_moved(a, ctx, &j->sh, j->qs, (uint32_t)j->r->n_queries);
 	pthread_mutex_lock(&j->mu);
 	j->done = true;
 	pthread_cond_signal(&j->cv);
@@ -1922,6 +1971,38 @@ static int rpc_code(int err)
 	default:
 		return KVM_RPC_UNAVAILABLE;
 	}
+}
+
+static int cmp_u64(const void *x, const void *y)
+{
+	uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+	return a < b ? -1 : a > b;
+}
+
+/* A batch names each sequence once: its queries all attend after all its
+ * appends, so a second token of one sequence would change the first's
+ * result. */
+static int twice_in_batch(kvm_rpc_call *call, const Kvmesh__V1__AttendAppendRequest *r)
+{
+	uint64_t *ids = malloc(r->n_queries * sizeof *ids);
+	if (!ids)
+		return kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
+	for (size_t i = 0; i < r->n_queries; i++)
+		ids[i] = agent_data_id(r->queries[i]->sequence_id);
+	qsort(ids, r->n_queries, sizeof *ids, cmp_u64);
+	int rc = KVM_RPC_OK;
+	for (size_t i = 1; i < r->n_queries && rc == KVM_RPC_OK; i++)
+		if (ids[i] == ids[i - 1])
+			for (size_t k = 0; k < r->n_queries; k++)
+				if (agent_data_id(r->queries[k]->sequence_id) == ids[i]) {
+					rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+							  "sequence \"%s\" is named twice in one batch: "
+							  "send its next token in the next call",
+							  r->queries[k]->sequence_id);
+					break;
+				}
+	free(ids);
+	return rc;
 }
 
 int homeseq_rpc_attend_append(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
@@ -1957,7 +2038,15 @@ int homeseq_rpc_attend_append(void *arg, kvm_rpc_call *call, const uint8_t *req,
 					  i, q->sequence_id, q->n_q, q->k_new.len, q->v_new.len, qn, row);
 			goto done;
 		}
+		if (q->position_case && q->token > INT64_MAX) {
+			rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
+					  "query %zu (sequence \"%s\"): token %" PRIu64 " is out of range", i,
+					  q->sequence_id, q->token);
+			goto done;
+		}
 	}
+	if ((rc = twice_in_batch(call, r)) != KVM_RPC_OK)
+		goto done;
 	j.sh = (da_shape){.q_heads = a->q_heads, .kv_heads = g->kv_heads, .head_dim = g->head_dim,
 			  .block_tokens = g->block_tokens, .layer = r->layer, .kv_dtype = g->dtype,
 			  .scale = r->scale > 0 ? r->scale : 1.0f / sqrtf((float)g->head_dim)};

@@ -643,7 +643,8 @@ def test_a_step_sent_again_with_its_token_is_refused_not_applied_twice():
     """AttendQuery.token: a step sent again after a lost reply names a
     position already filled and is refused (INVALID_ARGUMENT, naming the
     next one), so the context never holds a row twice; unset, a step goes
-    to the next position as before."""
+    to the next position as before. A batch with a refused query appends
+    nothing, and one naming a sequence twice is refused."""
     cl = Cluster(model(pb.KV_DTYPE_F16, 4, 2))
     try:
         cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="p",
@@ -676,6 +677,28 @@ def test_a_step_sent_again_with_its_token_is_refused_not_applied_twice():
                 assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
                 assert want in e.details(), e.details()
         decode(cl, home, [s], 2, 2e-3)  # no token: the next position; no row twice
+        # A batch is taken whole or not at all: one refused query (a wrong
+        # token on p) leaves the other (o) unappended too.
+        cl.c.stub.CreateSequence(pb.CreateSequenceRequest(model_id="m", sequence_id="o",
+                                                          home_node="n0"), timeout=5)
+        o = Seq(cl, "o", s.rng)
+        k, v = o.new_kv()
+        pk, pv = s.new_kv()
+        zero = [0.0] * (cl.qh * HD)
+        batch = [pb.AttendQuery(sequence_id="o", q=zero, k_new=k.tobytes(), v_new=v.tobytes(),
+                                token=0),
+                 pb.AttendQuery(sequence_id="p", q=zero, k_new=pk.tobytes(), v_new=pv.tobytes(),
+                                token=0)]
+        for queries, want in ((batch, "query 1: sequence p layer 0: token 0, the next is"),
+                              ([batch[0], batch[0]], "named twice in one batch")):
+            try:
+                home.AttendAppend(pb.AttendAppendRequest(model_id="m", layer=0, queries=queries),
+                                  timeout=10)
+                raise AssertionError("a batch with a refused query was taken")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+                assert want in e.details(), e.details()
+        decode(cl, home, [o, s], 2, 2e-3)  # o starts at token 0: nothing was appended
     finally:
         cl.close()
 
