@@ -162,6 +162,7 @@ class Coordinator:
     def close(self):
         # A clean shutdown exits 0 (under ASan, a leak would make it fail).
         rc = self.stop()
+        keep_log_tail("coordinator", self.read_log)
         assert rc in (0, None, -9), "coordinator exit status %s: %s" % (rc, self.read_log()[-3000:])
         if self.own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -215,6 +216,7 @@ class Agent:
 
     def close(self):
         rc = self.stop()
+        keep_log_tail("agent " + self.flags["node-id"], self.read_log)
         assert rc in (0, -9), "agent exit status %s: %s" % (rc, self.read_log()[-3000:])
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -270,6 +272,20 @@ def wait_for(what, fn, timeout=10):
         time.sleep(0.05)
 
 
+# The last lines of each daemon a test closed (its directory is gone by
+# then), printed when the test fails.
+_log_tails = []
+
+
+def keep_log_tail(name, read_log, lines=25):
+    try:
+        text = read_log()
+    except OSError:  # closed before: its log went then
+        return
+    kept = [l for l in text.splitlines() if "level=debug" not in l][-lines:]
+    _log_tails.append("--- %s, last %d lines:\n%s" % (name, len(kept), "\n".join(kept)))
+
+
 def run_tests(tests, skipped=None):
     """Runs each test function, prints a line per test and 'N passed, N
     failed, N skipped'. A test that cannot run here appends its reason to
@@ -278,6 +294,7 @@ def run_tests(tests, skipped=None):
     passed = failed = 0
     for t in tests:
         start = time.time()
+        del _log_tails[:]
         try:
             before = len(skipped)
             t()
@@ -289,5 +306,6 @@ def run_tests(tests, skipped=None):
         except Exception:  # noqa: BLE001 - a test's failure of any kind
             failed += 1
             print("FAIL %s\n%s" % (t.__name__, traceback.format_exc()), flush=True)
+            print("\n".join(_log_tails), flush=True)
     print("%d passed, %d failed, %d skipped" % (passed, failed, len(skipped)))
     sys.exit(1 if failed else 0)
