@@ -122,6 +122,7 @@ typedef struct node_rec {
 	uint64_t epoch;
 	Kvmesh__V1__NodeState state;
 	uint64_t incarnation;       /* its agent process's (Node.incarnation) */
+	uint64_t restarts;          /* new incarnations seen before it was dead */
 	uint64_t last_heartbeat_ms; /* wall clock, for people */
 	uint64_t heard_ms;          /* coord_mono_ms(), for liveness (stalls forgiven) */
 	double load;

@@ -252,6 +252,7 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 	node_rec *nd = upsert_node(c, r->node);
 	uint64_t epoch = 0;
 	if (nd && restarted) {
+		nd->restarts++;
 		kvm_log(KVM_LOG_WARN, "node_restarted", "node=%s msg=\"its blocks and tails are gone\"",
 			nd->id);
 		coord_soft_node_lost(c, (uint32_t)(nd - c->nodes));

@@ -21,7 +21,7 @@ static void node_labels(char buf[LABELS_MAX], const char *node, const char *stat
 
 /* One gauge (or counter) per node, from the ledger's view of it. */
 enum { NODE_POOL, NODE_USED, NODE_LENT, NODE_BORROWED, NODE_EVICTABLE, NODE_LOAD,
-       NODE_HEARTBEAT_AGE, NODE_CMDS_DROPPED, N_NODE_METRICS };
+       NODE_HEARTBEAT_AGE, NODE_CMDS_DROPPED, NODE_RESTARTS, N_NODE_METRICS };
 
 static const struct {
 	const char *name, *type, *help;
@@ -39,6 +39,9 @@ static const struct {
 	{"kvmesh_node_heartbeat_age_seconds", "gauge", "Time since the node's last heartbeat."},
 	{"kvmesh_node_commands_dropped_total", "counter",
 	 "Commands for the node dropped because its queue was full."},
+	{"kvmesh_node_restarts_total", "counter",
+	 "Times the node's agent registered as a new process before it was declared dead "
+	 "(what it held was lost)."},
 };
 
 /* What one scrape reports of a node, copied under the lock. */
@@ -73,6 +76,7 @@ void kvm_coord_collect(void *arg, kvm_metrics_out *out)
 		r->v[NODE_HEARTBEAT_AGE] =
 			now > nd->heard_ms ? (double)(now - nd->heard_ms) / 1e3 : 0;
 		r->v[NODE_CMDS_DROPPED] = (double)nd->cmds_dropped;
+		r->v[NODE_RESTARTS] = (double)nd->restarts;
 	}
 	const double seqs = (double)c->n_seqs, degraded = (double)c->degraded_total,
 		     stalls = (double)c->stalls,

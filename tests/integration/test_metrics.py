@@ -244,6 +244,14 @@ def test_cluster_figures_follow_borrowing_and_a_dead_node():
         s = scrape(c.metrics_port)
         assert value(s, "kvmesh_nodes", state="ready") == 2
         assert value(s, "kvmesh_sequences_degraded_total") == 1, s
+        # The other creditor's agent crashes and comes back at once: counted.
+        other = ({"n1", "n2"} - {creditor}).pop()
+        assert value(s, "kvmesh_node_restarts_total", node=other) == 0
+        agents[int(other[1])].stop("KILL")
+        agents[int(other[1])].start()
+        wait_for("the restart counted", lambda: value(
+            scrape(c.metrics_port), "kvmesh_node_restarts_total", node=other) == 1)
+        assert value(scrape(c.metrics_port), "kvmesh_nodes", state="ready") == 2
     finally:
         for a in agents:
             a.close()
