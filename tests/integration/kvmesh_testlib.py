@@ -262,11 +262,19 @@ class AgentCluster:
         return kvmesh_pb2_grpc.AgentStub(ch)
 
     def close(self):
+        """Stops every daemon, even when one fails its exit check (the first
+        failure is raised once all are stopped): a failed test must not
+        leave a coordinator running."""
         for ch in self.channels:
             ch.close()
-        for a in self.agents.values():
-            a.close()
-        self.c.close()
+        errors = []
+        for d in list(self.agents.values()) + [self.c]:
+            try:
+                d.close()
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 def wait_for(what, fn, timeout=10):
