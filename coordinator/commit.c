@@ -7,9 +7,12 @@
  * power loss), waking the committer would cost more than the sync: the
  * handler's thread syncs itself. */
 #include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "common/log.h"
 #include "coordinator/coord_impl.h"
 
 #define INLINE_SYNC_NS 50000
@@ -41,9 +44,7 @@ static void *committer_main(void *arg)
 		while (list) {
 			commit_rec *nx = list->next;
 			kvm_rpc_finish(list->call,
-				       src == 0 ? KVM_RPC_OK
-						: kvm_rpc_fail(list->call, KVM_RPC_UNAVAILABLE,
-							       "state store: %s", strerror(-src)));
+				       src == 0 ? KVM_RPC_OK : coord_store_fail(c, list->call, src));
 			free(list);
 			list = nx;
 		}
@@ -87,9 +88,7 @@ int coord_reply_when_durable(kvm_coord *c, kvm_rpc_call *call, int rc, uint64_t 
 	if (!r || !c->committer_running) { /* wait here instead */
 		free(r);
 		int src = kvm_state_sync(c->st, ticket);
-		return src == 0 ? rc
-				: kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s",
-					       strerror(-src));
+		return src == 0 ? rc : coord_store_fail(c, call, src);
 	}
 	r->next = NULL;
 	r->call = call;
@@ -103,4 +102,30 @@ int coord_reply_when_durable(kvm_coord *c, kvm_rpc_call *call, int rc, uint64_t 
 	pthread_cond_signal(&c->commit_cv);
 	pthread_mutex_unlock(&c->commit_mu);
 	return KVM_RPC_DEFERRED;
+}
+
+int coord_store_fail(kvm_coord *c, kvm_rpc_call *call, int src)
+{
+	int failed = kvm_state_failed(c->st);
+	if (failed) {
+		pthread_mutex_lock(&c->commit_mu); /* a leaf lock: taken under mu too */
+		bool first = !c->store_failed_told;
+		c->store_failed_told = true;
+		pthread_mutex_unlock(&c->commit_mu);
+		if (first) {
+			kvm_log(KVM_LOG_ERROR, "state_store_failed",
+				"error=\"%s\" effect=\"stopping: what is durable is unknown; "
+				"a restart recovers what is on disk\"",
+				strerror(-failed));
+			kill(getpid(), SIGTERM);
+		}
+		return kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store failed (%s): "
+				    "the coordinator is restarting", strerror(-failed));
+	}
+	if (src == -ENOSPC || src == -EDQUOT || src == -EFBIG)
+		return kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED,
+				    "state store: %s: its disk has no room for new state "
+				    "(releases still work; free space and it resumes)",
+				    strerror(-src));
+	return kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
 }

@@ -180,6 +180,7 @@ struct kvm_coord {
 	pthread_cond_t commit_cv;
 	struct commit_rec *commit_head, *commit_tail;
 	bool commit_stop, committer_running;
+	bool store_failed_told; /* the fail-stop was logged and asked for (commit_mu) */
 	pthread_t committer;
 };
 
@@ -259,6 +260,12 @@ void coord_commit_stop(kvm_coord *c);
  * reply already set, or UNAVAILABLE) and returns KVM_RPC_DEFERRED. The handler
  * must not touch `call` after that. */
 int coord_reply_when_durable(kvm_coord *c, kvm_rpc_call *call, int rc, uint64_t ticket);
+/* Fails call for the store's error src: RESOURCE_EXHAUSTED when its disk is
+ * full (nothing was changed), else UNAVAILABLE. A failed write or sync
+ * sticks (what is durable is unknown): the coordinator then stops, once,
+ * with SIGTERM to itself, and main exits 74 for the supervisor to restart it
+ * from the disk. Returns the status to return. */
+int coord_store_fail(kvm_coord *c, kvm_rpc_call *call, int src);
 
 /* drain.c: moving blocks off draining nodes; all with mu held. */
 /* Gives up expired moves, then plans more for `node` if it is draining. */

@@ -237,10 +237,10 @@ static int register_node(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 		goto out;
 	}
 	kvmesh__v1__node__pack(r->node, buf);
-	int src = kvm_state_put(c->st, key, buf, n);
+	int src = kvm_state_upkeep(c->st, key, buf, n);
 	free(buf);
 	if (src != 0) {
-		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
+		rc = coord_store_fail(c, call, src);
 		goto out;
 	}
 	pthread_mutex_lock(&c->mu);
@@ -535,7 +535,7 @@ static int store_admin(kvm_coord *c, const char *id, Kvmesh__V1__NodeState state
 		return rc == -ENOENT ? 0 : rc;
 	}
 	const char *v = state == KVMESH__V1__NODE_STATE__NODE_DRAINING ? "draining" : "cordoned";
-	return kvm_state_put(c->st, key, v, strlen(v));
+	return kvm_state_upkeep(c->st, key, v, strlen(v));
 }
 
 /* CordonNode and DrainNode: no new blocks or homes on the node; drain also
@@ -562,7 +562,7 @@ static int set_node_state(kvm_coord *c, kvm_rpc_call *call, const uint8_t *req, 
 		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION, "node %s is dead", r->node_id);
 	} else if (want != (nd->admin ? nd->admin : KVMESH__V1__NODE_STATE__NODE_READY) &&
 		   (src = store_admin(c, nd->id, want)) != 0) {
-		rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
+		rc = coord_store_fail(c, call, src);
 	} else {
 		nd->admin = want == KVMESH__V1__NODE_STATE__NODE_READY ? 0 : want;
 		if (nd->state != want && nd->state != KVMESH__V1__NODE_STATE__NODE_DEAD) {
@@ -654,8 +654,7 @@ static int register_model(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		} else {
 			int src = kvm_state_put(c->st, key, buf, n);
 			rc = src == 0 ? coord_reply(call, &m->base)
-				      : kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s",
-						     strerror(-src));
+				      : coord_store_fail(c, call, src);
 		}
 		pthread_mutex_unlock(&c->mu);
 	}

@@ -143,5 +143,8 @@ int main(int argc, char **argv)
 	kvm_state_close(st);
 	kvm_log(KVM_LOG_INFO, "stopped", "appends=%llu syncs=%llu",
 		(unsigned long long)ss.appends, (unsigned long long)ss.syncs);
-	return 0;
+	/* A store whose write or sync failed stopped us (coord_store_fail):
+	 * EX_IOERR, so that systemd (Restart=on-failure) or Kubernetes start
+	 * the coordinator again, from what is on disk. */
+	return ss.sync_error ? 74 : 0;
 }

@@ -144,6 +144,18 @@ void kvm_coord_collect(void *arg, kvm_metrics_out *out)
 		 (double)ss.log_bytes},
 		{"kvmesh_state_sync_seconds", "gauge", "Moving average of one sync's time.",
 		 (double)kvm_state_sync_ns(c->st) / 1e9},
+		{"kvmesh_state_log_full", "gauge",
+		 "1 while the state log cannot grow (its disk is full): new state is refused "
+		 "once its room is down to the reserve.",
+		 ss.room_error ? 1.0 : 0.0},
+		{"kvmesh_state_log_room_bytes", "gauge",
+		 "Room left for records in the log's preallocated zeros.", (double)ss.room_bytes},
+		{"kvmesh_state_refused_total", "counter",
+		 "Changes refused because the state log had no room (a full disk).",
+		 (double)ss.refused},
+		{"kvmesh_state_snapshot_failures_total", "counter",
+		 "Snapshots that failed (the log keeps the records; tried again later).",
+		 (double)ss.snapshot_failures},
 	};
 	for (size_t i = 0; i < sizeof(store) / sizeof(store[0]); i++)
 		kvm_metrics_single(out, store[i].name, store[i].type, store[i].help, store[i].v);

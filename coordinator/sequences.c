@@ -58,8 +58,10 @@ static Kvmesh__V1__Sequence *load_seq(kvm_coord *c, const char *id)
 
 /* Appends the record; *ticket is what kvm_state_sync must see durable before
  * the change is acknowledged (done outside c->mu, so that concurrent calls
- * share one fsync). */
-static int store_seq(kvm_coord *c, const Kvmesh__V1__Sequence *s, uint64_t *ticket)
+ * share one fsync). upkeep: the coordinator's own bookkeeping (a move, a
+ * degraded mark), which a full disk's reserve still takes; a client's new
+ * state (a create, an extend) is refused first. */
+static int store_seq(kvm_coord *c, const Kvmesh__V1__Sequence *s, bool upkeep, uint64_t *ticket)
 {
 	char key[128];
 	snprintf(key, sizeof(key), "seqs/%s", s->id);
@@ -68,7 +70,8 @@ static int store_seq(kvm_coord *c, const Kvmesh__V1__Sequence *s, uint64_t *tick
 	if (!buf)
 		return -ENOMEM;
 	kvmesh__v1__sequence__pack(s, buf);
-	int rc = kvm_state_put_async(c->st, key, buf, n, ticket);
+	int rc = upkeep ? kvm_state_upkeep_async(c->st, key, buf, n, ticket)
+			: kvm_state_put_async(c->st, key, buf, n, ticket);
 	free(buf);
 	return rc;
 }
@@ -314,7 +317,7 @@ static void store_writer_keys(kvm_coord *c, blk_ent **run, uint32_t k, uint64_t 
 				run[j]->writer_key_stored = true;
 			}
 			uint64_t t = 0;
-			if (store_seq(c, s, &t) == 0 && t > *ticket)
+			if (store_seq(c, s, true, &t) == 0 && t > *ticket)
 				*ticket = t;
 			for (size_t b = 0; b < s->n_blocks; b++)
 				s->blocks[b]->key = saved[b];
@@ -457,14 +460,13 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 			s.data_id = ss->data_id;
 			if (!k)
 				set_block_tokens(nb.ptrs, nb.n, tokens, bt);
-			int src = store_seq(c, &s, &ticket);
+			int src = store_seq(c, &s, false, &ticket);
 			if (src != 0) {
 				if (!k)
 					for (size_t i = 0; i < nb.n; i++)
 						kvm_ledger_release(c->ledger, home, nb.p[i].node_id, 1);
 				coord_soft_remove(c, ss);
-				rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s",
-						  strerror(-src));
+				rc = coord_store_fail(c, call, src);
 			} else {
 				for (uint32_t i = 0; i < k; i++) {
 					run[i]->refs++;
@@ -552,15 +554,14 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 				for (size_t i = 0; ss && src == 0 && i < nb.n; i++)
 					src = coord_soft_push(c, ss, nb.p[i].node_id);
 				if (src == 0)
-					src = store_seq(c, s, &ticket);
+					src = store_seq(c, s, false, &ticket);
 				if (src != 0 && ss)
 					ss->n = ss_n;
 				if (src != 0) {
 					for (size_t i = 0; i < nb.n; i++)
 						kvm_ledger_release(c->ledger, s->home_node,
 								   nb.p[i].node_id, 1);
-					rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s",
-							  strerror(-src));
+					rc = coord_store_fail(c, call, src);
 				} else {
 					emit_seq_event(c, s->id,
 						       KVMESH__V1__SEQUENCE_EVENT__KIND__EXTENDED, NULL,
@@ -784,7 +785,7 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 		snprintf(key, sizeof(key), "seqs/%s", s->id);
 		int src = kvm_state_del_async(c->st, key, &ticket);
 		if (src != 0) {
-			rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
+			rc = coord_store_fail(c, call, src);
 		} else {
 			soft_seq *ss = coord_soft_find(c, s->id);
 			/* One ReleaseBlocks per holder; a node without memory for its
@@ -908,12 +909,12 @@ int coord_move_sequence_home(void *arg, kvm_rpc_call *call, const uint8_t *req, 
 		char *old = s->home_node;
 		s->home_node = r->to_node;
 		s->home_epoch++;
-		int src = store_seq(c, s, &ticket);
+		int src = store_seq(c, s, true, &ticket);
 		s->home_node = old;
 		if (src == 0)
 			ss->home_epoch = s->home_epoch;
 		if (src != 0) {
-			rc = kvm_rpc_fail(call, KVM_RPC_UNAVAILABLE, "state store: %s", strerror(-src));
+			rc = coord_store_fail(c, call, src);
 		} else if (keep) {
 			kvm_log(KVM_LOG_INFO, "home_kept", "sequence=%s home=%s home_epoch=%" PRIu64, s->id,
 				r->to_node, s->home_epoch);
@@ -1133,7 +1134,7 @@ int coord_seq_set_nodes(kvm_coord *c, const char *id, const uint32_t *index, siz
 		p->borrowed = strcmp(node, s->home_node) != 0;
 		set++;
 	}
-	int rc = set ? store_seq(c, s, ticket) : -ENOENT;
+	int rc = set ? store_seq(c, s, true, ticket) : -ENOENT;
 	if (rc == 0) {
 		char why[160];
 		snprintf(why, sizeof(why), "%zu blocks moved to node %s (a drain)", n, node);
@@ -1171,7 +1172,7 @@ void coord_degrade(kvm_coord *c, const char *id, const uint32_t *lost, size_t n,
 		s->degraded = 1;
 		c->degraded_total++;
 		uint64_t ticket;
-		store_seq(c, s, &ticket); /* made durable by the next sync or snapshot */
+		store_seq(c, s, true, &ticket); /* made durable by the next sync or snapshot */
 	}
 	emit_seq_event(c, s->id, KVMESH__V1__SEQUENCE_EVENT__KIND__DEGRADED, (uint32_t *)lost, n,
 		       why);

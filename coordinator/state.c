@@ -20,7 +20,17 @@
  * no commit waits for a chunk of zeros (one that did took 5-7 ms, ten times
  * a commit, each time the log crossed a chunk). At open, a tail of zeros
  * after the last record is that preallocation, not damage; a clean close
- * trims it. */
+ * trims it.
+ *
+ * A full disk: when the preallocation fails, records must fit in the zeros
+ * already written, so a put or delete that would not is refused before it
+ * changes anything (and the preallocation is tried again, at most once a
+ * second). Ordinary puts are refused while less than LOG_RESERVE is left,
+ * which keeps deletes and upkeep puts going. A write or sync that fails
+ * after records were applied is sticky: what is durable is unknown from
+ * there on, and every later sync returns that error (the coordinator stops
+ * and restarts from the disk). A snapshot that fails is tried again later;
+ * the records stay queued for the log. */
 #include "coordinator/state.h"
 
 #include <errno.h>
@@ -42,6 +52,8 @@
 #define REC_HEADER 20
 #define LOG_CHUNK (4u << 20)  /* preallocated ahead of the records */
 #define ZERO_PIECE (128u << 10) /* written back at a time by the preallocator */
+#define LOG_RESERVE (1u << 20) /* kept for deletes and upkeep once the log cannot grow */
+#define ROOM_RETRY_NS 1000000000u /* between tries to extend a log that could not grow */
 enum { OP_PUT = 1, OP_DEL = 2 };
 
 typedef struct record {
@@ -67,6 +79,7 @@ struct kvm_state {
 	uint8_t *pending;
 	size_t pending_len, pending_cap;
 	bool syncing;
+	size_t syncing_len; /* bytes the syncer is writing from log_end */
 	int sync_error;
 	pthread_cond_t synced_cv;
 	uint64_t sync_ns; /* a sync's time, moving average */
@@ -74,9 +87,21 @@ struct kvm_state {
 	 * that found none left) first sets alloc_busy: log_alloc is then its
 	 * alone until it clears it and signals alloc_cv. */
 	pthread_t prealloc;
-	bool prealloc_running, prealloc_wanted, prealloc_stop, prealloc_failed, alloc_busy;
+	bool prealloc_running, prealloc_wanted, prealloc_stop, alloc_busy;
 	pthread_cond_t alloc_cv;
+	/* Why the log could not grow (0: it can), and when the preallocator may
+	 * try again (monotonic ns). */
+	int room_error;
+	uint64_t room_retry_ns;
+	uint64_t snapshot_retry_bytes; /* after a failed snapshot: try at this log size */
 };
+
+static uint64_t mono_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
 
 /* ---- The sorted table ------------------------------------------------------------ */
 
@@ -197,10 +222,12 @@ static int pwrite_all(int fd, const uint8_t *p, size_t n, off_t off)
 /* Writes zeros over [from, to), so that the records written there later
  * overwrite the file instead of growing it. With write_back, each piece is
  * written to the disk at once (a later fdatasync of records then flushes
- * little of it); the caller's fdatasync makes them durable. */
-static int write_zeros(int fd, off_t from, off_t to, bool write_back)
+ * little of it); the caller's fdatasync makes them durable. *reached: how
+ * far they were written (to, unless it failed). */
+static int write_zeros(int fd, off_t from, off_t to, bool write_back, off_t *reached)
 {
 	static const uint8_t zeros[ZERO_PIECE];
+	*reached = from;
 	for (off_t off = from; off < to;) {
 		size_t n = (size_t)(to - off) < sizeof(zeros) ? (size_t)(to - off) : sizeof(zeros);
 		int rc = pwrite_all(fd, zeros, n, off);
@@ -211,6 +238,7 @@ static int write_zeros(int fd, off_t from, off_t to, bool write_back)
 					      SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
 						      SYNC_FILE_RANGE_WAIT_AFTER);
 		off += (off_t)n;
+		*reached = off;
 	}
 	return 0;
 }
@@ -229,14 +257,58 @@ static void release_alloc(kvm_state *st)
 	pthread_cond_broadcast(&st->alloc_cv);
 }
 
-/* Wakes the preallocator when the zeros ahead run short; mu held. */
+/* Wakes the preallocator when the zeros ahead run short (after a failure,
+ * once ROOM_RETRY_NS has passed); mu held. */
 static void want_zeros(kvm_state *st)
 {
-	if (st->prealloc_running && !st->prealloc_failed && !st->alloc_busy &&
-	    st->log_alloc - st->log_end < (off_t)LOG_CHUNK / 2) {
+	if (st->prealloc_running && !st->alloc_busy &&
+	    st->log_alloc - st->log_end < (off_t)LOG_CHUNK / 2 &&
+	    (!st->room_error || mono_ns() >= st->room_retry_ns)) {
 		st->prealloc_wanted = true;
 		pthread_cond_broadcast(&st->alloc_cv);
 	}
+}
+
+/* Zeros left for records not yet written; mu held. */
+static off_t room_left(const kvm_state *st)
+{
+	return st->log_alloc - st->log_end - (off_t)st->syncing_len - (off_t)st->pending_len;
+}
+
+/* Whether a record of n bytes may be appended: always while the log can
+ * grow; once it cannot, only into the zeros already written, and an
+ * ordinary put only while LOG_RESERVE of them stay free. mu held. */
+static int check_room(kvm_state *st, size_t n, bool reserve)
+{
+	if (!st->room_error || !st->prealloc_running) /* without it, syncers extend */
+		return 0;
+	if (room_left(st) >= (off_t)n + (reserve ? 0 : (off_t)LOG_RESERVE))
+		return 0;
+	st->stats.refused++;
+	want_zeros(st); /* perhaps there is room again */
+	return st->room_error;
+}
+
+/* After zeros were written up to reached (rc: how that went): the room
+ * grows, and a failure stops ordinary puts short of the reserve, until a
+ * later try succeeds. mu held, alloc claimed. */
+static void zeros_written(kvm_state *st, off_t reached, int rc)
+{
+	if (reached > st->log_alloc)
+		st->log_alloc = reached;
+	if (rc == 0) {
+		if (st->room_error)
+			kvm_log(KVM_LOG_INFO, "state_log_can_grow", "dir=%s", st->dir);
+		st->room_error = 0;
+		return;
+	}
+	if (!st->room_error)
+		kvm_log(KVM_LOG_ERROR, "state_log_cannot_grow",
+			"dir=%s error=\"%s\" room_bytes=%lld "
+			"effect=\"new state refused once %u KiB are left; deletes go on\"",
+			st->dir, strerror(-rc), (long long)room_left(st), LOG_RESERVE >> 10);
+	st->room_error = rc;
+	st->room_retry_ns = mono_ns() + ROOM_RETRY_NS;
 }
 
 static void *prealloc_main(void *arg)
@@ -252,17 +324,12 @@ static void *prealloc_main(void *arg)
 		claim_alloc(st);
 		off_t from = st->log_alloc;
 		pthread_mutex_unlock(&st->mu);
-		int rc = write_zeros(st->log_fd, from, from + LOG_CHUNK, true);
+		off_t reached;
+		int rc = write_zeros(st->log_fd, from, from + LOG_CHUNK, true, &reached);
 		if (rc == 0 && fdatasync(st->log_fd) != 0)
-			rc = -errno;
+			rc = -errno; /* then the next records' sync fails, and sticks */
 		pthread_mutex_lock(&st->mu);
-		if (rc == 0) {
-			st->log_alloc = from + LOG_CHUNK;
-		} else { /* syncers extend them from now on, and report errors */
-			st->prealloc_failed = true;
-			kvm_log(KVM_LOG_WARN, "state_prealloc_failed", "dir=%s error=\"%s\"", st->dir,
-				strerror(-rc));
-		}
+		zeros_written(st, reached, rc);
 		release_alloc(st);
 	}
 	pthread_mutex_unlock(&st->mu);
@@ -381,6 +448,16 @@ static int do_snapshot(kvm_state *st)
 	st->log_end = st->log_alloc = 0;
 	st->stats.log_bytes = 0;
 	st->stats.snapshots++;
+	st->snapshot_retry_bytes = 0;
+	if (st->room_error) {
+		/* The log's space is free again. Take its first zeros now, or
+		 * every change would be refused until the preallocator ran. */
+		off_t reached;
+		int zrc = write_zeros(st->log_fd, 0, LOG_CHUNK, true, &reached);
+		if (zrc == 0 && fdatasync(st->log_fd) != 0)
+			zrc = -errno;
+		zeros_written(st, reached, zrc);
+	}
 	return 0;
 }
 
@@ -486,11 +563,16 @@ fail:
 }
 
 /* Queues a record for the log and updates the table; returns its ticket in
- * *ticket. mu held. A snapshot, when due, makes everything durable itself. */
+ * *ticket. reserve: the record may use LOG_RESERVE (a delete, an upkeep put).
+ * Refused (nothing changed) when the log cannot grow and it does not fit.
+ * mu held. A snapshot, when due, makes everything durable itself. */
 static int do_append(kvm_state *st, int op, const char *key, const void *val, size_t len,
-		     uint64_t *ticket)
+		     bool reserve, uint64_t *ticket)
 {
 	size_t n;
+	int rc = check_room(st, REC_HEADER + strlen(key) + len, reserve);
+	if (rc != 0)
+		return rc;
 	uint8_t *b = encode(op, key, val, len, &n);
 	if (!b)
 		return -ENOMEM;
@@ -509,18 +591,26 @@ static int do_append(kvm_state *st, int op, const char *key, const void *val, si
 	free(b);
 	st->stats.log_bytes += n;
 	*ticket = ++st->appended;
-	int rc = op == OP_PUT ? table_put(st, key, val, len) : table_del(st, key);
-	if (rc == 0 && st->stats.log_bytes > st->snapshot_bytes && !st->syncing &&
-	    !st->alloc_busy) { /* else at a later append */
-		/* The snapshot holds the whole table, pending records included,
-		 * fsync'd: all is durable and the queue is dropped. */
-		rc = do_snapshot(st);
-		want_zeros(st);
-		if (rc == 0) {
+	rc = op == OP_PUT ? table_put(st, key, val, len) : table_del(st, key);
+	if (rc == 0 && st->stats.log_bytes > st->snapshot_bytes &&
+	    st->stats.log_bytes >= st->snapshot_retry_bytes && !st->syncing && !st->alloc_busy) {
+		/* else at a later append. The snapshot holds the whole table,
+		 * pending records included, fsync'd: all is durable and the
+		 * queue is dropped. If it fails, the records stay queued for the
+		 * log, and it is tried again once the log grew by an eighth. */
+		int src = do_snapshot(st);
+		if (src == 0) {
 			st->pending_len = 0;
 			st->synced = st->appended;
 			pthread_cond_broadcast(&st->synced_cv);
+		} else {
+			st->snapshot_retry_bytes = st->stats.log_bytes + st->snapshot_bytes / 8;
+			st->stats.snapshot_failures++;
+			kvm_log(KVM_LOG_WARN, "state_snapshot_failed",
+				"dir=%s error=\"%s\" log_bytes=%llu", st->dir, strerror(-src),
+				(unsigned long long)st->stats.log_bytes);
 		}
+		want_zeros(st);
 	}
 	return rc;
 }
@@ -546,6 +636,7 @@ int kvm_state_sync(kvm_state *st, uint64_t ticket)
 			st->pending = NULL;
 			st->pending_len = st->pending_cap = 0;
 			st->syncing = true;
+			st->syncing_len = len;
 			/* No zeros left for these records (the preallocator fell
 			 * behind, or none runs): extend them here, after it. */
 			bool claimed = end > st->log_alloc, extend = false;
@@ -559,10 +650,13 @@ int kvm_state_sync(kvm_state *st, uint64_t ticket)
 			 * waits for !syncing). */
 			struct timespec t0, t1;
 			clock_gettime(CLOCK_MONOTONIC, &t0);
-			int err = extend ? write_zeros(st->log_fd, alloc_from, end + LOG_CHUNK, false)
-					 : 0;
-			if (err == 0)
-				err = pwrite_all(st->log_fd, buf, len, at);
+			/* Zeros that cannot be written (a full disk) are no
+			 * failure: the records then grow the file themselves. */
+			off_t reached = alloc_from;
+			int zerr = extend ? write_zeros(st->log_fd, alloc_from, end + LOG_CHUNK, false,
+							&reached)
+					  : 0;
+			int err = pwrite_all(st->log_fd, buf, len, at);
 			if (err == 0 && fdatasync(st->log_fd) != 0)
 				err = -errno;
 			free(buf);
@@ -572,15 +666,18 @@ int kvm_state_sync(kvm_state *st, uint64_t ticket)
 			pthread_mutex_lock(&st->mu);
 			st->sync_ns = st->sync_ns - st->sync_ns / 8 + ns / 8;
 			if (claimed) {
-				if (extend && err == 0)
-					st->log_alloc = end + LOG_CHUNK;
+				if (extend)
+					zeros_written(st, reached, zerr);
 				release_alloc(st);
 			}
-			if (err == 0)
+			if (err == 0) {
 				st->log_end = end;
-			if (err == 0)
+				if (st->log_alloc < end)
+					st->log_alloc = end;
 				want_zeros(st);
+			}
 			st->syncing = false;
+			st->syncing_len = 0;
 			st->stats.syncs++;
 			if (err)
 				st->sync_error = err; /* durability is unknown from here on */
@@ -601,15 +698,27 @@ uint64_t kvm_state_sync_ns(kvm_state *st)
 	return ns;
 }
 
-int kvm_state_put_async(kvm_state *st, const char *key, const void *val, size_t len,
-			uint64_t *ticket)
+static int put_async(kvm_state *st, const char *key, const void *val, size_t len, bool upkeep,
+		     uint64_t *ticket)
 {
 	if (!st || !key_ok(key) || (!val && len) || len > KVM_STATE_MAX_VALUE || !ticket)
 		return -EINVAL;
 	pthread_mutex_lock(&st->mu);
-	int rc = do_append(st, OP_PUT, key, val ? val : "", len, ticket);
+	int rc = do_append(st, OP_PUT, key, val ? val : "", len, upkeep, ticket);
 	pthread_mutex_unlock(&st->mu);
 	return rc;
+}
+
+int kvm_state_put_async(kvm_state *st, const char *key, const void *val, size_t len,
+			uint64_t *ticket)
+{
+	return put_async(st, key, val, len, false, ticket);
+}
+
+int kvm_state_upkeep_async(kvm_state *st, const char *key, const void *val, size_t len,
+			   uint64_t *ticket)
+{
+	return put_async(st, key, val, len, true, ticket);
 }
 
 int kvm_state_del_async(kvm_state *st, const char *key, uint64_t *ticket)
@@ -619,7 +728,7 @@ int kvm_state_del_async(kvm_state *st, const char *key, uint64_t *ticket)
 	pthread_mutex_lock(&st->mu);
 	bool found;
 	find(st, key, &found);
-	int rc = found ? do_append(st, OP_DEL, key, NULL, 0, ticket) : -ENOENT;
+	int rc = found ? do_append(st, OP_DEL, key, NULL, 0, true, ticket) : -ENOENT;
 	pthread_mutex_unlock(&st->mu);
 	return rc;
 }
@@ -629,6 +738,21 @@ int kvm_state_put(kvm_state *st, const char *key, const void *val, size_t len)
 	uint64_t t;
 	int rc = kvm_state_put_async(st, key, val, len, &t);
 	return rc ? rc : kvm_state_sync(st, t);
+}
+
+int kvm_state_upkeep(kvm_state *st, const char *key, const void *val, size_t len)
+{
+	uint64_t t;
+	int rc = kvm_state_upkeep_async(st, key, val, len, &t);
+	return rc ? rc : kvm_state_sync(st, t);
+}
+
+int kvm_state_failed(kvm_state *st)
+{
+	pthread_mutex_lock(&st->mu);
+	int rc = st->sync_error;
+	pthread_mutex_unlock(&st->mu);
+	return rc;
 }
 
 int kvm_state_del(kvm_state *st, const char *key)
@@ -703,6 +827,10 @@ void kvm_state_stats_get(kvm_state *st, kvm_state_stats *out)
 	*out = st->stats;
 	out->records = st->n;
 	out->appends = st->appended;
+	out->room_error = st->room_error;
+	out->sync_error = st->sync_error;
+	off_t room = room_left(st);
+	out->room_bytes = room > 0 ? (uint64_t)room : 0;
 	pthread_mutex_unlock(&st->mu);
 }
 

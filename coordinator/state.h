@@ -31,6 +31,11 @@ typedef struct kvm_state_stats {
 	uint64_t torn_bytes;    /* bytes cut from the log's end at open (a torn write) */
 	uint64_t syncs;         /* fdatasync calls (each may cover many records) */
 	uint64_t appends;       /* records appended since open (appends / syncs: the batch) */
+	uint64_t refused;       /* appends refused: no room left for the log to grow */
+	uint64_t snapshot_failures;
+	uint64_t room_bytes;    /* preallocated room left in the log for new records */
+	int room_error;         /* 0, or why the log cannot grow (-ENOSPC, -EDQUOT, -EFBIG) */
+	int sync_error;         /* 0, or the write or sync error that stuck (see below) */
 } kvm_state_stats;
 
 /* Opens (creating if needed) an embedded store in dir. Refuses with -EBUSY a
@@ -44,9 +49,23 @@ typedef struct kvm_state_stats {
  * *out is owned by the caller: kvm_state_close. */
 int kvm_state_open_embedded(const char *dir, uint64_t snapshot_bytes, kvm_state **out);
 
-/* Durable once they return (the log is fsync'd). */
+/* Durable once they return (the log is fsync'd).
+ *
+ * A full disk: once the log cannot grow (its preallocation failed with
+ * -ENOSPC, -EDQUOT or -EFBIG), a change is refused with that error, before it
+ * changes anything, when it would not fit in the room already written: an
+ * ordinary put (new state for a client) while less than 1 MiB is left; a
+ * delete or an upkeep put (the owner's own bookkeeping) only when it does
+ * not fit at all. The log grows again, at most a second after space returns.
+ *
+ * A write or fdatasync that fails after records were applied sticks: from
+ * then on what is durable is unknown (the kernel may have dropped the dirty
+ * pages), and every later sync returns that error (kvm_state_failed). The
+ * owner stops and opens the store again, which recovers what is on disk. */
 int kvm_state_put(kvm_state *st, const char *key, const void *val, size_t len);
+int kvm_state_upkeep(kvm_state *st, const char *key, const void *val, size_t len);
 int kvm_state_del(kvm_state *st, const char *key); /* -ENOENT if absent */
+int kvm_state_failed(kvm_state *st); /* 0, or the sticky error */
 
 /* Group commit, for callers that serialise their own updates and must not
  * hold their lock through an fsync: the _async calls append the record and
@@ -56,6 +75,8 @@ int kvm_state_del(kvm_state *st, const char *key); /* -ENOENT if absent */
  * Acknowledge a change to a client only after its sync returned 0. */
 int kvm_state_put_async(kvm_state *st, const char *key, const void *val, size_t len,
 			uint64_t *ticket);
+int kvm_state_upkeep_async(kvm_state *st, const char *key, const void *val, size_t len,
+			   uint64_t *ticket);
 int kvm_state_del_async(kvm_state *st, const char *key, uint64_t *ticket);
 int kvm_state_sync(kvm_state *st, uint64_t ticket);
 /* How long a sync has been taking (a moving average, ns; 1 ms until the

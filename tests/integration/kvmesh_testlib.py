@@ -6,7 +6,9 @@ shared token (--auth-token-file): pass token= and the helpers' channels send
 import collections
 import os
 import random
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -110,8 +112,11 @@ class Coordinator:
     it requires that token (a 0600 token file is written for it) and its
     stub sends it."""
 
-    def __init__(self, data_dir=None, token=None, **flags):
+    def __init__(self, data_dir=None, token=None, file_size_limit=None, **flags):
         self.own_dir = data_dir is None
+        # A full disk without root: writes past the limit fail with EFBIG,
+        # as they fail with ENOSPC on a full disk (lift it with lift_limit).
+        self.file_size_limit = file_size_limit
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="kvmesh-coord-")
         self.port = free_port()
         self.token = token
@@ -127,7 +132,8 @@ class Coordinator:
         args = [os.path.join(BUILD, "bin", "kvmesh-coordinator")]
         args += ["--%s=%s" % kv for kv in self.flags.items()]
         self.log = open(os.path.join(self.data_dir, "coordinator.log"), "ab")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=self._limit if self.file_size_limit else None)
         # Wait for the port first: a gRPC channel that fails to connect backs
         # off for seconds before it tries again.
         deadline = time.time() + 10
@@ -153,6 +159,17 @@ class Coordinator:
             if self.proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("coordinator did not start: " + self.read_log())
             time.sleep(0.05)
+
+    def _limit(self):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE,
+                           (self.file_size_limit, resource.RLIM_INFINITY))
+
+    def lift_limit(self):
+        """Space again: the running coordinator may write files of any size."""
+        self.file_size_limit = None
+        resource.prlimit(self.proc.pid, resource.RLIMIT_FSIZE,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
     def read_log(self):
         with open(os.path.join(self.data_dir, "coordinator.log"), "rb") as f:

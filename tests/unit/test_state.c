@@ -1,5 +1,5 @@
 /* The embedded state store: records survive restarts, snapshots, torn
- * writes and a writer killed mid-stream; bad input is refused. */
+ * writes, a writer killed mid-stream and a full disk; bad input is refused. */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -339,5 +340,172 @@ Test(state, records_across_preallocated_chunks_survive_reopen, .init = make_dir,
 			cr_assert_eq(((char *)v)[2999], 'a' + id);
 			free(v);
 		}
+	kvm_state_close(st);
+}
+
+/* ---- A full disk (simulated with the file-size limit: writes past it fail
+ * with EFBIG, as they fail with ENOSPC on a full disk; the hard limit stays,
+ * so the test can lift it again). ---- */
+
+static void limit_file_size(rlim_t bytes)
+{
+	signal(SIGXFSZ, SIG_IGN); /* the write fails instead of killing us */
+	struct rlimit r;
+	cr_assert_eq(getrlimit(RLIMIT_FSIZE, &r), 0);
+	cr_assert(bytes == RLIM_INFINITY || r.rlim_max == RLIM_INFINITY || r.rlim_max >= bytes);
+	r.rlim_cur = bytes;
+	cr_assert_eq(setrlimit(RLIMIT_FSIZE, &r), 0);
+}
+
+static void value_for(char *v, size_t len, int i)
+{
+	memset(v, 'a' + i % 26, len);
+	snprintf(v, len, "%d", i);
+}
+
+/* Checks that key holds value_for(i). */
+static void assert_value(kvm_state *st, const char *key, size_t len, int i)
+{
+	char want[16384];
+	value_for(want, len, i);
+	void *v;
+	size_t got;
+	cr_assert_eq(kvm_state_get(st, key, &v, &got), 0, "%s is there", key);
+	cr_assert(got == len && memcmp(v, want, len) == 0, "%s holds what was acknowledged", key);
+	free(v);
+}
+
+Test(state, full_disk_refuses_new_state_keeps_deletes_and_recovers, .init = make_dir,
+     .fini = remove_dir)
+{
+	enum { VAL = 4096 };
+	limit_file_size(4u << 20); /* the first 4 MiB of zeros, and no more */
+	kvm_state *st;
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	char key[64], val[VAL];
+	int acked = 0, rc = 0;
+	while (rc == 0 && acked < 2000) {
+		snprintf(key, sizeof(key), "k/%05d", acked);
+		value_for(val, VAL, acked);
+		if ((rc = kvm_state_put(st, key, val, VAL)) == 0)
+			acked++;
+	}
+	cr_assert_eq(rc, -EFBIG, "refused for want of room, not %s", strerror(-rc));
+	kvm_state_stats s;
+	kvm_state_stats_get(st, &s);
+	cr_assert_eq(s.room_error, -EFBIG);
+	cr_assert_eq(s.refused, 1);
+	cr_assert_eq(s.sync_error, 0, "a refusal is not a failure");
+	cr_assert_geq(s.room_bytes, 1u << 20, "1 MiB kept for deletes and upkeep");
+	cr_assert_geq((size_t)acked * VAL, 2u << 20, "ordinary puts until the reserve");
+
+	/* Refused: nothing changed. */
+	cr_assert_eq(kvm_state_get(st, key, &(void *){0}, &(size_t){0}), -ENOENT);
+	value_for(val, VAL, 9999);
+	cr_assert_eq(kvm_state_put(st, "k/00000", val, VAL), -EFBIG);
+	assert_value(st, "k/00000", VAL, 0);
+	/* Deletes and upkeep go on. */
+	for (int i = 0; i < 10; i++) {
+		snprintf(key, sizeof(key), "k/%05d", i);
+		cr_assert_eq(kvm_state_del(st, key), 0);
+	}
+	cr_assert_eq(kvm_state_upkeep(st, "nodes/n1", "up", 2), 0);
+	cr_assert_eq(kvm_state_failed(st), 0);
+
+	/* Space again: the log grows again within about a second. */
+	limit_file_size(RLIM_INFINITY);
+	value_for(val, VAL, acked);
+	snprintf(key, sizeof(key), "k/%05d", acked);
+	for (int tries = 0; (rc = kvm_state_put(st, key, val, VAL)) != 0 && tries < 40; tries++)
+		usleep(100000);
+	cr_assert_eq(rc, 0, "puts taken again once the log can grow");
+	acked++;
+	kvm_state_stats_get(st, &s);
+	cr_assert_eq(s.room_error, 0);
+	kvm_state_close(st);
+
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	kvm_state_stats_get(st, &s);
+	cr_assert_eq(s.records, (uint64_t)acked - 10 + 1, "acknowledged puts, less deletes");
+	for (int i = 0; i < acked; i++) {
+		snprintf(key, sizeof(key), "k/%05d", i);
+		if (i < 10)
+			cr_assert_eq(kvm_state_get(st, key, &(void *){0}, &(size_t){0}), -ENOENT);
+		else
+			assert_value(st, key, VAL, i);
+	}
+	snprintf(key, sizeof(key), "k/%05d", acked);
+	cr_assert_eq(kvm_state_get(st, key, &(void *){0}, &(size_t){0}), -ENOENT);
+	char *up = get_str(st, "nodes/n1");
+	cr_assert_str_eq(up, "up");
+	free(up);
+	kvm_state_close(st);
+}
+
+Test(state, failing_snapshots_leave_the_appends_in_the_log, .init = make_dir, .fini = remove_dir)
+{
+	enum { VAL = 16384, N = 300 }; /* ~4.8 MiB of table: past the limit */
+	limit_file_size(4u << 20);
+	kvm_state *st;
+	cr_assert_eq(kvm_state_open_embedded(dir, 256u << 10, &st), 0);
+	char key[64], val[VAL];
+	for (int i = 0; i < N; i++) {
+		snprintf(key, sizeof(key), "k/%05d", i);
+		value_for(val, VAL, i);
+		int prc = kvm_state_put(st, key, val, VAL);
+		cr_assert_eq(prc, 0, "put %d: %s", i, strerror(-prc));
+	}
+	kvm_state_stats s;
+	kvm_state_stats_get(st, &s);
+	cr_assert_geq(s.snapshots, 1, "snapshots while the table fitted");
+	cr_assert_geq(s.snapshot_failures, 1, "and failures once it did not");
+	cr_assert_eq(s.sync_error, 0);
+	char tmp[128];
+	snprintf(tmp, sizeof(tmp), "%s/snapshot.tmp", dir);
+	cr_assert_neq(access(tmp, F_OK), 0, "a failed snapshot leaves no file behind");
+	limit_file_size(RLIM_INFINITY);
+	kvm_state_close(st);
+
+	cr_assert_eq(kvm_state_open_embedded(dir, 256u << 10, &st), 0);
+	kvm_state_stats_get(st, &s);
+	cr_assert_eq(s.records, N);
+	for (int i = 0; i < N; i++) {
+		snprintf(key, sizeof(key), "k/%05d", i);
+		assert_value(st, key, VAL, i);
+	}
+	kvm_state_close(st);
+}
+
+Test(state, a_failed_write_sticks_and_loses_nothing_acknowledged, .init = make_dir,
+     .fini = remove_dir)
+{
+	/* Room for the first zeros and more: the preallocator never fails. */
+	limit_file_size((8u << 20) + (64u << 10));
+	kvm_state *st;
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	cr_assert_eq(kvm_state_put(st, "a", "1", 1), 0);
+	kvm_state_stats s;
+	kvm_state_stats_get(st, &s);
+	cr_assert_eq(s.room_error, 0);
+	/* Past the zeros written ahead: the syncer extends the log itself, and
+	 * that write fails after the record was applied. */
+	size_t big = 10u << 20;
+	char *v = malloc(big);
+	memset(v, 'x', big);
+	cr_assert_eq(kvm_state_put(st, "big", v, big), -EFBIG);
+	free(v);
+	cr_assert_eq(kvm_state_failed(st), -EFBIG);
+	cr_assert_eq(kvm_state_put(st, "b", "2", 1), -EFBIG, "every later sync fails too");
+	limit_file_size(RLIM_INFINITY);
+	cr_assert_eq(kvm_state_put(st, "c", "3", 1), -EFBIG, "until the store is opened again");
+	kvm_state_close(st);
+
+	cr_assert_eq(kvm_state_open_embedded(dir, 0, &st), 0);
+	char *a = get_str(st, "a");
+	cr_assert_str_eq(a, "1");
+	free(a);
+	cr_assert_null(get_str(st, "big"));
+	cr_assert_null(get_str(st, "b"));
+	cr_assert_eq(kvm_state_put(st, "d", "4", 1), 0, "the reopened store takes writes");
 	kvm_state_close(st);
 }
