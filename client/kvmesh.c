@@ -528,7 +528,7 @@ static void info_from_proto(const Kvmesh__V1__Sequence *s, kvm_seq_info *i)
 	snprintf(i->model_id, sizeof(i->model_id), "%s", s->model_id);
 	snprintf(i->home, sizeof(i->home), "%s", s->home_node);
 	i->tokens = s->tokens;
-	i->blocks = (uint32_t)s->n_blocks;
+	i->blocks = (uint32_t)(s->n_blocks ? s->n_blocks : s->block_count);
 	for (size_t b = 0; b < s->n_blocks; b++) {
 		i->borrowed_blocks += s->blocks[b]->borrowed;
 		i->written_blocks += s->blocks[b]->handle != NULL;
@@ -664,10 +664,10 @@ int kvm_seq_extend(kvm_client *c, const char *seq_id, uint32_t n, kvm_seq_info *
 	int rc = COORD(c, "ExtendSequence", &req, kvmesh__v1__extend_sequence_response, &r);
 	if (rc)
 		return rc;
-	if (info && r->sequence)
-		info_from_proto(r->sequence, info);
 	kvmesh__v1__extend_sequence_response__free_unpacked(r, NULL);
-	return 0;
+	/* The reply leaves the sequence's blocks out (sending them made every
+	 * extend cost the sequence's length): ask for them only when wanted. */
+	return info ? kvm_seq_get(c, seq_id, info) : 0;
 }
 
 int kvm_seq_release(kvm_client *c, const char *seq_id)

@@ -127,7 +127,9 @@ typedef struct kvm_block_info {
 int kvm_seq_blocks(kvm_client *c, const char *seq_id, kvm_block_info *out, uint32_t cap, uint32_t *total);
 
 /* Reserves room for n more tokens (placing new blocks, borrowing from other
- * agents when the home is full); -ENOSPC when the cluster is full. */
+ * agents when the home is full); -ENOSPC when the cluster is full. Its cost
+ * does not grow with the sequence's length, unless info is asked for (then
+ * it is a kvm_seq_get as well). */
 int kvm_seq_extend(kvm_client *c, const char *seq_id, uint32_t n, kvm_seq_info *info);
 /* Releases the sequence: its blocks return to the pools (blocks shared with
  * other sequences stay while they are used). */

@@ -100,6 +100,11 @@ struct soft_seq {
 	uint64_t handoff_until_ms; /* a HandOff for it is out until then (drain.c) */
 	bool degraded;             /* not served any more: a drain does not hand it off */
 	uint64_t home_epoch;       /* as in its record (1 at creation) */
+	/* As stored: its tokens, the blocks in its whole record "seqs/ID" and
+	 * the extension records after it (sequences.c). */
+	uint64_t tokens;
+	uint32_t shared_prefix;
+	uint32_t stored_blocks, ext_records;
 };
 
 /* A block in flight off a draining node (drain.c): reserved on dst for

@@ -43,7 +43,137 @@ static uint32_t block_tokens_of(kvm_coord *c, const char *model_id)
 	return bt;
 }
 
-static Kvmesh__V1__Sequence *load_seq(kvm_coord *c, const char *id)
+static void set_block_tokens(Kvmesh__V1__BlockPlacement **b, size_t n, uint64_t tokens, uint32_t bt);
+
+/* ---- Extension records ------------------------------------------------------------
+ * An extend appends "seqx/ID/FIRST" (FIRST: the index of its first block, in
+ * 10 digits, so that key order is block order): a Sequence holding only the
+ * new placements and the token count after them. Rewriting the whole record
+ * on every extend made each extend of a long sequence cost its whole length
+ * in the log (8,192 blocks: ~220 KB an extend, a gigabyte over its life).
+ * The whole record is written again, and its extensions deleted, on any
+ * other change and once the extensions hold more blocks than it does (or
+ * EXT_MAX of them), so a sequence's log bytes grow linearly with its blocks.
+ * A merge takes an extension's block only where it continues the blocks so
+ * far (index == count): a stale extension, left by a crash between a rewrite
+ * and its deletes, holds only indices the rewrite already has, and is
+ * skipped. Extensions whose sequence is gone (a crash inside a release) are
+ * deleted at start. */
+#define EXT_MAX 256
+
+typedef struct ext_list {
+	char (*keys)[128];
+	Kvmesh__V1__Sequence **recs; /* unpacked, when asked for */
+	size_t n, cap;
+	bool unpack;
+	int err;
+} ext_list;
+
+static int collect_ext(void *arg, const char *key, const void *val, size_t len)
+{
+	ext_list *l = arg;
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 8;
+		void *k = realloc(l->keys, cap * sizeof(*l->keys));
+		if (k)
+			l->keys = k;
+		void *r = k ? realloc(l->recs, cap * sizeof(*l->recs)) : NULL;
+		if (r)
+			l->recs = r;
+		if (!k || !r)
+			return l->err = -ENOMEM;
+		l->cap = cap;
+	}
+	snprintf(l->keys[l->n], sizeof(l->keys[0]), "%s", key);
+	l->recs[l->n] = l->unpack ? kvmesh__v1__sequence__unpack(NULL, len, val) : NULL;
+	l->n++;
+	return 0;
+}
+
+static void ext_list_free(ext_list *l)
+{
+	for (size_t i = 0; i < l->n; i++)
+		if (l->recs[i])
+			kvmesh__v1__sequence__free_unpacked(l->recs[i], NULL);
+	free(l->keys);
+	free(l->recs);
+}
+
+/* The extension records under prefix ("seqx/ID/" for one sequence); the
+ * caller frees *l with ext_list_free. */
+static int ext_load(kvm_coord *c, const char *prefix, bool unpack, ext_list *l)
+{
+	memset(l, 0, sizeof(*l));
+	l->unpack = unpack;
+	int rc = kvm_state_scan(c->st, prefix, collect_ext, l);
+	return rc ? rc : l->err;
+}
+
+/* Deletes a sequence's extension records; *ticket rises to the last. */
+static int drop_exts(kvm_coord *c, const char *id, uint64_t *ticket)
+{
+	char prefix[96];
+	snprintf(prefix, sizeof(prefix), "seqx/%s/", id);
+	ext_list l;
+	int rc = ext_load(c, prefix, false, &l);
+	for (size_t i = 0; rc == 0 && i < l.n; i++) {
+		uint64_t t;
+		rc = kvm_state_del_async(c->st, l.keys[i], &t);
+		if (rc == 0 && t > *ticket)
+			*ticket = t;
+	}
+	ext_list_free(&l);
+	return rc;
+}
+
+/* Appends to s the blocks of its extension records that continue it, with
+ * the token count after them, and sets each block's tokens again (the old
+ * tail filled up). Returns how many records there were, or -errno. */
+static int merge_exts(kvm_coord *c, Kvmesh__V1__Sequence *s)
+{
+	char prefix[96];
+	snprintf(prefix, sizeof(prefix), "seqx/%s/", s->id);
+	ext_list l;
+	int rc = ext_load(c, prefix, true, &l);
+	bool grew = false;
+	for (size_t i = 0; rc == 0 && i < l.n; i++) {
+		Kvmesh__V1__Sequence *e = l.recs[i];
+		if (!e || !e->n_blocks || e->blocks[0]->index != s->n_blocks)
+			continue; /* stale (or unreadable) */
+		Kvmesh__V1__BlockPlacement **b =
+			realloc(s->blocks, (s->n_blocks + e->n_blocks) * sizeof(*b));
+		if (!b) {
+			rc = -ENOMEM;
+			break;
+		}
+		s->blocks = b; /* protobuf-c's default allocator is malloc's */
+		size_t kept = 0;
+		for (size_t j = 0; j < e->n_blocks; j++) {
+			if (e->blocks[j]->index == s->n_blocks)
+				s->blocks[s->n_blocks++] = e->blocks[j]; /* moved */
+			else
+				e->blocks[kept++] = e->blocks[j];
+		}
+		e->n_blocks = kept;
+		s->tokens = e->tokens;
+		grew = true;
+	}
+	if (rc == 0 && grew) {
+		soft_seq *ss = coord_soft_find(c, s->id);
+		uint32_t bt = ss && ss->bt ? ss->bt : block_tokens_of(c, s->model_id);
+		if (bt)
+			set_block_tokens(s->blocks, s->n_blocks, s->tokens, bt);
+	}
+	size_t n = l.n;
+	ext_list_free(&l);
+	return rc ? rc : (int)n;
+}
+
+/* The stored sequence id with its extensions merged; NULL if there is none
+ * (or no memory). *base_blocks and *exts (may be NULL): blocks in its whole
+ * record, and its extension records. */
+static Kvmesh__V1__Sequence *load_seq_counted(kvm_coord *c, const char *id, uint32_t *base_blocks,
+					      uint32_t *exts)
 {
 	char key[128];
 	snprintf(key, sizeof(key), "seqs/%s", id);
@@ -53,7 +183,23 @@ static Kvmesh__V1__Sequence *load_seq(kvm_coord *c, const char *id)
 		return NULL;
 	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, v);
 	free(v);
+	if (!s)
+		return NULL;
+	if (base_blocks)
+		*base_blocks = (uint32_t)s->n_blocks;
+	int n = merge_exts(c, s);
+	if (n < 0) {
+		kvmesh__v1__sequence__free_unpacked(s, NULL);
+		return NULL;
+	}
+	if (exts)
+		*exts = (uint32_t)n;
 	return s;
+}
+
+static Kvmesh__V1__Sequence *load_seq(kvm_coord *c, const char *id)
+{
+	return load_seq_counted(c, id, NULL, NULL);
 }
 
 /* Appends the record; *ticket is what kvm_state_sync must see durable before
@@ -73,6 +219,39 @@ static int store_seq(kvm_coord *c, const Kvmesh__V1__Sequence *s, bool upkeep, u
 	int rc = upkeep ? kvm_state_upkeep_async(c->st, key, buf, n, ticket)
 			: kvm_state_put_async(c->st, key, buf, n, ticket);
 	free(buf);
+	if (rc == 0) /* the whole record has every block now */
+		rc = drop_exts(c, s->id, ticket);
+	soft_seq *ss = rc == 0 ? coord_soft_find(c, s->id) : NULL;
+	if (ss) {
+		ss->tokens = s->tokens;
+		ss->stored_blocks = (uint32_t)s->n_blocks;
+		ss->ext_records = 0;
+	}
+	return rc;
+}
+
+/* Appends an extension record: blocks p[0..n) (the first at index first)
+ * and the token count after them. A client's new state, as a create. */
+static int store_ext(kvm_coord *c, soft_seq *ss, uint64_t tokens,
+		     Kvmesh__V1__BlockPlacement **p, size_t n, uint32_t first, uint64_t *ticket)
+{
+	char key[128];
+	snprintf(key, sizeof(key), "seqx/%s/%010" PRIu32, ss->id, first);
+	Kvmesh__V1__Sequence e = KVMESH__V1__SEQUENCE__INIT;
+	e.tokens = tokens;
+	e.blocks = p;
+	e.n_blocks = n;
+	size_t len = kvmesh__v1__sequence__get_packed_size(&e);
+	uint8_t *buf = malloc(len ? len : 1);
+	if (!buf)
+		return -ENOMEM;
+	kvmesh__v1__sequence__pack(&e, buf);
+	int rc = kvm_state_put_async(c->st, key, buf, len, ticket);
+	free(buf);
+	if (rc == 0) {
+		ss->tokens = tokens;
+		ss->ext_records++;
+	}
 	return rc;
 }
 
@@ -429,6 +608,8 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 		else
 			prc = place(c, home, 0, blocks, &nb);
 		soft_seq *ss = prc == 0 ? coord_soft_add(c, id, home, r->model_id, bt) : NULL;
+		if (ss)
+			ss->shared_prefix = k;
 		for (size_t i = 0; ss && i < nb.n; i++)
 			if (coord_soft_push(c, ss, nb.p[i].node_id) != 0) {
 				coord_soft_remove(c, ss);
@@ -500,6 +681,59 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 	return rc;
 }
 
+/* A sequence's header as its soft entry keeps it, for replies that leave
+ * the blocks out (block_count says how many). Points into ss and c. */
+static void seq_header(kvm_coord *c, soft_seq *ss, Kvmesh__V1__Sequence *s)
+{
+	s->id = ss->id;
+	s->model_id = ss->model_id;
+	s->home_node = ss->home < c->n_nodes ? c->nodes[ss->home].id : (char *)"";
+	s->home_epoch = ss->home_epoch;
+	s->tokens = ss->tokens;
+	s->degraded = ss->degraded;
+	s->shared_prefix_blocks = ss->shared_prefix;
+	s->data_id = ss->data_id;
+	s->block_count = (uint32_t)ss->n;
+}
+
+/* Records blocks nb (from index have) and the token count after them:
+ * usually as an extension record; as the whole record once the extensions
+ * would hold more blocks than it, or EXT_MAX of them. mu held. */
+static int store_extend(kvm_coord *c, soft_seq *ss, uint64_t tokens, uint32_t bt,
+			new_blocks *nb, uint32_t have, uint64_t *ticket)
+{
+	uint64_t in_exts = (uint64_t)have + nb->n - ss->stored_blocks;
+	if (ss->ext_records < EXT_MAX && in_exts <= ss->stored_blocks)
+		return store_ext(c, ss, tokens, nb->ptrs, nb->n, have, ticket);
+	Kvmesh__V1__Sequence *s = load_seq(c, ss->id);
+	if (!s)
+		return -ENOMEM; /* it is there: ss says so */
+	int rc = -ENOMEM;
+	Kvmesh__V1__BlockPlacement **all = calloc(s->n_blocks + nb->n + 1, sizeof(*all));
+	if (all && s->n_blocks == have) {
+		Kvmesh__V1__BlockPlacement **saved = s->blocks;
+		size_t saved_n = s->n_blocks;
+		if (have) /* memcpy from NULL is undefined */
+			memcpy(all, s->blocks, have * sizeof(*all));
+		memcpy(all + have, nb->ptrs, nb->n * sizeof(*all));
+		s->blocks = all;
+		s->n_blocks = have + nb->n;
+		s->tokens = tokens;
+		set_block_tokens(all, s->n_blocks, tokens, bt);
+		rc = store_seq(c, s, false, ticket);
+		s->blocks = saved; /* give protobuf-c back its own array */
+		s->n_blocks = saved_n;
+	} else if (all) {
+		rc = -EIO; /* the record and the soft entry disagree */
+	}
+	free(all);
+	kvmesh__v1__sequence__free_unpacked(s, NULL);
+	return rc;
+}
+
+/* ExtendSequence: from the soft entry, in time and log bytes that do not
+ * grow with the sequence's length; the reply holds the new placements and
+ * the sequence's header without its blocks (GetSequence has them). */
 int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, size_t len)
 {
 	kvm_coord *c = arg;
@@ -510,83 +744,60 @@ int coord_extend_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 	int rc;
 	uint64_t ticket = 0;
 	pthread_mutex_lock(&c->mu);
-	Kvmesh__V1__Sequence *s = load_seq(c, r->sequence_id);
-	uint32_t bt = s ? block_tokens_of(c, s->model_id) : 0;
-	if (!s) {
+	soft_seq *ss = coord_soft_find(c, r->sequence_id);
+	uint32_t bt = ss ? (ss->bt ? ss->bt : block_tokens_of(c, ss->model_id)) : 0;
+	if (!ss) {
 		rc = kvm_rpc_fail(call, KVM_RPC_NOT_FOUND, "unknown sequence \"%s\"", r->sequence_id);
 	} else if (bt == 0) {
 		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION, "model %s of sequence %s is gone",
-				  s->model_id, s->id);
+				  ss->model_id, ss->id);
 	} else if (r->tokens == 0 || r->tokens > (1u << 26)) {
 		rc = kvm_rpc_fail(call, KVM_RPC_INVALID_ARGUMENT,
 				  "tokens must be 1..%u, not %u", 1u << 26, r->tokens);
-	} else if (s->degraded) {
+	} else if (ss->degraded) {
 		rc = kvm_rpc_fail(call, KVM_RPC_FAILED_PRECONDITION,
-				  "sequence %s is degraded (blocks lost with a dead node)", s->id);
+				  "sequence %s is degraded (blocks lost with a dead node)", ss->id);
 	} else {
-		uint64_t tokens = s->tokens + r->tokens;
-		uint64_t have = s->n_blocks, want = (tokens + bt - 1) / bt;
+		const char *home = ss->home < c->n_nodes ? c->nodes[ss->home].id : "";
+		uint64_t tokens = ss->tokens + r->tokens;
+		uint32_t have = (uint32_t)ss->n;
+		uint64_t want = (tokens + bt - 1) / bt;
 		new_blocks nb;
-		int prc = place(c, s->home_node, (uint32_t)have, want - have, &nb);
+		int prc = place(c, home, have, want - have, &nb);
 		if (prc != 0) {
 			rc = kvm_rpc_fail(call, prc == -ENOSPC ? KVM_RPC_RESOURCE_EXHAUSTED
 							       : KVM_RPC_FAILED_PRECONDITION,
-					  "sequence %s: %" PRIu64 " more blocks: %s", s->id,
+					  "sequence %s: %" PRIu64 " more blocks: %s", ss->id,
 					  want - have, place_error(prc));
 		} else {
-			/* The stored blocks plus the new ones, as one list. */
-			Kvmesh__V1__BlockPlacement **all = calloc(have + nb.n + 1, sizeof(*all));
-			Kvmesh__V1__BlockPlacement **saved = s->blocks;
-			size_t saved_n = s->n_blocks;
-			if (!all) {
-				rc = kvm_rpc_fail(call, KVM_RPC_RESOURCE_EXHAUSTED, "out of memory");
+			set_block_tokens(nb.ptrs, nb.n, tokens, bt);
+			int src = 0;
+			for (size_t i = 0; src == 0 && i < nb.n; i++)
+				src = coord_soft_push(c, ss, nb.p[i].node_id);
+			if (src == 0)
+				src = store_extend(c, ss, tokens, bt, &nb, have, &ticket);
+			if (src != 0) {
+				ss->n = have;
+				for (size_t i = 0; i < nb.n; i++)
+					kvm_ledger_release(c->ledger, home, nb.p[i].node_id, 1);
+				rc = coord_store_fail(c, call, src);
 			} else {
-				if (have) /* a fresh sequence has no array (memcpy from NULL is UB) */
-					memcpy(all, s->blocks, have * sizeof(*all));
-				memcpy(all + have, nb.ptrs, nb.n * sizeof(*all));
-				s->blocks = all;
-				s->n_blocks = have + nb.n;
-				s->tokens = tokens;
-				set_block_tokens(all, s->n_blocks, tokens, bt);
-				soft_seq *ss = coord_soft_find(c, s->id);
-				size_t ss_n = ss ? ss->n : 0;
-				int src = 0;
-				for (size_t i = 0; ss && src == 0 && i < nb.n; i++)
-					src = coord_soft_push(c, ss, nb.p[i].node_id);
-				if (src == 0)
-					src = store_seq(c, s, false, &ticket);
-				if (src != 0 && ss)
-					ss->n = ss_n;
-				if (src != 0) {
-					for (size_t i = 0; i < nb.n; i++)
-						kvm_ledger_release(c->ledger, s->home_node,
-								   nb.p[i].node_id, 1);
-					rc = coord_store_fail(c, call, src);
-				} else {
-					emit_seq_event(c, s->id,
-						       KVMESH__V1__SEQUENCE_EVENT__KIND__EXTENDED, NULL,
-						       0, "extended");
-					Kvmesh__V1__ExtendSequenceResponse resp =
-						KVMESH__V1__EXTEND_SEQUENCE_RESPONSE__INIT;
-					resp.n_new_blocks = nb.n;
-					resp.new_blocks = nb.ptrs;
-					resp.sequence = s;
-					overlay ov;
-					overlay_apply(c, s, &ov);
-					rc = coord_reply(call, &resp.base);
-					overlay_undo(s, &ov);
-				}
-				s->blocks = saved; /* give protobuf-c back its own array */
-				s->n_blocks = saved_n;
-				free(all);
+				emit_seq_event(c, ss->id, KVMESH__V1__SEQUENCE_EVENT__KIND__EXTENDED,
+					       NULL, 0, "extended");
+				Kvmesh__V1__Sequence hdr = KVMESH__V1__SEQUENCE__INIT;
+				seq_header(c, ss, &hdr);
+				Kvmesh__V1__ExtendSequenceResponse resp =
+					KVMESH__V1__EXTEND_SEQUENCE_RESPONSE__INIT;
+				resp.n_new_blocks = nb.n;
+				resp.new_blocks = nb.ptrs;
+				resp.sequence = &hdr;
+				rc = coord_reply(call, &resp.base);
 			}
 			free_new_blocks(&nb);
 		}
 	}
 	pthread_mutex_unlock(&c->mu);
 	rc = coord_reply_when_durable(c, call, rc, ticket);
-	if (s)
-		kvmesh__v1__sequence__free_unpacked(s, NULL);
 	kvmesh__v1__extend_sequence_request__free_unpacked(r, NULL);
 	return rc;
 }
@@ -682,14 +893,19 @@ int coord_list_sequences(void *arg, kvm_rpc_call *call, const uint8_t *req, size
 	list_acc a = {.model = r->model_id, .after = r->after};
 	pthread_mutex_lock(&c->mu);
 	int src = kvm_state_scan(c->st, "seqs/", list_visit, &a);
+	if (src == 0 && a.err == 0 && a.n > 1) /* qsort on NULL is undefined, even of 0 */
+		qsort(a.seqs, a.n, sizeof(*a.seqs), seq_id_cmp);
+	size_t n = a.n < limit ? a.n : limit;
+	for (size_t i = 0; src == 0 && a.err == 0 && i < n; i++) {
+		int m = merge_exts(c, a.seqs[i]); /* the page's tokens and blocks */
+		if (m < 0)
+			a.err = m;
+	}
 	pthread_mutex_unlock(&c->mu);
 	int rc;
 	if (src || a.err) {
 		rc = kvm_rpc_fail(call, KVM_RPC_INTERNAL, "state store: %s", strerror(-(src ? src : a.err)));
 	} else {
-		if (a.n > 1) /* qsort on a NULL array is undefined, even of 0 items */
-			qsort(a.seqs, a.n, sizeof(*a.seqs), seq_id_cmp);
-		size_t n = a.n < limit ? a.n : limit;
 		/* Blocks are left out: block_count says how many. */
 		size_t *saved = calloc(n ? n : 1, sizeof(*saved));
 		for (size_t i = 0; saved && i < n; i++) {
@@ -784,6 +1000,8 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 		char key[128];
 		snprintf(key, sizeof(key), "seqs/%s", s->id);
 		int src = kvm_state_del_async(c->st, key, &ticket);
+		if (src == 0)
+			src = drop_exts(c, s->id, &ticket);
 		if (src != 0) {
 			rc = coord_store_fail(c, call, src);
 		} else {
@@ -991,12 +1209,11 @@ static int collect_bt(void *arg, const char *key, const void *val, size_t len)
 
 /* Charges the ledger for the blocks a stored sequence owns (not those it
  * shares), and rebuilds its soft entry and the refs of its shared blocks. */
-static int recover_seq(void *arg, const char *key, const void *val, size_t len)
+static int recover_seq(recover_ctx *x, const char *id)
 {
-	(void)key;
-	recover_ctx *x = arg;
 	kvm_coord *c = x->c;
-	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, val);
+	uint32_t base, exts;
+	Kvmesh__V1__Sequence *s = load_seq_counted(c, id, &base, &exts);
 	if (!s)
 		return 0; /* unreadable: skipped, not fatal */
 	uint32_t bt = 0;
@@ -1008,6 +1225,10 @@ static int recover_seq(void *arg, const char *key, const void *val, size_t len)
 	if (ss) {
 		ss->degraded = s->degraded;
 		ss->home_epoch = s->home_epoch;
+		ss->tokens = s->tokens;
+		ss->shared_prefix = s->shared_prefix_blocks;
+		ss->stored_blocks = base;
+		ss->ext_records = exts;
 	}
 	for (size_t i = 0; i < s->n_blocks && rc == 0; i++) {
 		const Kvmesh__V1__BlockPlacement *p = s->blocks[i];
@@ -1040,12 +1261,42 @@ static int recover_seq(void *arg, const char *key, const void *val, size_t len)
 	return rc;
 }
 
+/* Deletes extension records whose sequence is gone (a crash inside a
+ * release, between its deletes). */
+static int drop_orphan_exts(kvm_coord *c)
+{
+	ext_list l;
+	int rc = ext_load(c, "seqx/", false, &l);
+	uint64_t t;
+	for (size_t i = 0; rc == 0 && i < l.n; i++) {
+		const char *id = l.keys[i] + 5, *end = strchr(id, '/');
+		char key[128];
+		snprintf(key, sizeof(key), "seqs/%.*s", end ? (int)(end - id) : 0, id);
+		void *v;
+		size_t len;
+		int g = kvm_state_get(c->st, key, &v, &len);
+		if (g == 0)
+			free(v);
+		else if (g == -ENOENT)
+			rc = kvm_state_del_async(c->st, l.keys[i], &t);
+	}
+	ext_list_free(&l);
+	return rc;
+}
+
 int coord_recover_sequences(kvm_coord *c)
 {
 	recover_ctx x = {.c = c};
 	int rc = kvm_state_scan(c->st, "models/", collect_bt, &x);
+	/* Ids first: a sequence's extensions are read outside the scan. */
+	ext_list ids = {0};
 	if (rc == 0)
-		rc = kvm_state_scan(c->st, "seqs/", recover_seq, &x);
+		rc = ext_load(c, "seqs/", false, &ids);
+	for (size_t i = 0; rc == 0 && i < ids.n; i++)
+		rc = recover_seq(&x, ids.keys[i] + 5);
+	ext_list_free(&ids);
+	if (rc == 0)
+		rc = drop_orphan_exts(c);
 	/* A shared block whose writer was released is charged once, to the home
 	 * of the first sequence (in key order) that still shares it. */
 	for (size_t b = 0; rc == 0 && b < c->blk_buckets; b++)
@@ -1075,12 +1326,19 @@ static bool holds_data(const Kvmesh__V1__BlockPlacement *p, uint32_t bt)
 
 static int collect_on_node(void *arg, const char *key, const void *val, size_t len)
 {
-	(void)key;
 	id_list *l = arg;
 	Kvmesh__V1__Sequence *s = kvmesh__v1__sequence__unpack(NULL, len, val);
 	if (!s)
 		return 0;
-	/* (no store reads here: the scan holds the store) */
+	/* (no store reads here: the scan holds the store) An extension record
+	 * has no id nor home: its key "seqx/ID/FIRST" names the sequence. */
+	char id[64];
+	if (strncmp(key, "seqx/", 5) == 0) {
+		const char *end = strchr(key + 5, '/');
+		snprintf(id, sizeof(id), "%.*s", end ? (int)(end - key - 5) : 0, key + 5);
+	} else {
+		snprintf(id, sizeof(id), "%s", s->id);
+	}
 	bool on = strcmp(s->home_node, l->node) == 0;
 	for (size_t i = 0; i < s->n_blocks && !on; i++)
 		on = strcmp(s->blocks[i]->node_id, l->node) == 0;
@@ -1095,10 +1353,15 @@ static int collect_on_node(void *arg, const char *key, const void *val, size_t l
 			l->ids = p;
 			l->cap = cap;
 		}
-		snprintf(l->ids[l->n++], 64, "%s", s->id);
+		snprintf(l->ids[l->n++], 64, "%s", id);
 	}
 	kvmesh__v1__sequence__free_unpacked(s, NULL);
 	return 0;
+}
+
+static int cmp_id(const void *a, const void *b)
+{
+	return strcmp(a, b);
 }
 
 static int cmp_u32(const void *a, const void *b)
@@ -1185,10 +1448,18 @@ void coord_node_lost(kvm_coord *c, const char *node_id, const char *how)
 {
 	id_list l = {.node = node_id};
 	kvm_state_scan(c->st, "seqs/", collect_on_node, &l);
+	kvm_state_scan(c->st, "seqx/", collect_on_node, &l);
+	if (l.n > 1) /* once each, though found in several records */
+		qsort(l.ids, l.n, sizeof(*l.ids), cmp_id);
 	for (size_t i = 0; i < l.n; i++) {
-		Kvmesh__V1__Sequence *s = load_seq(c, l.ids[i]);
-		if (!s)
+		if (i > 0 && strcmp(l.ids[i], l.ids[i - 1]) == 0)
 			continue;
+		Kvmesh__V1__Sequence *s = load_seq(c, l.ids[i]);
+		if (!s || s->degraded) {
+			if (s)
+				kvmesh__v1__sequence__free_unpacked(s, NULL);
+			continue;
+		}
 		uint32_t *lost = calloc(s->n_blocks + 1, sizeof(uint32_t));
 		size_t n = 0;
 		uint32_t bt = block_tokens_of(c, s->model_id);

@@ -165,7 +165,9 @@ def shared_pair(c, ep):
         sequence_id="b", tokens=len(pb_) - b.tokens), timeout=5)
     assert [x.node_id for x in e.new_blocks] == ["n1", "n1", "n2"], e.new_blocks
     assert books(c) == {"n1": (0, 1), "n2": (1, 0)}, books(c)
-    assert handles(e.sequence)[:6] == [100 + i for i in range(6)]
+    assert e.sequence.block_count == 9 and not e.sequence.blocks
+    g = c.stub.GetSequence(pb.GetSequenceRequest(sequence_id="b"), timeout=5)
+    assert handles(g)[:6] == [100 + i for i in range(6)]
     return pa, pb_, ka
 
 

@@ -12,7 +12,8 @@ import time
 
 import grpc
 
-from kvmesh_testlib import Coordinator, kvmesh_pb2 as pb, run_tests
+from kvmesh_testlib import Coordinator, free_port, kvmesh_pb2 as pb, run_tests
+from test_metrics import scrape, value
 
 skipped = []
 
@@ -31,14 +32,18 @@ def node(i, kind, gbps, blocks=100):
                                              free_blocks=blocks)])
 
 
-def cluster(c):
+def cluster_of(c, blocks):
     c.stub.RegisterModel(MODEL, timeout=5)
     epochs = {}
     for i, kind, gbps in [(1, pb.LINK_RDMA_ROCE, 100), (2, pb.LINK_TCP, 25),
                           (3, pb.LINK_RDMA_ROCE, 100)]:
         epochs["n%d" % i] = c.stub.RegisterNode(
-            pb.RegisterNodeRequest(node=node(i, kind, gbps)), timeout=5).epoch
+            pb.RegisterNodeRequest(node=node(i, kind, gbps, blocks)), timeout=5).epoch
     return epochs
+
+
+def cluster(c):
+    return cluster_of(c, 100)
 
 
 def books(c):
@@ -73,7 +78,13 @@ def test_home_then_creditors_by_bandwidth_within_caps():
         e = c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="a", tokens=30 * BT - 5),
                                   timeout=5)
         assert where(e.new_blocks) == {"n3": 10, "n2": 20}, where(e.new_blocks)
-        assert e.sequence.blocks[-1].tokens == BT - 5
+        assert e.new_blocks[-1].tokens == BT - 5
+        # The reply's sequence leaves its blocks out; GetSequence has them.
+        assert e.sequence.block_count == 170 and not e.sequence.blocks
+        assert e.sequence.tokens == 170 * BT - 5 and e.sequence.home_node == "n1"
+        g = c.stub.GetSequence(pb.GetSequenceRequest(sequence_id="a"), timeout=5)
+        assert [b.index for b in g.blocks] == list(range(170))
+        assert [b.tokens for b in g.blocks] == [BT] * 169 + [BT - 5]
         # n2 can lend 30 more; 31 blocks are refused whole and nothing moves.
         before = books(c)
         try:
@@ -155,11 +166,15 @@ def test_dead_creditor_degrades_its_sequences():
         t = threading.Thread(target=beat)
         t.start()
         events = c.stub.WatchEvents(pb.WatchEventsRequest(), timeout=15)
-        s = c.stub.CreateSequence(pb.CreateSequenceRequest(
-            model_id="m", sequence_id="b", home_node="n1", prompt_tokens=list(range(120 * BT))),
+        # 100 blocks fill n1; the 20 of an extend are borrowed from n3, and
+        # stored in an extension record (the whole record holds 100).
+        c.stub.CreateSequence(pb.CreateSequenceRequest(
+            model_id="m", sequence_id="b", home_node="n1", prompt_tokens=list(range(100 * BT))),
             timeout=5)
-        on_n3 = sorted(b.index for b in s.blocks if b.node_id == "n3")
-        assert len(on_n3) == 20, where(s.blocks)
+        e = c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="b", tokens=20 * BT),
+                                  timeout=5)
+        on_n3 = sorted(b.index for b in e.new_blocks if b.node_id == "n3")
+        assert on_n3 == list(range(100, 120)), where(e.new_blocks)
         for ev in events:
             if ev.HasField("sequence") and ev.sequence.kind == pb.SequenceEvent.DEGRADED:
                 assert ev.sequence.sequence_id == "b"
@@ -176,6 +191,54 @@ def test_dead_creditor_degrades_its_sequences():
             assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "degraded" in err.details()
     finally:
         stop.set()
+        c.close()
+
+
+def test_a_long_sequence_extends_at_the_cost_of_what_it_adds():
+    """Each extend of a long sequence costs what it adds, in the log too
+    (extension records, compacted now and then), and a crash loses none."""
+    metrics = free_port()
+    c = Coordinator(**{"dead-after": "1h", "metrics-listen": "127.0.0.1:%d" % metrics})
+    try:
+        cluster_of(c, 100000)
+        records = value(scrape(metrics), "kvmesh_state_records")
+        c.stub.CreateSequence(pb.CreateSequenceRequest(
+            model_id="m", sequence_id="long", home_node="n1", prompt_tokens=[5]), timeout=5)
+        log0 = value(scrape(metrics), "kvmesh_state_log_bytes")
+        n = 600
+        for i in range(1, n + 1):
+            e = c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="long", tokens=BT),
+                                      timeout=5)
+            assert [b.index for b in e.new_blocks] == [i], e.new_blocks
+            assert e.sequence.block_count == i + 1 and e.sequence.tokens == i * BT + 1
+        m = scrape(metrics)
+        assert value(m, "kvmesh_state_snapshots_total") == 0
+        logged = value(m, "kvmesh_state_log_bytes") - log0
+        # Whole records each time would be ~27 bytes x 600^2 / 2 = 4.9 MB.
+        assert logged < 300 * 1024, "%d bytes logged for %d extends" % (logged, n)
+        g = c.stub.GetSequence(pb.GetSequenceRequest(sequence_id="long"), timeout=5)
+        assert [b.index for b in g.blocks] == list(range(n + 1))
+        assert [b.tokens for b in g.blocks] == [BT] * n + [1]
+        view = [(b.index, b.node_id, b.tokens, b.borrowed) for b in g.blocks]
+        used = sum(v for (k, _), v in m.items() if k == "kvmesh_node_used_blocks")
+        assert used == n + 1, used
+
+        c.stop("KILL")  # recovery merges the extension records
+        c.start()
+        g = c.stub.GetSequence(pb.GetSequenceRequest(sequence_id="long"), timeout=5)
+        assert [(b.index, b.node_id, b.tokens, b.borrowed) for b in g.blocks] == view
+        [listed] = c.stub.ListSequences(pb.ListSequencesRequest(), timeout=5).sequences
+        assert listed.block_count == n + 1 and listed.tokens == n * BT + 1, listed
+        m = scrape(metrics)
+        assert sum(v for (k, _), v in m.items() if k == "kvmesh_node_used_blocks") == n + 1
+        c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="long", tokens=BT), timeout=5)
+        c.stub.ReleaseSequence(pb.ReleaseSequenceRequest(sequence_id="long"), timeout=5)
+        c.stop()
+        c.start()
+        m = scrape(metrics)
+        assert value(m, "kvmesh_state_records") == records, "no record of it is left"
+        assert sum(v for (k, _), v in m.items() if k == "kvmesh_node_used_blocks") == 0
+    finally:
         c.close()
 
 
@@ -302,6 +365,7 @@ def test_acknowledged_changes_survive_a_crash_on_quick_syncs():
 if __name__ == "__main__":
     run_tests([test_home_then_creditors_by_bandwidth_within_caps,
                test_dead_creditor_degrades_its_sequences,
+               test_a_long_sequence_extends_at_the_cost_of_what_it_adds,
                test_bad_sequence_requests_are_clear_and_change_nothing,
                test_acknowledged_changes_survive_a_crash_under_load,
                test_acknowledged_changes_survive_a_crash_on_quick_syncs], skipped)
