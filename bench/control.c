@@ -63,6 +63,8 @@
 /* Cycles in flight per client thread, one level after the other
  * (KVMESH_BENCH_IN_FLIGHT=N: only N). */
 static const unsigned levels[N_LEVELS] = {1, 2, 4, 6, 8, 16};
+#define LONG_BLOCKS 8192 /* a 128k-token context at 16 tokens a block */
+#define LONG_EXTENDS 500
 #define P99_BAR_MS 2.0
 #define MAX_SAMPLES (1 << 20)
 #define SYNC_WRITES 200
@@ -283,6 +285,44 @@ static double pct(const double *sorted, size_t n, int p)
 
 /* Waits for the port before a channel is opened: a gRPC channel that fails
  * to connect backs off for seconds. */
+/* Extends of one sequence already `blocks` long, one block at a time, n
+ * times, call after call; p50 and p99 (ms) of one extend into out[0..1].
+ * Returns the number of failed calls. */
+static int long_extends(const char *target, unsigned blocks, unsigned n, double out[2])
+{
+	kvm_rpc_channel *ch;
+	kvm_rpc_channel_open(target, &ch);
+	char id[32];
+	snprintf(id, sizeof(id), "long-%u", blocks);
+	uint32_t one = 1;
+	Kvmesh__V1__CreateSequenceRequest cr = KVMESH__V1__CREATE_SEQUENCE_REQUEST__INIT;
+	cr.model_id = "bench", cr.sequence_id = id, cr.n_prompt_tokens = 1, cr.prompt_tokens = &one;
+	Kvmesh__V1__ExtendSequenceRequest er = KVMESH__V1__EXTEND_SEQUENCE_REQUEST__INIT;
+	er.sequence_id = id, er.tokens = blocks * 16 - 1;
+	int errors = call_msg(ch, "CreateSequence", &cr.base) != KVM_RPC_OK;
+	if (blocks > 1)
+		errors += call_msg(ch, "ExtendSequence", &er.base) != KVM_RPC_OK;
+	er.tokens = 16;
+	uint8_t req[128];
+	size_t len = protobuf_c_message_pack(&er.base, req);
+	double *lat = calloc(n, sizeof(*lat));
+	for (unsigned i = 0; lat && i < n; i++) {
+		double t0 = now();
+		errors += call(ch, "ExtendSequence", req, len, NULL) != KVM_RPC_OK;
+		lat[i] = (now() - t0) * 1e3;
+	}
+	if (lat) {
+		qsort(lat, n, sizeof(*lat), cmp);
+		out[0] = pct(lat, n, 50), out[1] = pct(lat, n, 99);
+	}
+	free(lat);
+	Kvmesh__V1__ReleaseSequenceRequest rr = KVMESH__V1__RELEASE_SEQUENCE_REQUEST__INIT;
+	rr.sequence_id = id;
+	errors += call_msg(ch, "ReleaseSequence", &rr.base) != KVM_RPC_OK;
+	kvm_rpc_channel_close(ch);
+	return errors;
+}
+
 static void wait_port(int port)
 {
 	for (int i = 0; i < 200; i++) {
@@ -558,6 +598,20 @@ int main(int argc, char **argv)
 	       THREADS, ROUNDS, SECONDS, sizes[0], sizes[1], sizes[2], errors);
 	printf("bench-control: disk dir %s, tmpfs dir %s\n", disk_dir, shm_dir);
 
+	/* Extends of a long sequence against a short one's, on disk: each
+	 * extend should cost what it adds, not the sequence's length. */
+	double ext_short[2] = {0}, ext_long[2] = {0}, ext_long_b[2] = {0};
+	errors += long_extends(targets[0], 1, LONG_EXTENDS, ext_short);
+	errors += long_extends(targets[0], LONG_BLOCKS, LONG_EXTENDS, ext_long);
+	if (servers == 4)
+		errors += long_extends(targets[3], LONG_BLOCKS, LONG_EXTENDS, ext_long_b);
+	printf("bench-control: %u extends by one block, disk: of a 1-block sequence p50 %.3f "
+	       "p99 %.3f ms; of a %u-block one p50 %.3f p99 %.3f ms",
+	       LONG_EXTENDS, ext_short[0], ext_short[1], LONG_BLOCKS, ext_long[0], ext_long[1]);
+	if (servers == 4)
+		printf("; B build p50 %.3f p99 %.3f ms", ext_long_b[0], ext_long_b[1]);
+	printf("\n");
+
 	/* The Python client, one thread, for reference. */
 	fflush(stdout);
 	char *pargs[] = {"/usr/bin/python3", "-c", (char *)python_cycle, targets[0], root, NULL};
@@ -577,6 +631,8 @@ int main(int argc, char **argv)
 	printf("control_tmpfs_ops_per_s_p99_under_2ms=%.0f\n", within[1]);
 	printf("control_tmpfs_vs_echo=%.3f\n", top[1] / top[2]);
 	printf("control_vs_echo=%.3f\n", top[0] / top[2]);
+	printf("control_long_extend_p99_ms=%.3f\n", ext_long[1]);
+	printf("control_long_vs_short_extend_p50=%.3f\n", ext_long[0] / ext_short[0]);
 	if (servers == 4) {
 		printf("control_b_ops_per_s=%.0f\n", top[3]);
 		printf("control_b_p99_ms=%.3f\n", top_p99[3]);
