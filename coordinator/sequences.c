@@ -219,8 +219,10 @@ static int store_seq(kvm_coord *c, const Kvmesh__V1__Sequence *s, bool upkeep, u
 	int rc = upkeep ? kvm_state_upkeep_async(c->st, key, buf, n, ticket)
 			: kvm_state_put_async(c->st, key, buf, n, ticket);
 	free(buf);
-	if (rc == 0) /* the whole record has every block now */
-		rc = drop_exts(c, s->id, ticket);
+	/* The whole record has every block now. Extensions left behind (no
+	 * room, no memory) are skipped by every merge: the change stands. */
+	if (rc == 0)
+		(void)drop_exts(c, s->id, ticket);
 	soft_seq *ss = rc == 0 ? coord_soft_find(c, s->id) : NULL;
 	if (ss) {
 		ss->tokens = s->tokens;
@@ -641,6 +643,10 @@ int coord_create_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, siz
 			s.data_id = ss->data_id;
 			if (!k)
 				set_block_tokens(nb.ptrs, nb.n, tokens, bt);
+			/* Extensions of an earlier sequence of this id that a
+			 * release left behind go first, so no crash can merge
+			 * them into this one. */
+			(void)drop_exts(c, id, &ticket);
 			int src = store_seq(c, &s, false, &ticket);
 			if (src != 0) {
 				if (!k)
@@ -1000,8 +1006,8 @@ int coord_release_sequence(void *arg, kvm_rpc_call *call, const uint8_t *req, si
 		char key[128];
 		snprintf(key, sizeof(key), "seqs/%s", s->id);
 		int src = kvm_state_del_async(c->st, key, &ticket);
-		if (src == 0)
-			src = drop_exts(c, s->id, &ticket);
+		if (src == 0) /* any left behind are deleted at the next start */
+			(void)drop_exts(c, s->id, &ticket);
 		if (src != 0) {
 			rc = coord_store_fail(c, call, src);
 		} else {
