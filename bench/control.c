@@ -65,6 +65,8 @@
 static const unsigned levels[N_LEVELS] = {1, 2, 4, 6, 8, 16};
 #define LONG_BLOCKS 8192 /* a 128k-token context at 16 tokens a block */
 #define LONG_EXTENDS 500
+#define LIST_SEQS 2000  /* sequences of LIST_BLOCKS blocks: a million placements */
+#define LIST_BLOCKS 500
 #define P99_BAR_MS 2.0
 #define MAX_SAMPLES (1 << 20)
 #define SYNC_WRITES 200
@@ -319,6 +321,55 @@ static int long_extends(const char *target, unsigned blocks, unsigned n, double 
 	Kvmesh__V1__ReleaseSequenceRequest rr = KVMESH__V1__RELEASE_SEQUENCE_REQUEST__INIT;
 	rr.sequence_id = id;
 	errors += call_msg(ch, "ReleaseSequence", &rr.base) != KVM_RPC_OK;
+	kvm_rpc_channel_close(ch);
+	return errors;
+}
+
+/* ListSequences (a page of 100) in a cluster of LIST_SEQS sequences of
+ * LIST_BLOCKS blocks, against a GetSequence of a 1-block sequence: p50 (ms)
+ * of each into out[0..1]. A list holds the coordinator's lock while it
+ * runs, so its cost is a stall of every other control call. Returns the
+ * number of failed calls. */
+static int list_cost(const char *target, double out[2])
+{
+	kvm_rpc_channel *ch;
+	kvm_rpc_channel_open(target, &ch);
+	int errors = 0;
+	uint32_t one = 1;
+	char id[32];
+	for (unsigned i = 0; i <= LIST_SEQS; i++) { /* the last: the 1-block probe */
+		snprintf(id, sizeof(id), "list-%u", i);
+		Kvmesh__V1__CreateSequenceRequest cr = KVMESH__V1__CREATE_SEQUENCE_REQUEST__INIT;
+		cr.model_id = "bench", cr.sequence_id = id, cr.n_prompt_tokens = 1;
+		cr.prompt_tokens = &one;
+		errors += call_msg(ch, "CreateSequence", &cr.base) != KVM_RPC_OK;
+		Kvmesh__V1__ExtendSequenceRequest er = KVMESH__V1__EXTEND_SEQUENCE_REQUEST__INIT;
+		er.sequence_id = id, er.tokens = LIST_BLOCKS * 16 - 1;
+		if (i < LIST_SEQS)
+			errors += call_msg(ch, "ExtendSequence", &er.base) != KVM_RPC_OK;
+	}
+	Kvmesh__V1__ListSequencesRequest lr = KVMESH__V1__LIST_SEQUENCES_REQUEST__INIT;
+	lr.limit = 100;
+	Kvmesh__V1__GetSequenceRequest gr = KVMESH__V1__GET_SEQUENCE_REQUEST__INIT;
+	gr.sequence_id = id;
+	const ProtobufCMessage *m[2] = {&lr.base, &gr.base};
+	const char *method[2] = {"ListSequences", "GetSequence"};
+	for (int k = 0; k < 2; k++) {
+		double lat[20];
+		for (int i = 0; i < 20; i++) {
+			double t0 = now();
+			errors += call_msg(ch, method[k], m[k]) != KVM_RPC_OK;
+			lat[i] = (now() - t0) * 1e3;
+		}
+		qsort(lat, 20, sizeof(*lat), cmp);
+		out[k] = pct(lat, 20, 50);
+	}
+	for (unsigned i = 0; i <= LIST_SEQS; i++) {
+		snprintf(id, sizeof(id), "list-%u", i);
+		Kvmesh__V1__ReleaseSequenceRequest rr = KVMESH__V1__RELEASE_SEQUENCE_REQUEST__INIT;
+		rr.sequence_id = id;
+		errors += call_msg(ch, "ReleaseSequence", &rr.base) != KVM_RPC_OK;
+	}
 	kvm_rpc_channel_close(ch);
 	return errors;
 }
@@ -612,6 +663,17 @@ int main(int argc, char **argv)
 		printf("; B build p50 %.3f p99 %.3f ms", ext_long_b[0], ext_long_b[1]);
 	printf("\n");
 
+	double list_ms[2] = {0}, list_ms_b[2] = {0};
+	errors += list_cost(targets[0], list_ms);
+	if (servers == 4)
+		errors += list_cost(targets[3], list_ms_b);
+	printf("bench-control: %u sequences of %u blocks, disk: ListSequences (100) p50 %.3f ms, "
+	       "GetSequence p50 %.3f ms",
+	       LIST_SEQS, LIST_BLOCKS, list_ms[0], list_ms[1]);
+	if (servers == 4)
+		printf("; B build %.3f and %.3f ms", list_ms_b[0], list_ms_b[1]);
+	printf("\n");
+
 	/* The Python client, one thread, for reference. */
 	fflush(stdout);
 	char *pargs[] = {"/usr/bin/python3", "-c", (char *)python_cycle, targets[0], root, NULL};
@@ -633,6 +695,8 @@ int main(int argc, char **argv)
 	printf("control_vs_echo=%.3f\n", top[0] / top[2]);
 	printf("control_long_extend_p99_ms=%.3f\n", ext_long[1]);
 	printf("control_long_vs_short_extend_p50=%.3f\n", ext_long[0] / ext_short[0]);
+	printf("control_list_ms=%.3f\n", list_ms[0]);
+	printf("control_list_vs_get=%.3f\n", list_ms[0] / list_ms[1]);
 	if (servers == 4) {
 		printf("control_b_ops_per_s=%.0f\n", top[3]);
 		printf("control_b_p99_ms=%.3f\n", top_p99[3]);

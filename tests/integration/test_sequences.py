@@ -184,6 +184,8 @@ def test_dead_creditor_degrades_its_sequences():
         events.cancel()
         g = c.stub.GetSequence(pb.GetSequenceRequest(sequence_id="b"), timeout=5)
         assert g.degraded
+        [listed] = c.stub.ListSequences(pb.ListSequencesRequest(), timeout=5).sequences
+        assert listed.degraded and listed.block_count == 120, listed
         try:
             c.stub.ExtendSequence(pb.ExtendSequenceRequest(sequence_id="b", tokens=1), timeout=5)
             raise AssertionError("a degraded sequence must not grow")
