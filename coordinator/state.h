@@ -87,7 +87,9 @@ uint64_t kvm_state_sync_ns(kvm_state *st);
 int kvm_state_get(kvm_state *st, const char *key, void **val, size_t *len);
 int kvm_state_scan(kvm_state *st, const char *prefix, kvm_state_visit fn, void *arg);
 
-/* Writes a snapshot now and starts a new log. */
+/* Writes a snapshot now (after one in the background ends) and returns its
+ * result; changes go on meanwhile. Others start by themselves once the log
+ * grows past snapshot_bytes, and are written by a thread of the store's. */
 int kvm_state_snapshot(kvm_state *st);
 void kvm_state_stats_get(kvm_state *st, kvm_state_stats *out);
 void kvm_state_close(kvm_state *st);

@@ -190,7 +190,9 @@ def test_kvmeshctl_tables_json_and_exit_codes():
     import os
     import subprocess
     from kvmesh_testlib import BUILD, free_port
-    c = Coordinator()
+    # Its nodes never heartbeat: they must outlive the test on a slow run
+    # (under ASan on a busy machine it took more than the default 3 s).
+    c = Coordinator(**{"dead-after": "60s"})
     ctl = os.path.join(BUILD, "bin", "kvmeshctl")
 
     def run(*args):
