@@ -46,6 +46,8 @@
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -402,8 +404,9 @@ static int start_coordinator(const char *bin, const char *dir, int port, pid_t *
 	return 0;
 }
 
-/* The model and three nodes with room for every cycle in flight. */
-static int set_up(const char *target)
+/* The model and three nodes with room for every cycle in flight; each
+ * node's registration epoch into epochs[], for its heartbeats. */
+static int set_up(const char *target, uint64_t epochs[3])
 {
 	kvm_rpc_channel *ch;
 	kvm_rpc_channel_open(target, &ch);
@@ -429,10 +432,65 @@ static int set_up(const char *target)
 		node.n_capacity = 1, node.capacity = caps;
 		Kvmesh__V1__RegisterNodeRequest req = KVMESH__V1__REGISTER_NODE_REQUEST__INIT;
 		req.node = &node;
-		rc = call_msg(ch, "RegisterNode", &req.base);
+		uint8_t buf[4096];
+		size_t len = protobuf_c_message_pack(&req.base, buf);
+		void *resp;
+		size_t resp_len;
+		kvm_rpc_status st;
+		rc = kvm_rpc_unary(ch, "/kvmesh.v1.Coordinator/RegisterNode", buf, len, 5000, &resp,
+				   &resp_len, &st) == 0 ? (int)st.code : KVM_RPC_UNAVAILABLE;
+		if (rc == KVM_RPC_OK) {
+			Kvmesh__V1__RegisterNodeResponse *r =
+				kvmesh__v1__register_node_response__unpack(NULL, resp_len, resp);
+			epochs[i] = r ? r->epoch : 0;
+			if (r)
+				kvmesh__v1__register_node_response__free_unpacked(r, NULL);
+			free(resp);
+		}
 	}
 	kvm_rpc_channel_close(ch);
 	return rc == KVM_RPC_OK ? 0 : -1;
+}
+
+/* The nodes' heartbeats, as their agents would send them (every 200 ms):
+ * the coordinators hand over the commands they queue for the nodes
+ * (blocks to release), instead of queueing them up and dropping them. */
+typedef struct heartbeats {
+	const char *target[3];
+	uint64_t epochs[3][3];
+	int n;
+	atomic_bool stop;
+} heartbeats;
+
+static void *heartbeat_main(void *arg)
+{
+	heartbeats *h = arg;
+	kvm_rpc_channel *ch[3];
+	for (int t = 0; t < h->n; t++)
+		kvm_rpc_channel_open(h->target[t], &ch[t]);
+	while (!atomic_load(&h->stop)) {
+		for (int t = 0; t < h->n; t++)
+			for (int i = 0; i < 3; i++) {
+				char id[16];
+				snprintf(id, sizeof(id), "node%d", i);
+				Kvmesh__V1__HeartbeatRequest req = KVMESH__V1__HEARTBEAT_REQUEST__INIT;
+				req.node_id = id;
+				req.epoch = h->epochs[t][i];
+				uint8_t buf[256];
+				size_t len = protobuf_c_message_pack(&req.base, buf);
+				void *resp;
+				size_t resp_len;
+				kvm_rpc_status st;
+				if (kvm_rpc_unary(ch[t], "/kvmesh.v1.Coordinator/Heartbeat", buf, len,
+						  5000, &resp, &resp_len, &st) == 0 &&
+				    st.code == KVM_RPC_OK)
+					free(resp);
+			}
+		usleep(200000);
+	}
+	for (int t = 0; t < h->n; t++)
+		kvm_rpc_channel_close(ch[t]);
+	return NULL;
 }
 
 /* The echo peer: the three methods answer at once with a reply of the size
@@ -573,13 +631,18 @@ int main(int argc, char **argv)
 		snprintf(targets[i], sizeof(targets[i]), "127.0.0.1:%d", base + i);
 	pid_t coord = -1, coord_shm = -1, echo_pid = -1, coord_b = -1;
 	int rc = 1;
+	heartbeats beats = {.target = {targets[0], targets[1], targets[3]},
+			    .n = servers == 4 ? 3 : 2};
+	pthread_t beat_thread;
+	bool beating = false;
 	if (start_coordinator(bin, disk_dir, base, &coord) != 0 ||
 	    start_coordinator(bin, shm_dir, base + 1, &coord_shm) != 0 ||
-	    set_up(targets[0]) != 0 || set_up(targets[1]) != 0)
+	    set_up(targets[0], beats.epochs[0]) != 0 || set_up(targets[1], beats.epochs[1]) != 0)
 		goto out;
-	if (servers == 4 &&
-	    (start_coordinator(bin_b, b_dir, base + 3, &coord_b) != 0 || set_up(targets[3]) != 0))
+	if (servers == 4 && (start_coordinator(bin_b, b_dir, base + 3, &coord_b) != 0 ||
+			     set_up(targets[3], beats.epochs[2]) != 0))
 		goto out;
+	beating = pthread_create(&beat_thread, NULL, heartbeat_main, &beats) == 0;
 
 	/* The coordinator's response sizes, for the echo peer. */
 	size_t sizes[3] = {0};
@@ -711,6 +774,10 @@ int main(int argc, char **argv)
 	printf("control_p99_ms=%.3f\n", within_p99[0]);
 	rc = errors ? 1 : 0;
 out:
+	if (beating) {
+		atomic_store(&beats.stop, true);
+		pthread_join(beat_thread, NULL);
+	}
 	stop(coord_b);
 	stop(echo_pid);
 	stop(coord);
