@@ -11,6 +11,7 @@ import time
 import grpc
 
 from kvmesh_testlib import Coordinator, free_port, kvmesh_pb2 as pb, run_tests
+from test_coordinator import expect_error
 from test_metrics import scrape, value
 from test_sequences import MODEL, BT, node
 
@@ -18,16 +19,6 @@ skipped = []
 
 MiB = 1 << 20
 BLOCKS = 1000  # per sequence: a ~40 KiB record, so the log fills in a few dozen
-
-
-def expect(code, fn, req, contains):
-    try:
-        fn(req, timeout=10)
-    except grpc.RpcError as e:
-        assert e.code() == code, (e.code(), e.details())
-        assert contains in e.details(), e.details()
-        return e.details()
-    raise AssertionError("expected %s" % code)
 
 
 def big_cluster(c, blocks):
@@ -106,8 +97,9 @@ def test_a_full_disk_refuses_new_state_and_loses_nothing():
             except grpc.RpcError as e:
                 no_room(e)
                 refused_create = "x%04d" % i
-                expect(grpc.StatusCode.NOT_FOUND, c.stub.GetSequence,
-                       pb.GetSequenceRequest(sequence_id=refused_create), refused_create)
+                expect_error(grpc.StatusCode.NOT_FOUND, c.stub.GetSequence,
+                             pb.GetSequenceRequest(sequence_id=refused_create),
+                             contains=refused_create)
                 break
         else:
             raise AssertionError("creates were taken in the reserve")
@@ -145,8 +137,8 @@ def test_a_full_disk_refuses_new_state_and_loses_nothing():
         c.start()
         assert sequence_ids(c) == sorted(acked)
         for sid in released + [refused_create]:
-            expect(grpc.StatusCode.NOT_FOUND, c.stub.GetSequence,
-                   pb.GetSequenceRequest(sequence_id=sid), sid)
+            expect_error(grpc.StatusCode.NOT_FOUND, c.stub.GetSequence,
+                         pb.GetSequenceRequest(sequence_id=sid), contains=sid)
         s = c.stub.GetSequence(pb.GetSequenceRequest(sequence_id=refused), timeout=5)
         assert s.tokens == 1 and len(s.blocks) == 1, "the refused extend is not there"
         nodes = {n.id: n for n in c.stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes}
